@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian machine, then runs them.
+# usage: ./run-tests.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")"
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+
+install_system_packages() {
+    local missing=()
+    command -v nix-build >/dev/null || missing+=(nix-bin)
+    command -v chromium >/dev/null || missing+=(chromium)
+    # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
+    /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
+    [ "${#missing[@]}" -eq 0 ] && return
+    if [ "$(id -u)" != 0 ]; then
+        echo "run-tests.sh: please install as root: apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_system_packages
+ensure_venv requirements-test.txt
+exec .venv/bin/python -m pytest "$@"

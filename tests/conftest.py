@@ -1,0 +1,197 @@
+"""Shared fixtures: a real server process, real Nix, and a client reachable by the build user."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NIX_CONFIG = "\n".join([
+    "experimental-features = nix-command",
+    "substituters =",
+    "sandbox = false",
+])
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class ServerProcess:
+    """`python web.py` on a free loopback port, as a user starts it."""
+
+    def __init__(self, db, extra_args=()):
+        self.db = Path(db)
+        self.extra_args = list(extra_args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self):
+        command = [sys.executable, str(REPO / "web.py"), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--db", str(self.db), *self.extra_args]
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self.is_healthy, what=f"server on {self.url}")
+        return self
+
+    def is_healthy(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited: {self.process.stderr.read().decode(errors='replace')}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill9(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def create_user(self, name, *args):
+        """Run ./create_user against this server's database; return the token (last word of stdout)."""
+        return create_user(self.db, name, *args)
+
+    def pid(self):
+        return self.process.pid
+
+
+def create_user(db, *args):
+    completed = subprocess.run([str(REPO / "create_user"), *args, "--db", str(db)], cwd=REPO,
+                               env={**os.environ, "PYTHON": sys.executable},
+                               capture_output=True, text=True, check=True)
+    words = completed.stdout.split()
+    return words[-1] if words else ""
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = ServerProcess(tmp_path / "hashes.db").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory for servers with extra arguments; all are stopped afterwards."""
+    started = []
+
+    def start(*extra_args, db=None):
+        process = ServerProcess(db or tmp_path / f"hashes-{len(started)}.db", extra_args).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def app(tmp_path):
+    import web
+    return web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---------------------------------------------------------------- real Nix
+
+def nix_env(**extra):
+    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def nix():
+    if not shutil.which("nix-build"):
+        pytest.fail("nix-build is missing: run the tests through ./run-tests.sh, which installs nix-bin")
+    return nix_env
+
+
+def nonce():
+    return uuid.uuid4().hex[:12]
+
+
+def write_derivation(directory, name, script, outputs=("out",), extra=""):
+    """A /bin/sh derivation with a unique nonce, so every test run really builds it."""
+    outputs_nix = " ".join(f'"{output}"' for output in outputs)
+    path = Path(directory) / f"{name}.nix"
+    path.write_text(
+        f'derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";\n'
+        f'  PATH = "/usr/bin:/bin"; nonce = "{nonce()}"; outputs = [ {outputs_nix} ];\n'
+        f'  args = [ "-c" {nix_string(script)} ]; {extra} }}\n')
+    return path
+
+
+def nix_string(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+@pytest.fixture(scope="session")
+def reachable_client():
+    """A copy of the client that the build user (nixbld1) can run with Debian's Python.
+
+    The diff hook runs as the build user, who cannot enter root's home, where the
+    checkout and the default Python may live.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="hash-collection-client-"))
+    directory.chmod(0o755)
+    shutil.copy(REPO / "post_build_hook.py", directory / "post_build_hook.py")
+    (directory / "post_build_hook.py").chmod(0o755)
+    yield directory / "post_build_hook.py"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nix_key(tmp_path_factory):
+    """A real builder key from `nix key generate-secret`, readable by the build user."""
+    directory = Path(tempfile.mkdtemp(prefix="hash-collection-key-"))
+    directory.chmod(0o755)
+    secret = directory / "secret.key"
+    secret.write_text(subprocess.run(["nix", "key", "generate-secret", "--key-name", f"builder-{nonce()}"],
+                                     env=nix_env(), capture_output=True, text=True, check=True).stdout)
+    secret.chmod(0o644)
+    public = subprocess.run(["nix", "key", "convert-secret-to-public"], input=secret.read_text(),
+                            env=nix_env(), capture_output=True, text=True, check=True).stdout.strip()
+    yield {"secret_file": secret, "secret": secret.read_text().strip(), "public": public}
+    shutil.rmtree(directory, ignore_errors=True)

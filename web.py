@@ -1,0 +1,1006 @@
+#!/usr/bin/env python3
+"""nix-hash-collection server: collects build attestations from builders and
+shows, for every store path of a report, whether independent builders agree."""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_template
+from markupsafe import Markup
+from werkzeug.exceptions import HTTPException
+
+try:  # The regex parser moved in Python 3.11; patterns are checked on its parse tree.
+    from re import _constants as sre_constants, _parser as sre_parse
+except ImportError:  # pragma: no cover
+    import sre_constants
+    import sre_parse
+
+from post_build_hook import (STORE_DIR, drv_ident_of, fingerprint, normalize_nar_hash, parse_key,
+                             parse_store_basename, parse_store_path, shorten, verify_signature)
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+SCHEMA_VERSION = 1
+# (version, SQL) pairs that bring a database from version-1 to version. Append, never edit.
+MIGRATIONS = []
+
+NO_BUILDS = "No builds"
+ONE_BUILD = "One build"
+REPRODUCED = "Successfully reproduced"
+PARTIALLY = "Partially reproduced"
+NONDETERMINISTIC = "Consistently nondeterministic"
+VERDICTS = [REPRODUCED, PARTIALLY, NONDETERMINISTIC, ONE_BUILD, NO_BUILDS]
+VERDICT_ICONS = {REPRODUCED: "✅", PARTIALLY: "❕", NONDETERMINISTIC: "❌", ONE_BUILD: "❎", NO_BUILDS: "❔"}
+VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC: "#d3302f",
+                   ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9"}
+
+MAX_BATCH = 10_000
+MAX_SUGGEST = 500
+DEFAULT_SUGGEST = 50
+REPORT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_LINK_PATTERNS = 100
+MAX_PATTERN_LENGTH = 200
+LINK_MATCHING_BUDGET_S = 0.2
+
+CYCLONEDX_TYPE = "application/vnd.cyclonedx+json"
+# What sqlite says when the database cannot be written for now; anything else is a bug.
+UNAVAILABLE_SYMPTOMS = ("locked", "readonly", "read-only", "disk", "full", "I/O", "unable to open", "busy")
+CLOSE_NODE = Markup("</ul></details></li>")
+
+
+def create_app(config=None):
+    app = Flask(__name__)
+    app.config.from_mapping(
+        DATABASE=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
+        REQUIRE_SIGNATURES=os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0"),
+        MAX_ATTESTATION_BYTES=16 * MiB,
+        MAX_REPORT_BYTES=64 * MiB,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(config or {})
+    app.json.sort_keys = False
+    app.json.compact = True
+    app.teardown_appcontext(close_db)
+    register_error_handlers(app)
+    register_routes(app)
+    with app.app_context():
+        init_db()
+    return app
+
+
+# ---------------------------------------------------------------- database
+
+def connect(path):
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode loses nothing when the server process is killed; only
+    # an OS crash or power loss can drop the last commits.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def get_db():
+    if "db" not in g:
+        g.db = connect(current_app.config["DATABASE"])
+    return g.db
+
+
+def close_db(_exception=None):
+    conn = g.pop("db", None)
+    if conn is not None:
+        conn.close()
+
+
+def init_db():
+    """Create the schema on an empty database, or migrate an older one."""
+    conn = get_db()
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
+        with transaction(conn):
+            conn.executescript("BEGIN IMMEDIATE;" + (HERE / "schema.sql").read_text() + ";COMMIT;")
+        return
+    for target, sql in MIGRATIONS:
+        if version < target:
+            conn.executescript(f"BEGIN IMMEDIATE;{sql};PRAGMA user_version = {target};COMMIT;")
+    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        raise RuntimeError(f"database {current_app.config['DATABASE']} has an unknown schema version")
+
+
+class transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, so a write is all or nothing."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.conn.in_transaction:
+            return False
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False
+
+
+def now_iso():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- builders and tokens
+
+def token_digest(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def builder_of_token(conn, token):
+    # Looked up by the token's SHA-256: the comparison happens on a digest in
+    # an index, so no secret is ever compared byte by byte.
+    return conn.execute(
+        "SELECT builders.id, builders.name, builders.is_admin FROM tokens JOIN builders ON builders.id = tokens.builder_id"
+        " WHERE tokens.token_sha256 = ? AND tokens.revoked = 0", (token_digest(token),)).fetchone()
+
+
+def bearer_token():
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def optional_builder():
+    token = bearer_token()
+    if token is None:
+        return None
+    builder = builder_of_token(get_db(), token)
+    if builder is None:
+        abort(401, "unknown or revoked token")
+    return builder
+
+
+def require_builder():
+    if bearer_token() is None:
+        abort(401, "missing token: send 'Authorization: Bearer <token>'")
+    return optional_builder()
+
+
+def builder_public_keys(conn, builder_id):
+    return {row["key_name"]: row["public_key"] for row in
+            conn.execute("SELECT key_name, public_key FROM public_keys WHERE builder_id = ?", (builder_id,))}
+
+
+# ---------------------------------------------------------------- request bodies
+
+class BadInput(ValueError):
+    """A client error; the message names the field and what was expected."""
+
+
+def json_body(limit_key):
+    request.max_content_length = current_app.config[limit_key]
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise BadInput("empty body: expected JSON")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise BadInput(f"body is not valid JSON: {shorten(str(error), 120)}") from None
+
+
+def field(item, name, where, kind=str, required=True):
+    if name not in item or item[name] is None:
+        if required:
+            raise BadInput(f"{where}.{name}: missing")
+        return None
+    value = item[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadInput(f"{where}.{name}: expected an integer, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise BadInput(f"{where}.{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def checked(where, check, value):
+    try:
+        return check(value)
+    except ValueError as error:
+        raise BadInput(f"{where}: {error}") from None
+
+
+def parse_attestation(item, where, drv_ident):
+    """Validate one attestation object of either generation into a row dict."""
+    if not isinstance(item, dict):
+        raise BadInput(f"{where}: expected an object, got {type(item).__name__}")
+    output_path = attested_output_path(item, where)
+    output_hash = checked(f"{where}.output_hash", normalize_nar_hash, field(item, "output_hash", where))
+    output_sig = field(item, "output_sig", where, required=False) or ""
+    if len(output_sig) > 1024:
+        raise BadInput(f"{where}.output_sig: longer than 1024 characters")
+    if output_sig:
+        checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig)
+    nar_size = field(item, "nar_size", where, kind=int, required=False)
+    if nar_size is not None and not 0 < nar_size < 1 << 62:
+        raise BadInput(f"{where}.nar_size: expected a positive size in bytes, got {nar_size}")
+    references = field(item, "references", where, kind=list, required=False)
+    if references is not None:
+        for position, reference in enumerate(references):
+            checked(f"{where}.references[{position}]", parse_store_path, reference)
+        references = sorted(set(references))
+    return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
+            "output_sig": output_sig, "nar_size": nar_size, "references": references}
+
+
+def attested_output_path(item, where):
+    if "output_path" in item:
+        return checked(f"{where}.output_path", lambda path: parse_store_path(path) and path,
+                       field(item, "output_path", where))
+    digest = field(item, "output_digest", where)
+    name = field(item, "output_name", where)
+    basename = f"{digest}-{name}"
+    checked(f"{where}.output_digest/output_name", parse_store_basename, basename)
+    return f"{STORE_DIR}/{basename}"
+
+
+def parse_attestation_list(body, drv_ident_for):
+    if not isinstance(body, list):
+        raise BadInput(f"body: expected a JSON list of attestations, got {type(body).__name__}")
+    if not body:
+        raise BadInput("body: the list of attestations is empty")
+    if len(body) > MAX_BATCH:
+        raise BadInput(f"body: at most {MAX_BATCH} attestations per request, got {len(body)}")
+    return [parse_attestation(item, f"[{position}]", drv_ident_for(item, f"[{position}]"))
+            for position, item in enumerate(body)]
+
+
+def batch_drv_ident(item, where):
+    if not isinstance(item, dict):
+        return None
+    drv_path = item.get("drv_path")
+    if drv_path is None:
+        return None
+    if not isinstance(drv_path, str):
+        raise BadInput(f"{where}.drv_path: expected a /nix/store/….drv path or null, got {type(drv_path).__name__}")
+    return checked(f"{where}.drv_path", drv_ident_of, drv_path)
+
+
+# ---------------------------------------------------------------- attestations
+
+def verify_attestation(attestation, public_keys, where):
+    """True when the signature verifies, False when it cannot be checked; BadInput when it is wrong."""
+    signature = attestation["output_sig"]
+    if not signature or attestation["nar_size"] is None or attestation["references"] is None:
+        return False
+    key_name = signature.partition(":")[0]
+    if key_name not in public_keys:
+        return False
+    message = fingerprint(attestation["output_path"], attestation["output_hash"],
+                          attestation["nar_size"], attestation["references"])
+    if not verify_signature(public_keys[key_name], message, signature):
+        raise BadInput(f"{where}.output_sig: the signature by key {key_name!r} does not verify over "
+                       f"the fingerprint of {attestation['output_path']}")
+    return True
+
+
+def store_attestations(conn, builder, attestations):
+    public_keys = builder_public_keys(conn, builder["id"])
+    created_at = now_iso()
+    rows = []
+    for position, attestation in enumerate(attestations):
+        verified = verify_attestation(attestation, public_keys, f"[{position}]")
+        references = None if attestation["references"] is None else json.dumps(attestation["references"])
+        rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
+                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
+    with transaction(conn):
+        conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
+                         sorted({(row[1],) for row in rows if row[1] is not None}))
+        conn.executemany(
+            "INSERT INTO attestations (builder_id, derivation_id, output_path, output_hash, output_sig,"
+            " nar_size, refs, verified, created_at)"
+            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
+            " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
+            " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
+    return len(rows)
+
+
+ATTESTATION_COLUMNS = (
+    "SELECT builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
+    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at"
+    " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
+    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
+
+
+def attestation_object(row):
+    return {
+        "builder": row["builder"],
+        "drv_path": f"{STORE_DIR}/{row['drv_ident']}.drv" if row["drv_ident"] else None,
+        "output_path": row["output_path"],
+        "output_hash": row["output_hash"],
+        "output_sig": row["output_sig"],
+        "nar_size": row["nar_size"],
+        "references": json.loads(row["refs"]) if row["refs"] is not None else None,
+        "created_at": row["created_at"],
+        "verified": bool(row["verified"]),
+    }
+
+
+def attestations_of_output(conn, output_path):
+    rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.output_path = ? ORDER BY attestations.id",
+                        (output_path,))
+    return [attestation_object(row) for row in rows]
+
+
+def output_path_of_basename(basename):
+    checked("path", parse_store_basename, basename)
+    return f"{STORE_DIR}/{basename}"
+
+
+# ---------------------------------------------------------------- verdicts
+
+def verdict(builders_by_hash):
+    """The verdict for one output path, from {hash: set of builder ids}.
+
+    It counts builders, not rows: one builder posting twice is one build, and
+    one builder with two hashes is evidence of nondeterminism, never of reproduction.
+    """
+    if not builders_by_hash:
+        return NO_BUILDS
+    if len(builders_by_hash) == 1:
+        (builders,) = builders_by_hash.values()
+        return REPRODUCED if len(builders) >= 2 else ONE_BUILD
+    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
+        return PARTIALLY
+    return NONDETERMINISTIC
+
+
+def counted_attestations_clause():
+    return " AND attestations.verified = 1" if current_app.config["REQUIRE_SIGNATURES"] else ""
+
+
+def report_verdicts(conn, report_id):
+    """{out_path: verdict} for every path of a report, from one query."""
+    builders_by_path = defaultdict(lambda: defaultdict(set))
+    rows = conn.execute(
+        "SELECT report_paths.out_path, attestations.output_hash, attestations.builder_id FROM report_paths"
+        " JOIN attestations ON attestations.output_path = report_paths.out_path"
+        " WHERE report_paths.report_id = ?" + counted_attestations_clause(), (report_id,))
+    for out_path, output_hash, builder_id in rows:
+        builders_by_path[out_path][output_hash].add(builder_id)
+    paths = [row[0] for row in conn.execute("SELECT out_path FROM report_paths WHERE report_id = ?", (report_id,))]
+    return {path: verdict(builders_by_path.get(path, {})) for path in paths}
+
+
+def verdict_counts(verdicts):
+    counts = Counter(verdicts.values())
+    return {label: counts.get(label, 0) for label in VERDICTS}
+
+
+# ---------------------------------------------------------------- SBOM parsing
+
+def parse_sbom(sbom):
+    """Map a CycloneDX SBOM of any producer's shape to components and a display tree.
+
+    Returns (root, components, tree): components are dicts with name, drv_path
+    and outputs [(out_path, output)]; tree is a list of [depth, component index,
+    expanded] rows in display order.
+    """
+    if not isinstance(sbom, dict) or sbom.get("bomFormat") != "CycloneDX":
+        raise BadInput("body is not a CycloneDX SBOM: expected a JSON object with \"bomFormat\": \"CycloneDX\"")
+    metadata = sbom.get("metadata")
+    root_component = metadata.get("component") if isinstance(metadata, dict) else None
+    if not isinstance(root_component, dict) or not isinstance(root_component.get("bom-ref"), str):
+        raise BadInput("SBOM has no root: expected metadata.component with a bom-ref")
+    raw_components = sbom.get("components") or []
+    if not isinstance(raw_components, list):
+        raise BadInput("SBOM components: expected a list")
+    index_of_ref, components = {}, []
+    for raw in [root_component, *raw_components]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("bom-ref"), str):
+            continue
+        if raw["bom-ref"] in index_of_ref:
+            continue
+        index_of_ref[raw["bom-ref"]] = len(components)
+        components.append(component_of(raw))
+    if not any(component["outputs"] for component in components):
+        raise BadInput("SBOM yields no store path: no component has a /nix/store output path")
+    children = dependency_children(sbom.get("dependencies"), index_of_ref)
+    tree = display_tree(len(components), children)
+    root = components[0]["outputs"][0][0] if components[0]["outputs"] else root_component["bom-ref"]
+    return root, components, tree
+
+
+def properties_of(raw):
+    properties = defaultdict(list)
+    for prop in raw.get("properties") or []:
+        if isinstance(prop, dict) and isinstance(prop.get("name"), str) and isinstance(prop.get("value"), str):
+            properties[prop["name"]].append(prop["value"])
+    return properties
+
+
+def component_of(raw):
+    ref = raw["bom-ref"]
+    properties = properties_of(raw)
+    drv_path = next(iter(properties.get("nix:drv_path", [])), None)
+    if drv_path is None and ref.endswith(".drv"):
+        drv_path = ref if ref.startswith(STORE_DIR + "/") else f"{STORE_DIR}/{ref}"
+    if drv_path is not None and not is_store_path(drv_path):
+        drv_path = None
+    candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
+    if not candidates and not ref.endswith(".drv"):
+        candidates = [ref if ref.startswith("/") else f"{STORE_DIR}/{ref}"]
+    out_paths = list(dict.fromkeys(path for path in candidates if is_store_path(path)))
+    output_names = properties.get("nix:output", [])
+    outputs = [(path, output_names[0] if len(out_paths) == 1 and output_names else output_name(path, drv_path))
+               for path in out_paths]
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    return {"name": name, "drv_path": drv_path, "outputs": outputs}
+
+
+def is_store_path(path):
+    try:
+        parse_store_path(path)
+    except ValueError:
+        return False
+    return True
+
+
+def output_name(out_path, drv_path):
+    """'out', 'dev', ... from how Nix names outputs: <drv name> or <drv name>-<output>."""
+    if drv_path is None:
+        return None
+    drv_name = parse_store_path(drv_path)[1].removesuffix(".drv")
+    out_name = parse_store_path(out_path)[1]
+    if out_name == drv_name:
+        return "out"
+    if out_name.startswith(drv_name + "-"):
+        return out_name[len(drv_name) + 1:]
+    return None
+
+
+def dependency_children(dependencies, index_of_ref):
+    children = defaultdict(list)
+    for dependency in dependencies if isinstance(dependencies, list) else []:
+        if not isinstance(dependency, dict) or dependency.get("ref") not in index_of_ref:
+            continue
+        depends_on = dependency.get("dependsOn")
+        parent = index_of_ref[dependency["ref"]]
+        for ref in depends_on if isinstance(depends_on, list) else []:
+            if isinstance(ref, str) and ref in index_of_ref and index_of_ref[ref] != parent:
+                children[parent].append(index_of_ref[ref])
+    return children
+
+
+def display_tree(count, children):
+    """Depth-first rows [depth, index, expanded]: each component is expanded once,
+    later occurrences (and cycles) are one-line references, so the tree stays linear.
+    Components that the root does not reach follow it at depth 0."""
+    expanded, rows = set(), []
+    for top in range(count):
+        if top in expanded:
+            continue
+        stack = [(top, 0)]
+        while stack:
+            index, depth = stack.pop()
+            if index in expanded:
+                rows.append([depth, index, 0])
+                continue
+            expanded.add(index)
+            rows.append([depth, index, 1])
+            stack.extend((child, depth + 1) for child in reversed(children.get(index, [])))
+    return rows
+
+
+# ---------------------------------------------------------------- reports
+
+def find_report(conn, name):
+    report = conn.execute("SELECT id, name, owner_id, root, created_at FROM reports WHERE name = ?", (name,)).fetchone()
+    if report is None:
+        abort(404, f"no report named {shorten(name)!r}")
+    return report
+
+
+def check_report_name(name):
+    if not REPORT_NAME_RE.fullmatch(name):
+        raise BadInput(f"report name: expected 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got {shorten(name)!r}")
+
+
+def replace_report(conn, name, owner, raw_sbom, sbom):
+    root, components, tree = parse_sbom(sbom)
+    with transaction(conn):
+        existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
+        if existing is not None:
+            check_may_change_report(existing, owner)
+            conn.execute("DELETE FROM reports WHERE id = ?", (existing["id"],))
+        report_id = conn.execute(
+            "INSERT INTO reports (name, owner_id, root, sbom, tree, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, owner["id"], root, raw_sbom, json.dumps(tree, separators=(",", ":")), now_iso())).lastrowid
+        conn.executemany("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, ?)",
+                         ((report_id, index, component["name"], component["drv_path"])
+                          for index, component in enumerate(components)))
+        conn.executemany("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output) VALUES (?, ?, ?, ?)",
+                         ((report_id, out_path, index, output) for index, component in enumerate(components)
+                          for out_path, output in component["outputs"]))
+    return report_id
+
+
+def check_may_change_report(report, builder):
+    if report["owner_id"] is not None and report["owner_id"] != builder["id"] and not builder["is_admin"]:
+        abort(403, "only the builder that defined this report, or an admin, may change it")
+
+
+def report_components(conn, report_id):
+    """[{name, drv_path, outputs: [out_path]}] by component index."""
+    components = [{"name": row["name"], "drv_path": row["drv_path"], "outputs": []} for row in conn.execute(
+        "SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx", (report_id,))]
+    for out_path, index in conn.execute(
+            "SELECT out_path, component_idx FROM report_paths WHERE report_id = ? ORDER BY component_idx, out_path", (report_id,)):
+        components[index]["outputs"].append(out_path)
+    return components
+
+
+def report_tree(conn, report_id):
+    return json.loads(conn.execute("SELECT tree FROM reports WHERE id = ?", (report_id,)).fetchone()[0])
+
+
+def text_tree_lines(tree, components, verdicts):
+    for depth, index, expanded in tree:
+        indent = "  " * depth
+        component = components[index]
+        paths = component["outputs"] or [component["name"] or "(component without store path)"]
+        for path in paths:
+            label = verdicts.get(path, "")
+            if expanded:
+                yield f"{indent}{path} {label}\n"
+            else:
+                yield f"{indent}{path} (shown above)\n"
+
+
+def open_questions(conn, report_id, builder, after=None, limit=None):
+    """Report paths that still need builds: not settled, and not attested by the caller.
+
+    Returns rows (out_path, drv_path, output, builders), ordered by out_path.
+    """
+    caller = builder["id"] if builder is not None else -1
+    sql = ("SELECT report_paths.out_path, report_components.drv_path, report_paths.output,"
+           " COUNT(DISTINCT attestations.builder_id) AS builders,"
+           " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine"
+           " FROM report_paths JOIN report_components ON report_components.report_id = report_paths.report_id"
+           " AND report_components.idx = report_paths.component_idx"
+           " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
+           " WHERE report_paths.report_id = ?" + (" AND report_paths.out_path > ?" if after else "") +
+           " GROUP BY report_paths.out_path HAVING builders < 2 AND mine = 0 ORDER BY report_paths.out_path")
+    parameters = [caller, report_id] + ([after] if after else [])
+    if limit is not None:
+        sql += " LIMIT ?"
+        parameters.append(limit)
+    return conn.execute(sql, parameters).fetchall()
+
+
+def suggestions(conn, report_id, builder, limit):
+    """Paths with one build first (a second builder settles them), then the unbuilt; random within each."""
+    rows = open_questions(conn, report_id, builder)
+    one_build = [row for row in rows if row["builders"] == 1]
+    no_build = [row for row in rows if row["builders"] == 0]
+    random.shuffle(one_build)
+    random.shuffle(no_build)
+    return (one_build + no_build)[:limit]
+
+
+def suggestion_limit():
+    raw = request.args.get("limit", str(DEFAULT_SUGGEST))
+    if not raw.isdigit():
+        raise BadInput(f"limit: expected a positive whole number, got {shorten(raw)!r}")
+    return max(1, min(int(raw), MAX_SUGGEST))
+
+
+def suggestion_object(row):
+    suggestion = {"out_path": row["out_path"]}
+    if row["drv_path"]:
+        suggestion["drv_path"] = row["drv_path"]
+    if row["output"]:
+        suggestion["output"] = row["output"]
+    return suggestion
+
+
+# ---------------------------------------------------------------- link patterns
+
+def check_link_pattern(pattern):
+    """Bound what a pattern may be, so matching one store-path name stays cheap.
+
+    Python's re has no timeout, so catastrophic shapes are refused up front:
+    backreferences, lookarounds, repeats inside repeats, and alternatives under a repeat.
+    """
+    if not pattern or len(pattern) > MAX_PATTERN_LENGTH:
+        raise BadInput(f"pattern: expected 1 to {MAX_PATTERN_LENGTH} characters")
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise BadInput(f"pattern: not a valid regular expression: {error}") from None
+    problem = pattern_problem(parsed, inside_repeat=False)
+    if problem:
+        raise BadInput(f"pattern: {problem} are not allowed, since they can make matching slow")
+    return pattern
+
+
+def pattern_problem(parsed, inside_repeat):
+    for op, argument in parsed:
+        if op in (sre_constants.GROUPREF, sre_constants.GROUPREF_EXISTS):
+            return "backreferences"
+        if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            return "lookarounds"
+        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
+            if inside_repeat:
+                return "nested repeats"
+            problem = pattern_problem(argument[2], inside_repeat=True)
+        elif op is sre_constants.BRANCH:
+            if inside_repeat:
+                return "alternatives inside a repeat"
+            problem = next(filter(None, (pattern_problem(branch, inside_repeat) for branch in argument[1])), None)
+        elif op is sre_constants.SUBPATTERN:
+            problem = pattern_problem(argument[-1], inside_repeat)
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def check_link(link):
+    if not re.fullmatch(r"https?://[^\s\"'<>]{1,2000}", link or ""):
+        raise BadInput(f"link: expected an http:// or https:// URL, got {shorten(link or '')!r}")
+    return link
+
+
+def link_matcher(conn):
+    """A function from an out path to its links, within a time budget for the whole page."""
+    patterns = [(re.compile(row["pattern"]), row["link"]) for row in
+                conn.execute("SELECT pattern, link FROM link_patterns ORDER BY id")]
+    deadline = time.monotonic() + LINK_MATCHING_BUDGET_S
+
+    def links_of(out_path):
+        if not patterns or time.monotonic() > deadline:
+            return []
+        name = out_path[len(STORE_DIR) + 34:]
+        return [link for pattern, link in patterns if pattern.search(name)]
+
+    return links_of
+
+
+# ---------------------------------------------------------------- narinfo export
+
+def narinfo_text(attestation):
+    nar_hash = attestation["output_hash"]
+    lines = [
+        f"StorePath: {attestation['output_path']}",
+        f"URL: nar/{nar_hash.removeprefix('sha256:')}.nar",
+        "Compression: none",
+        f"NarHash: {nar_hash}",
+        f"NarSize: {attestation['nar_size']}",
+        "References: " + " ".join(path[len(STORE_DIR) + 1:] for path in attestation["references"] or []),
+    ]
+    if attestation["drv_path"]:
+        lines.append(f"Deriver: {attestation['drv_path'][len(STORE_DIR) + 1:]}")
+    if attestation["output_sig"]:
+        lines.append(f"Sig: {attestation['output_sig']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- content negotiation
+
+def wants_html():
+    """HTML only when the client prefers it to JSON, as browsers do; curl's */* gets JSON."""
+    accept = request.accept_mimetypes
+    return accept["text/html"] > accept["application/json"]
+
+
+def report_format():
+    """The first of these that the client names explicitly; anything else gets the text tree."""
+    named = set(request.accept_mimetypes.values())
+    return next((mimetype for mimetype in (CYCLONEDX_TYPE, "application/json", "text/html") if mimetype in named),
+                "text/plain")
+
+
+# ---------------------------------------------------------------- errors
+
+def register_error_handlers(app):
+    @app.errorhandler(BadInput)
+    def bad_input(error):
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        message = error.description if error.code != 413 else "request body too large"
+        return jsonify(error=message), error.code
+
+    @app.errorhandler(sqlite3.OperationalError)
+    def database_unavailable(error):
+        if not any(symptom in str(error) for symptom in UNAVAILABLE_SYMPTOMS):
+            raise error
+        app.logger.error("database unavailable: %s", error)
+        return jsonify(error=f"database unavailable, try again later: {error}"), 503
+
+
+# ---------------------------------------------------------------- routes
+
+def register_routes(app):
+    @app.get("/healthz")
+    def healthz():
+        get_db().execute("SELECT COUNT(*) FROM builders").fetchone()
+        return jsonify(status="ok")
+
+    @app.post("/attestation/<drv_ident>")
+    def post_attestation(drv_ident):
+        builder = require_builder()
+        drv_ident = checked("drv_ident", lambda ident: drv_ident_of(f"{STORE_DIR}/{ident}.drv"), drv_ident)
+        attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), lambda _item, _where: drv_ident)
+        return jsonify(accepted=store_attestations(get_db(), builder, attestations))
+
+    @app.post("/attestations")
+    def post_attestations():
+        builder = require_builder()
+        attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
+        return jsonify(accepted=store_attestations(get_db(), builder, attestations))
+
+    @app.get("/attestations/by-output/<basename>")
+    def attestations_by_output(basename):
+        return jsonify(attestations_of_output(get_db(), output_path_of_basename(basename)))
+
+    @app.get("/derivations/")
+    def list_derivations():
+        rows = get_db().execute("SELECT id, drv_ident FROM derivations ORDER BY id")
+        return jsonify([{"id": row["id"], "drv_hash": row["drv_ident"]} for row in rows])
+
+    @app.get("/derivations/<drv_ident>")
+    def show_derivation(drv_ident):
+        conn = get_db()
+        derivation = conn.execute("SELECT id FROM derivations WHERE drv_ident = ?", (drv_ident,)).fetchone()
+        if derivation is None:
+            abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
+        if request.args.get("full", "").lower() == "true":
+            rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.derivation_id = ? ORDER BY attestations.id",
+                                (derivation["id"],))
+            return jsonify([attestation_object(row) for row in rows])
+        summary = defaultdict(dict)
+        for row in conn.execute(
+                "SELECT output_path, output_hash, COUNT(DISTINCT builder_id) AS builders FROM attestations"
+                " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation["id"],)):
+            summary[row["output_path"]][row["output_hash"]] = row["builders"]
+        return jsonify(summary)
+
+    @app.get("/outputs/<basename>")
+    def show_output(basename):
+        output_path = output_path_of_basename(basename)
+        attestations = attestations_of_output(get_db(), output_path)
+        if not wants_html():
+            return jsonify(attestations)
+        builders_by_hash = defaultdict(set)
+        for attestation in attestations:
+            builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
+        return render_template("output.html", output_path=output_path, attestations=attestations,
+                               builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
+                               icons=VERDICT_ICONS)
+
+    @app.get("/builders")
+    def list_builders():
+        conn = get_db()
+        builders = [{"name": row["name"], "public_keys": [], "attestations": row["attestations"]} for row in conn.execute(
+            "SELECT builders.id, builders.name, (SELECT COUNT(*) FROM attestations WHERE builder_id = builders.id)"
+            " AS attestations FROM builders ORDER BY builders.name")]
+        keys = defaultdict(list)
+        for row in conn.execute("SELECT builders.name, public_key FROM public_keys JOIN builders"
+                                " ON builders.id = public_keys.builder_id ORDER BY public_keys.id"):
+            keys[row[0]].append(row[1])
+        for builder in builders:
+            builder["public_keys"] = keys[builder["name"]]
+        if wants_html():
+            return render_template("builders.html", builders=builders)
+        return jsonify(builders)
+
+    @app.get("/signatures/<builder_name>/nix-cache-info")
+    def cache_info(builder_name):
+        find_builder(builder_name)
+        return Response(f"StoreDir: {STORE_DIR}\nWantMassQuery: 0\nPriority: 60\n", mimetype="text/x-nix-cache-info")
+
+    @app.get("/signatures/<builder_name>/<digest>.narinfo")
+    def builder_narinfo(builder_name, digest):
+        builder = find_builder(builder_name)
+        if not re.fullmatch(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}", digest):
+            raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
+        # '-' sorts just before '.', so this range is exactly the paths with that hash part.
+        row = get_db().execute(
+            ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND attestations.output_path > ?"
+            " AND attestations.output_path < ? AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL"
+            " ORDER BY attestations.id DESC LIMIT 1",
+            (builder["id"], f"{STORE_DIR}/{digest}-", f"{STORE_DIR}/{digest}.")).fetchone()
+        if row is None:
+            return Response(f"{builder_name} has no attestation with size and references for {digest}\n",
+                            status=404, mimetype="text/plain")
+        return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")
+
+    def find_builder(name):
+        builder = get_db().execute("SELECT id, name FROM builders WHERE name = ?", (name,)).fetchone()
+        if builder is None:
+            abort(404, f"no builder named {shorten(name)!r}")
+        return builder
+
+    @app.get("/")
+    @app.get("/reports")
+    def list_reports():
+        conn = get_db()
+        names = [row[0] for row in conn.execute("SELECT name FROM reports ORDER BY name")]
+        if request.path == "/reports" and not wants_html():
+            return jsonify(names)
+        reports = []
+        for name in names:
+            report = find_report(conn, name)
+            counts = verdict_counts(report_verdicts(conn, report["id"]))
+            total = sum(counts.values())
+            reports.append({"name": name, "root": report["root"], "total": total,
+                            "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
+        return render_template("reports.html", reports=reports)
+
+    @app.put("/reports/<name>")
+    def put_report(name):
+        builder = require_builder()
+        check_report_name(name)
+        request.max_content_length = current_app.config["MAX_REPORT_BYTES"]
+        raw = request.get_data(cache=False)
+        if not raw:
+            raise BadInput("empty body: expected a CycloneDX JSON SBOM")
+        try:
+            sbom = json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise BadInput(f"body is not JSON: {shorten(str(error), 120)}") from None
+        replace_report(get_db(), name, builder, raw, sbom)
+        return jsonify(report=name, status="defined")
+
+    @app.delete("/reports/<name>")
+    def delete_report(name):
+        builder = require_builder()
+        conn = get_db()
+        with transaction(conn):
+            report = find_report(conn, name)
+            check_may_change_report(report, builder)
+            conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
+        return jsonify(report=name, status="deleted")
+
+    @app.get("/reports/<name>")
+    def show_report(name):
+        conn = get_db()
+        report = find_report(conn, name)
+        wanted = report_format()
+        if wanted == CYCLONEDX_TYPE:
+            sbom = conn.execute("SELECT sbom FROM reports WHERE id = ?", (report["id"],)).fetchone()[0]
+            return Response(sbom, mimetype=CYCLONEDX_TYPE)
+        verdicts = report_verdicts(conn, report["id"])
+        if wanted == "application/json":
+            return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts)
+        components = report_components(conn, report["id"])
+        tree = report_tree(conn, report["id"])
+        if wanted == "text/plain":
+            return Response(text_tree_lines(tree, components, verdicts), mimetype="text/plain")
+        return report_page(conn, report, components, tree, verdicts)
+
+    def report_page(conn, report, components, tree, verdicts):
+        counts = verdict_counts(verdicts)
+        total = sum(counts.values())
+        names = {path: component["name"] for component in components for path in component["outputs"]}
+        links_of = link_matcher(conn)
+        listed = lambda labels: [{"path": path, "name": names.get(path), "verdict": label, "links": links_of(path)}
+                                 for path, label in verdicts.items() if label in labels]
+        return Response(stream_template(
+            "report.html", report=report, counts=counts, total=total, verdicts=verdicts,
+            bar=verdict_bar(counts, total), icons=VERDICT_ICONS, colours=VERDICT_COLOURS,
+            not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
+            rows=tree_rows(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"]),
+            mimetype="text/html")
+
+    @app.get("/reports/<name>/suggested")
+    def suggested(name):
+        conn = get_db()
+        builder = optional_builder()
+        report = find_report(conn, name)
+        return jsonify([row["out_path"] for row in suggestions(conn, report["id"], builder, suggestion_limit())])
+
+    @app.get("/reports/<name>/suggest")
+    def suggest(name):
+        conn = get_db()
+        builder = optional_builder()
+        report = find_report(conn, name)
+        return jsonify([suggestion_object(row) for row in suggestions(conn, report["id"], builder, suggestion_limit())])
+
+    @app.get("/reports/<name>/pending")
+    def pending(name):
+        conn = get_db()
+        builder = optional_builder()
+        report = find_report(conn, name)
+        after = request.args.get("after") or None
+        limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
+        rows = open_questions(conn, report["id"], builder, after=after, limit=limit)
+        next_after = rows[-1]["out_path"] if len(rows) == limit else None
+        return jsonify(paths=[suggestion_object(row) for row in rows], next=next_after)
+
+    @app.get("/link_patterns")
+    def list_link_patterns():
+        rows = get_db().execute("SELECT pattern, link FROM link_patterns ORDER BY id")
+        return jsonify([{"pattern": row["pattern"], "link": row["link"]} for row in rows])
+
+    @app.post("/link_patterns")
+    def post_link_pattern():
+        require_builder()
+        pattern = check_link_pattern(request.args.get("pattern", ""))
+        link = check_link(request.args.get("link", ""))
+        conn = get_db()
+        with transaction(conn):
+            known = conn.execute("SELECT COUNT(*) FROM link_patterns WHERE pattern != ?", (pattern,)).fetchone()[0]
+            if known >= MAX_LINK_PATTERNS:
+                raise BadInput(f"pattern: at most {MAX_LINK_PATTERNS} link patterns")
+            conn.execute("INSERT INTO link_patterns (pattern, link) VALUES (?, ?)"
+                         " ON CONFLICT (pattern) DO UPDATE SET link = excluded.link", (pattern, link))
+        return jsonify(pattern=pattern, link=link)
+
+
+def verdict_bar(counts, total):
+    """Segments of the SVG share bar: [{label, x, width, colour}] in percent."""
+    segments, x = [], 0.0
+    for label in VERDICTS:
+        width = 100.0 * counts[label] / total if total else 0.0
+        if width:
+            segments.append({"label": label, "x": x, "width": width, "colour": VERDICT_COLOURS[label],
+                             "count": counts[label]})
+        x += width
+    return segments
+
+
+def tree_rows(tree, components, verdicts):
+    """Rows for the template's flat loop: how many <details> to close, then the node."""
+    depth_open = 0
+    for position, (depth, index, expanded) in enumerate(tree):
+        closes = depth_open - depth if depth_open > depth else 0
+        depth_open = min(depth_open, depth)
+        has_children = bool(expanded) and position + 1 < len(tree) and tree[position + 1][0] > depth
+        component = components[index]
+        path = component["outputs"][0] if component["outputs"] else None
+        label = verdicts.get(path, "") if path else ""
+        if has_children:
+            depth_open = depth + 1
+        yield {"closing": CLOSE_NODE * closes, "open": has_children, "expanded": expanded, "path": path,
+               "extra_paths": component["outputs"][1:], "name": component["name"] or (path or "")[44:],
+               "label": label, "icon": VERDICT_ICONS.get(label, "")}
+    yield {"closing": CLOSE_NODE * depth_open, "final": True}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", default=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
+                        help="SQLite database file (default: $HASH_COLLECTION_DB or ./hashes.db)")
+    parser.add_argument("--require-signatures", action="store_true",
+                        default=os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0"),
+                        help="count only attestations whose signature was verified")
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args(argv)
+    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
+    from waitress import serve
+    print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
+    serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)
+
+
+if __name__ == "__main__":
+    main()
