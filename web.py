@@ -3,17 +3,19 @@
 shows, for every store path of a report, whether independent builders agree."""
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
 import re
 import sqlite3
+import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, namedtuple
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_template
+from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
@@ -69,6 +71,7 @@ def create_app(config=None):
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
+    app.jinja_env.filters["output_href"] = output_href
     register_error_handlers(app)
     register_routes(app)
     with app.app_context():
@@ -90,16 +93,24 @@ def connect(path):
     return conn
 
 
+# One connection per thread and database, kept across requests: opening one costs
+# more than a whole attestation, and closing the last one checkpoints the WAL.
+connections = threading.local()
+
+
 def get_db():
-    if "db" not in g:
-        g.db = connect(current_app.config["DATABASE"])
+    path = current_app.config["DATABASE"]
+    by_path = connections.__dict__.setdefault("by_path", {})
+    if path not in by_path:
+        by_path[path] = connect(path)
+    g.db = by_path[path]
     return g.db
 
 
 def close_db(_exception=None):
     conn = g.pop("db", None)
-    if conn is not None:
-        conn.close()
+    if conn is not None and conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def init_db():
@@ -486,9 +497,12 @@ def dependency_children(dependencies, index_of_ref):
 
 
 def display_tree(count, children):
-    """Depth-first rows [depth, index, expanded]: each component is expanded once,
-    later occurrences (and cycles) are one-line references, so the tree stays linear.
-    Components that the root does not reach follow it at depth 0."""
+    """Depth-first rows: [depth, index, 1] for a component shown with its subtree, and
+    [depth, [indices], 0] for children already shown (or cycles), listed as references.
+
+    Each component is expanded once, so the tree stays linear in the SBOM's size.
+    Components that the root does not reach follow it at depth 0.
+    """
     expanded, rows = set(), []
     for top in range(count):
         if top in expanded:
@@ -497,11 +511,15 @@ def display_tree(count, children):
         while stack:
             index, depth = stack.pop()
             if index in expanded:
-                rows.append([depth, index, 0])
+                rows.append([depth, [index], 0])
                 continue
             expanded.add(index)
             rows.append([depth, index, 1])
-            stack.extend((child, depth + 1) for child in reversed(children.get(index, [])))
+            kids = children.get(index, [])
+            shown = [child for child in kids if child in expanded]
+            if shown:
+                rows.append([depth + 1, shown, 0])
+            stack.extend((child, depth + 1) for child in reversed(kids) if child not in expanded)
     return rows
 
 
@@ -558,16 +576,13 @@ def report_tree(conn, report_id):
 
 
 def text_tree_lines(tree, components, verdicts):
-    for depth, index, expanded in tree:
+    for depth, indices, expanded in tree:
         indent = "  " * depth
-        component = components[index]
-        paths = component["outputs"] or [component["name"] or "(component without store path)"]
-        for path in paths:
-            label = verdicts.get(path, "")
-            if expanded:
-                yield f"{indent}{path} {label}\n"
-            else:
-                yield f"{indent}{path} (shown above)\n"
+        for index in [indices] if expanded else indices:
+            component = components[index]
+            for path in component["outputs"] or [component["name"] or "(component without store path)"]:
+                suffix = verdicts.get(path, "") if expanded else "(shown above)"
+                yield f"{indent}{path} {suffix}\n"
 
 
 def open_questions(conn, report_id, builder, after=None, limit=None):
@@ -901,14 +916,12 @@ def register_routes(app):
         total = sum(counts.values())
         names = {path: component["name"] for component in components for path in component["outputs"]}
         links_of = link_matcher(conn)
-        listed = lambda labels: [{"path": path, "name": names.get(path), "verdict": label, "links": links_of(path)}
+        listed = lambda labels: [(path, names.get(path), label, VERDICT_ICONS[label], links_of(path))
                                  for path, label in verdicts.items() if label in labels]
-        return Response(stream_template(
-            "report.html", report=report, counts=counts, total=total, verdicts=verdicts,
+        return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
             bar=verdict_bar(counts, total), icons=VERDICT_ICONS, colours=VERDICT_COLOURS,
             not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
-            rows=tree_rows(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"]),
-            mimetype="text/html")
+            tree_chunks=tree_chunks(tree_rows(tree, components, verdicts)), require_signatures=current_app.config["REQUIRE_SIGNATURES"])
 
     @app.get("/reports/<name>/suggested")
     def suggested(name):
@@ -955,6 +968,13 @@ def register_routes(app):
         return jsonify(pattern=pattern, link=link)
 
 
+def streamed_page(template_name, **context):
+    """Stream a large page in buffered chunks, so a 20,000-path tree is never one string in memory."""
+    stream = current_app.jinja_env.get_template(template_name).stream(**context)
+    stream.enable_buffering(2000)
+    return Response(stream_with_context(stream), mimetype="text/html")
+
+
 def verdict_bar(counts, total):
     """Segments of the SVG share bar: [{label, x, width, colour}] in percent."""
     segments, x = [], 0.0
@@ -967,22 +987,58 @@ def verdict_bar(counts, total):
     return segments
 
 
+NODE_SEPARATOR = "<!--node-->"  # cannot occur inside escaped text, which has no '<'
+
+
 def tree_rows(tree, components, verdicts):
-    """Rows for the template's flat loop: how many <details> to close, then the node."""
+    """(closing markup, has children, node markup, reference markups) rows for the template's flat loop.
+
+    A flat loop, not a recursive macro, because closures can be thousands of levels
+    deep. Each component's node is rendered once, however often the tree shows it.
+    """
+    nodes = rendered_nodes(components, verdicts)
+    closings = [CLOSE_NODE * count for count in range(max(row[0] for row in tree) + 2)]
     depth_open = 0
-    for position, (depth, index, expanded) in enumerate(tree):
+    last = len(tree) - 1
+    for position, (depth, indices, expanded) in enumerate(tree):
         closes = depth_open - depth if depth_open > depth else 0
         depth_open = min(depth_open, depth)
-        has_children = bool(expanded) and position + 1 < len(tree) and tree[position + 1][0] > depth
-        component = components[index]
-        path = component["outputs"][0] if component["outputs"] else None
-        label = verdicts.get(path, "") if path else ""
+        if not expanded:
+            yield closings[closes], False, None, [nodes[index][1] for index in indices]
+            continue
+        has_children = position < last and tree[position + 1][0] > depth
         if has_children:
             depth_open = depth + 1
-        yield {"closing": CLOSE_NODE * closes, "open": has_children, "expanded": expanded, "path": path,
-               "extra_paths": component["outputs"][1:], "name": component["name"] or (path or "")[44:],
-               "label": label, "icon": VERDICT_ICONS.get(label, "")}
-    yield {"closing": CLOSE_NODE * depth_open, "final": True}
+        yield closings[closes], has_children, nodes[indices][0], None
+    yield closings[depth_open], False, None, None
+
+
+def rendered_nodes(components, verdicts):
+    """Each component's (node markup, short reference markup), from one render of tree_nodes.html."""
+    nodes = []
+    for component in components:
+        outputs = component["outputs"]
+        path = outputs[0] if outputs else None
+        label = verdicts.get(path, "")
+        nodes.append((output_href(path) if path else None, component["name"] or (path or "")[44:],
+                      [(output_href(other), other[44:]) for other in outputs[1:]], label, VERDICT_ICONS.get(label, "")))
+    markup = current_app.jinja_env.get_template("tree_nodes.html").render(nodes=nodes, separator=Markup(NODE_SEPARATOR))
+    pieces = [Markup(piece) for piece in markup.split(NODE_SEPARATOR)]
+    return list(zip(pieces[0::2], pieces[1::2]))
+
+
+def tree_chunks(rows, size=2000):
+    """Render the tree a slice at a time with its own template, so each row's many
+    small pieces are joined once, not passed up through the page's block nesting."""
+    template = current_app.jinja_env.get_template("tree.html")
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, size)):
+        yield Markup(template.render(rows=chunk))
+
+
+def output_href(out_path):
+    """The /outputs/ link of a store path; '?' is the only character Nix allows in names that a URL path needs quoted."""
+    return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
 
 
 def main(argv=None):
