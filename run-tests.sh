@@ -10,6 +10,7 @@ install_system_packages() {
     local missing=()
     command -v nix-build >/dev/null || missing+=(nix-bin)
     command -v chromium >/dev/null || missing+=(chromium)
+    command -v shellcheck >/dev/null || missing+=(shellcheck)
     # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
     /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
     [ "${#missing[@]}" -eq 0 ] && return

@@ -23,6 +23,22 @@ NIX_CONFIG = "\n".join([
 ])
 
 
+NIX_FIXTURES = {"nix", "nix_key", "reachable_client"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nix: needs a real Nix store (deselected in the flake's sandboxed check)")
+    config.addinivalue_line("markers", "browser: needs headless Chromium")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.nix)
+        if "browser" in item.nodeid or "playwright" in getattr(item.module, "__dict__", {}):
+            item.add_marker(pytest.mark.browser)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,304 @@
+# NixOS module for nix-hash-collection.
+#
+# services.hash-collection         a builder: reports what it builds to a collection server.
+# services.hash-collection-server  the collection server, hardened, with its SQLite database in a StateDirectory.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.hash-collection;
+  serverCfg = config.services.hash-collection-server;
+
+  defaultPackage = pkgs.callPackage ./nix/package.nix { };
+  packageOption = lib.mkOption {
+    type = lib.types.package;
+    default = defaultPackage;
+    defaultText = lib.literalExpression "pkgs.callPackage ./nix/package.nix { }";
+    description = "The nix-hash-collection package.";
+  };
+
+  buildUsersGroup = config.nix.settings.build-users-group or "nixbld";
+
+  # The diff hook runs as a build user, who cannot read root's files: it uses
+  # copies readable by the build users group, made at activation.
+  buildUserSecretsDir = "/run/hash-collection";
+  buildUserTokenFile = "${buildUserSecretsDir}/token";
+  buildUserSecretKeyFile = "${buildUserSecretsDir}/secret-key";
+
+  # Secrets are passed as file paths; the store only ever holds the paths.
+  hookScript = name: { tokenFile, secretKeyFile, mode }: pkgs.writeShellScript name ''
+    export HASH_COLLECTION_SERVER=${lib.escapeShellArg cfg.collection-url}
+    export HASH_COLLECTION_TOKEN_FILE=${lib.escapeShellArg tokenFile}
+    ${lib.optionalString (secretKeyFile != null)
+      "export HASH_COLLECTION_SECRET_KEY_FILE=${lib.escapeShellArg secretKeyFile}"}
+    export HASH_COLLECTION_SPOOL=${lib.escapeShellArg cfg.spoolDir}
+    export HASH_COLLECTION_TIMEOUT=${toString cfg.timeout}
+    exec ${cfg.package}/bin/hash-collection-hook ${mode} "$@"
+  '';
+
+  postBuildHook = hookScript "hash-collection-post-build-hook" {
+    inherit (cfg) tokenFile secretKeyFile;
+    mode = "";
+  };
+  diffHook = hookScript "hash-collection-diff-hook" {
+    tokenFile = buildUserTokenFile;
+    secretKeyFile = if cfg.secretKeyFile == null then null else buildUserSecretKeyFile;
+    mode = "diff-hook";
+  };
+  flushScript = hookScript "hash-collection-flush" {
+    inherit (cfg) tokenFile secretKeyFile;
+    mode = "flush";
+  };
+
+  copyForBuildUsers = source: target: ''
+    if [ -r ${lib.escapeShellArg source} ]; then
+      install -m 0640 -o root -g ${buildUsersGroup} ${lib.escapeShellArg source} ${target}
+    else
+      printf 'hash-collection: cannot read %s; the diff hook cannot report until it exists and the system is activated again\n' ${lib.escapeShellArg source} >&2
+    fi
+  '';
+
+  serverStateDirectory = lib.removePrefix "/var/lib/" serverCfg.dataDir;
+  serverDatabase = "${serverCfg.dataDir}/hashes.db";
+  serverUser = "hash-collection-server";
+
+  # create_user runs as the service's dynamic user, so the database and its WAL
+  # files never end up owned by root, where the service could not write them.
+  createUserCommand = pkgs.writeShellScriptBin "create_user" ''
+    exec ${pkgs.systemd}/bin/systemd-run --quiet --pipe --wait --collect \
+      --property=DynamicUser=yes \
+      --property=User=${serverUser} \
+      --property=StateDirectory=${serverStateDirectory} \
+      --setenv=HASH_COLLECTION_DB=${lib.escapeShellArg serverDatabase} \
+      ${serverCfg.package}/bin/create_user "$@"
+  '';
+
+  serverArguments = [
+    "--host" serverCfg.host
+    "--port" (toString serverCfg.port)
+    "--db" serverDatabase
+  ] ++ lib.optional serverCfg.requireSignatures "--require-signatures";
+in
+{
+  options.services.hash-collection = {
+    enable = lib.mkEnableOption "reporting the output hashes of local builds to a nix-hash-collection server";
+
+    package = packageOption;
+
+    collection-url = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "https://hashes.example.org";
+      description = "URL of the collection server.";
+    };
+
+    tokenFile = lib.mkOption {
+      # A string, not a path: a path literal would be copied into the world-readable store.
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/hash-collection-token";
+      description = ''
+        File holding this builder's token, as printed by `create_user` on the server.
+        It is read at run time and never copied into the Nix store.
+      '';
+    };
+
+    secretKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/var/lib/hash-collection/secret-key";
+      description = ''
+        File holding this builder's Nix signing key (`nix key generate-secret`).
+        Attestations are signed with it; without it they are sent unsigned, and a
+        server in verified-only mode rejects them. It is never copied into the Nix store.
+      '';
+    };
+
+    spoolDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/spool/hash-collection";
+      description = ''
+        Directory keeping attestations that could not be delivered, until the flush timer
+        delivers them. It is writable by the build users group, because the diff hook runs as a build user.
+      '';
+    };
+
+    timeout = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 5;
+      description = ''
+        Seconds the hooks wait for the server. The post-build hook blocks Nix's build loop,
+        so keep this short: what is not delivered in time is spooled and sent by the flush timer.
+      '';
+    };
+  };
+
+  options.services.hash-collection-server = {
+    enable = lib.mkEnableOption "the nix-hash-collection server";
+
+    package = packageOption;
+
+    host = lib.mkOption {
+      type = lib.types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = "Address the server listens on.";
+    };
+
+    port = lib.mkOption {
+      type = lib.types.port;
+      default = 8000;
+      description = "TCP port the server listens on.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Whether to open `port` in the firewall.";
+    };
+
+    dataDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/hash-collection-server";
+      description = ''
+        Directory holding the SQLite database `hashes.db`. It must lie under /var/lib,
+        because systemd creates it as the service's StateDirectory.
+      '';
+    };
+
+    requireSignatures = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Verified-only mode: reject attestations that are not signed by a key
+        registered for their builder (`create_user NAME --public-key KEY`).
+      '';
+    };
+  };
+
+  config = lib.mkMerge [
+    (lib.mkIf cfg.enable {
+      assertions = [
+        {
+          assertion = cfg.collection-url != null;
+          message = "services.hash-collection.collection-url must be set to the collection server's URL.";
+        }
+        {
+          assertion = cfg.tokenFile != null && lib.hasPrefix "/" cfg.tokenFile;
+          message = "services.hash-collection.tokenFile must be set to the absolute path of the file holding this builder's token.";
+        }
+        {
+          assertion = cfg.secretKeyFile == null || lib.hasPrefix "/" cfg.secretKeyFile;
+          message = "services.hash-collection.secretKeyFile must be an absolute path.";
+        }
+      ];
+
+      nix.settings = {
+        post-build-hook = postBuildHook;
+        diff-hook = diffHook;
+        run-diff-hook = true;
+      };
+
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.tmpfiles.rules = [
+        "d ${cfg.spoolDir} 2770 root ${buildUsersGroup} - -"
+      ];
+
+      # Trade-off: the copies are readable by every build user. With the sandbox
+      # (NixOS's default) builds cannot see /run; without it, a build could read them.
+      system.activationScripts.hash-collection-secrets = {
+        deps = [ "users" "groups" ];
+        text = ''
+          (
+            install -d -m 0750 -o root -g ${buildUsersGroup} ${buildUserSecretsDir}
+            ${copyForBuildUsers cfg.tokenFile buildUserTokenFile}
+            ${lib.optionalString (cfg.secretKeyFile != null) (copyForBuildUsers cfg.secretKeyFile buildUserSecretKeyFile)}
+          )
+        '';
+      };
+
+      systemd.services.hash-collection-flush = {
+        description = "Deliver spooled nix-hash-collection attestations";
+        after = [ "network-online.target" ];
+        wants = [ "network-online.target" ];
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${flushScript}";
+          # Runs as root to read the root-only token and key; it only needs the spool.
+          ProtectSystem = "strict";
+          ReadWritePaths = [ cfg.spoolDir ];
+          ProtectHome = true;
+          PrivateTmp = true;
+          NoNewPrivileges = true;
+        };
+      };
+
+      systemd.timers.hash-collection-flush = {
+        description = "Deliver spooled nix-hash-collection attestations every few minutes";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnBootSec = "2min";
+          OnUnitActiveSec = "5min";
+          RandomizedDelaySec = "30s";
+        };
+      };
+    })
+
+    (lib.mkIf serverCfg.enable {
+      assertions = [
+        {
+          assertion = lib.hasPrefix "/var/lib/" serverCfg.dataDir && serverStateDirectory != "";
+          message = "services.hash-collection-server.dataDir must lie under /var/lib/ (it is the service's StateDirectory).";
+        }
+      ];
+
+      # Wins over the package's own create_user, which acts on ./hashes.db, when a machine is also a builder.
+      environment.systemPackages = [ (lib.hiPrio createUserCommand) ];
+
+      networking.firewall.allowedTCPPorts = lib.optional serverCfg.openFirewall serverCfg.port;
+
+      systemd.services.hash-collection-server = {
+        description = "nix-hash-collection server";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network.target" ];
+        serviceConfig = {
+          ExecStart = "${serverCfg.package}/bin/hash-collection-server ${lib.escapeShellArgs serverArguments}";
+          Restart = "on-failure";
+          DynamicUser = true;
+          User = serverUser;
+          StateDirectory = serverStateDirectory;
+          StateDirectoryMode = "0750";
+          WorkingDirectory = serverCfg.dataDir;
+
+          # Hardening: the server needs its state directory, a listening socket and nothing else.
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          PrivateUsers = true;
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = "";
+          AmbientCapabilities = "";
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          ProtectProc = "invisible";
+          ProcSubset = "pid";
+          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+          UMask = "0077";
+          # MemoryDenyWriteExecute is left off: cffi (under pynacl) may need
+          # writable and executable memory for callbacks.
+        };
+      };
+    })
+  ];
+}

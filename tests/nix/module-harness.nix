@@ -1,0 +1,88 @@
+# Structural check of module.nix, for tests/test_nixos_module.py. NOT a NixOS evaluation.
+#
+# It imports module.nix with lib-shim.nix and stub pkgs, gives each declared option
+# its value from `configuration` (type-checked by the shim) or its default, and
+# resolves the mkIf/mkMerge markers of the module's `config`. No other NixOS module
+# exists here, so what module.nix sets outside its own options (nix.settings,
+# systemd.*, assertions) is returned as written, unchecked against NixOS.
+#
+# usage: nix-instantiate --eval --strict --json tests/nix/module-harness.nix \
+#          --arg configuration '{ services.hash-collection = { ... }; }'
+{ configuration ? { } }:
+let
+  inherit (builtins) attrNames filter foldl' hasAttr head isAttrs isList listToAttrs mapAttrs removeAttrs;
+  lib = import ./lib-shim.nix;
+
+  # Derivation stand-ins: a store path, plus the script text where there is one.
+  stub = name: extra: { outPath = "/nix/store/00000000000000000000000000000000-${name}"; inherit name; } // extra;
+  pkgs = {
+    callPackage = _path: _args: stub "nix-hash-collection" { };
+    writeShellScript = name: text: stub name { inherit text; };
+    writeShellScriptBin = name: text: stub name { inherit text; };
+    systemd = stub "systemd" { };
+  };
+
+  module = import ../../module.nix;
+  evaluated = module { inherit lib pkgs; config = moduleConfig; };
+  declared = evaluated.options.services;
+
+  valueOf = namespace: definitions: name: option:
+    let where = "services.${namespace}.${name}"; in
+    if hasAttr name definitions then
+      (if option.type.check definitions.${name} then definitions.${name}
+       else throw "The option `${where}' is not of type `${option.type.name}'.")
+    else if option ? default then option.default
+    else throw "The option `${where}' is used but not defined.";
+
+  valuesOf = namespace: definitions:
+    let unknown = filter (name: !(hasAttr name declared.${namespace})) (attrNames definitions); in
+    if unknown != [ ] then throw "The option `services.${namespace}.${head unknown}' does not exist."
+    else mapAttrs (valueOf namespace definitions) declared.${namespace};
+
+  userServices = configuration.services or { };
+  unknownTopLevel = filter (name: name != "services") (attrNames configuration);
+  unknownServices = filter (name: !(hasAttr name declared)) (attrNames userServices);
+  moduleConfig = {
+    services = mapAttrs (namespace: _: valuesOf namespace (userServices.${namespace} or { })) declared;
+  };
+
+  isMarker = type: value: isAttrs value && (value._type or null) == type;
+  isStub = value: isAttrs value && value ? outPath;
+  absent = { _type = "absent"; };
+
+  resolve = value:
+    if isMarker "if" value then (if value.condition then resolve value.content else absent)
+    else if isMarker "merge" value then foldl' merge absent (map resolve value.contents)
+    else if isAttrs value && !(isStub value) then dropAbsent (mapAttrs (_: resolve) value)
+    else value;
+  dropAbsent = attrs: removeAttrs attrs (filter (name: isMarker "absent" attrs.${name}) (attrNames attrs));
+
+  # Lists concatenate and attribute sets merge recursively, as in NixOS.
+  merge = left: right:
+    if isMarker "absent" left then right
+    else if isMarker "absent" right then left
+    else if isList left && isList right then left ++ right
+    else if isAttrs left && isAttrs right && !(isStub left) && !(isStub right) then
+      listToAttrs (map (name: { inherit name; value = merge (left.${name} or absent) (right.${name} or absent); })
+        (attrNames (left // right)))
+    else if left == right then left
+    else throw "conflicting definitions in module.nix's config";
+
+  # JSON would turn a stub into its store path; keep the script text visible.
+  describe = value:
+    if isStub value then { storePath = value.outPath; name = value.name; text = value.text or null; }
+    else if isAttrs value then mapAttrs (_: describe) value
+    else if isList value then map describe value
+    else value;
+
+  resolved = resolve evaluated.config;
+  config = if isMarker "absent" resolved then { } else resolved;
+in
+if unknownTopLevel != [ ] then throw "this harness only takes services.*, got `${head unknownTopLevel}'"
+else if unknownServices != [ ] then throw "The option `services.${head unknownServices}' does not exist."
+else {
+  options = mapAttrs (_: mapAttrs (_: option: { type = option.type.name; hasDefault = option ? default; })) declared;
+  values = describe moduleConfig.services;
+  config = describe config;
+  failedAssertions = map (assertion: assertion.message) (filter (assertion: !assertion.assertion) (config.assertions or [ ]));
+}

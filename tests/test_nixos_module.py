@@ -1,0 +1,387 @@
+"""The NixOS module, the flake and the hook wrapper, checked without nixpkgs.
+
+The module tests are a STRUCTURAL check, not a NixOS test: real Nix evaluates
+module.nix with tests/nix/lib-shim.nix through tests/nix/module-harness.nix.
+They show that the options exist, that the original README's snippet evaluates,
+and what the module sets; they cannot show that NixOS accepts it. The VM test
+in tests/vm.nix does that, on machines with nixpkgs.
+"""
+import json
+import os
+import shutil
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, write_derivation
+
+HARNESS = REPO / "tests" / "nix" / "module-harness.nix"
+HOOK_WRAPPER = REPO / "nix" / "hook-wrapper.sh"
+
+ORIGINAL_SNIPPET = """
+services.hash-collection = {
+  enable = true;
+  collection-url = "server url";
+  tokenFile = "/token/path";
+  secretKeyFile = "/secret/key/path";
+};
+"""
+
+BUILDER_OPTIONS = {"enable", "collection-url", "tokenFile", "secretKeyFile", "spoolDir", "timeout"}
+SERVER_OPTIONS = {"enable", "package", "host", "port", "openFirewall", "dataDir", "requireSignatures"}
+
+
+def evaluate(nix, configuration):
+    """The harness's JSON for `configuration` (Nix attribute-set body), or CalledProcessError."""
+    completed = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", str(HARNESS),
+         "--arg", "configuration", "{" + configuration + "}"],
+        env=nix(), capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout)
+
+
+def evaluation_error(nix, configuration):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        evaluate(nix, configuration)
+    return failure.value.stderr
+
+
+def server_service(evaluated):
+    return evaluated["config"]["systemd"]["services"]["hash-collection-server"]["serviceConfig"]
+
+
+# ---------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("path", ["module.nix", "flake.nix", "tests/vm.nix", "nix/package.nix",
+                                  "tests/nix/lib-shim.nix", "tests/nix/module-harness.nix"])
+def test_nix_file_parses(nix, path):
+    subprocess.run(["nix-instantiate", "--parse", str(REPO / path)], env=nix(),
+                   stdout=subprocess.DEVNULL, check=True)
+
+
+# ---------------------------------------------------------------- structural check of module.nix
+
+def test_builder_options_exist_with_their_exact_names(nix):
+    assert BUILDER_OPTIONS <= set(evaluate(nix, "")["options"]["hash-collection"])
+
+
+def test_server_options_exist_with_their_exact_names(nix):
+    assert SERVER_OPTIONS <= set(evaluate(nix, "")["options"]["hash-collection-server"])
+
+
+def test_secret_paths_are_strings_not_nix_paths(nix):
+    options = evaluate(nix, "")["options"]["hash-collection"]
+    assert options["tokenFile"]["type"] == "null or str"
+    assert options["secretKeyFile"]["type"] == "null or str"
+
+
+def test_original_readme_snippet_evaluates_unchanged(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET)
+    assert evaluated["failedAssertions"] == []
+    assert evaluated["values"]["hash-collection"]["collection-url"] == "server url"
+
+
+def test_enabling_the_builder_sets_post_build_hook_diff_hook_and_run_diff_hook(nix):
+    settings = evaluate(nix, ORIGINAL_SNIPPET)["config"]["nix"]["settings"]
+    assert settings["post-build-hook"]["name"] == "hash-collection-post-build-hook"
+    assert settings["diff-hook"]["name"] == "hash-collection-diff-hook"
+    assert settings["run-diff-hook"] is True
+
+
+def test_hooks_pass_the_token_and_key_as_file_paths(nix):
+    settings = evaluate(nix, ORIGINAL_SNIPPET)["config"]["nix"]["settings"]
+    post_build_hook = settings["post-build-hook"]["text"]
+    assert "export HASH_COLLECTION_TOKEN_FILE='/token/path'" in post_build_hook
+    assert "export HASH_COLLECTION_SECRET_KEY_FILE='/secret/key/path'" in post_build_hook
+    assert "export HASH_COLLECTION_SERVER='server url'" in post_build_hook
+    assert "bin/hash-collection-hook" in post_build_hook
+    for text in (post_build_hook, settings["diff-hook"]["text"]):
+        assert "HASH_COLLECTION_TOKEN=" not in text
+        assert "cat " not in text
+
+
+def test_diff_hook_reads_copies_readable_by_the_build_users(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET)
+    diff_hook = evaluated["config"]["nix"]["settings"]["diff-hook"]["text"]
+    assert "HASH_COLLECTION_TOKEN_FILE='/run/hash-collection/token'" in diff_hook
+    assert "HASH_COLLECTION_SECRET_KEY_FILE='/run/hash-collection/secret-key'" in diff_hook
+    assert diff_hook.rstrip().endswith('diff-hook "$@"')
+    activation = evaluated["config"]["system"]["activationScripts"]["hash-collection-secrets"]["text"]
+    assert "install -m 0640 -o root -g nixbld '/secret/key/path' /run/hash-collection/secret-key" in activation
+    assert "install -d -m 0750 -o root -g nixbld /run/hash-collection" in activation
+
+
+def test_spool_is_writable_by_the_build_users(nix):
+    rules = evaluate(nix, ORIGINAL_SNIPPET)["config"]["systemd"]["tmpfiles"]["rules"]
+    assert rules == ["d /var/spool/hash-collection 2770 root nixbld - -"]
+
+
+def test_a_timer_flushes_the_spool_every_few_minutes(nix):
+    systemd = evaluate(nix, ORIGINAL_SNIPPET)["config"]["systemd"]
+    assert systemd["services"]["hash-collection-flush"]["serviceConfig"]["ExecStart"].endswith("-hash-collection-flush")
+    assert systemd["timers"]["hash-collection-flush"]["timerConfig"]["OnUnitActiveSec"] == "5min"
+    assert systemd["timers"]["hash-collection-flush"]["wantedBy"] == ["timers.target"]
+
+
+def test_spool_dir_and_timeout_reach_the_hook(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace(
+        "};", 'spoolDir = "/var/spool/elsewhere"; timeout = 2; };'))
+    text = evaluated["config"]["nix"]["settings"]["post-build-hook"]["text"]
+    assert "export HASH_COLLECTION_SPOOL='/var/spool/elsewhere'" in text
+    assert "export HASH_COLLECTION_TIMEOUT=2" in text
+
+
+def test_missing_token_file_fails_an_assertion(nix):
+    evaluated = evaluate(nix, 'services.hash-collection = { enable = true; collection-url = "http://hashes"; };')
+    assert any("tokenFile" in message for message in evaluated["failedAssertions"])
+
+
+def test_missing_collection_url_fails_an_assertion(nix):
+    evaluated = evaluate(nix, 'services.hash-collection = { enable = true; tokenFile = "/token/path"; };')
+    assert any("collection-url" in message for message in evaluated["failedAssertions"])
+
+
+def test_a_nix_path_literal_for_the_token_is_rejected(nix):
+    # A path literal would be copied into the world-readable store.
+    error = evaluation_error(nix, ORIGINAL_SNIPPET.replace('"/token/path"', "/token/path"))
+    assert "services.hash-collection.tokenFile' is not of type" in error
+
+
+def test_a_misspelt_option_is_rejected(nix):
+    error = evaluation_error(nix, ORIGINAL_SNIPPET.replace("collection-url", "collectionUrl"))
+    assert "services.hash-collection.collectionUrl' does not exist" in error
+
+
+def test_a_disabled_module_sets_nothing(nix):
+    assert evaluate(nix, "")["config"] == {}
+
+
+def test_server_runs_under_a_dynamic_user_with_a_state_directory(nix):
+    service = server_service(evaluate(nix, "services.hash-collection-server.enable = true;"))
+    assert service["DynamicUser"] is True
+    assert service["StateDirectory"] == "hash-collection-server"
+
+
+def test_server_runs_web_py_on_the_database_in_its_state_directory(nix):
+    evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; host = "0.0.0.0"; port = 8123; };')
+    exec_start = server_service(evaluated)["ExecStart"]
+    assert exec_start.endswith(
+        "bin/hash-collection-server '--host' '0.0.0.0' '--port' '8123' '--db' '/var/lib/hash-collection-server/hashes.db'")
+
+
+def test_verified_only_mode_passes_require_signatures(nix):
+    evaluated = evaluate(nix, "services.hash-collection-server = { enable = true; requireSignatures = true; };")
+    assert server_service(evaluated)["ExecStart"].endswith("'--require-signatures'")
+
+
+def test_server_is_hardened(nix):
+    service = server_service(evaluate(nix, "services.hash-collection-server.enable = true;"))
+    assert service["ProtectSystem"] == "strict"
+    assert service["NoNewPrivileges"] is True
+    assert service["PrivateTmp"] is True
+    assert service["ProtectHome"] is True
+    assert service["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert "@system-service" in service["SystemCallFilter"]
+
+
+def test_open_firewall_opens_the_port(nix):
+    closed = evaluate(nix, "services.hash-collection-server.enable = true;")
+    opened = evaluate(nix, "services.hash-collection-server = { enable = true; openFirewall = true; port = 8123; };")
+    assert closed["config"]["networking"]["firewall"]["allowedTCPPorts"] == []
+    assert opened["config"]["networking"]["firewall"]["allowedTCPPorts"] == [8123]
+
+
+def test_create_user_on_path_acts_on_the_server_database(nix):
+    packages = evaluate(nix, "services.hash-collection-server.enable = true;")["config"]["environment"]["systemPackages"]
+    create_user = next(package for package in packages if package["name"] == "create_user")
+    assert "--setenv=HASH_COLLECTION_DB='/var/lib/hash-collection-server/hashes.db'" in create_user["text"]
+    assert "--property=DynamicUser=yes" in create_user["text"]
+    assert "--property=User=hash-collection-server" in create_user["text"]
+
+
+def test_data_dir_outside_var_lib_fails_an_assertion(nix):
+    evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; dataDir = "/srv/hashes"; };')
+    assert any("dataDir" in message for message in evaluated["failedAssertions"])
+
+
+# ---------------------------------------------------------------- the hook wrapper, against the real server
+
+@pytest.fixture
+def builder_secrets(server, nix_key, tmp_path):
+    """A registered builder whose token and key are files, as module.nix passes them."""
+    token_file = tmp_path / "token"
+    token_file.write_text(server.create_user("nixos-builder", "--public-key", nix_key["public"]) + "\n")
+    token_file.chmod(0o600)
+    return {"HASH_COLLECTION_SERVER": server.url,
+            "HASH_COLLECTION_TOKEN_FILE": str(token_file),
+            "HASH_COLLECTION_SECRET_KEY_FILE": str(nix_key["secret_file"]),
+            "HASH_COLLECTION_SPOOL": str(tmp_path / "spool"),
+            "HASH_COLLECTION_TIMEOUT": "5",
+            "HASH_COLLECTION_PYTHON": sys.executable}
+
+
+def build_with_hook(nix, tmp_path, hook_env):
+    """nix-build a fresh derivation with the wrapper as post-build-hook; return (drv_path, out_path)."""
+    derivation = write_derivation(tmp_path, "wrapper-hook", "echo built by the wrapper > $out")
+    env = nix(**hook_env)
+    drv_path = subprocess.run(["nix-instantiate", str(derivation)], env=env,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    out_path = subprocess.run(["nix-build", "--no-out-link", "--option", "post-build-hook", str(HOOK_WRAPPER), drv_path],
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return drv_path, out_path
+
+
+def attestations_of(server, drv_path):
+    drv_ident = drv_path[len("/nix/store/"):-len(".drv")]
+    response = requests.get(f"{server.url}/derivations/{drv_ident}", params={"full": "true"}, timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_wrapper_as_post_build_hook_delivers_a_signed_attestation(nix, server, tmp_path, builder_secrets):
+    drv_path, out_path = build_with_hook(nix, tmp_path, builder_secrets)
+    attestations = attestations_of(server, drv_path)
+    assert [(a["builder"], a["output_path"], a["verified"]) for a in attestations] == [
+        ("nixos-builder", out_path, True)]
+
+
+def test_wrapper_ignores_secrets_in_the_environment(nix, server, tmp_path, builder_secrets):
+    # Only the files count: a stale token in the environment must neither win nor leak.
+    hook_env = {**builder_secrets, "HASH_COLLECTION_TOKEN": "not-a-token",
+                "HASH_COLLECTION_SECRET_KEY": "not-a-key"}
+    drv_path, _ = build_with_hook(nix, tmp_path, hook_env)
+    assert [a["builder"] for a in attestations_of(server, drv_path)] == ["nixos-builder"]
+
+
+@pytest.fixture
+def build_user_layout(builder_secrets, reachable_client):
+    """What module.nix lays out for the diff hook, which runs as a build user (nixbld1):
+    root:nixbld 0640 copies of the secrets in a 0750 directory, a 2770 spool, and a
+    diff-hook script that runs the wrapper. Everything lives outside root's home."""
+    secrets = Path(tempfile.mkdtemp(prefix="hash-collection-run-"))
+    spool = Path(tempfile.mkdtemp(prefix="hash-collection-spool-"))
+    scripts = Path(tempfile.mkdtemp(prefix="hash-collection-hooks-"))
+    for directory, mode in ((secrets, 0o750), (spool, 0o2770), (scripts, 0o755)):
+        shutil.chown(directory, "root", "nixbld")
+        directory.chmod(mode)
+    copies = {}
+    for variable, name in (("HASH_COLLECTION_TOKEN_FILE", "token"), ("HASH_COLLECTION_SECRET_KEY_FILE", "secret-key")):
+        copies[variable] = secrets / name
+        shutil.copy(builder_secrets[variable], copies[variable])
+        shutil.chown(copies[variable], "root", "nixbld")
+        copies[variable].chmod(0o640)
+    wrapper = scripts / "hook-wrapper.sh"
+    shutil.copy(HOOK_WRAPPER, wrapper)
+    settings = {**builder_secrets, **copies, "HASH_COLLECTION_SPOOL": spool,
+                "HASH_COLLECTION_PYTHON": "/usr/bin/python3", "HASH_COLLECTION_CLIENT": reachable_client}
+    diff_hook = scripts / "diff-hook.sh"
+    diff_hook.write_text("\n".join([
+        "#!/bin/sh",
+        *(f"export {name}={shlex.quote(str(value))}" for name, value in settings.items()),
+        f'exec /bin/bash {shlex.quote(str(wrapper))} diff-hook "$@"',
+        ""]))
+    diff_hook.chmod(0o755)
+    yield diff_hook
+    for directory in (secrets, spool, scripts):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_wrapper_as_diff_hook_reports_the_rebuild_as_the_build_user(
+        nix, server, tmp_path, builder_secrets, build_user_layout):
+    derivation = write_derivation(tmp_path, "wrapper-nondeterministic",
+                                  "read x < /proc/sys/kernel/random/uuid; echo $x > $out")
+    env = nix(**builder_secrets)
+    hook = ["--option", "post-build-hook", str(HOOK_WRAPPER)]
+    subprocess.run(["nix-build", "--no-out-link", str(derivation), *hook], env=env, capture_output=True, check=True)
+    checked = subprocess.run(["nix-build", "--no-out-link", str(derivation), "--check",
+                              "--option", "diff-hook", str(build_user_layout), "--option", "run-diff-hook", "true"],
+                             env=env, capture_output=True, text=True)
+    assert "may not be deterministic" in checked.stderr
+    drv_path = subprocess.run(["nix-instantiate", str(derivation)], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    attestations = attestations_of(server, drv_path)
+    assert len({attestation["output_hash"] for attestation in attestations}) == 2, checked.stderr
+    assert all(attestation["verified"] for attestation in attestations)
+
+
+def run_wrapper(*args, **env):
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("HASH_COLLECTION_")}
+    return subprocess.run(["bash", str(HOOK_WRAPPER), *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_wrapper_without_a_token_file_never_stops_nix():
+    completed = run_wrapper(DRV_PATH="/nix/store/00000000000000000000000000000000-x.drv")
+    assert completed.returncode == 0
+    assert "HASH_COLLECTION_TOKEN_FILE is not set" in completed.stderr
+    assert "usage:" in completed.stderr
+
+
+def test_wrapper_without_a_token_file_fails_when_run_by_hand():
+    completed = run_wrapper("flush")
+    assert completed.returncode == 2
+    assert "usage:" in completed.stderr
+
+
+def test_wrapper_help_prints_usage():
+    completed = run_wrapper("--help")
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("usage:")
+
+
+def test_wrapper_uses_the_configured_client(tmp_path):
+    client = tmp_path / "client.py"
+    client.write_text("import os, sys\nprint(sys.argv[1:], os.environ.get('HASH_COLLECTION_TOKEN'),"
+                      " os.environ['HASH_COLLECTION_TOKEN_FILE'])\n")
+    completed = run_wrapper("flush", HASH_COLLECTION_CLIENT=str(client), HASH_COLLECTION_PYTHON=sys.executable,
+                            HASH_COLLECTION_TOKEN_FILE="/token/path", HASH_COLLECTION_TOKEN="secret")
+    assert completed.stdout.strip() == "['flush'] None /token/path"
+
+
+def test_wrapper_passes_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    subprocess.run(["shellcheck", str(HOOK_WRAPPER)], check=True)
+
+
+# ---------------------------------------------------------------- flake outputs, by name only
+
+FLAKE_OUTPUT_NAMES = """
+let
+  flake = import %(flake)s;
+  # Only genAttrs is real: outputs are listed by name, and their values, which
+  # need nixpkgs, are never evaluated.
+  nixpkgs = {
+    lib.genAttrs = names: function: builtins.listToAttrs (map (name: { inherit name; value = function name; }) names);
+    legacyPackages = { };
+  };
+  outputs = flake.outputs { self = outputs; inherit nixpkgs; };
+  namesIn = builtins.mapAttrs (_: perSystem: builtins.attrNames perSystem.x86_64-linux);
+in {
+  inputs = builtins.attrNames flake.inputs;
+  top = builtins.attrNames outputs;
+  perSystem = namesIn { inherit (outputs) packages apps devShells checks; };
+  nixosModules = builtins.mapAttrs (_: module: toString module) outputs.nixosModules;
+  overlays = builtins.attrNames outputs.overlays;
+  apps = builtins.mapAttrs (_: app: app.type) outputs.apps.x86_64-linux;
+}
+"""
+
+
+def test_flake_declares_the_outputs_the_readme_promises(nix):
+    expression = FLAKE_OUTPUT_NAMES % {"flake": REPO / "flake.nix"}
+    completed = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
+                               env=nix(), capture_output=True, text=True, check=True)
+    outputs = json.loads(completed.stdout)
+    assert outputs["inputs"] == ["nixpkgs"]
+    assert {"packages", "apps", "nixosModules", "overlays", "devShells", "checks"} <= set(outputs["top"])
+    assert outputs["perSystem"] == {"packages": ["default", "utils"], "apps": ["create_user", "default", "server"],
+                                    "devShells": ["default"], "checks": ["pytest", "vm"]}
+    assert outputs["nixosModules"] == {"default": str(REPO / "module.nix"), "hash-collection": str(REPO / "module.nix")}
+    assert outputs["overlays"] == ["default"]
+    assert outputs["apps"] == {"create_user": "app", "default": "app", "server": "app"}
