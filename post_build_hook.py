@@ -6,10 +6,12 @@ fingerprints, signatures, NAR) that web.py imports, so each rule has one home.
 """
 import base64
 import hashlib
+import json
 import os
 import re
 import stat
 import sys
+import time
 
 STORE_DIR = "/nix/store"
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -23,34 +25,25 @@ STORE_BASENAME_RE = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{32})-(" + N
 
 # ---------------------------------------------------------------- nix base32
 
+# Nix base32 is the little-endian integer of the bytes, printed most significant
+# digit first, so Python's big integers do the bit shuffling.
+TO_STANDARD_BASE32 = str.maketrans(NIX_BASE32, "0123456789abcdefghijklmnopqrstuv")
+
+
 def nix_base32_encode(raw):
     length = (len(raw) * 8 - 1) // 5 + 1
-    chars = []
-    for n in range(length - 1, -1, -1):
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        value = raw[i] >> j
-        if i + 1 < len(raw):
-            value |= raw[i + 1] << (8 - j)
-        chars.append(NIX_BASE32[value & 0x1F])
-    return "".join(chars)
+    number = int.from_bytes(raw, "little")
+    return "".join(NIX_BASE32[(number >> (5 * n)) & 31] for n in range(length - 1, -1, -1))
 
 
 def nix_base32_decode(text, size):
-    raw = bytearray(size)
-    for n, char in enumerate(reversed(text)):
-        digit = NIX_BASE32.find(char)
-        if digit < 0:
-            raise ValueError(f"invalid nix base32 character {char!r}")
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        raw[i] |= (digit << j) & 0xFF
-        overflow = digit >> (8 - j)
-        if i + 1 < size:
-            raw[i + 1] |= overflow
-        elif overflow:
-            raise ValueError("invalid base-32 hash: it does not decode to exactly 32 bytes")
-    return bytes(raw)
+    bad = set(text) - set(NIX_BASE32)
+    if bad or not text:
+        raise ValueError(f"invalid nix base32 character {min(bad)!r}" if bad else "empty nix base32 string")
+    try:
+        return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(size, "little")
+    except OverflowError:
+        raise ValueError(f"invalid base-32 hash: it does not decode to exactly {size} bytes") from None
 
 
 # ---------------------------------------------------------------- store paths
@@ -91,8 +84,14 @@ def shorten(value, limit=80):
 
 # ---------------------------------------------------------------- NAR hashes
 
+CANONICAL_SHA256_RE = re.compile(r"sha256:[01][0123456789abcdfghijklmnpqrsvwxyz]{51}")
+
+
 def normalize_nar_hash(text):
     """Any of Nix's sha256 spellings -> 'sha256:<nix base32>', or raise ValueError."""
+    # A leading 0 or 1 is exactly the rule that 52 digits decode to 32 bytes.
+    if isinstance(text, str) and CANONICAL_SHA256_RE.fullmatch(text):
+        return text
     raw = decode_sha256(text)
     return "sha256:" + nix_base32_encode(raw)
 
@@ -221,6 +220,7 @@ def nar_hash_and_size(path):
 DEFAULT_TIMEOUT = 5.0
 ROOT_SPOOL = "/var/lib/hash-collection/spool"
 NIX_QUERY_TIMEOUT = 60
+FINISHING_TIME = 0.1  # of the time budget, kept back to spool the report and exit
 PREFIX = "hash-collection:"
 
 
@@ -358,7 +358,7 @@ def derivation_outputs(drv_path, env):
     # keeps the old name as a deprecated alias only for a while.
     for command in (["nix", "show-derivation"], ["nix", "derivation", "show"]):
         try:
-            shown = json_loads(run_nix([*command, "--extra-experimental-features", "nix-command", drv_path], env))
+            shown = json.loads(run_nix([*command, "--extra-experimental-features", "nix-command", drv_path], env))
             out_paths = output_paths_in(shown, drv_path)
         except (StoreQueryError, ValueError, KeyError, TypeError, AttributeError):
             continue
@@ -378,11 +378,6 @@ def output_paths_in(shown, drv_path):
         derivation = next(iter(derivations.values()))
     paths = [output.get("path") for output in derivation["outputs"].values()]
     return [path if path.startswith("/") else f"{STORE_DIR}/{path}" for path in paths if path]
-
-
-def json_loads(text):
-    import json
-    return json.loads(text)
 
 
 class PathInfo:
@@ -473,7 +468,6 @@ class Spool:
             pass  # another hook run delivered it at the same time
 
     def write(self, final_path, report):
-        import json
         import tempfile
         tmp_directory = os.path.join(self.directory, "tmp")
         os.makedirs(tmp_directory, mode=0o700, exist_ok=True)
@@ -492,14 +486,13 @@ class Spool:
 
 
 def report_file_name(report):
-    import time
     # The time first, so that sorting the names gives the oldest report first.
     return f"{time.time_ns()}-{os.getpid()}-{report.get('drv_ident', 'unknown')}.json"
 
 
 def read_report(report_file):
     with open(report_file) as handle:
-        return json_loads(handle.read())
+        return json.loads(handle.read())
 
 
 # ---------------------------------------------------------------- delivery
@@ -510,21 +503,21 @@ DELIVERED, REJECTED, KEPT = "delivered", "rejected", "kept"
 class Delivery:
     """Posts reports until the server fails once or, for a hook, its time budget is spent."""
 
-    def __init__(self, config, whole_run_bounded=True):
-        import time
+    def __init__(self, config, started=None):
+        """With started (a time.monotonic()), the whole run from then on gets config.timeout; else each request does."""
         self.config = config
-        self.deadline = time.monotonic() + config.timeout if whole_run_bounded else None
+        self.deadline = None if started is None else started + config.timeout - FINISHING_TIME
         self.stopped_because = None
         self.session = None
 
     def post(self, report):
         """(DELIVERED | REJECTED | KEPT, reason)."""
+        import requests  # before measuring what is left: the import alone takes a tenth of a second
         remaining = self.time_left()
         if self.stopped_because is None and remaining <= 0:
             self.stopped_because = f"the {self.config.timeout:g} s time budget is spent"
         if self.stopped_because:
             return KEPT, self.stopped_because
-        import requests
         url = f"{self.config.server}/attestation/{report['drv_ident']}"
         try:
             response = self.http().post(url, json=report["attestations"], timeout=remaining,
@@ -542,7 +535,6 @@ class Delivery:
         return KEPT, reason
 
     def time_left(self):
-        import time
         if self.deadline is None:
             return self.config.timeout
         return self.deadline - time.monotonic()
@@ -572,7 +564,7 @@ def deliver_spool(spool, delivery):
         except FileNotFoundError:
             continue  # delivered by a concurrent run
         except ValueError as error:
-            spool.reject(report_file, {}, f"unreadable report: {error}")
+            set_aside(spool, report_file, f"it is not JSON ({error})")
             continue
         outcome, reason = delivery.post(report)
         if outcome == DELIVERED:
@@ -582,10 +574,16 @@ def deliver_spool(spool, delivery):
             say(f"server rejected {os.path.basename(report_file)}, moved to {spool.directory}/rejected/: {reason}")
 
 
-def deliver_report(config, report):
+def set_aside(spool, report_file, reason):
+    rejected = os.path.join(spool.directory, "rejected")
+    os.makedirs(rejected, mode=0o700, exist_ok=True)
+    os.replace(report_file, os.path.join(rejected, os.path.basename(report_file)))
+    say(f"moved {os.path.basename(report_file)} to {rejected}/: {reason}")
+
+
+def deliver_report(config, report, delivery):
     """The hooks' delivery: spooled reports first, then this one; spool it if that fails."""
     spool = Spool(config.spool)
-    delivery = Delivery(config)
     try:
         deliver_spool(spool, delivery)
     except OSError:
@@ -610,39 +608,99 @@ def deliver_report(config, report):
 
 def post_build_hook(args, env):
     """Nix's post-build-hook: report every output of DRV_PATH."""
+    started = process_started()
     drv_path = env.get("DRV_PATH", "")
     if not drv_path:
         raise ConfigError("DRV_PATH is not set: this runs as Nix's post-build-hook (or give a subcommand)")
     config = load_config(env)
+    delivery = Delivery(config, started)
     # OUT_PATHS is empty for every build in Nix 2.8 (NixOS/nix#6446) and unset
     # for --check in 2.30/2.31 (NixOS/nix#14287), so fall back to the derivation.
     out_paths = env.get("OUT_PATHS", "").split() or derivation_outputs(drv_path, env)
     infos = path_infos(out_paths, env)
     warn_if_unsigned(config)
-    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key) for info in infos]))
+    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key) for info in infos]), delivery)
     return 0
 
 
 def diff_hook(args, env):
     """Nix's diff-hook: report the rebuilt (.check) output's hash under the original output path."""
+    started = process_started()
     if len(args) not in (3, 4):
         raise ConfigError(f"usage: post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR], got {len(args)} arguments")
     out_path, check_path, drv_path = args[:3]
     parse_store_path(out_path)
     config = load_config(env)
+    delivery = Delivery(config, started)
     # The .check path is not valid in the store, so hash it ourselves. Nix has
     # rewritten its self-references to out_path, so the hashes are comparable.
     nar_hash, nar_size = nar_hash_and_size(check_path)
-    references = None
-    try:
-        # The reference set is the original's: both were scanned against the same inputs.
-        references = references_of(out_path, env)
-    except StoreQueryError as error:
-        config.key_problem = config.key_problem or f"cannot read the references of {out_path} ({running_as()}): {error}"
+    # The reference set is the original's: both were scanned against the same inputs.
+    references, problem = known_references(config, out_path, env, delivery)
+    config.key_problem = config.key_problem or problem
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
-    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key)]))
+    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key)]), delivery)
     return 0
+
+
+def known_references(config, out_path, env, delivery):
+    """(references of out_path, None) or (None, why they are unknown)."""
+    try:
+        return references_of(out_path, env), None
+    except StoreQueryError as error:
+        problem = f"cannot read the references of {out_path} ({running_as()}): {error}"
+    # The build user often cannot reach the store's database or daemon, but our
+    # own earlier attestation of out_path, signed by our key, states them.
+    references = references_we_attested(config, out_path, delivery)
+    return (references, None) if references is not None else (None, problem)
+
+
+def references_we_attested(config, out_path, delivery):
+    if not config.secret_key or delivery.time_left() <= 0:
+        return None
+    import requests
+    digest, name = parse_store_path(out_path)
+    try:
+        response = delivery.http().get(f"{config.server}/attestations/by-output/{digest}-{name}",
+                                       timeout=delivery.time_left())
+    except requests.RequestException as error:
+        delivery.stopped_because = f"{config.server} unreachable: {error.__class__.__name__}"
+        return None
+    try:
+        attestations = response.json() if response.status_code == 200 else []
+    except ValueError:
+        return None
+    public_key = public_key_of(config.secret_key)
+    for attested in attestations if isinstance(attestations, list) else []:
+        if is_signed_by(public_key, out_path, attested):
+            return attested["references"]
+    return None
+
+
+def is_signed_by(public_key, out_path, attested):
+    try:
+        message = fingerprint(out_path, attested["output_hash"], attested["nar_size"], attested["references"])
+        return verify_signature(public_key, message, attested["output_sig"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def public_key_of(secret_key):
+    name, raw = parse_key(secret_key, 64)
+    return f"{name}:{base64.b64encode(raw[32:]).decode()}"
+
+
+def process_started():
+    """time.monotonic() when this process began: Nix waits for all of it, interpreter start-up included."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks_after_boot = int(handle.read().rpartition(")")[2].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks_after_boot / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now  # not Linux: count from here
+    return now - age if 0 <= age < 60 else now
 
 
 def warn_if_unsigned(config):
@@ -657,7 +715,7 @@ def flush(args, env):
     spool = Spool(config.spool)
     before = len(spool.report_files())
     # flush runs outside Nix's build loop: bound each request, not the whole run.
-    deliver_spool(spool, Delivery(config, whole_run_bounded=False))
+    deliver_spool(spool, Delivery(config))
     left = len(spool.report_files())
     print(f"{PREFIX} {before - left} of {before} spooled reports delivered, {left} waiting in {spool.directory}")
     return 1 if left else 0
