@@ -291,13 +291,15 @@ def batch_drv_ident(item, where):
 
 # ---------------------------------------------------------------- attestations
 
-def verify_attestation(attestation, public_keys, where):
+def verify_attestation(attestation, public_keys, foreign_key_names, where):
     """True when the signature verifies, False when it cannot be checked; BadInput when it is wrong."""
     signature = attestation["output_sig"]
     if not signature or attestation["nar_size"] is None or attestation["references"] is None:
         return False
     key_name = signature.partition(":")[0]
     if key_name not in public_keys:
+        if key_name in foreign_key_names:
+            raise BadInput(f"{where}.output_sig: key {key_name!r} is registered to another builder")
         return False
     message = fingerprint(attestation["output_path"], attestation["output_hash"],
                           attestation["nar_size"], attestation["references"])
@@ -309,10 +311,12 @@ def verify_attestation(attestation, public_keys, where):
 
 def store_attestations(conn, builder, attestations):
     public_keys = builder_public_keys(conn, builder["id"])
+    foreign_key_names = {name for (name,) in conn.execute(
+        "SELECT DISTINCT key_name FROM public_keys WHERE builder_id != ?", (builder["id"],))}
     created_at = now_iso()
     rows = []
     for position, attestation in enumerate(attestations):
-        verified = verify_attestation(attestation, public_keys, f"[{position}]")
+        verified = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
         references = None if attestation["references"] is None else json.dumps(attestation["references"])
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
                      attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
@@ -805,7 +809,8 @@ def register_routes(app):
             return jsonify(attestations)
         builders_by_hash = defaultdict(set)
         for attestation in attestations:
-            builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
+            if attestation["verified"] or not current_app.config["REQUIRE_SIGNATURES"]:
+                builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
         return render_template("output.html", output_path=output_path, attestations=attestations,
                                builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
                                icons=VERDICT_ICONS)
@@ -1043,8 +1048,8 @@ def output_href(out_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--db", default=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
                         help="SQLite database file (default: $HASH_COLLECTION_DB or ./hashes.db)")
     parser.add_argument("--require-signatures", action="store_true",
