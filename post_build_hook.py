@@ -721,8 +721,586 @@ def flush(args, env):
     return 1 if left else 0
 
 
+# ================================================================ filling reports
+# fetch-from-cache, rebuild and challenge are run by hand, outside Nix's build
+# loop. They may take their time, but each must finish, try every path at most
+# once, and say what happened to it.
+
+DEFAULT_SERVER = "http://localhost:8000"
+DEFAULT_CACHE = "https://cache.nixos.org"
+DEFAULT_CACHE_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+DEFAULT_FETCH_JOBS = 8
+PENDING_PAGE = 500  # the server's maximum page
+IMPORT_BATCH = 500
+TRANSIENT_TRIES = 3
+BACKOFF_SECONDS = 0.5  # doubled after every failed try
+NOT_DETERMINISTIC_STATUS = 104  # Nix's exit status when --check finds a different output
+
+
+class TransientError(Exception):
+    """A request kept failing with 5xx, timeouts or connection errors through every retry."""
+
+
+def server_url(env):
+    return env.get("HASH_COLLECTION_SERVER", "").strip().rstrip("/") or DEFAULT_SERVER
+
+
+def parse_report_arguments(command, args, default_jobs):
+    """'REPORT [-j N]', with -j before or after REPORT -> (report, jobs)."""
+    usage_line = f"usage: {command} REPORT [-j N]"
+    report, jobs, words = None, default_jobs, list(args)
+    while words:
+        word = words.pop(0)
+        if word in ("-j", "--jobs"):
+            if not words:
+                raise ConfigError(f"{usage_line}: -j needs a number")
+            jobs = positive_jobs(words.pop(0), usage_line)
+        elif word.startswith("-j") and len(word) > 2:
+            jobs = positive_jobs(word[2:], usage_line)
+        elif word.startswith("-") or report is not None:
+            raise ConfigError(f"{usage_line}: unexpected argument {word!r}")
+        else:
+            report = word
+    if not report:
+        raise ConfigError(f"{usage_line}: the report name is missing")
+    return report, jobs
+
+
+def positive_jobs(text, usage_line):
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{usage_line}: -j expects a positive number of jobs, got {text!r}")
+    return int(text)
+
+
+def short_path(out_path):
+    """'5mz92n6…-glibc-2.40': enough of the hash to tell paths apart, and the name."""
+    digest, name = parse_store_path(out_path)
+    return f"{digest[:7]}…-{name}"
+
+
+# ---------------------------------------------------------------- HTTP with bounded retries
+
+HTTP_SESSIONS = None
+
+
+def http_session():
+    """One requests.Session per thread: sessions are not safe to share between threads."""
+    global HTTP_SESSIONS
+    import threading
+    import requests
+    if HTTP_SESSIONS is None:
+        HTTP_SESSIONS = threading.local()
+    if not hasattr(HTTP_SESSIONS, "session"):
+        HTTP_SESSIONS.session = requests.Session()
+    return HTTP_SESSIONS.session
+
+
+def request_with_retries(method, url, timeout, **kwargs):
+    """The first answer that is not transient; TransientError after TRANSIENT_TRIES transient failures.
+
+    5xx, 429, timeouts and connection errors are retried with backoff; nothing
+    is retried without bound, so a dead cache or server cannot hold a run forever.
+    Retrying a POST of attestations is safe: re-posting one is a no-op on the server.
+    """
+    import requests
+    problem = None
+    for attempt in range(TRANSIENT_TRIES):
+        if attempt:
+            time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        try:
+            response = http_session().request(method, url, timeout=timeout, **kwargs)
+        except requests.RequestException as error:
+            problem = f"{error.__class__.__name__} from {url}"
+            continue
+        if response.status_code < 500 and response.status_code != 429:
+            return response
+        problem = f"HTTP {response.status_code} from {url}"
+    raise TransientError(f"{problem}, {TRANSIENT_TRIES} tries")
+
+
+class Server:
+    """The hash-collection server, as the report-filling commands talk to it."""
+
+    def __init__(self, url, token, timeout):
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method, path, headers=None, **kwargs):
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        try:
+            response = request_with_retries(method, self.url + path, self.timeout, headers=headers, **kwargs)
+        except TransientError as error:
+            raise ConfigError(f"cannot reach the server: {error}") from None
+        if response.status_code == 401:
+            raise ConfigError(f"{self.url} refused the token ({server_reason(response)}); "
+                              f"check HASH_COLLECTION_TOKEN_FILE or HASH_COLLECTION_TOKEN")
+        return response
+
+    def pending(self, report):
+        """Every open path of the report that the caller has not attested, each once, via the paged /pending."""
+        from urllib.parse import quote
+        after = None
+        while True:
+            params = {"limit": PENDING_PAGE, **({"after": after} if after else {})}
+            response = self.request("GET", f"/reports/{quote(report, safe='')}/pending", params=params)
+            if response.status_code == 404:
+                raise ConfigError(f"{self.url} has no report named {report!r} ({server_reason(response)})")
+            if response.status_code != 200:
+                raise ConfigError(f"cannot list the open paths of {report!r}: {server_reason(response)}")
+            page = response.json()
+            yield from page["paths"]
+            after = page.get("next")
+            if not after:
+                return
+
+    def report_paths(self, report):
+        from urllib.parse import quote
+        response = self.request("GET", f"/reports/{quote(report, safe='')}",
+                                headers={"Accept": "application/json"})
+        if response.status_code != 200:
+            raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
+        return sorted(response.json()["paths"])
+
+    def attestations_of(self, out_path):
+        digest, name = parse_store_path(out_path)
+        response = self.request("GET", f"/attestations/by-output/{digest}-{name}")
+        if response.status_code != 200:
+            raise ConfigError(f"cannot read the attestations of {out_path}: {server_reason(response)}")
+        return response.json()
+
+    def post_attestations(self, attestations):
+        """None when stored, else the server's reason."""
+        response = self.request("POST", "/attestations", json=attestations)
+        return None if response.status_code == 200 else server_reason(response)
+
+
+class Progress:
+    """'[37/1334] imported 5mz92n6…-glibc-2.40' lines on stdout, and the counts for the summary."""
+
+    def __init__(self, total, outcomes):
+        self.total = total
+        self.done = 0
+        self.counts = dict.fromkeys(outcomes, 0)
+
+    def record(self, outcome, out_path, detail=None):
+        self.done += 1
+        self.counts[outcome] += 1
+        line = f"[{self.done}/{self.total}] {outcome} {short_path(out_path)}"
+        print(f"{line}: {detail}" if detail else line, flush=True)
+
+    def summary(self):
+        return f"{self.total} paths: " + ", ".join(f"{count} {outcome}" for outcome, count in self.counts.items())
+
+
+# ---------------------------------------------------------------- fetch-from-cache
+
+IMPORTED, NOT_IN_CACHE, BAD_SIGNATURE, FAILED = "imported", "not in cache", "bad signature", "failed"
+VERIFIED = "verified"  # a narinfo whose signature checks out, not yet imported
+
+
+class Cache:
+    def __init__(self, url, trusted_keys, timeout):
+        self.url = url
+        self.trusted_keys = trusted_keys
+        self.timeout = timeout
+
+
+def load_cache(env):
+    url = env.get("HASH_COLLECTION_CACHE", "").strip().rstrip("/") or DEFAULT_CACHE
+    keys_text = env.get("HASH_COLLECTION_CACHE_KEY", "").strip() or DEFAULT_CACHE_KEY
+    trusted_keys = {}
+    for key_text in keys_text.split():
+        try:
+            name, _raw = parse_key(key_text, 32)
+        except ValueError as error:
+            raise ConfigError(f"HASH_COLLECTION_CACHE_KEY: {error}; expected the cache's public key, "
+                              f"e.g. {DEFAULT_CACHE_KEY}") from None
+        trusted_keys[name] = key_text
+    return Cache(url, trusted_keys, timeout_of(env))
+
+
+def parse_narinfo(text):
+    """{field: value} of a narinfo, with every Sig line in 'Sig' as a list."""
+    fields = {"Sig": []}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        if key == "Sig":
+            fields["Sig"].append(value.strip())
+        else:
+            fields[key] = value.strip()
+    return fields
+
+
+def cache_outcome(cache, pending):
+    """(VERIFIED, attestation) or (NOT_IN_CACHE | BAD_SIGNATURE | FAILED, why) for one open path."""
+    out_path = pending["out_path"]
+    digest, _name = parse_store_path(out_path)
+    try:
+        response = request_with_retries("GET", f"{cache.url}/{digest}.narinfo", cache.timeout)
+    except TransientError as error:
+        return FAILED, str(error)
+    if response.status_code in (404, 410):
+        return NOT_IN_CACHE, None
+    if response.status_code != 200:
+        return FAILED, f"HTTP {response.status_code} from {cache.url}/{digest}.narinfo"
+    try:
+        return narinfo_attestation(cache, pending, parse_narinfo(response.text))
+    except (KeyError, ValueError) as error:
+        return FAILED, f"unusable narinfo: {error}"
+
+
+def narinfo_attestation(cache, pending, narinfo):
+    out_path = pending["out_path"]
+    if narinfo["StorePath"] != out_path:
+        return BAD_SIGNATURE, f"the narinfo is for {narinfo['StorePath']}"
+    nar_hash = normalize_nar_hash(narinfo["NarHash"])
+    nar_size = int(narinfo["NarSize"])
+    references = [STORE_DIR + "/" + reference for reference in narinfo.get("References", "").split()]
+    for reference in references:
+        parse_store_path(reference)
+    message = fingerprint(out_path, nar_hash, nar_size, references)
+    trusted = [sig for sig in narinfo["Sig"] if sig.partition(":")[0] in cache.trusted_keys]
+    if not trusted:
+        return BAD_SIGNATURE, "no signature by " + ", ".join(sorted(cache.trusted_keys))
+    for sig in trusted:
+        if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
+            return VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
+                              "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
+                              "references": references}
+    return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
+
+
+def signature_is_good(public_key, message, signature):
+    try:
+        return verify_signature(public_key, message, signature)
+    except ValueError:
+        return False  # a malformed Sig line vouches for nothing
+
+
+def deriver_of(narinfo, pending):
+    """The narinfo's Deriver, else the report's drv path: cache.nixos.org often leaves Deriver out."""
+    deriver = narinfo.get("Deriver", "")
+    candidates = [] if deriver in ("", "unknown-deriver") else [f"{STORE_DIR}/{deriver}"]
+    for drv_path in candidates + [pending.get("drv_path")]:
+        try:
+            drv_ident_of(drv_path)
+            return drv_path
+        except ValueError:
+            continue
+    return None
+
+
+def safe_cache_outcome(cache, pending):
+    try:
+        return cache_outcome(cache, pending)
+    except Exception as error:  # noqa: BLE001 - one odd path must not end the run
+        return FAILED, f"{error.__class__.__name__}: {error}"
+
+
+class Importer:
+    """Posts verified attestations in batches; a rejected batch is retried item by item to find the culprit."""
+
+    def __init__(self, server, progress):
+        self.server = server
+        self.progress = progress
+        self.waiting = []
+
+    def add(self, attestation):
+        self.waiting.append(attestation)
+        if len(self.waiting) >= IMPORT_BATCH:
+            self.flush()
+
+    def flush(self):
+        batch, self.waiting = self.waiting, []
+        if batch:
+            self.post(batch)
+
+    def post(self, batch):
+        reason = self.server.post_attestations(batch)
+        if reason is None:
+            for attestation in batch:
+                self.progress.record(IMPORTED, attestation["output_path"])
+        elif len(batch) > 1:
+            for attestation in batch:
+                self.post([attestation])
+        else:
+            self.progress.record(FAILED, batch[0]["output_path"], f"the server refused it: {reason}")
+
+
+def fetch_from_cache(args, env):
+    """Import what a binary cache vouches for, with its signatures, for every open path of a report."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    report, jobs = parse_report_arguments("fetch-from-cache", args, DEFAULT_FETCH_JOBS)
+    token = read_secret(env, "HASH_COLLECTION_TOKEN")
+    if not token:
+        raise ConfigError("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set; "
+                          "imports need the token of the builder that stands for the cache")
+    cache = load_cache(env)
+    server = Server(server_url(env), token, timeout_of(env))
+    open_paths = list(server.pending(report))
+    progress = Progress(len(open_paths), (IMPORTED, NOT_IN_CACHE, BAD_SIGNATURE, FAILED))
+    importer = Importer(server, progress)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        lookups = {pool.submit(safe_cache_outcome, cache, pending): pending for pending in open_paths}
+        for lookup in as_completed(lookups):
+            outcome, detail = lookup.result()
+            if outcome == VERIFIED:
+                importer.add(detail)
+            else:
+                progress.record(outcome, lookups[lookup]["out_path"], detail)
+    importer.flush()
+    print(progress.summary(), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- rebuild
+
+REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING = "reproduced", "differs", "build failed", "drv missing"
+
+
+def default_rebuild_jobs(env):
+    text = env.get("MAX_CORES", "").strip()
+    if text:
+        return positive_jobs(text, "MAX_CORES")
+    return os.cpu_count() or 1
+
+
+def effective_nix_settings(env):
+    """Nix's settings as `nix show-config` prints them, which includes NIX_CONFIG."""
+    # Newer Nix spells it `nix config show` and keeps the old name only for a while.
+    problem = None
+    for command in (["nix", "show-config"], ["nix", "config", "show"]):
+        try:
+            shown = run_nix([*command, "--extra-experimental-features", "nix-command"], env)
+        except StoreQueryError as error:
+            problem = error
+            continue
+        settings = {}
+        for line in shown.splitlines():
+            name, sep, value = line.partition(" = ")
+            if sep:
+                settings[name.strip()] = value.strip()
+        return settings
+    raise ConfigError(f"cannot read Nix's settings: {problem}")
+
+
+def require_hooks(env):
+    """Refuse to rebuild when the server would never hear of the rebuilds."""
+    settings = effective_nix_settings(env)
+    missing = [name for name in ("post-build-hook", "diff-hook") if not settings.get(name)]
+    if settings.get("run-diff-hook") != "true":
+        missing.append("run-diff-hook = true")
+    if missing:
+        raise ConfigError(
+            f"refusing to rebuild: {', '.join(missing)} not configured according to `nix show-config`, so the "
+            f"server would never hear of these rebuilds. Set post-build-hook, diff-hook and run-diff-hook = true "
+            f"in nix.conf or NIX_CONFIG (see the README).")
+
+
+def store_path_is_valid(path, env):
+    import subprocess
+    return subprocess.run(["nix-store", "--check-validity", path], env=nix_subprocess_env(env),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def deriver_in_store(out_path, env):
+    """`nix-store -q --deriver`, for SBOMs without drv paths; None when the store does not know it."""
+    try:
+        deriver = run_nix(["nix-store", "--query", "--deriver", out_path], env).strip()
+    except StoreQueryError:
+        return None
+    return deriver if deriver.endswith(".drv") else None
+
+
+def run_build(args, env):
+    """(exit status, last line of stderr) of a build; builds take as long as they take."""
+    import subprocess
+    completed = subprocess.run(args, env=nix_subprocess_env(env), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, errors="replace")
+    lines = completed.stderr.strip().splitlines()
+    return completed.returncode, lines[-1] if lines else ""
+
+
+def rebuild_derivation(drv_path, out_paths, env):
+    """(outcome, detail) of building drv_path if needed, then checking it once."""
+    if drv_path is None or not store_path_is_valid(drv_path, env):
+        return DRV_MISSING, f"{drv_path} is not in the local store (nix-instantiate it first)" if drv_path \
+            else "no drv path in the report and the store knows no deriver"
+    if not all(store_path_is_valid(out_path, env) for out_path in out_paths):
+        status, last_line = run_build(["nix-store", "--realise", drv_path], env)
+        if status != 0:
+            return BUILD_FAILED, last_line
+    status, last_line = run_build(["nix-store", "--realise", "--check", drv_path], env)
+    if status == 0:
+        return REPRODUCED, None
+    if status == NOT_DETERMINISTIC_STATUS:
+        return DIFFERS, None
+    return BUILD_FAILED, f"--check: {last_line}"
+
+
+def safe_rebuild(drv_path, out_paths, env):
+    try:
+        return rebuild_derivation(drv_path, out_paths, env)
+    except Exception as error:  # noqa: BLE001 - one odd derivation must not end the run
+        return BUILD_FAILED, f"{error.__class__.__name__}: {error}"
+
+
+def paths_by_derivation(open_paths, env):
+    """{drv_path or None: [out_path]}: one check covers every output of a derivation."""
+    groups = {}
+    for pending in open_paths:
+        drv_path = pending.get("drv_path") or deriver_in_store(pending["out_path"], env)
+        groups.setdefault(drv_path, []).append(pending["out_path"])
+    return groups
+
+
+def rebuild(args, env):
+    """Rebuild every open path of a report once, with `--check`; the hooks report the results."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    report, jobs = parse_report_arguments("rebuild", args, default_rebuild_jobs(env))
+    require_hooks(env)
+    token = read_secret(env, "HASH_COLLECTION_TOKEN")
+    if not token:
+        say("HASH_COLLECTION_TOKEN is not set: paths you attested before are rebuilt again")
+    server = Server(server_url(env), token, timeout_of(env))
+    groups = paths_by_derivation(list(server.pending(report)), env)
+    progress = Progress(sum(map(len, groups.values())), (REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        checks = {pool.submit(safe_rebuild, drv_path, out_paths, env): out_paths
+                  for drv_path, out_paths in groups.items()}
+        for check in as_completed(checks):
+            outcome, detail = check.result()
+            for out_path in checks[check]:
+                progress.record(outcome, out_path, detail)
+    print(progress.summary(), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- challenge
+
+IDENTICAL, DIFFER, NO_DATA = "identical", "differ", "without data"
+
+
+def parse_challenge_arguments(args):
+    usage_line = "usage: challenge [PATH...] [--report NAME]"
+    paths, reports, words = [], [], list(args)
+    while words:
+        word = words.pop(0)
+        if word == "--report":
+            if not words:
+                raise ConfigError(f"{usage_line}: --report needs a report name")
+            reports.append(words.pop(0))
+        elif word.startswith("--report="):
+            reports.append(word.partition("=")[2])
+        elif word.startswith("-"):
+            raise ConfigError(f"{usage_line}: unexpected argument {word!r}")
+        else:
+            paths.append(word)
+    if not paths and not reports:
+        raise ConfigError(f"{usage_line}: give store paths, a report, or both")
+    return paths, reports
+
+
+def store_path_of_argument(argument):
+    """A store path as given, or where a link such as ./result points."""
+    try:
+        parse_store_path(argument)
+        return argument
+    except ValueError:
+        pass
+    resolved = os.path.realpath(argument)
+    parse_store_path(resolved)
+    return resolved
+
+
+def local_nar_hashes(out_paths, env):
+    """{out_path: NAR hash} of the paths that are valid in the local store."""
+    if not out_paths:
+        return {}
+    invalid = set(run_nix(["nix-store", "--check-validity", "--print-invalid", *out_paths], env).split())
+    valid = [out_path for out_path in out_paths if out_path not in invalid]
+    return {info.out_path: info.nar_hash for info in path_infos(valid, env)} if valid else {}
+
+
+def comparison(local_hash, attestations):
+    """(IDENTICAL | DIFFER | NO_DATA, {hash: [builders]})."""
+    builders_by_hash = {}
+    for attested in attestations:
+        builders = builders_by_hash.setdefault(attested["output_hash"], [])
+        if attested["builder"] not in builders:
+            builders.append(attested["builder"])
+    if not builders_by_hash:
+        return NO_DATA, builders_by_hash
+    return (IDENTICAL if set(builders_by_hash) == {local_hash} else DIFFER), builders_by_hash
+
+
+def comparison_lines(out_path, local_hash, outcome, builders_by_hash):
+    if outcome == NO_DATA:
+        return [f"{out_path}: no data"]
+    if outcome == IDENTICAL:
+        return [f"{out_path}: identical ({', '.join(builders_by_hash[local_hash])})"]
+    lines = [f"{out_path}: differs", f"  local hash: {local_hash}"]
+    for nar_hash, builders in builders_by_hash.items():
+        same = " (same as local)" if nar_hash == local_hash else ""
+        lines.append(f"  {', '.join(builders)}: {nar_hash}{same}")
+    return lines
+
+
+def challenge(args, env):
+    """Compare local store paths with every builder's attestations; exit 0 identical, 2 differs, 1 errors/no data."""
+    from concurrent.futures import ThreadPoolExecutor
+    arguments, reports = parse_challenge_arguments(args)
+    server = Server(server_url(env), None, timeout_of(env))
+    errors = 0
+    wanted = []
+    for argument in arguments:
+        try:
+            wanted.append(store_path_of_argument(argument))
+        except ValueError as error:
+            say(f"{argument}: {error}")
+            errors += 1
+    report_paths = [out_path for report in reports for out_path in server.report_paths(report)]
+    local_hashes = local_nar_hashes(list(dict.fromkeys(wanted + report_paths)), env)
+    for out_path in wanted:
+        if out_path not in local_hashes:
+            say(f"{out_path}: not in the local store")
+            errors += 1
+    if reports:
+        present = len({path for path in report_paths if path in local_hashes})
+        say(f"{present} of {len(set(report_paths))} report paths are in the local store")
+    counts = dict.fromkeys((IDENTICAL, DIFFER, NO_DATA), 0)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        lookups = pool.map(lambda out_path: attestations_or_none(server, out_path), local_hashes)
+        for out_path, attestations in zip(local_hashes, lookups):
+            if attestations is None:
+                errors += 1
+                continue
+            outcome, builders_by_hash = comparison(local_hashes[out_path], attestations)
+            print("\n".join(comparison_lines(out_path, local_hashes[out_path], outcome, builders_by_hash)), flush=True)
+            counts[outcome] += 1
+    print(f"{sum(counts.values())} paths: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
+          f"{counts[NO_DATA]} without data", flush=True)
+    if counts[DIFFER]:
+        return 2
+    return 1 if errors or not counts[IDENTICAL] else 0
+
+
+def attestations_or_none(server, out_path):
+    try:
+        return server.attestations_of(out_path)
+    except ConfigError as error:
+        say(f"{out_path}: {error}")
+        return None
+
+
 # Hooks run inside Nix's build loop and must exit 0 whatever happens.
 COMMANDS = {
+    "challenge": (challenge, False),
+    "fetch-from-cache": (fetch_from_cache, False),
+    "rebuild": (rebuild, False),
     "diff-hook": (diff_hook, True),
     "flush": (flush, False),
 }
@@ -758,7 +1336,10 @@ def run(command, args, env, is_hook):
 def usage():
     return ("usage: post_build_hook.py                    (as Nix's post-build-hook: reads DRV_PATH, OUT_PATHS)\n"
             "       post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR]   (as Nix's diff-hook)\n"
-            "       post_build_hook.py flush              (deliver the spool)")
+            "       post_build_hook.py flush              (deliver the spool)\n"
+            "       post_build_hook.py fetch-from-cache REPORT [-j N]   (import what a binary cache signed)\n"
+            "       post_build_hook.py rebuild REPORT [-j N]            (rebuild and --check open paths)\n"
+            "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)")
 
 
 if __name__ == "__main__":
