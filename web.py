@@ -2,6 +2,7 @@
 """nix-hash-collection server: collects build attestations from builders and
 shows, for every store path of a report, whether independent builders agree."""
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
@@ -44,6 +45,7 @@ VERDICT_ICONS = {REPRODUCED: "✅", PARTIALLY: "❕", NONDETERMINISTIC: "❌", O
 VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC: "#d3302f",
                    ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9"}
 
+M_ARENA_MAX = -8  # from glibc's malloc.h
 MAX_BATCH = 10_000
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
@@ -90,6 +92,8 @@ def connect(path):
     # NORMAL in WAL mode loses nothing when the server process is killed; only
     # an OS crash or power loss can drop the last commits.
     conn.execute("PRAGMA synchronous = NORMAL")
+    # Batch imports insert into three indexes; the default 2 MiB cache thrashes on them.
+    conn.execute("PRAGMA cache_size = -32768")
     return conn
 
 
@@ -320,6 +324,7 @@ def store_attestations(conn, builder, attestations):
         references = None if attestation["references"] is None else json.dumps(attestation["references"])
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
                      attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
+    rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
     with transaction(conn):
         conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
                          sorted({(row[1],) for row in rows if row[1] is not None}))
@@ -441,7 +446,8 @@ def parse_sbom(sbom):
 
 def properties_of(raw):
     properties = defaultdict(list)
-    for prop in raw.get("properties") or []:
+    listed = raw.get("properties")
+    for prop in listed if isinstance(listed, list) else []:
         if isinstance(prop, dict) and isinstance(prop.get("name"), str) and isinstance(prop.get("value"), str):
             properties[prop["name"]].append(prop["value"])
     return properties
@@ -490,7 +496,8 @@ def output_name(out_path, drv_path):
 def dependency_children(dependencies, index_of_ref):
     children = defaultdict(list)
     for dependency in dependencies if isinstance(dependencies, list) else []:
-        if not isinstance(dependency, dict) or dependency.get("ref") not in index_of_ref:
+        if not isinstance(dependency, dict) or not isinstance(dependency.get("ref"), str) \
+                or dependency["ref"] not in index_of_ref:
             continue
         depends_on = dependency.get("dependsOn")
         parent = index_of_ref[dependency["ref"]]
@@ -541,8 +548,7 @@ def check_report_name(name):
         raise BadInput(f"report name: expected 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got {shorten(name)!r}")
 
 
-def replace_report(conn, name, owner, raw_sbom, sbom):
-    root, components, tree = parse_sbom(sbom)
+def replace_report(conn, name, owner, raw_sbom, root, components, tree):
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
         if existing is not None:
@@ -589,17 +595,21 @@ def text_tree_lines(tree, components, verdicts):
                 yield f"{indent}{path} {suffix}\n"
 
 
+def batched(lines, size=2000):
+    """Join lines into larger chunks: the server writes each chunk separately."""
+    lines = iter(lines)
+    while chunk := "".join(itertools.islice(lines, size)):
+        yield chunk
+
+
 def open_questions(conn, report_id, builder, after=None, limit=None):
     """Report paths that still need builds: not settled, and not attested by the caller.
 
-    Returns rows (out_path, drv_path, output, builders), ordered by out_path.
+    Returns rows (out_path, builders), ordered by out_path.
     """
     caller = builder["id"] if builder is not None else -1
-    sql = ("SELECT report_paths.out_path, report_components.drv_path, report_paths.output,"
-           " COUNT(DISTINCT attestations.builder_id) AS builders,"
-           " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine"
-           " FROM report_paths JOIN report_components ON report_components.report_id = report_paths.report_id"
-           " AND report_components.idx = report_paths.component_idx"
+    sql = ("SELECT report_paths.out_path, COUNT(DISTINCT attestations.builder_id) AS builders,"
+           " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
            " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
            " WHERE report_paths.report_id = ?" + (" AND report_paths.out_path > ?" if after else "") +
            " GROUP BY report_paths.out_path HAVING builders < 2 AND mine = 0 ORDER BY report_paths.out_path")
@@ -607,32 +617,46 @@ def open_questions(conn, report_id, builder, after=None, limit=None):
     if limit is not None:
         sql += " LIMIT ?"
         parameters.append(limit)
-    return conn.execute(sql, parameters).fetchall()
+    return [(out_path, builders) for out_path, builders, _mine in conn.execute(sql, parameters)]
 
 
 def suggestions(conn, report_id, builder, limit):
     """Paths with one build first (a second builder settles them), then the unbuilt; random within each."""
     rows = open_questions(conn, report_id, builder)
-    one_build = [row for row in rows if row["builders"] == 1]
-    no_build = [row for row in rows if row["builders"] == 0]
+    one_build = [out_path for out_path, builders in rows if builders == 1]
+    no_build = [out_path for out_path, builders in rows if builders == 0]
     random.shuffle(one_build)
     random.shuffle(no_build)
     return (one_build + no_build)[:limit]
 
 
+def suggestion_objects(conn, report_id, out_paths):
+    """{out_path, drv_path?, output?} for each path, as the SBOM gave them."""
+    known = {}
+    for start in range(0, len(out_paths), 500):
+        chunk = out_paths[start:start + 500]
+        known.update((row[0], row) for row in conn.execute(
+            "SELECT report_paths.out_path, report_components.drv_path, report_paths.output FROM report_paths"
+            " JOIN report_components ON report_components.report_id = report_paths.report_id"
+            " AND report_components.idx = report_paths.component_idx"
+            f" WHERE report_paths.report_id = ? AND report_paths.out_path IN ({','.join('?' * len(chunk))})",
+            [report_id, *chunk]))
+    return [suggestion_object(*known[out_path]) for out_path in out_paths]
+
+
 def suggestion_limit():
     raw = request.args.get("limit", str(DEFAULT_SUGGEST))
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]{1,6}", raw):
         raise BadInput(f"limit: expected a positive whole number, got {shorten(raw)!r}")
     return max(1, min(int(raw), MAX_SUGGEST))
 
 
-def suggestion_object(row):
-    suggestion = {"out_path": row["out_path"]}
-    if row["drv_path"]:
-        suggestion["drv_path"] = row["drv_path"]
-    if row["output"]:
-        suggestion["output"] = row["output"]
+def suggestion_object(out_path, drv_path, output):
+    suggestion = {"out_path": out_path}
+    if drv_path:
+        suggestion["drv_path"] = drv_path
+    if output:
+        suggestion["output"] = output
     return suggestion
 
 
@@ -848,8 +872,7 @@ def register_routes(app):
             " ORDER BY attestations.id DESC LIMIT 1",
             (builder["id"], f"{STORE_DIR}/{digest}-", f"{STORE_DIR}/{digest}.")).fetchone()
         if row is None:
-            return Response(f"{builder_name} has no attestation with size and references for {digest}\n",
-                            status=404, mimetype="text/plain")
+            abort(404, f"{shorten(builder_name)} has no attestation with size and references for {digest}")
         return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")
 
     def find_builder(name):
@@ -886,7 +909,12 @@ def register_routes(app):
             sbom = json.loads(raw)
         except (ValueError, RecursionError) as error:
             raise BadInput(f"body is not JSON: {shorten(str(error), 120)}") from None
-        replace_report(get_db(), name, builder, raw, sbom)
+        parsed = parse_sbom(sbom)
+        del sbom  # the parsed SBOM is the largest object of the request; free it before writing
+        try:
+            replace_report(get_db(), name, builder, raw, *parsed)
+        except UnicodeEncodeError:
+            raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
         return jsonify(report=name, status="defined")
 
     @app.delete("/reports/<name>")
@@ -913,7 +941,7 @@ def register_routes(app):
         components = report_components(conn, report["id"])
         tree = report_tree(conn, report["id"])
         if wanted == "text/plain":
-            return Response(text_tree_lines(tree, components, verdicts), mimetype="text/plain")
+            return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
         return report_page(conn, report, components, tree, verdicts)
 
     def report_page(conn, report, components, tree, verdicts):
@@ -933,14 +961,14 @@ def register_routes(app):
         conn = get_db()
         builder = optional_builder()
         report = find_report(conn, name)
-        return jsonify([row["out_path"] for row in suggestions(conn, report["id"], builder, suggestion_limit())])
+        return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
 
     @app.get("/reports/<name>/suggest")
     def suggest(name):
         conn = get_db()
         builder = optional_builder()
         report = find_report(conn, name)
-        return jsonify([suggestion_object(row) for row in suggestions(conn, report["id"], builder, suggestion_limit())])
+        return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
 
     @app.get("/reports/<name>/pending")
     def pending(name):
@@ -949,9 +977,9 @@ def register_routes(app):
         report = find_report(conn, name)
         after = request.args.get("after") or None
         limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
-        rows = open_questions(conn, report["id"], builder, after=after, limit=limit)
-        next_after = rows[-1]["out_path"] if len(rows) == limit else None
-        return jsonify(paths=[suggestion_object(row) for row in rows], next=next_after)
+        out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
+        next_after = out_paths[-1] if len(out_paths) == limit else None
+        return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
 
     @app.get("/link_patterns")
     def list_link_patterns():
@@ -976,7 +1004,7 @@ def register_routes(app):
 def streamed_page(template_name, **context):
     """Stream a large page in buffered chunks, so a 20,000-path tree is never one string in memory."""
     stream = current_app.jinja_env.get_template(template_name).stream(**context)
-    stream.enable_buffering(2000)
+    stream.enable_buffering(8)  # the tree already arrives in large chunks
     return Response(stream_with_context(stream), mimetype="text/html")
 
 
@@ -1046,6 +1074,15 @@ def output_href(out_path):
     return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
 
 
+def limit_malloc_arenas():
+    """glibc gives each server thread its own malloc arena, and each keeps the memory
+    of the largest report it has handled; two arenas keep the server's size flat."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -1058,6 +1095,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args(argv)
     app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
+    limit_malloc_arenas()
     from waitress import serve
     print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
     serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)

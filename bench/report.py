@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Report benchmark: a 20,000-path closure against `python web.py` on a free port
+with a temporary database. Half of the paths get attestations from three builders,
+some of them disagreeing. Then, in one run, it times
+
+  json.load of the SBOM file, PUT /reports/<name>, GET /reports/<name> as HTML,
+  text and JSON, and GET /reports/<name>/suggest,
+
+prints each time and its ratio to json.load, and reads the server's peak resident
+memory (VmHWM) from /proc/<pid>/status at the end.
+
+Targets (issue 4): PUT and each GET <= 5x json.load, /suggest <= 0.5x, peak RSS <= 200 MB.
+Each time is the median of --repeat runs (default 3). Exit status 1 when a target is missed.
+usage: python bench/report.py [--paths N] [--repeat R]
+"""
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+GEN_SBOM = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gen_sbom.py"
+sys.path.insert(0, str(REPO))
+
+from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+
+BATCH_SIZE = 10_000
+BUILDERS = ("bench-a", "bench-b", "bench-c")
+REPORT = "bench-closure"
+PUT_TARGET = GET_TARGET = 5.0
+SUGGEST_TARGET = 0.5
+RSS_TARGET_MB = 200
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(db):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, str(REPO / "web.py"), "--port", str(port), "--db", str(db)],
+                               cwd=REPO, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"bench: web.py exited with status {process.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    sys.exit("bench: web.py did not become healthy within 20 s")
+
+
+def create_builder(db, name):
+    completed = subprocess.run([str(REPO / "create_user"), name, "--db", str(db)], cwd=REPO,
+                               env={**os.environ, "PYTHON": sys.executable},
+                               capture_output=True, text=True, check=True)
+    return completed.stdout.split()[-1]
+
+
+# ---------------------------------------------------------------- the closure
+
+def write_sbom(path, paths):
+    """The shared generator when the checkout sits next to ../shared, our own otherwise."""
+    if GEN_SBOM.exists():
+        with open(path, "wb") as sbom_file:
+            subprocess.run([sys.executable, str(GEN_SBOM), str(paths)], stdout=sbom_file, check=True)
+    else:
+        with open(path, "w") as sbom_file:
+            json.dump(generate_sbom(paths), sbom_file)
+
+
+def generate_sbom(paths, seed=1, edges=6):
+    """A nix-build-sbom-shaped closure of `paths` components, each depending on up to 2*edges later ones."""
+    rng = random.Random(seed)
+    digest = lambda: "".join(rng.choice(NIX_BASE32) for _ in range(32))  # noqa: E731
+    nodes = [{"name": f"pkg-{number}", "out": f"{STORE_DIR}/{digest()}-pkg-{number}",
+              "drv": f"{STORE_DIR}/{digest()}-pkg-{number}.drv"} for number in range(paths)]
+
+    def component(node, kind):
+        return {"type": kind, "bom-ref": node["out"], "name": node["name"],
+                "properties": [{"name": "nix:out_path", "value": node["out"]},
+                               {"name": "nix:drv_path", "value": node["drv"]},
+                               {"name": "nix:output", "value": "out"}]}
+
+    dependencies = []
+    for number, node in enumerate(nodes):
+        later = range(number + 1, paths)
+        count = min(len(later), rng.randint(0, 2 * edges) if number else 3 * edges)
+        dependencies.append({"ref": node["out"], "dependsOn": [nodes[j]["out"] for j in sorted(rng.sample(later, count))]})
+    return {"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
+            "metadata": {"component": component(nodes[0], "application")},
+            "components": [component(node, "library") for node in nodes[1:]], "dependencies": dependencies}
+
+
+def closure_paths(sbom):
+    """Output paths with their drv paths, from the nix-build-sbom properties."""
+    paths = {}
+    for component in [sbom["metadata"]["component"], *sbom["components"]]:
+        properties = {prop["name"]: prop["value"] for prop in component.get("properties", [])}
+        out_path = properties.get("nix:out_path") or properties.get("nix:output_path") or component["bom-ref"]
+        paths[out_path] = properties.get("nix:drv_path")
+    return paths
+
+
+def nar_hash(rng):
+    return "sha256:" + nix_base32_encode(rng.randbytes(32))
+
+
+def attestation_batches(paths, seed=2):
+    """{builder: [serialised batch]}: half the paths, built by all three builders.
+
+    b disagrees with a on 5% of them, c on 10%, so every verdict but 'One build' shows up.
+    """
+    rng = random.Random(seed)
+    chosen = rng.sample(sorted(paths), len(paths) // 2)
+    items = {builder: [] for builder in BUILDERS}
+    for out_path in chosen:
+        agreed = nar_hash(rng)
+        for builder, disagreement in zip(BUILDERS, (0.0, 0.05, 0.10)):
+            output_hash = nar_hash(rng) if rng.random() < disagreement else agreed
+            items[builder].append({"drv_path": paths[out_path], "output_path": out_path,
+                                   "output_hash": output_hash, "output_sig": ""})
+    return {builder: [json.dumps(builder_items[start:start + BATCH_SIZE]).encode()
+                      for start in range(0, len(builder_items), BATCH_SIZE)]
+            for builder, builder_items in items.items()}, len(chosen)
+
+
+# ---------------------------------------------------------------- measuring
+
+def median_time(repeat, run):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def checked_response(response):
+    if response.status_code != 200:
+        sys.exit(f"bench: {response.request.method} {response.url} -> {response.status_code}: {response.text[:300]}")
+    return response
+
+
+def run(args, directory):
+    sbom_file = directory / "sbom.cdx.json"
+    write_sbom(sbom_file, args.paths)
+    raw_sbom = sbom_file.read_bytes()
+    paths = closure_paths(json.loads(raw_sbom))
+    batches, attested = attestation_batches(paths)
+    db = directory / "hashes.db"
+    process, url = start_server(db)
+    try:
+        tokens = {builder: create_builder(db, builder) for builder in BUILDERS}
+        with requests.Session() as session:
+            for builder, bodies in batches.items():
+                for body in bodies:
+                    checked_response(session.post(f"{url}/attestations", data=body, headers={
+                        "Authorization": f"Bearer {tokens[builder]}", "Content-Type": "application/json"}))
+            print(f"closure: {len(paths)} paths, {len(raw_sbom) / 2**20:.1f} MiB of SBOM; "
+                  f"{attested} paths attested by {len(BUILDERS)} builders", flush=True)
+            report_url = f"{url}/reports/{REPORT}"
+            owner = {"Authorization": f"Bearer {tokens[BUILDERS[0]]}"}
+
+            def load():
+                with open(sbom_file, "rb") as sbom_stream:
+                    json.load(sbom_stream)
+
+            def put():
+                checked_response(session.put(report_url, data=raw_sbom,
+                                             headers={**owner, "Content-Type": "application/json"}))
+
+            def get_as(accept):
+                return lambda: checked_response(session.get(report_url, headers={"Accept": accept})).content
+
+            def suggest():
+                checked_response(session.get(report_url + "/suggest", headers=owner)).content
+
+            baseline = median_time(args.repeat, load)
+            put()  # the report must exist before the GETs; the timed PUTs below redefine it
+            rows = [("json.load", baseline, None),
+                    ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET),
+                    ("GET as text/html", median_time(args.repeat, get_as("text/html")), GET_TARGET),
+                    ("GET as text/plain", median_time(args.repeat, get_as("text/plain")), GET_TARGET),
+                    ("GET as application/json", median_time(args.repeat, get_as("application/json")), GET_TARGET),
+                    ("GET /suggest", median_time(args.repeat, suggest), SUGGEST_TARGET)]
+        rss = peak_rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return rows, rss
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", type=int, default=20_000, help="closure size (default 20000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median counts (default 3)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="hash-collection-bench-") as directory:
+        rows, rss = run(args, Path(directory))
+    missed = []
+    baseline = rows[0][1]
+    for what, seconds, target in rows:
+        ratio = seconds / baseline
+        verdict = "" if target is None else f"target <= {target:g}x  {'ok' if ratio <= target else 'MISSED'}"
+        if target is not None and ratio > target:
+            missed.append(what)
+        print(f"{what:26} {seconds * 1000:9.1f} ms  {ratio:6.2f}x json.load  {verdict}")
+    rss_ok = rss <= RSS_TARGET_MB
+    print(f"{'server peak RSS (VmHWM)':26} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
+    if not rss_ok:
+        missed.append("peak RSS")
+    if missed:
+        print("missed: " + ", ".join(missed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The report page in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)."""
+import pytest
+import requests
+from playwright.sync_api import sync_playwright
+
+import sbom_samples as samples
+from conftest import bearer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+CLOSURE = {
+    "browser-root": ["browser-lib", "browser-tool"],
+    "browser-lib": ["browser-leaf"],
+    "browser-tool": ["browser-leaf"],
+    "browser-leaf": [],
+}
+
+
+@pytest.fixture
+def report_url(server):
+    closure = samples.nix_build_sbom(CLOSURE, names={"browser-tool": "<b>tool</b> \"quoted\""})
+    owner = server.create_user("owner")
+    assert requests.put(f"{server.url}/reports/browser", json=closure.sbom, headers=bearer(owner),
+                        timeout=10).status_code == 200
+    for builder in ("alice", "bob"):
+        token = server.create_user(builder)
+        response = requests.post(f"{server.url}/attestations", json=[samples.attestation(closure.out("browser-lib"))],
+                                 headers=bearer(token), timeout=10)
+        assert response.status_code == 200
+    return f"{server.url}/reports/browser"
+
+
+@pytest.fixture
+def browser_page():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.console_errors = []
+            page.on("console", lambda message: message.type == "error" and page.console_errors.append(
+                f"{message.text} at {message.location.get('url')}"))
+            page.on("pageerror", lambda error: page.console_errors.append(str(error)))
+            yield page
+        finally:
+            browser.close()
+
+
+def test_counts_are_visible(browser_page, report_url):
+    browser_page.goto(report_url)
+    counts = browser_page.locator("#counts")
+    assert counts.is_visible()
+    reproduced = browser_page.locator('#counts tr[data-verdict="Successfully reproduced"]')
+    assert reproduced.is_visible()
+    assert "1" in reproduced.inner_text()
+
+
+def test_share_bar_is_visible(browser_page, report_url):
+    browser_page.goto(report_url)
+    assert browser_page.locator("svg.bar").is_visible()
+
+
+def test_tree_node_expands_on_click(browser_page, report_url):
+    browser_page.goto(report_url)
+    node = browser_page.locator("#tree details").first
+    child = node.locator(":scope > ul > li").first
+    was_open = node.evaluate("element => element.open")
+    if was_open:  # a page may open the top node; close it first so the click is an expansion
+        node.locator(":scope > summary").click()
+    assert not child.is_visible()
+    node.locator(":scope > summary").click()
+    assert node.evaluate("element => element.open")
+    assert child.is_visible()
+
+
+def test_hostile_name_is_shown_as_text(browser_page, report_url):
+    browser_page.goto(report_url)
+    assert browser_page.locator("#tree b").count() == 0
+    assert browser_page.get_by_text('<b>tool</b> "quoted"').first.count() == 1
+
+
+def test_console_shows_no_errors(browser_page, report_url):
+    browser_page.goto(report_url)
+    browser_page.wait_for_load_state("networkidle")
+    browser_page.locator("#tree details summary").first.click()
+    assert browser_page.console_errors == []
+
+
+def test_screenshot_is_saved(browser_page, report_url, tmp_path):
+    browser_page.goto(report_url)
+    browser_page.locator("#tree details summary").first.click()
+    screenshot = tmp_path / "report.png"
+    browser_page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 1000
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_page_fits_a_phone_screen(browser_page, report_url):
+    browser_page.set_viewport_size({"width": 375, "height": 740})
+    browser_page.goto(report_url)
+    overflow = browser_page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0

@@ -1,0 +1,260 @@
+"""Defining, redefining and deleting reports; every bad upload is refused with its own 400, changing nothing."""
+import json
+import sqlite3
+import threading
+
+import pytest
+import requests
+
+import sbom_samples as samples
+from conftest import bearer, create_user
+
+JSON = {"Accept": "application/json"}
+CYCLONEDX = {"Accept": "application/vnd.cyclonedx+json"}
+FIRST = samples.nix_build_sbom({"first-root": ["first-lib"], "first-lib": []})
+SECOND = samples.sbomnix_sbom({"second-root": ["second-a", "second-b"], "second-a": [], "second-b": []})
+
+
+@pytest.fixture
+def tokens(app):
+    made = {}
+
+    def token_of(builder, *args):
+        if builder not in made:
+            made[builder] = create_user(app.config["DATABASE"], builder, *args)
+        return made[builder]
+    return token_of
+
+
+@pytest.fixture
+def defined(client, tokens):
+    """Report "life" defined by "owner" from FIRST."""
+    response = client.put("/reports/life", json=FIRST.sbom, headers=bearer(tokens("owner")))
+    assert response.status_code == 200, response.get_json()
+
+
+def dump(app):
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def report_paths(client, name="life"):
+    response = client.get(f"/reports/{name}", headers=JSON)
+    return set(response.get_json()["paths"]) if response.status_code == 200 else response.status_code
+
+
+# ---------------------------------------------------------------- redefinition
+
+def test_redefinition_replaces_the_paths(client, tokens, defined):
+    client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    assert report_paths(client) == SECOND.all_paths
+
+
+def test_redefinition_replaces_the_root(client, tokens, defined):
+    client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    assert client.get("/reports/life", headers=JSON).get_json()["root"] == SECOND.root
+
+
+def test_redefinition_replaces_the_stored_sbom(client, tokens, defined):
+    client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    assert client.get("/reports/life", headers=CYCLONEDX).get_json() == SECOND.sbom
+
+
+def test_redefinition_keeps_one_report_of_that_name(client, tokens, defined):
+    client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    client.put("/reports/life", json=FIRST.sbom, headers=bearer(tokens("owner")))
+    assert client.get("/reports").get_json() == ["life"]
+
+
+def test_redefinition_leaves_no_rows_of_the_old_report(app, client, tokens, defined):
+    client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        stored = {row[0] for row in conn.execute("SELECT out_path FROM report_paths")}
+    finally:
+        conn.close()
+    assert stored == SECOND.all_paths
+
+
+def test_redefinition_by_another_builder_is_403_and_changes_nothing(app, client, tokens, defined):
+    mallory = tokens("mallory")
+    before = dump(app)
+    response = client.put("/reports/life", json=SECOND.sbom, headers=bearer(mallory))
+    assert response.status_code == 403
+    assert dump(app) == before
+
+
+def test_admin_may_redefine_another_builders_report(client, tokens, defined):
+    response = client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("root", "--admin")))
+    assert response.status_code == 200
+    assert report_paths(client) == SECOND.all_paths
+
+
+def test_readers_see_old_or_new_report_never_a_mix_during_redefinition(server):
+    """Atomic replacement: while one client redefines, every read sees one whole report."""
+    token = server.create_user("owner")
+    url = f"{server.url}/reports/life"
+    assert requests.put(url, json=FIRST.sbom, headers=bearer(token), timeout=10).status_code == 200
+    seen, failures, done = [], [], threading.Event()
+
+    def read():
+        with requests.Session() as session:
+            while not done.is_set():
+                response = session.get(url, headers=JSON, timeout=10)
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+                else:
+                    seen.append(frozenset(response.json()["paths"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        with requests.Session() as session:
+            for number in range(20):
+                sbom = (SECOND if number % 2 == 0 else FIRST).sbom
+                assert session.put(url, json=sbom, headers=bearer(token), timeout=10).status_code == 200
+    finally:
+        done.set()
+        reader.join(timeout=30)
+    assert failures == []
+    assert set(seen) <= {frozenset(FIRST.all_paths), frozenset(SECOND.all_paths)}
+
+
+# ---------------------------------------------------------------- deletion
+
+def test_delete_needs_a_token(app, client, defined):
+    before = dump(app)
+    assert client.delete("/reports/life").status_code == 401
+    assert dump(app) == before
+
+
+def test_delete_with_unknown_token_is_401(client, defined):
+    assert client.delete("/reports/life", headers=bearer("nope")).status_code == 401
+    assert report_paths(client) == FIRST.all_paths
+
+
+def test_owner_deletes_report(client, tokens, defined):
+    assert client.delete("/reports/life", headers=bearer(tokens("owner"))).status_code == 200
+    assert client.get("/reports/life", headers=JSON).status_code == 404
+    assert client.get("/reports").get_json() == []
+
+
+def test_delete_by_another_builder_is_403_and_changes_nothing(app, client, tokens, defined):
+    mallory = tokens("mallory")
+    before = dump(app)
+    assert client.delete("/reports/life", headers=bearer(mallory)).status_code == 403
+    assert dump(app) == before
+
+
+def test_admin_deletes_another_builders_report(client, tokens, defined):
+    assert client.delete("/reports/life", headers=bearer(tokens("root", "--admin"))).status_code == 200
+    assert client.get("/reports/life", headers=JSON).status_code == 404
+
+
+def test_deleting_unknown_report_is_404(client, tokens):
+    assert client.delete("/reports/nothing", headers=bearer(tokens("owner"))).status_code == 404
+
+
+def test_delete_removes_report_rows(app, client, tokens, defined):
+    client.delete("/reports/life", headers=bearer(tokens("owner")))
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        counts = [conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                  for table in ("reports", "report_components", "report_paths")]
+    finally:
+        conn.close()
+    assert counts == [0, 0, 0]
+
+
+def test_report_can_be_defined_again_after_deletion(client, tokens, defined):
+    client.delete("/reports/life", headers=bearer(tokens("owner")))
+    assert client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    assert report_paths(client) == SECOND.all_paths
+
+
+# ---------------------------------------------------------------- bad uploads
+
+def sbom_without(key):
+    sbom = json.loads(json.dumps(FIRST.sbom))
+    del sbom[key]
+    return sbom
+
+
+def sbom_without_store_paths():
+    return {"bomFormat": "CycloneDX", "specVersion": "1.5",
+            "metadata": {"component": {"type": "application", "bom-ref": "pkg:npm/left-pad@1.3.0", "name": "left-pad"}},
+            "components": [{"type": "library", "bom-ref": "pkg:npm/is-even@1.0.0", "name": "is-even"}],
+            "dependencies": [{"ref": "pkg:npm/left-pad@1.3.0", "dependsOn": ["pkg:npm/is-even@1.0.0"]}]}
+
+
+BAD_BODIES = [
+    pytest.param(b"", "empty", id="empty-body"),
+    pytest.param(b"{not json", "not JSON", id="not-json"),
+    pytest.param(b"\xff\xfe\x00garbage", "not JSON", id="binary-garbage"),
+    pytest.param(json.dumps([1, 2]).encode(), "CycloneDX", id="json-list-not-cyclonedx"),
+    pytest.param(json.dumps({"spdxVersion": "SPDX-2.3"}).encode(), "CycloneDX", id="spdx-not-cyclonedx"),
+    pytest.param(json.dumps({**FIRST.sbom, "bomFormat": "SPDX"}).encode(), "CycloneDX", id="wrong-bom-format"),
+    pytest.param(json.dumps(sbom_without("metadata")).encode(), "no root", id="no-metadata"),
+    pytest.param(json.dumps({**FIRST.sbom, "metadata": {"timestamp": "now"}}).encode(), "no root", id="no-root-component"),
+    pytest.param(json.dumps({**FIRST.sbom, "metadata": {"component": {"name": "x"}}}).encode(), "no root",
+                 id="root-without-bom-ref"),
+    pytest.param(json.dumps(sbom_without_store_paths()).encode(), "no store path", id="no-store-path"),
+]
+
+
+@pytest.mark.parametrize("body, reason", BAD_BODIES)
+def test_bad_upload_is_400_naming_the_reason(client, tokens, defined, body, reason):
+    response = client.put("/reports/life", data=body,
+                          headers={**bearer(tokens("owner")), "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert reason in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("body, reason", BAD_BODIES)
+def test_bad_upload_over_existing_report_changes_nothing(app, client, tokens, defined, body, reason):
+    before = dump(app)
+    client.put("/reports/life", data=body, headers={**bearer(tokens("owner")), "Content-Type": "application/json"})
+    assert dump(app) == before
+
+
+@pytest.mark.parametrize("body, reason", BAD_BODIES)
+def test_bad_upload_under_new_name_creates_nothing(app, client, tokens, defined, body, reason):
+    before = dump(app)
+    client.put("/reports/other", data=body, headers={**bearer(tokens("owner")), "Content-Type": "application/json"})
+    assert dump(app) == before
+    assert client.get("/reports").get_json() == ["life"]
+
+
+@pytest.mark.parametrize("name", [".hidden", "with%20space", "a" * 129, "semi;colon", "quote%22d", "%3Cscript%3E",
+                                  "caf%C3%A9"])
+def test_bad_report_name_is_400_and_changes_nothing(app, client, tokens, defined, name):
+    before = dump(app)
+    response = client.put(f"/reports/{name}", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    assert response.status_code == 400
+    assert "report name" in response.get_json()["error"]
+    assert dump(app) == before
+
+
+@pytest.mark.parametrize("name", ["gnome-iso", "nixos_24.05", "A1", "x" * 128])
+def test_url_safe_report_names_are_accepted(client, tokens, name):
+    assert client.put(f"/reports/{name}", json=FIRST.sbom, headers=bearer(tokens("owner"))).status_code == 200
+
+
+def test_put_without_token_is_401_and_changes_nothing(app, client, defined):
+    before = dump(app)
+    assert client.put("/reports/life", json=SECOND.sbom).status_code == 401
+    assert dump(app) == before
+
+
+def test_readme_curl_flow_defines_a_report(server):
+    """The lila README recipe: curl -X PUT --data @sbom.cdx.json -H 'Content-Type: application/json' ..."""
+    token = server.create_user("readme")
+    response = requests.put(f"{server.url}/reports/readme", data=json.dumps(FIRST.sbom).encode(),
+                            headers={**bearer(token), "Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 200
+    page = requests.get(f"{server.url}/reports/readme", headers={"Accept": "text/html,*/*;q=0.8"}, timeout=10)
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert FIRST.root in page.text

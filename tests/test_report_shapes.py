@@ -1,0 +1,185 @@
+"""PUT /reports accepts the SBOM shapes real tools emit and maps each to output paths and a tree."""
+import pytest
+
+import sbom_samples as samples
+from conftest import bearer, create_user
+
+JSON = {"Accept": "application/json"}
+
+
+@pytest.fixture
+def token(app):
+    return create_user(app.config["DATABASE"], "alice")
+
+
+def define(client, token, name, closure):
+    response = client.put(f"/reports/{name}", json=closure.sbom, headers=bearer(token))
+    assert response.status_code == 200, response.get_json()
+    return response
+
+
+def summary(client, name):
+    return client.get(f"/reports/{name}", headers=JSON).get_json()
+
+
+def tree_lines(client, name):
+    """The text tree as (depth, path, rest) triples."""
+    text = client.get(f"/reports/{name}", headers={"Accept": "text/plain"}).get_data(as_text=True)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        depth, remainder = divmod(len(line) - len(stripped), 2)
+        assert remainder == 0, f"odd indentation in {line!r}"
+        path, _, rest = stripped.partition(" ")
+        lines.append((depth, path, rest))
+    return lines
+
+
+def diamond_tree(closure):
+    out = closure.out
+    return [
+        (0, out("app"), "No builds"),
+        (1, out("left"), "No builds"),
+        (2, out("shared"), "No builds"),
+        (3, out("leaf"), "No builds"),
+        (1, out("right"), "No builds"),
+        (2, out("shared"), "(shown above)"),
+    ]
+
+
+@pytest.mark.parametrize("property_name", ["nix:out_path", "nix:output_path"])
+def test_nix_build_sbom_yields_every_output_path(client, token, property_name):
+    closure = samples.nix_build_sbom(samples.DIAMOND, property_name)
+    define(client, token, "diamond", closure)
+    assert set(summary(client, "diamond")["paths"]) == closure.all_paths
+
+
+@pytest.mark.parametrize("property_name", ["nix:out_path", "nix:output_path"])
+def test_nix_build_sbom_root_is_the_root_output_path(client, token, property_name):
+    closure = samples.nix_build_sbom(samples.DIAMOND, property_name)
+    define(client, token, "diamond", closure)
+    report = summary(client, "diamond")
+    assert report["root"] == closure.root
+    assert closure.root in report["paths"]
+
+
+@pytest.mark.parametrize("property_name", ["nix:out_path", "nix:output_path"])
+def test_nix_build_sbom_tree_shows_shared_subtree_once(client, token, property_name):
+    closure = samples.nix_build_sbom(samples.DIAMOND, property_name)
+    define(client, token, "diamond", closure)
+    assert tree_lines(client, "diamond") == diamond_tree(closure)
+
+
+def test_sbomnix_drv_refs_map_to_output_paths(client, token):
+    closure = samples.sbomnix_sbom(samples.DIAMOND)
+    define(client, token, "sbomnix", closure)
+    report = summary(client, "sbomnix")
+    assert set(report["paths"]) == closure.all_paths
+    assert not any(path.endswith(".drv") for path in report["paths"])
+
+
+def test_sbomnix_component_with_several_outputs_contributes_each(client, token):
+    closure = samples.sbomnix_sbom(samples.DIAMOND, outputs={"shared": ["out", "dev", "lib"]})
+    define(client, token, "sbomnix", closure)
+    paths = set(summary(client, "sbomnix")["paths"])
+    assert set(closure.outputs["shared"]) <= paths
+    assert len(closure.outputs["shared"]) == 3
+    assert paths == closure.all_paths
+
+
+def test_sbomnix_root_is_an_output_path_not_the_drv(client, token):
+    closure = samples.sbomnix_sbom(samples.DIAMOND)
+    define(client, token, "sbomnix", closure)
+    assert summary(client, "sbomnix")["root"] == closure.root
+
+
+def test_sbomnix_tree_follows_drv_dependencies(client, token):
+    closure = samples.sbomnix_sbom(samples.DIAMOND)
+    define(client, token, "sbomnix", closure)
+    assert tree_lines(client, "sbomnix") == diamond_tree(closure)
+
+
+def test_sbomnix_tree_lists_every_output_of_a_component_at_its_depth(client, token):
+    closure = samples.sbomnix_sbom(samples.DIAMOND, outputs={"shared": ["out", "dev", "lib"]})
+    define(client, token, "sbomnix", closure)
+    lines = tree_lines(client, "sbomnix")
+    shared = set(closure.outputs["shared"])
+    first = [line for line in lines if line[1] in shared and line[2] == "No builds"]
+    repeated = [line for line in lines if line[1] in shared and line[2] == "(shown above)"]
+    assert {(depth, path) for depth, path, _ in first} == {(2, path) for path in shared}
+    assert {(depth, path) for depth, path, _ in repeated} == {(2, path) for path in shared}
+    assert (3, closure.out("leaf"), "No builds") in lines
+
+
+def test_bombon_basenames_become_full_store_paths(client, token):
+    closure = samples.bombon_sbom(samples.DIAMOND)
+    define(client, token, "bombon", closure)
+    report = summary(client, "bombon")
+    assert set(report["paths"]) == closure.all_paths
+    assert all(path.startswith("/nix/store/") for path in report["paths"])
+
+
+def test_bombon_root_is_a_full_store_path(client, token):
+    closure = samples.bombon_sbom(samples.DIAMOND)
+    define(client, token, "bombon", closure)
+    assert summary(client, "bombon")["root"] == closure.root
+
+
+def test_bombon_tree_follows_basename_dependencies(client, token):
+    closure = samples.bombon_sbom(samples.DIAMOND)
+    define(client, token, "bombon", closure)
+    assert tree_lines(client, "bombon") == diamond_tree(closure)
+
+
+def test_odd_sbom_is_accepted(client, token):
+    define(client, token, "odd", samples.odd_sbom())
+
+
+def test_odd_sbom_yields_every_component_path(client, token):
+    closure = samples.odd_sbom()
+    define(client, token, "odd", closure)
+    assert set(summary(client, "odd")["paths"]) == closure.all_paths
+
+
+def test_dangling_depends_on_ref_is_not_a_report_path(client, token):
+    closure = samples.odd_sbom()
+    define(client, token, "odd", closure)
+    assert closure.dangling not in summary(client, "odd")["paths"]
+    assert closure.dangling not in {path for _, path, _ in tree_lines(client, "odd")}
+
+
+def test_name_with_question_mark_is_a_report_path(client, token):
+    closure = samples.odd_sbom()
+    define(client, token, "odd", closure)
+    assert closure.out("what?") in summary(client, "odd")["paths"]
+
+
+def test_component_without_dependencies_entry_still_appears_in_tree(client, token):
+    closure = samples.odd_sbom()
+    define(client, token, "odd", closure)
+    assert (0, closure.out("orphan"), "No builds") in tree_lines(client, "odd")
+
+
+def test_odd_sbom_tree(client, token):
+    closure = samples.odd_sbom()
+    define(client, token, "odd", closure)
+    out = closure.out
+    assert tree_lines(client, "odd") == [
+        (0, out("odd-root"), "No builds"),
+        (1, out("notype"), "No builds"),
+        (2, out("what?"), "No builds"),
+        (1, out("stringver"), "No builds"),
+        (0, out("orphan"), "No builds"),
+    ]
+
+
+def test_cycle_is_shown_once_then_referenced(client, token):
+    closure = samples.nix_build_sbom(samples.CYCLE)
+    define(client, token, "cycle", closure)
+    out = closure.out
+    assert tree_lines(client, "cycle") == [
+        (0, out("cyc-root"), "No builds"),
+        (1, out("cyc-a"), "No builds"),
+        (2, out("cyc-b"), "No builds"),
+        (3, out("cyc-a"), "(shown above)"),
+    ]
