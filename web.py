@@ -2,6 +2,7 @@
 """nix-hash-collection server: collects build attestations from builders and
 shows, for every store path of a report, whether independent builders agree."""
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -47,6 +48,8 @@ VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC
 
 M_ARENA_MAX = -8  # from glibc's malloc.h
 MAX_BATCH = 10_000
+LARGE_BATCH = 1_000
+LARGE_BATCH_CACHE_KIB = 32 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -73,6 +76,7 @@ def create_app(config=None):
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
+    app.after_request(release_freed_memory)
     app.jinja_env.filters["output_href"] = output_href
     register_error_handlers(app)
     register_routes(app)
@@ -92,8 +96,6 @@ def connect(path):
     # NORMAL in WAL mode loses nothing when the server process is killed; only
     # an OS crash or power loss can drop the last commits.
     conn.execute("PRAGMA synchronous = NORMAL")
-    # Batch imports insert into three indexes; the default 2 MiB cache thrashes on them.
-    conn.execute("PRAGMA cache_size = -32768")
     return conn
 
 
@@ -151,6 +153,23 @@ class transaction:
         else:
             self.conn.execute("ROLLBACK")
         return False
+
+
+@contextlib.contextmanager
+def cache_for(conn, row_count):
+    """A large page cache for the length of a large batch insert only.
+
+    The batch inserts into three indexes and thrashes SQLite's default 2 MiB cache;
+    keeping a large cache on every thread's connection would cost more memory than it saves.
+    """
+    if row_count < LARGE_BATCH:
+        yield
+        return
+    conn.execute(f"PRAGMA cache_size = -{LARGE_BATCH_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA cache_size = -2000")
 
 
 def now_iso():
@@ -325,7 +344,7 @@ def store_attestations(conn, builder, attestations):
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
                      attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
     rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
-    with transaction(conn):
+    with transaction(conn), cache_for(conn, len(rows)):
         conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
                          sorted({(row[1],) for row in rows if row[1] is not None}))
         conn.executemany(
@@ -1074,13 +1093,26 @@ def output_href(out_path):
     return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
 
 
+def glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def limit_malloc_arenas():
     """glibc gives each server thread its own malloc arena, and each keeps the memory
     of the largest report it has handled; two arenas keep the server's size flat."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass
+    if glibc() is not None:
+        glibc().mallopt(M_ARENA_MAX, 2)
+
+
+def release_freed_memory(response):
+    """Give the memory of a large report request back to the system, not to malloc's free lists."""
+    libc = glibc()
+    if libc is not None and request.path.startswith("/reports/") and request.method in ("GET", "PUT"):
+        response.call_on_close(lambda: libc.malloc_trim(0))
+    return response
 
 
 def main(argv=None):
@@ -1092,7 +1124,7 @@ def main(argv=None):
     parser.add_argument("--require-signatures", action="store_true",
                         default=os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0"),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
     args = parser.parse_args(argv)
     app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
     limit_malloc_arenas()
