@@ -21,6 +21,7 @@ DIGEST_RE = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}")
 # Nix's own rule for the name part: this set of characters, no leading dot.
 NAME_RE = re.compile(r"[A-Za-z0-9+_?=-][A-Za-z0-9+._?=-]{0,210}")
 STORE_BASENAME_RE = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{32})-(" + NAME_RE.pattern + r")")
+STORE_PATH_RE = re.compile(re.escape(STORE_DIR) + "/" + STORE_BASENAME_RE.pattern)
 
 
 # ---------------------------------------------------------------- nix base32
@@ -57,6 +58,10 @@ def parse_store_basename(basename):
         raise ValueError(
             f"expected <32 nix-base32 chars>-<name of [A-Za-z0-9+._?=-], not starting with '.'>, got {shorten(basename)!r}")
     return match.group(1), match.group(2)
+
+
+def is_store_path(path):
+    return isinstance(path, str) and STORE_PATH_RE.fullmatch(path) is not None
 
 
 def parse_store_path(path):

@@ -76,7 +76,6 @@ CREATE TABLE report_paths (
     output TEXT,
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
-CREATE INDEX report_paths_by_out_path ON report_paths(out_path);
 
 CREATE TABLE link_patterns (
     id INTEGER PRIMARY KEY,
