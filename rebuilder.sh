@@ -33,8 +33,7 @@ if [ "$#" -eq 0 ]; then
 fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-python=${PYTHON:-}
-if [ -z "$python" ]; then
-    if [ -x "$here/.venv/bin/python" ]; then python="$here/.venv/bin/python"; else python=python3; fi
-fi
+# shellcheck source=scripts/python.sh
+. "$here/scripts/python.sh"
+python=$(project_python "$here")
 exec "$python" "$here/post_build_hook.py" rebuild "$@"

@@ -14,7 +14,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections import Counter, defaultdict, namedtuple
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -1,12 +1,9 @@
 """The build client as Nix runs it: post-build hook, diff hook and flush, with real Nix and the real server."""
 import json
 import os
-import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,72 +11,12 @@ import pytest
 import requests
 
 import post_build_hook
-from conftest import REPO, write_derivation
+from conftest import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, hooks_dir_of, token_file_settings, write_derivation
 from post_build_hook import drv_ident_of, fingerprint, output_paths_in, verify_signature
 
-HOOK_VARIABLES = ("HASH_COLLECTION_SERVER", "HASH_COLLECTION_TOKEN", "HASH_COLLECTION_TOKEN_FILE",
-                  "HASH_COLLECTION_SECRET_KEY", "HASH_COLLECTION_SECRET_KEY_FILE", "HASH_COLLECTION_SPOOL",
-                  "HASH_COLLECTION_TIMEOUT")
-CLIENT = REPO / "post_build_hook.py"
-DEBIAN_PYTHON = "/usr/bin/python3"
 DETERMINISTIC = "echo {text} > $out"
 NONDETERMINISTIC = "read x < /proc/sys/kernel/random/uuid; echo $x > $out"
 ONE_HOOK_RUN_SLACK = 5.0
-
-
-# ---------------------------------------------------------------- hooks as Nix runs them
-
-class Hook:
-    """A wrapper script for Nix to run; it records every exit code and all stderr of the client."""
-
-    def __init__(self, directory, settings, python=sys.executable, client=CLIENT, subcommand=()):
-        self.directory = Path(tempfile.mkdtemp(prefix="hook-", dir=directory))
-        # The diff hook runs as the build user, which must write its logs here.
-        self.directory.chmod(0o777)
-        self.script = self.directory / "hook.sh"
-        self.codes = self.directory / "codes"
-        self.stderr = self.directory / "stderr"
-        exports = [f"export {name}={shlex.quote(str(value))}" for name, value in settings.items()]
-        command = " ".join(shlex.quote(str(word)) for word in (python, client, *subcommand))
-        self.script.write_text("\n".join([
-            "#!/bin/sh",
-            "unset " + " ".join(HOOK_VARIABLES),
-            *exports,
-            f'{command} "$@" 2>>{shlex.quote(str(self.stderr))}',
-            "code=$?",
-            f"echo \"$code\" >> {shlex.quote(str(self.codes))}",
-            'exit "$code"',
-            ""]))
-        self.script.chmod(0o755)
-
-    def exit_codes(self):
-        return [int(line) for line in self.codes.read_text().split()] if self.codes.exists() else []
-
-    def stderr_text(self):
-        return self.stderr.read_text() if self.stderr.exists() else ""
-
-    def options(self):
-        return ["--option", "post-build-hook", str(self.script)]
-
-
-@pytest.fixture
-def hooks():
-    """Makes hooks in a world-writable directory and checks that no hook run exited non-zero."""
-    directory = Path(tempfile.mkdtemp(prefix="hash-collection-hooks-"))
-    directory.chmod(0o755)
-    made = []
-
-    def make(settings, **kwargs):
-        made.append(Hook(directory, settings, **kwargs))
-        return made[-1]
-
-    yield make
-    try:
-        for hook in made:
-            assert all(code == 0 for code in hook.exit_codes()), \
-                f"a hook run exited non-zero: {hook.exit_codes()}\n{hook.stderr_text()}"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -286,20 +223,6 @@ def test_diff_hook_with_wrong_arguments_exits_0_with_usage(builder):
     ran = run_client(builder, "diff-hook", "/nix/store/x")
     assert ran.returncode == 0
     assert "usage:" in ran.stderr
-
-
-def token_file_settings(settings, readable_dir):
-    """The builder's settings with the token in a file the build user can read."""
-    token_file = Path(readable_dir) / "token"
-    token_file.write_text(settings["HASH_COLLECTION_TOKEN"])
-    token_file.chmod(0o644)
-    spool = Path(readable_dir) / "build-user-spool"
-    return {**{name: value for name, value in settings.items() if name != "HASH_COLLECTION_TOKEN"},
-            "HASH_COLLECTION_TOKEN_FILE": token_file, "HASH_COLLECTION_SPOOL": spool}
-
-
-def hooks_dir_of(reachable_client):
-    return Path(reachable_client).parent
 
 
 # ---------------------------------------------------------------- server down, spool and flush

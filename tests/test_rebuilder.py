@@ -8,7 +8,7 @@ from binary_cache import (HttpDirectory, attestations_of_output, build_closure, 
                           summary_line)
 from conftest import NIX_CONFIG, nonce, write_derivation
 from post_build_hook import nix_base32_encode
-from test_hook import DEBIAN_PYTHON, hooks, hooks_dir_of, token_file_settings  # noqa: F401 - hooks is a fixture
+from conftest import DEBIAN_PYTHON, hooks_dir_of, token_file_settings
 
 SCRIPT = "rebuilder.sh"
 REPORT = "rebuild-me"
