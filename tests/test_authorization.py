@@ -1,0 +1,209 @@
+"""Nobody speaks for another builder: attestations belong to the token's builder,
+reports to their definer (or an admin), and a revoked token stops at once."""
+import hashlib
+import sqlite3
+
+import pytest
+import requests
+
+import sbom_samples
+from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
+                                 first_generation, lila_generation, nar_hash_bytes, out_path)
+from conftest import bearer, create_user
+
+SBOM = sbom_samples.nix_build_sbom(sbom_samples.DIAMOND).sbom
+OTHER_SBOM = sbom_samples.nix_build_sbom({"other": ["leaf"], "leaf": []}).sbom
+JSON = {"Accept": "application/json"}
+
+
+@pytest.fixture
+def tokens(app):
+    """alice defines reports, bob is another builder, root is an admin."""
+    db = app.config["DATABASE"]
+    return {"alice": create_user_in_process(db, "alice"), "bob": create_user_in_process(db, "bob"),
+            "root": create_user_in_process(db, "root", "--admin")}
+
+
+@pytest.fixture
+def alices_report(client, tokens):
+    response = client.put("/reports/diamond", json=SBOM, headers=bearer(tokens["alice"]))
+    assert response.status_code == 200, response.get_json()
+    return "diamond"
+
+
+def dump(db):
+    with sqlite3.connect(db) as conn:
+        return "\n".join(conn.iterdump())
+
+
+def builders_of(client, path):
+    return [attestation["builder"] for attestation in
+            client.get(f"/outputs/{basename_of(path)}", headers=JSON).get_json()]
+
+
+# ---------------------------------------------------------------- attestations belong to the token's builder
+
+def test_single_attestation_naming_another_builder_is_recorded_under_the_tokens_builder(client, tokens):
+    path = out_path()
+    attestation = first_generation(path, base32_form(nar_hash_bytes()), builder="bob", builder_id=2)
+    response = client.post(f"/attestation/{drv_ident()}", json=[attestation], headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    assert builders_of(client, path) == ["alice"]
+
+
+def test_lila_attestation_naming_another_builder_is_recorded_under_the_tokens_builder(client, tokens):
+    path = out_path()
+    attestation = lila_generation(path, base32_form(nar_hash_bytes()), builder="bob")
+    response = client.post(f"/attestation/{drv_ident()}", json=[attestation], headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    assert builders_of(client, path) == ["alice"]
+
+
+def test_batch_attestation_naming_another_builder_is_recorded_under_the_tokens_builder(client, tokens):
+    path = out_path()
+    item = batch_item(path, base32_form(nar_hash_bytes()), f"/nix/store/{drv_ident()}.drv", builder="bob")
+    response = client.post("/attestations", json=[item], headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    assert builders_of(client, path) == ["alice"]
+
+
+def test_builder_query_parameter_does_not_change_who_attests(client, tokens):
+    path = out_path()
+    attestation = first_generation(path, base32_form(nar_hash_bytes()))
+    response = client.post(f"/attestation/{drv_ident()}?builder=bob", json=[attestation], headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    assert builders_of(client, path) == ["alice"]
+
+
+# ---------------------------------------------------------------- reports belong to their definer
+
+def test_another_builder_cannot_replace_a_report(app, client, tokens, alices_report):
+    before = dump(app.config["DATABASE"])
+    response = client.put(f"/reports/{alices_report}", json=OTHER_SBOM, headers=bearer(tokens["bob"]))
+    assert response.status_code == 403
+    assert isinstance(response.get_json()["error"], str)
+    assert dump(app.config["DATABASE"]) == before
+
+
+def test_another_builder_cannot_delete_a_report(app, client, tokens, alices_report):
+    before = dump(app.config["DATABASE"])
+    response = client.delete(f"/reports/{alices_report}", headers=bearer(tokens["bob"]))
+    assert response.status_code == 403
+    assert isinstance(response.get_json()["error"], str)
+    assert dump(app.config["DATABASE"]) == before
+
+
+def test_the_definer_can_replace_its_report(client, tokens, alices_report):
+    response = client.put(f"/reports/{alices_report}", json=OTHER_SBOM, headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    root = client.get(f"/reports/{alices_report}", headers=JSON).get_json()["root"]
+    assert root == OTHER_SBOM["metadata"]["component"]["bom-ref"]
+
+
+def test_the_definer_can_delete_its_report(client, tokens, alices_report):
+    response = client.delete(f"/reports/{alices_report}", headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    assert client.get(f"/reports/{alices_report}", headers=JSON).status_code == 404
+
+
+def test_an_admin_can_replace_anyones_report(client, tokens, alices_report):
+    response = client.put(f"/reports/{alices_report}", json=OTHER_SBOM, headers=bearer(tokens["root"]))
+    assert response.status_code == 200
+    root = client.get(f"/reports/{alices_report}", headers=JSON).get_json()["root"]
+    assert root == OTHER_SBOM["metadata"]["component"]["bom-ref"]
+
+
+def test_an_admin_can_delete_anyones_report(client, tokens, alices_report):
+    response = client.delete(f"/reports/{alices_report}", headers=bearer(tokens["root"]))
+    assert response.status_code == 200
+    assert client.get(f"/reports/{alices_report}", headers=JSON).status_code == 404
+
+
+def test_a_report_replaced_by_an_admin_still_cannot_be_changed_by_a_third_builder(client, tokens, alices_report):
+    assert client.put(f"/reports/{alices_report}", json=OTHER_SBOM, headers=bearer(tokens["root"])).status_code == 200
+    response = client.delete(f"/reports/{alices_report}", headers=bearer(tokens["bob"]))
+    assert response.status_code == 403
+
+
+def test_a_non_admin_created_with_the_same_name_later_gets_no_admin_rights(app, client, tokens, alices_report):
+    # A second token for an existing builder must not touch is_admin either way.
+    second_bob_token = create_user_in_process(app.config["DATABASE"], "bob")
+    response = client.delete(f"/reports/{alices_report}", headers=bearer(second_bob_token))
+    assert response.status_code == 403
+
+
+def test_deleting_a_report_without_a_token_is_401(client, alices_report):
+    response = client.delete(f"/reports/{alices_report}")
+    assert response.status_code == 401
+    assert isinstance(response.get_json()["error"], str)
+
+
+# ---------------------------------------------------------------- tokens
+
+def test_revoked_token_is_refused_on_the_next_request(server):
+    token = server.create_user("alice")
+    first = requests.post(f"{server.url}/attestation/{drv_ident()}", timeout=10, headers=bearer(token),
+                          json=[first_generation(out_path(), base32_form(nar_hash_bytes()))])
+    assert first.status_code == 200
+    create_user(server.db, "--revoke", token)
+    second = requests.post(f"{server.url}/attestation/{drv_ident()}", timeout=10, headers=bearer(token),
+                           json=[first_generation(out_path(), base32_form(nar_hash_bytes()))])
+    assert second.status_code == 401
+    assert isinstance(second.json()["error"], str)
+
+
+def test_revoked_token_is_refused_on_the_same_keep_alive_connection(server):
+    token = server.create_user("alice")
+    with requests.Session() as session:
+        for _ in range(8):  # touch every worker thread's cached connection before revoking
+            assert session.post(f"{server.url}/attestation/{drv_ident()}", timeout=10, headers=bearer(token),
+                                json=[first_generation(out_path(), base32_form(nar_hash_bytes()))]).status_code == 200
+        create_user(server.db, "--revoke", token)
+        refused = [session.post(f"{server.url}/attestation/{drv_ident()}", timeout=10, headers=bearer(token),
+                                json=[first_generation(out_path(), base32_form(nar_hash_bytes()))]).status_code
+                   for _ in range(8)]
+    assert refused == [401] * 8
+
+
+def test_revoking_one_token_leaves_the_builders_other_token_working(server):
+    first = server.create_user("alice")
+    second = server.create_user("alice")
+    create_user(server.db, "--revoke", first)
+    response = requests.post(f"{server.url}/attestation/{drv_ident()}", timeout=10, headers=bearer(second),
+                             json=[first_generation(out_path(), base32_form(nar_hash_bytes()))])
+    assert response.status_code == 200
+
+
+def test_database_stores_tokens_only_as_sha256_hex(app, tokens):
+    with sqlite3.connect(app.config["DATABASE"]) as conn:
+        stored = {row[0] for row in conn.execute("SELECT token_sha256 FROM tokens")}
+    assert stored == {hashlib.sha256(token.encode()).hexdigest() for token in tokens.values()}
+
+
+def test_no_token_appears_anywhere_in_the_database_file(app, tokens):
+    # The WAL is checkpointed first so that the main file holds every row.
+    with sqlite3.connect(app.config["DATABASE"]) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    content = open(app.config["DATABASE"], "rb").read()
+    assert not [name for name, token in tokens.items() if token.encode() in content]
+
+
+def test_token_is_looked_up_by_its_sha256(app, client):
+    # A row holding only the digest is enough to authenticate: the server hashes what it is sent.
+    token = "looked-up-by-digest-" + "x" * 20
+    with sqlite3.connect(app.config["DATABASE"]) as conn:
+        builder_id = conn.execute("INSERT INTO builders (name) VALUES ('carol')").lastrowid
+        conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)",
+                     (builder_id, hashlib.sha256(token.encode()).hexdigest()))
+    path = out_path()
+    response = client.post(f"/attestation/{drv_ident()}", json=[first_generation(path, base32_form(nar_hash_bytes()))],
+                           headers=bearer(token))
+    assert response.status_code == 200
+    assert builders_of(client, path) == ["carol"]
+
+
+def test_the_stored_digest_itself_is_not_a_token(app, client, tokens):
+    digest = hashlib.sha256(tokens["alice"].encode()).hexdigest()
+    response = client.post(f"/attestation/{drv_ident()}", headers=bearer(digest),
+                           json=[first_generation(out_path(), base32_form(nar_hash_bytes()))])
+    assert response.status_code == 401
