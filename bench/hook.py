@@ -14,7 +14,6 @@ Needs nix-build, nix-store and nix on PATH, and Flask for the server.
 """
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,10 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from served import REPO, create_builder, free_port, start_server
 CLIENT = REPO / "post_build_hook.py"
 NIX_CONFIG = "experimental-features = nix-command\nsubstituters =\nsandbox = false"
 UNREACHABLE_TIMEOUT = 2.0
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def nix(*args):
@@ -47,38 +40,6 @@ def build_one_output(directory):
         f'  nonce = "{uuid.uuid4().hex}"; args = [ "-c" "echo bench > $out" ]; }}\n')
     drv_path = nix("nix-instantiate", str(nix_file))
     return drv_path, nix("nix-store", "--realise", drv_path)
-
-
-def server_python():
-    """The project's venv when there is one (it has Flask), else this Python."""
-    venv_python = REPO / ".venv" / "bin" / "python"
-    return str(venv_python) if venv_python.exists() else sys.executable
-
-
-def start_server(directory):
-    port = free_port()
-    db = Path(directory) / "hashes.db"
-    server = subprocess.Popen([server_python(), str(REPO / "web.py"), "--host", "127.0.0.1", "--port", str(port),
-                               "--db", str(db)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit("bench: the server exited; is Flask installed for this Python?")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return server, url, db
-        except OSError:
-            time.sleep(0.1)
-    server.terminate()
-    raise SystemExit(f"bench: the server did not start on {url}")
-
-
-def create_user(db):
-    completed = subprocess.run([str(REPO / "create_user"), "bench", "--db", str(db)], cwd=REPO,
-                               env={**os.environ, "PYTHON": server_python()}, capture_output=True, text=True,
-                               check=True)
-    return completed.stdout.split()[-1]
 
 
 def seconds_of(command, env=None, runs=1):
@@ -106,8 +67,9 @@ def main():
         drv_path, out_path = build_one_output(directory)
         key_file = Path(directory) / "secret.key"
         key_file.write_text(nix("nix", "key", "generate-secret", "--key-name", "bench-1"))
-        server, url, db = start_server(directory)
-        settings = {"HASH_COLLECTION_SERVER": url, "HASH_COLLECTION_TOKEN": create_user(db),
+        db = Path(directory) / "hashes.db"
+        server, url = start_server(db)
+        settings = {"HASH_COLLECTION_SERVER": url, "HASH_COLLECTION_TOKEN": create_builder(db, "bench"),
                     "HASH_COLLECTION_SECRET_KEY_FILE": str(key_file),
                     "HASH_COLLECTION_SPOOL": str(Path(directory) / "spool")}
         hook = [sys.executable, str(CLIENT)]

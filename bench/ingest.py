@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+from served import create_builder, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def random_digest():
@@ -46,32 +39,6 @@ def random_out_path(name="bench"):
 
 def random_nar_hash():
     return "sha256:" + nix_base32_encode(os.urandom(32))
-
-
-def start_server(db):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, str(REPO / "web.py"), "--port", str(port), "--db", str(db)],
-                               cwd=REPO, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"bench: web.py exited with status {process.returncode}")
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    sys.exit("bench: web.py did not become healthy within 20 s")
-
-
-def create_builder(db, name):
-    completed = subprocess.run([str(REPO / "create_user"), name, "--db", str(db)], cwd=REPO,
-                               env={**os.environ, "PYTHON": sys.executable},
-                               capture_output=True, text=True, check=True)
-    return completed.stdout.split()[-1]
 
 
 def rate_for(seconds, send_one):

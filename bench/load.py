@@ -18,10 +18,7 @@ import importlib.util
 import io
 import json
 import random
-import re
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +33,7 @@ GEN_SBOM = Path(__file__).resolve().parents[2] / "shared/tools/gen_sbom.py"
 sys.path.insert(0, str(REPO))
 
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+from served import memory_kib, start_server  # noqa: E402
 
 REPORT = "load"
 BATCH_SIZE = 100
@@ -45,30 +43,6 @@ REQUEST_TIMEOUT = 120  # a request taking longer than this counts as an error
 
 
 # ---------------------------------------------------------------- setup
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(db, log):
-    """web.py on a free loopback port; its stderr (waitress queue warnings, tracebacks) goes to `log`."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, str(REPO / "web.py"), "--port", str(port), "--db", str(db)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"load: web.py exited with status {process.returncode}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return process, url
-        time.sleep(0.1)
-    process.kill()
-    sys.exit("load: web.py did not become healthy within 20 s")
-
 
 def create_builders(db, count):
     """One builder per client, through create_user's own code (in this process, for speed)."""
@@ -181,12 +155,6 @@ def run_load(url, tokens, report_paths, seconds, clients=16, seed=0):
 
 # ---------------------------------------------------------------- checks
 
-def memory_kib(pid, field):
-    """VmRSS or VmHWM (peak RSS) of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
-
-
 class RssSampler:
     """Samples a process's RSS once a second in the background, to show whether it keeps growing."""
 
@@ -260,7 +228,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="hash-collection-load-") as directory:
         db = Path(directory) / "hashes.db"
         log = open(Path(directory) / "server.log", "w+")
-        process, url = start_server(db, log)
+        process, url = start_server(db, stderr=log)
         try:
             tokens = create_builders(db, args.clients)
             report_paths = define_report(url, tokens[0], args.paths)

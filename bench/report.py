@@ -15,9 +15,7 @@ usage: python bench/report.py [--paths N] [--repeat R]
 """
 import argparse
 import json
-import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,7 @@ GEN_SBOM = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gen_sbom.
 sys.path.insert(0, str(REPO))
 
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+from served import create_builder, memory_kib, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
 BUILDERS = ("bench-a", "bench-b", "bench-c")
@@ -40,40 +39,6 @@ PUT_TARGET = GET_TARGET = 5.0
 SUGGEST_TARGET = 0.5
 RSS_TARGET_MB = 200
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(db):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, str(REPO / "web.py"), "--port", str(port), "--db", str(db)],
-                               cwd=REPO, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"bench: web.py exited with status {process.returncode}")
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    sys.exit("bench: web.py did not become healthy within 20 s")
-
-
-def create_builder(db, name):
-    completed = subprocess.run([str(REPO / "create_user"), name, "--db", str(db)], cwd=REPO,
-                               env={**os.environ, "PYTHON": sys.executable},
-                               capture_output=True, text=True, check=True)
-    return completed.stdout.split()[-1]
-
-
-# ---------------------------------------------------------------- the closure
 
 def write_sbom(path, paths):
     """The shared generator when the checkout sits next to ../shared, our own otherwise."""
@@ -152,13 +117,6 @@ def median_time(repeat, run):
     return statistics.median(times)
 
 
-def peak_rss_mb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def checked_response(response):
     if response.status_code != 200:
         sys.exit(f"bench: {response.request.method} {response.url} -> {response.status_code}: {response.text[:300]}")
@@ -207,7 +165,7 @@ def run(args, directory):
                     ("GET as text/plain", median_time(args.repeat, get_as("text/plain")), GET_TARGET),
                     ("GET as application/json", median_time(args.repeat, get_as("application/json")), GET_TARGET),
                     ("GET /suggest", median_time(args.repeat, suggest), SUGGEST_TARGET)]
-        rss = peak_rss_mb(process.pid)
+        rss = memory_kib(process.pid, "VmHWM") / 1024
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -2,6 +2,7 @@
 with the full traffic mix on a 2,000-path report, with zero errors and no lost writes.
 The 60-second, 20,000-path version is `python bench/load.py`."""
 import importlib.util
+import sys
 
 import pytest
 
@@ -13,6 +14,7 @@ CLIENTS = 16
 
 
 def load_module():
+    sys.path.insert(0, str(REPO / "bench"))  # load.py imports its neighbour served.py
     spec = importlib.util.spec_from_file_location("load", REPO / "bench" / "load.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,58 @@
+"""What every benchmark needs: `python web.py` on a free loopback port, its builders, and its memory."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_python():
+    """The project's venv when there is one (it has Flask), else this Python."""
+    venv_python = REPO / ".venv" / "bin" / "python"
+    return str(venv_python) if venv_python.exists() else sys.executable
+
+
+def start_server(db, stderr=subprocess.DEVNULL):
+    """Starts web.py on a free loopback port with `db`; returns (process, url) once /healthz answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([server_python(), str(REPO / "web.py"), "--host", "127.0.0.1", "--port", str(port),
+                                "--db", str(db)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"bench: web.py exited with status {process.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    sys.exit("bench: web.py did not become healthy within 20 s")
+
+
+def create_builder(db, name):
+    """Runs ./create_user as a user does; returns the new token."""
+    completed = subprocess.run([str(REPO / "create_user"), name, "--db", str(db)], cwd=REPO,
+                               env={**os.environ, "PYTHON": server_python()},
+                               capture_output=True, text=True, check=True)
+    return completed.stdout.split()[-1]
+
+
+def memory_kib(pid, field):
+    """VmRSS or VmHWM (peak RSS) of a process, in KiB, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
