@@ -14,6 +14,7 @@ Needs nix-build, nix-store and nix on PATH, and Flask for the server.
 """
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
