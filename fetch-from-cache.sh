@@ -20,18 +20,7 @@ Environment:
 USAGE
 }
 
-for argument in "$@"; do
-    case "$argument" in
-        -h | --help) usage; exit 0 ;;
-    esac
-done
-if [ "$#" -eq 0 ]; then
-    usage >&2
-    exit 2
-fi
-
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/python.sh
 . "$here/scripts/python.sh"
-python=$(project_python "$here")
-exec "$python" "$here/post_build_hook.py" fetch-from-cache "$@"
+run_client "$here" fetch-from-cache "$@"

@@ -10,3 +10,21 @@ project_python() {
         echo python3
     fi
 }
+
+# Runs `post_build_hook.py SUBCOMMAND ARGS...` after the wrappers' shared checks:
+# --help anywhere prints the caller's usage(), no arguments at all is a usage error.
+run_client() {
+    local here="$1" subcommand="$2"
+    shift 2
+    local argument
+    for argument in "$@"; do
+        case "$argument" in
+            -h | --help) usage; exit 0 ;;
+        esac
+    done
+    if [ "$#" -eq 0 ]; then
+        usage >&2
+        exit 2
+    fi
+    exec "$(project_python "$here")" "$here/post_build_hook.py" "$subcommand" "$@"
+}

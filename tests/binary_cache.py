@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import REPO, bearer, free_port, nonce, wait_until, write_derivation
+from conftest import REPO, bearer, free_port, nonce, stop_process, wait_until, write_derivation
 
 DETERMINISTIC = "echo {text} > $out"
 NONDETERMINISTIC = "read x < /proc/sys/kernel/random/uuid; echo $x > $out"
@@ -134,12 +134,7 @@ class HttpDirectory:
             return False
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def served_copy(cache_dir, directory):

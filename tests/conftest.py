@@ -81,13 +81,8 @@ class ServerProcess:
             return False
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process)
 
     def kill9(self):
         self.process.send_signal(signal.SIGKILL)
@@ -103,6 +98,18 @@ class ServerProcess:
 
     def pid(self):
         return self.process.pid
+
+
+def stop_process(process):
+    """Terminate, and kill if it will not go within 10 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def create_user(db, *args):
