@@ -63,18 +63,22 @@ class ServerProcess:
         self.extra_args = list(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.db.with_name(self.db.name + ".server.log")
         self.process = None
 
     def start(self):
         command = [sys.executable, str(REPO / "web.py"), "--host", "127.0.0.1",
                    "--port", str(self.port), "--db", str(self.db), *self.extra_args]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: nobody reads a pipe during the test, and a full one
+        # would block the server the next time it logs.
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
         wait_until(self.is_healthy, what=f"server on {self.url}")
         return self
 
     def is_healthy(self):
         if self.process.poll() is not None:
-            raise RuntimeError(f"server exited: {self.process.stderr.read().decode(errors='replace')}")
+            raise RuntimeError(f"server exited: {self.log.read_text(errors='replace')}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
         except requests.RequestException:
