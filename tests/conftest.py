@@ -157,6 +157,18 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture
+def tokens(app):
+    """token_of(builder): a token for that builder of the in-process app, made once per builder."""
+    made = {}
+
+    def token_of(builder):
+        if builder not in made:
+            made[builder] = create_user(app.config["DATABASE"], builder)
+        return made[builder]
+    return token_of
+
+
 def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 

@@ -6,7 +6,7 @@ import pytest
 
 import sbom_samples as samples
 import web
-from conftest import bearer, create_user
+from conftest import bearer
 
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
@@ -25,17 +25,6 @@ CLOSURE = {
     "fresh": ["shared"],
     "shared": [],
 }
-
-
-@pytest.fixture
-def tokens(app):
-    made = {}
-
-    def token_of(builder):
-        if builder not in made:
-            made[builder] = create_user(app.config["DATABASE"], builder)
-        return made[builder]
-    return token_of
 
 
 @pytest.fixture

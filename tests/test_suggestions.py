@@ -2,20 +2,9 @@
 import pytest
 
 import sbom_samples as samples
-from conftest import bearer, create_user
+from conftest import bearer
 
 ENDPOINTS = ["suggested", "suggest"]
-
-
-@pytest.fixture
-def tokens(app):
-    made = {}
-
-    def token_of(builder):
-        if builder not in made:
-            made[builder] = create_user(app.config["DATABASE"], builder)
-        return made[builder]
-    return token_of
 
 
 def flat_closure(count, prefix="pkg"):
