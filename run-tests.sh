@@ -13,6 +13,7 @@ install_system_packages() {
     command -v shellcheck >/dev/null || missing+=(shellcheck)
     # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
     /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     [ "${#missing[@]}" -eq 0 ] && return
     if [ "$(id -u)" != 0 ]; then
         echo "run-tests.sh: please install as root: apt-get install ${missing[*]}" >&2
