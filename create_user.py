@@ -4,7 +4,6 @@
 The last word printed by `create_user NAME` is the new token, so scripts can capture it.
 """
 import argparse
-import os
 import secrets
 import sys
 
@@ -18,7 +17,7 @@ def parse_arguments(argv):
     parser.add_argument("name", nargs="?", help="builder name; created if new")
     parser.add_argument("token", nargs="?",
                         help="use this token instead of a generated one (generated tokens are safer)")
-    parser.add_argument("--db", default=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
+    parser.add_argument("--db", default=web.database_from_env(),
                         help="SQLite database (default: $HASH_COLLECTION_DB or ./hashes.db)")
     parser.add_argument("--admin", action="store_true", help="may replace or delete anyone's report")
     parser.add_argument("--public-key", action="append", default=[], metavar="KEYNAME:BASE64",

@@ -166,6 +166,14 @@ def verify_signature(public_key_text, message, signature):
     return True
 
 
+def signature_is_good(public_key, message, signature):
+    """verify_signature for signatures from elsewhere: a malformed one vouches for nothing."""
+    try:
+        return verify_signature(public_key, message, signature)
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- NAR serialisation
 
 def nar_string(raw):
@@ -253,8 +261,13 @@ class Config:
         self.timeout = timeout
 
 
+def server_setting(env):
+    """HASH_COLLECTION_SERVER without a trailing slash, or '' when unset."""
+    return env.get("HASH_COLLECTION_SERVER", "").strip().rstrip("/")
+
+
 def load_config(env):
-    server = env.get("HASH_COLLECTION_SERVER", "").strip().rstrip("/")
+    server = server_setting(env)
     if not server:
         raise ConfigError("HASH_COLLECTION_SERVER is not set, so there is no server to report to")
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
@@ -686,9 +699,10 @@ def references_we_attested(config, out_path, delivery):
 def is_signed_by(public_key, out_path, attested):
     try:
         message = fingerprint(out_path, attested["output_hash"], attested["nar_size"], attested["references"])
-        return verify_signature(public_key, message, attested["output_sig"])
     except (KeyError, TypeError, ValueError):
         return False
+    signature = attested.get("output_sig")
+    return isinstance(signature, str) and signature_is_good(public_key, message, signature)
 
 
 def public_key_of(secret_key):
@@ -747,7 +761,7 @@ class TransientError(Exception):
 
 
 def server_url(env):
-    return env.get("HASH_COLLECTION_SERVER", "").strip().rstrip("/") or DEFAULT_SERVER
+    return server_setting(env) or DEFAULT_SERVER
 
 
 def parse_report_arguments(command, args, default_jobs):
@@ -976,13 +990,6 @@ def narinfo_attestation(cache, pending, narinfo):
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
                               "references": references}
     return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
-
-
-def signature_is_good(public_key, message, signature):
-    try:
-        return verify_signature(public_key, message, signature)
-    except ValueError:
-        return False  # a malformed Sig line vouches for nothing
 
 
 def deriver_of(narinfo, pending):

@@ -5,6 +5,7 @@ import argparse
 import gc
 import contextlib
 import ctypes
+import functools
 import hashlib
 from html import escape as escape_html
 import itertools
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover
     import sre_constants
     import sre_parse
 
-from post_build_hook import (STORE_DIR, drv_ident_of, fingerprint, is_store_path, normalize_nar_hash, parse_key,
+from post_build_hook import (DIGEST_RE, STORE_DIR, drv_ident_of, fingerprint, is_store_path, normalize_nar_hash, parse_key,
                              parse_store_basename, parse_store_path, shorten, verify_signature)
 
 HERE = Path(__file__).resolve().parent
@@ -65,11 +66,19 @@ UNAVAILABLE_SYMPTOMS = ("locked", "readonly", "read-only", "disk", "full", "I/O"
 CLOSE_NODE = "</ul></details></li>\n"
 
 
+def database_from_env():
+    return os.environ.get("HASH_COLLECTION_DB", "hashes.db")
+
+
+def signatures_required_by_env():
+    return os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0")
+
+
 def create_app(config=None):
     app = Flask(__name__)
     app.config.from_mapping(
-        DATABASE=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
-        REQUIRE_SIGNATURES=os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0"),
+        DATABASE=database_from_env(),
+        REQUIRE_SIGNATURES=signatures_required_by_env(),
         MAX_ATTESTATION_BYTES=16 * MiB,
         MAX_REPORT_BYTES=64 * MiB,
         JSON_SORT_KEYS=False,
@@ -136,8 +145,7 @@ def init_db():
     conn = get_db()
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
-        with transaction(conn):
-            conn.executescript("BEGIN IMMEDIATE;" + (HERE / "schema.sql").read_text() + ";COMMIT;")
+        conn.executescript("BEGIN IMMEDIATE;" + (HERE / "schema.sql").read_text() + ";COMMIT;")
         return
     for target, sql in MIGRATIONS:
         if version < target:
@@ -249,9 +257,15 @@ def require_builder():
     return optional_builder()
 
 
-def builder_public_keys(conn, builder_id):
-    return {row["key_name"]: row["public_key"] for row in
-            conn.execute("SELECT key_name, public_key FROM public_keys WHERE builder_id = ?", (builder_id,))}
+def registered_keys(conn, builder_id):
+    """({key name: public key} of this builder, names of keys registered to other builders)."""
+    own, foreign_names = {}, set()
+    for owner, key_name, public_key in conn.execute("SELECT builder_id, key_name, public_key FROM public_keys"):
+        if owner == builder_id:
+            own[key_name] = public_key
+        else:
+            foreign_names.add(key_name)
+    return own, foreign_names
 
 
 # ---------------------------------------------------------------- request bodies
@@ -380,9 +394,7 @@ def verify_attestation(attestation, public_keys, foreign_key_names, where):
 
 
 def store_attestations(conn, builder, attestations):
-    public_keys = builder_public_keys(conn, builder["id"])
-    foreign_key_names = {name for (name,) in conn.execute(
-        "SELECT DISTINCT key_name FROM public_keys WHERE builder_id != ?", (builder["id"],))}
+    public_keys, foreign_key_names = registered_keys(conn, builder["id"])
     created_at = now_iso()
     rows = []
     for position, attestation in enumerate(attestations):
@@ -455,20 +467,27 @@ def verdict(builders_by_hash):
 
 
 def counted_attestations_clause():
+    """The SQL side of is_counted, to append to a join condition on attestations."""
     return " AND attestations.verified = 1" if current_app.config["REQUIRE_SIGNATURES"] else ""
+
+
+def is_counted(attestation):
+    """Whether an attestation counts towards verdicts: in verified-only mode, only verified ones do."""
+    return attestation["verified"] or not current_app.config["REQUIRE_SIGNATURES"]
 
 
 def report_verdicts(conn, report_id):
     """{out_path: verdict} for every path of a report, from one query."""
-    builders_by_path = defaultdict(lambda: defaultdict(set))
+    builders_by_path = {}
     rows = conn.execute(
         "SELECT report_paths.out_path, attestations.output_hash, attestations.builder_id FROM report_paths"
-        " JOIN attestations ON attestations.output_path = report_paths.out_path"
-        " WHERE report_paths.report_id = ?" + counted_attestations_clause(), (report_id,))
+        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
+        " WHERE report_paths.report_id = ?", (report_id,))
     for out_path, output_hash, builder_id in rows:
-        builders_by_path[out_path][output_hash].add(builder_id)
-    paths = [row[0] for row in conn.execute("SELECT out_path FROM report_paths WHERE report_id = ?", (report_id,))]
-    return {path: verdict(builders_by_path.get(path, {})) for path in paths}
+        builders_by_hash = builders_by_path.setdefault(out_path, {})
+        if output_hash is not None:
+            builders_by_hash.setdefault(output_hash, set()).add(builder_id)
+    return {path: verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
 
 
 def verdict_counts(verdicts):
@@ -482,8 +501,7 @@ def parse_sbom(sbom):
     """Map a CycloneDX SBOM of any producer's shape to components and a display tree.
 
     Returns (root, components, tree): components are dicts with name, drv_path
-    and outputs [(out_path, output)]; tree is a list of [depth, component index,
-    expanded] rows in display order.
+    and outputs [(out_path, output)]; tree holds the rows of display_tree.
     """
     if not isinstance(sbom, dict) or sbom.get("bomFormat") != "CycloneDX":
         raise BadInput("body is not a CycloneDX SBOM: expected a JSON object with \"bomFormat\": \"CycloneDX\"")
@@ -924,7 +942,7 @@ def register_routes(app):
             return jsonify(attestations)
         builders_by_hash = defaultdict(set)
         for attestation in attestations:
-            if attestation["verified"] or not current_app.config["REQUIRE_SIGNATURES"]:
+            if is_counted(attestation):
                 builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
         return render_template("output.html", output_path=output_path, attestations=attestations,
                                builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
@@ -954,7 +972,7 @@ def register_routes(app):
     @app.get("/signatures/<builder_name>/<digest>.narinfo")
     def builder_narinfo(builder_name, digest):
         builder = find_builder(builder_name)
-        if not re.fullmatch(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}", digest):
+        if not DIGEST_RE.fullmatch(digest):
             raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
         # '-' sorts just before '.', so this range is exactly the paths with that hash part.
         row = get_db().execute(
@@ -976,15 +994,14 @@ def register_routes(app):
     @app.get("/reports")
     def list_reports():
         conn = get_db()
-        names = [row[0] for row in conn.execute("SELECT name FROM reports ORDER BY name")]
+        rows = conn.execute("SELECT id, name, root FROM reports ORDER BY name").fetchall()
         if request.path == "/reports" and not wants_html():
-            return jsonify(names)
+            return jsonify([row["name"] for row in rows])
         reports = []
-        for name in names:
-            report = find_report(conn, name)
-            counts = verdict_counts(report_verdicts(conn, report["id"]))
+        for row in rows:
+            counts = verdict_counts(report_verdicts(conn, row["id"]))
             total = sum(counts.values())
-            reports.append({"name": name, "root": report["root"], "total": total,
+            reports.append({"name": row["name"], "root": row["root"], "total": total,
                             "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
         return render_template("reports.html", reports=reports)
 
@@ -1111,8 +1128,6 @@ def verdict_bar(counts, total):
     return segments
 
 
-
-
 def tree_chunks(tree, components, verdicts, rows_per_chunk=4000):
     """The dependency tree as chunks of <li>/<details> markup.
 
@@ -1167,6 +1182,7 @@ def output_href(out_path):
     return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
 
 
+@functools.cache
 def glibc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -1200,10 +1216,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    parser.add_argument("--db", default=os.environ.get("HASH_COLLECTION_DB", "hashes.db"),
+    parser.add_argument("--db", default=database_from_env(),
                         help="SQLite database file (default: $HASH_COLLECTION_DB or ./hashes.db)")
     parser.add_argument("--require-signatures", action="store_true",
-                        default=os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0"),
+                        default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
     parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
     args = parser.parse_args(argv)
