@@ -14,7 +14,6 @@ usage: python bench/load.py [--seconds 60] [--paths 20000] [--clients 16]
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import random
@@ -29,10 +28,10 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
-GEN_SBOM = Path(__file__).resolve().parents[2] / "shared/tools/gen_sbom.py"
 sys.path.insert(0, str(REPO))
 
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+from closure import generate_sbom  # noqa: E402
 from served import memory_kib, start_server  # noqa: E402
 
 REPORT = "load"
@@ -56,16 +55,9 @@ def create_builders(db, count):
     return tokens
 
 
-def generated_sbom(paths, seed=1):
-    spec = importlib.util.spec_from_file_location("gen_sbom", GEN_SBOM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.generate(paths, seed=seed)
-
-
 def define_report(url, token, paths):
     """PUT the generated report; returns its output paths."""
-    sbom = generated_sbom(paths)
+    sbom = generate_sbom(paths)
     response = requests.put(f"{url}/reports/{REPORT}", data=json.dumps(sbom), timeout=REQUEST_TIMEOUT,
                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     response.raise_for_status()

@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,10 +25,10 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
-GEN_SBOM = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gen_sbom.py"
 sys.path.insert(0, str(REPO))
 
-from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
+from post_build_hook import nix_base32_encode  # noqa: E402
+from closure import generate_sbom  # noqa: E402
 from served import create_builder, memory_kib, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
@@ -41,36 +40,8 @@ RSS_TARGET_MB = 200
 
 
 def write_sbom(path, paths):
-    """The shared generator when the checkout sits next to ../shared, our own otherwise."""
-    if GEN_SBOM.exists():
-        with open(path, "wb") as sbom_file:
-            subprocess.run([sys.executable, str(GEN_SBOM), str(paths)], stdout=sbom_file, check=True)
-    else:
-        with open(path, "w") as sbom_file:
-            json.dump(generate_sbom(paths), sbom_file)
-
-
-def generate_sbom(paths, seed=1, edges=6):
-    """A nix-build-sbom-shaped closure of `paths` components, each depending on up to 2*edges later ones."""
-    rng = random.Random(seed)
-    digest = lambda: "".join(rng.choice(NIX_BASE32) for _ in range(32))  # noqa: E731
-    nodes = [{"name": f"pkg-{number}", "out": f"{STORE_DIR}/{digest()}-pkg-{number}",
-              "drv": f"{STORE_DIR}/{digest()}-pkg-{number}.drv"} for number in range(paths)]
-
-    def component(node, kind):
-        return {"type": kind, "bom-ref": node["out"], "name": node["name"],
-                "properties": [{"name": "nix:out_path", "value": node["out"]},
-                               {"name": "nix:drv_path", "value": node["drv"]},
-                               {"name": "nix:output", "value": "out"}]}
-
-    dependencies = []
-    for number, node in enumerate(nodes):
-        later = range(number + 1, paths)
-        count = min(len(later), rng.randint(0, 2 * edges) if number else 3 * edges)
-        dependencies.append({"ref": node["out"], "dependsOn": [nodes[j]["out"] for j in sorted(rng.sample(later, count))]})
-    return {"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
-            "metadata": {"component": component(nodes[0], "application")},
-            "components": [component(node, "library") for node in nodes[1:]], "dependencies": dependencies}
+    with open(path, "w") as sbom_file:
+        json.dump(generate_sbom(paths), sbom_file)
 
 
 def closure_paths(sbom):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import REPO, bearer, free_port, nonce, stop_process, wait_until, write_derivation
+from support import REPO, bearer, free_port, nonce, stop_process, wait_until, write_derivation
 
 DETERMINISTIC = "echo {text} > $out"
 NONDETERMINISTIC = "read x < /proc/sys/kernel/random/uuid; echo $x > $out"

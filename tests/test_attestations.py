@@ -8,7 +8,7 @@ import requests
 from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
                                  drv_path_of, first_generation, hex_form, lila_generation, nar_hash_bytes,
                                  out_path, sri_form)
-from conftest import bearer
+from support import bearer
 
 MAX_BATCH = 10_000
 

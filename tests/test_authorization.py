@@ -9,7 +9,7 @@ import requests
 import sbom_samples
 from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
                                  first_generation, lila_generation, nar_hash_bytes, out_path)
-from conftest import bearer, create_user
+from support import bearer, create_user
 
 SBOM = sbom_samples.nix_build_sbom(sbom_samples.DIAMOND).sbom
 OTHER_SBOM = sbom_samples.nix_build_sbom({"other": ["leaf"], "leaf": []}).sbom

@@ -9,7 +9,7 @@ import requests
 import web
 from attestation_samples import (base32_form, batch_item, create_user_in_process, drv_ident, first_generation,
                                  lila_generation, nar_hash_bytes, out_path, sri_form, store_digest)
-from conftest import bearer
+from support import bearer
 
 ATTESTATION_LIMIT = 64 * 1024
 SINGLE, BATCH = "single", "batch"

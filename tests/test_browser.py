@@ -4,7 +4,7 @@ import requests
 from playwright.sync_api import sync_playwright
 
 import sbom_samples as samples
-from conftest import bearer
+from support import bearer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from binary_cache import CLIENT_VARIABLES, DETERMINISTIC, define_report, instantiate, nar_hash, realise, sbom_of
-from conftest import REPO, bearer, write_derivation
+from support import REPO, bearer, write_derivation
 
 OTHER_HASH = "sha256:" + "1" * 52
 

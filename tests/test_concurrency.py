@@ -9,7 +9,7 @@ import requests
 
 from attestation_samples import (base32_form, basename_of, create_user_in_process, drv_ident, first_generation,
                                  nar_hash_bytes, out_path)
-from conftest import bearer
+from support import bearer
 
 WRITERS = 8
 ATTESTATIONS_PER_WRITER = 1_000

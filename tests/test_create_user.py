@@ -10,7 +10,7 @@ import requests
 
 import web
 from attestation_samples import base32_form, drv_ident, first_generation, nar_hash_bytes, out_path
-from conftest import REPO, ServerProcess, bearer, create_user, free_port, wait_until
+from support import REPO, ServerProcess, bearer, create_user, free_port, wait_until
 
 
 def run_create_user(*args, env=None):

@@ -7,7 +7,7 @@ import threading
 import requests
 
 from attestation_samples import base32_form, basename_of, batch_item, drv_ident, first_generation, nar_hash_bytes, out_path
-from conftest import REPO, bearer, wait_until
+from support import REPO, bearer, wait_until
 
 
 def stored_builders(server, path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, bearer, write_derivation
+from support import REPO, bearer, write_derivation
 from post_build_hook import NIX_BASE32, STORE_DIR, drv_ident_of, nix_base32_encode
 
 BATCH_SIZE = 10_000

@@ -8,7 +8,7 @@ import pytest
 from binary_cache import (attestations_of_output, build_closure, copy_to_cache, define_report, edit_narinfo,
                           generate_key, nar_hash, narinfo_file, out_paths_of, query, run_script, sbom_of,
                           served_copy, summary_line)
-from conftest import free_port, nonce
+from support import free_port, nonce
 from post_build_hook import fingerprint, parse_report_arguments, verify_signature
 
 SCRIPT = "fetch-from-cache.sh"

@@ -24,7 +24,7 @@ import sbom_samples
 import web
 from attestation_samples import (base32_form, batch_item, create_user_in_process, drv_ident, first_generation,
                                  lila_generation, nar_hash_bytes, out_path, store_digest)
-from conftest import bearer
+from support import bearer
 
 EXAMPLES = int(os.environ.get("HASH_COLLECTION_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,

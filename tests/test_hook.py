@@ -11,7 +11,7 @@ import pytest
 import requests
 
 import post_build_hook
-from conftest import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, hooks_dir_of, token_file_settings, write_derivation
+from support import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, hooks_dir_of, token_file_settings, write_derivation
 from post_build_hook import drv_ident_of, fingerprint, output_paths_in, verify_signature
 
 DETERMINISTIC = "echo {text} > $out"

@@ -11,7 +11,7 @@ import requests
 
 import sbom_samples
 from attestation_samples import base32_form, basename_of, create_user_in_process, drv_ident, first_generation, nar_hash_bytes
-from conftest import bearer
+from support import bearer
 
 HTML = {"Accept": "text/html"}
 FORMATS = ["text/html", "text/plain", "application/json", "application/vnd.cyclonedx+json"]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, ServerProcess
+from support import REPO, ServerProcess
 
 SECONDS = 10
 PATHS = 2_000

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import write_derivation
+from support import write_derivation
 from post_build_hook import (nar_chunks, nar_hash_and_size, nix_base32_decode, nix_base32_encode,
                              normalize_nar_hash, parse_store_path)
 

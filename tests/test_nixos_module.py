@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, write_derivation
+from support import REPO, write_derivation
 
 HARNESS = REPO / "tests" / "nix" / "module-harness.nix"
 HOOK_WRAPPER = REPO / "nix" / "hook-wrapper.sh"

@@ -6,9 +6,9 @@ import pytest
 from binary_cache import (HttpDirectory, attestations_of_output, build_closure, component, copy_to_cache, define_report, generate_key,
                           instantiate, nar_hash, out_paths_of, realise, report_verdicts, run_script, sbom_of,
                           summary_line)
-from conftest import NIX_CONFIG, nonce, write_derivation
+from support import NIX_CONFIG, nonce, write_derivation
 from post_build_hook import nix_base32_encode
-from conftest import DEBIAN_PYTHON, hooks_dir_of, token_file_settings
+from support import DEBIAN_PYTHON, hooks_dir_of, token_file_settings
 
 SCRIPT = "rebuilder.sh"
 REPORT = "rebuild-me"

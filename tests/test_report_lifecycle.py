@@ -7,7 +7,7 @@ import pytest
 import requests
 
 import sbom_samples as samples
-from conftest import bearer, create_user
+from support import bearer, create_user
 
 JSON = {"Accept": "application/json"}
 CYCLONEDX = {"Accept": "application/vnd.cyclonedx+json"}

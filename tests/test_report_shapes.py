@@ -2,7 +2,7 @@
 import pytest
 
 import sbom_samples as samples
-from conftest import bearer, create_user
+from support import bearer, create_user
 
 JSON = {"Accept": "application/json"}
 

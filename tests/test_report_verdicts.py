@@ -4,7 +4,7 @@ import requests
 
 import sbom_samples as samples
 import web
-from conftest import bearer
+from support import bearer
 
 # Each case: who posts which build result for the one library path of the report.
 VERDICT_TABLE = [

@@ -6,7 +6,7 @@ import pytest
 
 import sbom_samples as samples
 import web
-from conftest import bearer
+from support import bearer
 
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}

@@ -2,7 +2,7 @@
 import pytest
 
 import sbom_samples as samples
-from conftest import bearer
+from support import bearer
 
 ENDPOINTS = ["suggested", "suggest"]
 

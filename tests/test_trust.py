@@ -20,7 +20,7 @@ import pytest
 import requests
 
 import web
-from conftest import REPO, bearer, write_derivation
+from support import REPO, bearer, write_derivation
 from post_build_hook import drv_ident_of, fingerprint, verify_signature
 
 TIMEOUT = 10
