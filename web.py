@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
+from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
@@ -89,8 +89,7 @@ def create_app(config=None):
     app.teardown_appcontext(close_db)
     app.after_request(release_freed_memory)
     app.jinja_env.filters["output_href"] = output_href
-    register_error_handlers(app)
-    register_routes(app)
+    app.register_blueprint(routes)
     with app.app_context():
         init_db()
     return app
@@ -864,249 +863,298 @@ def report_format():
                 "text/plain")
 
 
-# ---------------------------------------------------------------- errors
-
-def register_error_handlers(app):
-    @app.errorhandler(BadInput)
-    def bad_input(error):
-        return jsonify(error=str(error)), 400
-
-    @app.errorhandler(HTTPException)
-    def http_error(error):
-        message = error.description if error.code != 413 else "request body too large"
-        return jsonify(error=message), error.code
-
-    @app.errorhandler(sqlite3.OperationalError)
-    def database_unavailable(error):
-        if not any(symptom in str(error) for symptom in UNAVAILABLE_SYMPTOMS):
-            raise error
-        # SQLite silently opens a file it cannot write read-only; reconnect once the fault is gone.
-        forget_connection()
-        app.logger.error("database unavailable: %s", error)
-        return jsonify(error=f"database unavailable, try again later: {error}"), 503
-
-
 # ---------------------------------------------------------------- routes
+# Every URL the server answers, and the function that answers it:
+#
+#   GET    /healthz                                   healthz
+#   POST   /attestation/<drv_ident>                   post_attestation
+#   POST   /attestations                              post_attestations
+#   GET    /attestations/by-output/<basename>         attestations_by_output
+#   GET    /derivations/                              list_derivations
+#   GET    /derivations/<drv_ident>                   show_derivation
+#   GET    /outputs/<basename>                        show_output
+#   GET    /builders                                  list_builders
+#   GET    /signatures/<builder>/nix-cache-info       cache_info
+#   GET    /signatures/<builder>/<digest>.narinfo     builder_narinfo
+#   GET    /, /reports                                list_reports
+#   PUT    /reports/<name>                            put_report
+#   DELETE /reports/<name>                            delete_report
+#   GET    /reports/<name>                            show_report
+#   GET    /reports/<name>/suggested                  suggested
+#   GET    /reports/<name>/suggest                    suggest
+#   GET    /reports/<name>/pending                    pending
+#   GET    /link_patterns                             list_link_patterns
+#   POST   /link_patterns                             post_link_pattern
+#
+# Errors: BadInput is 400, HTTPException keeps its status, a database that cannot be written for now is 503;
+# every error body is JSON {"error": "..."}.
 
-def register_routes(app):
-    @app.get("/healthz")
-    def healthz():
-        get_db().execute("SELECT COUNT(*) FROM builders").fetchone()
-        return jsonify(status="ok")
+routes = Blueprint("routes", __name__)
 
-    @app.post("/attestation/<drv_ident>")
-    def post_attestation(drv_ident):
-        builder = require_builder()
-        drv_ident = checked("drv_ident", lambda ident: drv_ident_of(f"{STORE_DIR}/{ident}.drv"), drv_ident)
-        attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), lambda _item, _where: drv_ident)
+
+@routes.app_errorhandler(BadInput)
+def bad_input(error):
+    return jsonify(error=str(error)), 400
+
+
+@routes.app_errorhandler(HTTPException)
+def http_error(error):
+    message = error.description if error.code != 413 else "request body too large"
+    return jsonify(error=message), error.code
+
+
+@routes.app_errorhandler(sqlite3.OperationalError)
+def database_unavailable(error):
+    if not any(symptom in str(error) for symptom in UNAVAILABLE_SYMPTOMS):
+        raise error
+    # SQLite silently opens a file it cannot write read-only; reconnect once the fault is gone.
+    forget_connection()
+    current_app.logger.error("database unavailable: %s", error)
+    return jsonify(error=f"database unavailable, try again later: {error}"), 503
+
+
+@routes.get("/healthz")
+def healthz():
+    get_db().execute("SELECT COUNT(*) FROM builders").fetchone()
+    return jsonify(status="ok")
+
+
+@routes.post("/attestation/<drv_ident>")
+def post_attestation(drv_ident):
+    builder = require_builder()
+    drv_ident = checked("drv_ident", lambda ident: drv_ident_of(f"{STORE_DIR}/{ident}.drv"), drv_ident)
+    attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), lambda _item, _where: drv_ident)
+    return jsonify(accepted=store_attestations(get_db(), builder, attestations))
+
+
+@routes.post("/attestations")
+def post_attestations():
+    builder = require_builder()
+    with cyclic_gc_paused():
+        attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
         return jsonify(accepted=store_attestations(get_db(), builder, attestations))
 
-    @app.post("/attestations")
-    def post_attestations():
-        builder = require_builder()
-        with cyclic_gc_paused():
-            attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
-            return jsonify(accepted=store_attestations(get_db(), builder, attestations))
 
-    @app.get("/attestations/by-output/<basename>")
-    def attestations_by_output(basename):
-        return jsonify(attestations_of_output(get_db(), output_path_of_basename(basename)))
+@routes.get("/attestations/by-output/<basename>")
+def attestations_by_output(basename):
+    return jsonify(attestations_of_output(get_db(), output_path_of_basename(basename)))
 
-    @app.get("/derivations/")
-    def list_derivations():
-        rows = get_db().execute("SELECT id, drv_ident FROM derivations ORDER BY id")
-        return jsonify([{"id": row["id"], "drv_hash": row["drv_ident"]} for row in rows])
 
-    @app.get("/derivations/<drv_ident>")
-    def show_derivation(drv_ident):
-        conn = get_db()
-        derivation = conn.execute("SELECT id FROM derivations WHERE drv_ident = ?", (drv_ident,)).fetchone()
-        if derivation is None:
-            abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
-        if request.args.get("full", "").lower() == "true":
-            rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.derivation_id = ? ORDER BY attestations.id",
-                                (derivation["id"],))
-            return jsonify([attestation_object(row) for row in rows])
-        summary = defaultdict(dict)
-        for row in conn.execute(
-                "SELECT output_path, output_hash, COUNT(DISTINCT builder_id) AS builders FROM attestations"
-                " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation["id"],)):
-            summary[row["output_path"]][row["output_hash"]] = row["builders"]
-        return jsonify(summary)
+@routes.get("/derivations/")
+def list_derivations():
+    rows = get_db().execute("SELECT id, drv_ident FROM derivations ORDER BY id")
+    return jsonify([{"id": row["id"], "drv_hash": row["drv_ident"]} for row in rows])
 
-    @app.get("/outputs/<basename>")
-    def show_output(basename):
-        output_path = output_path_of_basename(basename)
-        attestations = attestations_of_output(get_db(), output_path)
-        if not wants_html():
-            return jsonify(attestations)
-        builders_by_hash = defaultdict(set)
-        for attestation in attestations:
-            if is_counted(attestation):
-                builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
-        return render_template("output.html", output_path=output_path, attestations=attestations,
-                               builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
-                               icons=VERDICT_ICONS)
 
-    @app.get("/builders")
-    def list_builders():
-        conn = get_db()
-        builders = [{"name": row["name"], "public_keys": [], "attestations": row["attestations"]} for row in conn.execute(
-            "SELECT builders.id, builders.name, (SELECT COUNT(*) FROM attestations WHERE builder_id = builders.id)"
-            " AS attestations FROM builders ORDER BY builders.name")]
-        keys = defaultdict(list)
-        for row in conn.execute("SELECT builders.name, public_key FROM public_keys JOIN builders"
-                                " ON builders.id = public_keys.builder_id ORDER BY public_keys.id"):
-            keys[row[0]].append(row[1])
-        for builder in builders:
-            builder["public_keys"] = keys[builder["name"]]
-        if wants_html():
-            return render_template("builders.html", builders=builders)
-        return jsonify(builders)
+@routes.get("/derivations/<drv_ident>")
+def show_derivation(drv_ident):
+    conn = get_db()
+    derivation = conn.execute("SELECT id FROM derivations WHERE drv_ident = ?", (drv_ident,)).fetchone()
+    if derivation is None:
+        abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
+    if request.args.get("full", "").lower() == "true":
+        rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.derivation_id = ? ORDER BY attestations.id",
+                            (derivation["id"],))
+        return jsonify([attestation_object(row) for row in rows])
+    summary = defaultdict(dict)
+    for row in conn.execute(
+            "SELECT output_path, output_hash, COUNT(DISTINCT builder_id) AS builders FROM attestations"
+            " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation["id"],)):
+        summary[row["output_path"]][row["output_hash"]] = row["builders"]
+    return jsonify(summary)
 
-    @app.get("/signatures/<builder_name>/nix-cache-info")
-    def cache_info(builder_name):
-        find_builder(builder_name)
-        return Response(f"StoreDir: {STORE_DIR}\nWantMassQuery: 0\nPriority: 60\n", mimetype="text/x-nix-cache-info")
 
-    @app.get("/signatures/<builder_name>/<digest>.narinfo")
-    def builder_narinfo(builder_name, digest):
-        builder = find_builder(builder_name)
-        if not DIGEST_RE.fullmatch(digest):
-            raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
-        # '-' sorts just before '.', so this range is exactly the paths with that hash part.
-        row = get_db().execute(
-            ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND attestations.output_path > ?"
-            " AND attestations.output_path < ? AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL"
-            " ORDER BY attestations.id DESC LIMIT 1",
-            (builder["id"], f"{STORE_DIR}/{digest}-", f"{STORE_DIR}/{digest}.")).fetchone()
-        if row is None:
-            abort(404, f"{shorten(builder_name)} has no attestation with size and references for {digest}")
-        return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")
+@routes.get("/outputs/<basename>")
+def show_output(basename):
+    output_path = output_path_of_basename(basename)
+    attestations = attestations_of_output(get_db(), output_path)
+    if not wants_html():
+        return jsonify(attestations)
+    builders_by_hash = defaultdict(set)
+    for attestation in attestations:
+        if is_counted(attestation):
+            builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
+    return render_template("output.html", output_path=output_path, attestations=attestations,
+                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
+                           icons=VERDICT_ICONS)
 
-    def find_builder(name):
-        builder = get_db().execute("SELECT id, name FROM builders WHERE name = ?", (name,)).fetchone()
-        if builder is None:
-            abort(404, f"no builder named {shorten(name)!r}")
-        return builder
 
-    @app.get("/")
-    @app.get("/reports")
-    def list_reports():
-        conn = get_db()
-        rows = conn.execute("SELECT id, name, root FROM reports ORDER BY name").fetchall()
-        if request.path == "/reports" and not wants_html():
-            return jsonify([row["name"] for row in rows])
-        reports = []
-        for row in rows:
-            counts = verdict_counts(report_verdicts(conn, row["id"]))
-            total = sum(counts.values())
-            reports.append({"name": row["name"], "root": row["root"], "total": total,
-                            "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
-        return render_template("reports.html", reports=reports)
+@routes.get("/builders")
+def list_builders():
+    conn = get_db()
+    builders = [{"name": row["name"], "public_keys": [], "attestations": row["attestations"]} for row in conn.execute(
+        "SELECT builders.id, builders.name, (SELECT COUNT(*) FROM attestations WHERE builder_id = builders.id)"
+        " AS attestations FROM builders ORDER BY builders.name")]
+    keys = defaultdict(list)
+    for row in conn.execute("SELECT builders.name, public_key FROM public_keys JOIN builders"
+                            " ON builders.id = public_keys.builder_id ORDER BY public_keys.id"):
+        keys[row[0]].append(row[1])
+    for builder in builders:
+        builder["public_keys"] = keys[builder["name"]]
+    if wants_html():
+        return render_template("builders.html", builders=builders)
+    return jsonify(builders)
 
-    @app.put("/reports/<name>")
-    def put_report(name):
-        builder = require_builder()
-        check_report_name(name)
-        # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
-        # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
-        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM")
-        with cyclic_gc_paused():
-            sbom = parsed_json(text)
-            parsed = parse_sbom(sbom)
-            del sbom  # the parsed SBOM is the largest object of the request; free it before writing
-        raw_sbom = text.encode()
-        del text
-        try:
-            replace_report(get_db(), name, builder, raw_sbom, *parsed)
-        except UnicodeEncodeError:
-            raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
-        return jsonify(report=name, status="defined")
 
-    @app.delete("/reports/<name>")
-    def delete_report(name):
-        builder = require_builder()
-        conn = get_db()
-        with transaction(conn):
-            report = find_report(conn, name)
-            check_may_change_report(report, builder)
-            conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
-        return jsonify(report=name, status="deleted")
+def find_builder(name):
+    builder = get_db().execute("SELECT id, name FROM builders WHERE name = ?", (name,)).fetchone()
+    if builder is None:
+        abort(404, f"no builder named {shorten(name)!r}")
+    return builder
 
-    @app.get("/reports/<name>")
-    def show_report(name):
-        conn = get_db()
-        report = find_report(conn, name)
-        wanted = report_format()
-        if wanted == CYCLONEDX_TYPE:
-            sbom = conn.execute("SELECT sbom FROM reports WHERE id = ?", (report["id"],)).fetchone()[0]
-            return Response(sbom, mimetype=CYCLONEDX_TYPE)
-        with cyclic_gc_paused():
-            verdicts = report_verdicts(conn, report["id"])
-            if wanted == "application/json":
-                return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts)
-            components = report_components(conn, report["id"])
-            tree = report_tree(conn, report["id"])
-        if wanted == "text/plain":
-            return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
-        return report_page(conn, report, components, tree, verdicts)
 
-    def report_page(conn, report, components, tree, verdicts):
-        counts = verdict_counts(verdicts)
+@routes.get("/signatures/<builder_name>/nix-cache-info")
+def cache_info(builder_name):
+    find_builder(builder_name)
+    return Response(f"StoreDir: {STORE_DIR}\nWantMassQuery: 0\nPriority: 60\n", mimetype="text/x-nix-cache-info")
+
+
+@routes.get("/signatures/<builder_name>/<digest>.narinfo")
+def builder_narinfo(builder_name, digest):
+    builder = find_builder(builder_name)
+    if not DIGEST_RE.fullmatch(digest):
+        raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
+    # '-' sorts just before '.', so this range is exactly the paths with that hash part.
+    row = get_db().execute(
+        ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND attestations.output_path > ?"
+        " AND attestations.output_path < ? AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL"
+        " ORDER BY attestations.id DESC LIMIT 1",
+        (builder["id"], f"{STORE_DIR}/{digest}-", f"{STORE_DIR}/{digest}.")).fetchone()
+    if row is None:
+        abort(404, f"{shorten(builder_name)} has no attestation with size and references for {digest}")
+    return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")
+
+
+@routes.get("/")
+@routes.get("/reports")
+def list_reports():
+    conn = get_db()
+    rows = conn.execute("SELECT id, name, root FROM reports ORDER BY name").fetchall()
+    if request.path == "/reports" and not wants_html():
+        return jsonify([row["name"] for row in rows])
+    reports = []
+    for row in rows:
+        counts = verdict_counts(report_verdicts(conn, row["id"]))
         total = sum(counts.values())
-        names = {path: component["name"] for component in components for path in component["outputs"]}
-        links_of = link_matcher(conn)
-        listed = lambda labels: [(path, names.get(path), label, VERDICT_ICONS[label], links_of(path))
-                                 for path, label in verdicts.items() if label in labels]
-        return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
-            bar=verdict_bar(counts, total), icons=VERDICT_ICONS, colours=VERDICT_COLOURS,
-            not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
-            tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"])
+        reports.append({"name": row["name"], "root": row["root"], "total": total,
+                        "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
+    return render_template("reports.html", reports=reports)
 
-    @app.get("/reports/<name>/suggested")
-    def suggested(name):
-        conn = get_db()
-        builder = optional_builder()
+
+@routes.put("/reports/<name>")
+def put_report(name):
+    builder = require_builder()
+    check_report_name(name)
+    # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
+    # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
+    text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM")
+    with cyclic_gc_paused():
+        sbom = parsed_json(text)
+        parsed = parse_sbom(sbom)
+        del sbom  # the parsed SBOM is the largest object of the request; free it before writing
+    raw_sbom = text.encode()
+    del text
+    try:
+        replace_report(get_db(), name, builder, raw_sbom, *parsed)
+    except UnicodeEncodeError:
+        raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
+    return jsonify(report=name, status="defined")
+
+
+@routes.delete("/reports/<name>")
+def delete_report(name):
+    builder = require_builder()
+    conn = get_db()
+    with transaction(conn):
         report = find_report(conn, name)
-        return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
+        check_may_change_report(report, builder)
+        conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
+    return jsonify(report=name, status="deleted")
 
-    @app.get("/reports/<name>/suggest")
-    def suggest(name):
-        conn = get_db()
-        builder = optional_builder()
-        report = find_report(conn, name)
-        return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
 
-    @app.get("/reports/<name>/pending")
-    def pending(name):
-        conn = get_db()
-        builder = optional_builder()
-        report = find_report(conn, name)
-        after = request.args.get("after") or None
-        limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
-        out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
-        next_after = out_paths[-1] if len(out_paths) == limit else None
-        return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
+@routes.get("/reports/<name>")
+def show_report(name):
+    conn = get_db()
+    report = find_report(conn, name)
+    wanted = report_format()
+    if wanted == CYCLONEDX_TYPE:
+        sbom = conn.execute("SELECT sbom FROM reports WHERE id = ?", (report["id"],)).fetchone()[0]
+        return Response(sbom, mimetype=CYCLONEDX_TYPE)
+    with cyclic_gc_paused():
+        verdicts = report_verdicts(conn, report["id"])
+        if wanted == "application/json":
+            return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts)
+        components = report_components(conn, report["id"])
+        tree = report_tree(conn, report["id"])
+    if wanted == "text/plain":
+        return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
+    return report_page(conn, report, components, tree, verdicts)
 
-    @app.get("/link_patterns")
-    def list_link_patterns():
-        rows = get_db().execute("SELECT pattern, link FROM link_patterns ORDER BY id")
-        return jsonify([{"pattern": row["pattern"], "link": row["link"]} for row in rows])
 
-    @app.post("/link_patterns")
-    def post_link_pattern():
-        require_builder()
-        pattern = check_link_pattern(request.args.get("pattern", ""))
-        link = check_link(request.args.get("link", ""))
-        conn = get_db()
-        with transaction(conn):
-            known = conn.execute("SELECT COUNT(*) FROM link_patterns WHERE pattern != ?", (pattern,)).fetchone()[0]
-            if known >= MAX_LINK_PATTERNS:
-                raise BadInput(f"pattern: at most {MAX_LINK_PATTERNS} link patterns")
-            conn.execute("INSERT INTO link_patterns (pattern, link) VALUES (?, ?)"
-                         " ON CONFLICT (pattern) DO UPDATE SET link = excluded.link", (pattern, link))
-        return jsonify(pattern=pattern, link=link)
+@routes.get("/reports/<name>/suggested")
+def suggested(name):
+    conn = get_db()
+    builder = optional_builder()
+    report = find_report(conn, name)
+    return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
+
+
+@routes.get("/reports/<name>/suggest")
+def suggest(name):
+    conn = get_db()
+    builder = optional_builder()
+    report = find_report(conn, name)
+    return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
+
+
+@routes.get("/reports/<name>/pending")
+def pending(name):
+    conn = get_db()
+    builder = optional_builder()
+    report = find_report(conn, name)
+    after = request.args.get("after") or None
+    limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
+    out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
+    next_after = out_paths[-1] if len(out_paths) == limit else None
+    return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
+
+
+@routes.get("/link_patterns")
+def list_link_patterns():
+    rows = get_db().execute("SELECT pattern, link FROM link_patterns ORDER BY id")
+    return jsonify([{"pattern": row["pattern"], "link": row["link"]} for row in rows])
+
+
+@routes.post("/link_patterns")
+def post_link_pattern():
+    require_builder()
+    pattern = check_link_pattern(request.args.get("pattern", ""))
+    link = check_link(request.args.get("link", ""))
+    conn = get_db()
+    with transaction(conn):
+        known = conn.execute("SELECT COUNT(*) FROM link_patterns WHERE pattern != ?", (pattern,)).fetchone()[0]
+        if known >= MAX_LINK_PATTERNS:
+            raise BadInput(f"pattern: at most {MAX_LINK_PATTERNS} link patterns")
+        conn.execute("INSERT INTO link_patterns (pattern, link) VALUES (?, ?)"
+                     " ON CONFLICT (pattern) DO UPDATE SET link = excluded.link", (pattern, link))
+    return jsonify(pattern=pattern, link=link)
+
+
+# ---------------------------------------------------------------- HTML pages
+# The report page is streamed and its tree markup is built here, not in templates/report.html:
+# see rendered_nodes for why.
+
+def report_page(conn, report, components, tree, verdicts):
+    counts = verdict_counts(verdicts)
+    total = sum(counts.values())
+    names = {path: component["name"] for component in components for path in component["outputs"]}
+    links_of = link_matcher(conn)
+    listed = lambda labels: [(path, names.get(path), label, VERDICT_ICONS[label], links_of(path))
+                             for path, label in verdicts.items() if label in labels]
+    return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
+        bar=verdict_bar(counts, total), icons=VERDICT_ICONS, colours=VERDICT_COLOURS,
+        not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
+        tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"])
 
 
 def streamed_page(template_name, **context):
@@ -1181,6 +1229,8 @@ def output_href(out_path):
     """The /outputs/ link of a store path; '?' is the only character Nix allows in names that a URL path needs quoted."""
     return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
 
+
+# ---------------------------------------------------------------- memory
 
 @functools.cache
 def glibc():
