@@ -45,9 +45,12 @@ REPRODUCED = "Successfully reproduced"
 PARTIALLY = "Partially reproduced"
 NONDETERMINISTIC = "Consistently nondeterministic"
 VERDICTS = [REPRODUCED, PARTIALLY, NONDETERMINISTIC, ONE_BUILD, NO_BUILDS]
-VERDICT_ICONS = {REPRODUCED: "✅", PARTIALLY: "❕", NONDETERMINISTIC: "❌", ONE_BUILD: "❎", NO_BUILDS: "❔"}
 VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC: "#d3302f",
                    ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9"}
+# Each verdict's badge: a CSS class and one ASCII character. Not emoji, which a machine
+# without an emoji font shows as empty boxes; the label itself is the badge's accessible name.
+VERDICT_BADGES = {REPRODUCED: ("reproduced", "R"), PARTIALLY: ("partial", "P"), NONDETERMINISTIC: ("nondeterministic", "N"),
+                  ONE_BUILD: ("one-build", "1"), NO_BUILDS: ("no-builds", "0")}
 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
 MAX_BATCH = 10_000
@@ -89,6 +92,8 @@ def create_app(config=None):
     app.teardown_appcontext(close_db)
     app.after_request(release_freed_memory)
     app.jinja_env.filters["output_href"] = output_href
+    app.jinja_env.filters["badge"] = verdict_badge
+    app.jinja_env.globals["badge_colours"] = [(VERDICT_BADGES[label][0], VERDICT_COLOURS[label]) for label in VERDICTS]
     app.register_blueprint(routes)
     with app.app_context():
         init_db()
@@ -887,20 +892,20 @@ def report_format():
 #   POST   /link_patterns                             post_link_pattern
 #
 # Errors: BadInput is 400, HTTPException keeps its status, a database that cannot be written for now is 503;
-# every error body is JSON {"error": "..."}.
+# every error body is JSON {"error": "...", "detail": "..."}.
 
 routes = Blueprint("routes", __name__)
 
 
 @routes.app_errorhandler(BadInput)
 def bad_input(error):
-    return jsonify(error=str(error)), 400
+    return error_body(str(error)), 400
 
 
 @routes.app_errorhandler(HTTPException)
 def http_error(error):
     message = error.description if error.code != 413 else "request body too large"
-    return jsonify(error=message), error.code
+    return error_body(message), error.code
 
 
 @routes.app_errorhandler(sqlite3.OperationalError)
@@ -910,7 +915,12 @@ def database_unavailable(error):
     # SQLite silently opens a file it cannot write read-only; reconnect once the fault is gone.
     forget_connection()
     current_app.logger.error("database unavailable: %s", error)
-    return jsonify(error=f"database unavailable, try again later: {error}"), 503
+    return error_body(f"database unavailable, try again later: {error}"), 503
+
+
+def error_body(message):
+    # `detail` repeats the message for clients written against lila (FastAPI), which read only that.
+    return jsonify(error=message, detail=message)
 
 
 @routes.get("/healthz")
@@ -975,8 +985,7 @@ def show_output(basename):
         if is_counted(attestation):
             builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
     return render_template("output.html", output_path=output_path, attestations=attestations,
-                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
-                           icons=VERDICT_ICONS)
+                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash))
 
 
 @routes.get("/builders")
@@ -1149,10 +1158,10 @@ def report_page(conn, report, components, tree, verdicts):
     total = sum(counts.values())
     names = {path: component["name"] for component in components for path in component["outputs"]}
     links_of = link_matcher(conn)
-    listed = lambda labels: [(path, names.get(path), label, VERDICT_ICONS[label], links_of(path))
+    listed = lambda labels: [(path, names.get(path), label, links_of(path))
                              for path, label in verdicts.items() if label in labels]
     return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
-        bar=verdict_bar(counts, total), icons=VERDICT_ICONS, colours=VERDICT_COLOURS,
+        bar=verdict_bar(counts, total), colours=VERDICT_COLOURS,
         not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
         tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"])
 
@@ -1218,11 +1227,19 @@ def rendered_nodes(components, verdicts):
         path = outputs[0] if outputs else None
         name = escape_html(component["name"] or (path or "")[44:])
         label = verdicts.get(path, "")
-        badge = f'<span id="n{index}" title="{label}">{VERDICT_ICONS.get(label, "")}</span> '
+        badge = verdict_badge(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
         links = "".join(f' <a href="{escape_html(output_href(other))}">{escape_html(other[44:])}</a>' for other in outputs[1:])
         node = f'{badge}<a href="{escape_html(output_href(path))}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append((node, f'<a href="#n{index}">{name}</a>'))
     return nodes
+
+
+def verdict_badge(label, element_id=None):
+    """A verdict's badge: a coloured letter whose accessible name and tooltip are the verdict itself."""
+    css_class, letter = VERDICT_BADGES[label]
+    id_attribute = f' id="{element_id}"' if element_id else ""
+    return Markup(f'<span{id_attribute} class="badge badge-{css_class}" role="img" aria-label="{label}"'
+                  f' title="{label}">{letter}</span>')
 
 
 def output_href(out_path):

@@ -169,3 +169,22 @@ def test_server_refuses_a_body_over_the_default_16_mib_limit(server):
     assert response.status_code == 413
     assert "body" in response.json()["error"]
     assert requests.get(f"{server.url}/derivations/", timeout=10).json() == []
+
+
+@pytest.mark.parametrize("method, url, status", [
+    ("post", "/attestation/not-a-drv", 401),
+    ("get", "/reports/missing", 404),
+    ("get", "/derivations/missing", 404),
+    ("put", "/reports/bad%20name", 401),
+])
+def test_every_error_body_carries_detail_for_lila_clients(client, method, url, status):
+    response = getattr(client, method)(url)
+    assert response.status_code == status
+    body = response.get_json()
+    assert body["detail"] == body["error"] and body["error"]
+
+
+def test_bad_input_errors_carry_detail_too(client, token):
+    response = send(client, "/attestations", [good_batch_item(output_hash="md5:nope")], token)
+    assert response.status_code == 400
+    assert response.get_json()["detail"] == response.get_json()["error"]

@@ -5,6 +5,7 @@ from playwright.sync_api import sync_playwright
 
 import sbom_samples as samples
 from support import bearer
+from web import VERDICTS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -100,3 +101,23 @@ def test_page_fits_a_phone_screen(browser_page, report_url):
     browser_page.goto(report_url)
     overflow = browser_page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
+
+
+def test_verdicts_are_readable_badges_without_an_emoji_font(browser_page, report_url):
+    """This machine has no emoji font: every verdict must be a coloured ASCII badge with the label as its name."""
+    browser_page.goto(report_url)
+    browser_page.evaluate("document.querySelectorAll('details').forEach(details => details.open = true)")
+    text = browser_page.locator("body").inner_text()
+    assert not any(ord(character) > 0x2600 for character in text), "an emoji or pictograph is on the page"
+    badges = browser_page.locator("#tree .badge")
+    assert badges.count() == len(CLOSURE)
+    for index in range(badges.count()):
+        badge = badges.nth(index)
+        assert badge.get_attribute("role") == "img"
+        assert badge.get_attribute("aria-label") in VERDICTS
+        assert badge.inner_text().isascii() and badge.inner_text().strip()
+        assert badge.bounding_box()["width"] > 4
+        background = badge.evaluate("element => getComputedStyle(element).backgroundColor")
+        assert background not in ("rgba(0, 0, 0, 0)", "transparent")
+    reproduced = browser_page.get_by_role("img", name="Successfully reproduced")
+    assert reproduced.count() >= 2  # in the counts table and on browser-lib's tree node
