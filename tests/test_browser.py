@@ -5,7 +5,7 @@ from playwright.sync_api import sync_playwright
 
 import sbom_samples as samples
 from support import bearer
-from web import VERDICTS
+from web import REPRODUCED, VERDICTS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -51,7 +51,7 @@ def test_counts_are_visible(browser_page, report_url):
     browser_page.goto(report_url)
     counts = browser_page.locator("#counts")
     assert counts.is_visible()
-    reproduced = browser_page.locator('#counts tr[data-verdict="Successfully reproduced"]')
+    reproduced = browser_page.locator(f'#counts tr[data-verdict="{REPRODUCED}"]')
     assert reproduced.is_visible()
     assert "1" in reproduced.inner_text()
 
@@ -119,5 +119,5 @@ def test_verdicts_are_readable_badges_without_an_emoji_font(browser_page, report
         assert badge.bounding_box()["width"] > 4
         background = badge.evaluate("element => getComputedStyle(element).backgroundColor")
         assert background not in ("rgba(0, 0, 0, 0)", "transparent")
-    reproduced = browser_page.get_by_role("img", name="Successfully reproduced")
+    reproduced = browser_page.get_by_role("img", name=REPRODUCED)
     assert reproduced.count() >= 2  # in the counts table and on browser-lib's tree node

@@ -11,6 +11,7 @@ import sys
 import requests
 
 from support import REPO
+from web import NO_BUILDS, ONE_BUILD
 
 SERVER_START = "./serve.sh &"
 
@@ -32,5 +33,5 @@ def test_quick_start_defines_the_example_report_with_alice_build(server):
     report = re.search(r"/reports/([A-Za-z0-9._-]+)", commands).group(1)
     summary = requests.get(f"{server.url}/reports/{report}", headers={"Accept": "application/json"}, timeout=10).json()
     htop = "/nix/store/5mz92n6yrn38ypfv7irxbk609p8214rd-htop-3.3.0"
-    assert summary["paths"][htop] == "One build"
-    assert summary["counts"]["No builds"] == len(summary["paths"]) - 1 >= 3
+    assert summary["paths"][htop] == ONE_BUILD
+    assert summary["counts"][NO_BUILDS] == len(summary["paths"]) - 1 >= 3

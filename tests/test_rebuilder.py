@@ -9,10 +9,10 @@ from binary_cache import (HttpDirectory, attestations_of_output, build_closure, 
 from support import NIX_CONFIG, nonce, write_derivation
 from post_build_hook import nix_base32_encode
 from support import DEBIAN_PYTHON, hooks_dir_of, token_file_settings
+from web import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, REPRODUCED
 
 SCRIPT = "rebuilder.sh"
 REPORT = "rebuild-me"
-REPRODUCED = "Successfully reproduced"
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,10 @@ def test_rebuild_reproduces_deterministic_outputs_and_exposes_the_nondeterminist
     for label in ("leaf", "mid", "two", "root"):
         for out_path in closure[label].outputs.values():
             assert verdicts[out_path] == REPRODUCED, out_path
-    assert verdicts[closure["nondeterministic"].out] == "Consistently nondeterministic"
-    assert verdicts[extra["fresh"].out] == "One build"
-    assert verdicts[extra["thin"].out] == "One build"
-    assert verdicts[extra["failing"].out] == "No builds"
+    assert verdicts[closure["nondeterministic"].out] == NONDETERMINISTIC
+    assert verdicts[extra["fresh"].out] == ONE_BUILD
+    assert verdicts[extra["thin"].out] == ONE_BUILD
+    assert verdicts[extra["failing"].out] == NO_BUILDS
 
 
 def test_output_missing_locally_is_built_then_checked_and_the_hook_reports_it(

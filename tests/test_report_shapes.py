@@ -3,6 +3,7 @@ import pytest
 
 import sbom_samples as samples
 from support import bearer, create_user
+from web import NO_BUILDS
 
 JSON = {"Accept": "application/json"}
 
@@ -38,11 +39,11 @@ def tree_lines(client, name):
 def diamond_tree(closure):
     out = closure.out
     return [
-        (0, out("app"), "No builds"),
-        (1, out("left"), "No builds"),
-        (2, out("shared"), "No builds"),
-        (3, out("leaf"), "No builds"),
-        (1, out("right"), "No builds"),
+        (0, out("app"), NO_BUILDS),
+        (1, out("left"), NO_BUILDS),
+        (2, out("shared"), NO_BUILDS),
+        (3, out("leaf"), NO_BUILDS),
+        (1, out("right"), NO_BUILDS),
         (2, out("shared"), "(shown above)"),
     ]
 
@@ -104,11 +105,11 @@ def test_sbomnix_tree_lists_every_output_of_a_component_at_its_depth(client, tok
     define(client, token, "sbomnix", closure)
     lines = tree_lines(client, "sbomnix")
     shared = set(closure.outputs["shared"])
-    first = [line for line in lines if line[1] in shared and line[2] == "No builds"]
+    first = [line for line in lines if line[1] in shared and line[2] == NO_BUILDS]
     repeated = [line for line in lines if line[1] in shared and line[2] == "(shown above)"]
     assert {(depth, path) for depth, path, _ in first} == {(2, path) for path in shared}
     assert {(depth, path) for depth, path, _ in repeated} == {(2, path) for path in shared}
-    assert (3, closure.out("leaf"), "No builds") in lines
+    assert (3, closure.out("leaf"), NO_BUILDS) in lines
 
 
 def test_bombon_basenames_become_full_store_paths(client, token):
@@ -157,7 +158,7 @@ def test_name_with_question_mark_is_a_report_path(client, token):
 def test_component_without_dependencies_entry_still_appears_in_tree(client, token):
     closure = samples.odd_sbom()
     define(client, token, "odd", closure)
-    assert (0, closure.out("orphan"), "No builds") in tree_lines(client, "odd")
+    assert (0, closure.out("orphan"), NO_BUILDS) in tree_lines(client, "odd")
 
 
 def test_odd_sbom_tree(client, token):
@@ -165,11 +166,11 @@ def test_odd_sbom_tree(client, token):
     define(client, token, "odd", closure)
     out = closure.out
     assert tree_lines(client, "odd") == [
-        (0, out("odd-root"), "No builds"),
-        (1, out("notype"), "No builds"),
-        (2, out("what?"), "No builds"),
-        (1, out("stringver"), "No builds"),
-        (0, out("orphan"), "No builds"),
+        (0, out("odd-root"), NO_BUILDS),
+        (1, out("notype"), NO_BUILDS),
+        (2, out("what?"), NO_BUILDS),
+        (1, out("stringver"), NO_BUILDS),
+        (0, out("orphan"), NO_BUILDS),
     ]
 
 
@@ -178,8 +179,8 @@ def test_cycle_is_shown_once_then_referenced(client, token):
     define(client, token, "cycle", closure)
     out = closure.out
     assert tree_lines(client, "cycle") == [
-        (0, out("cyc-root"), "No builds"),
-        (1, out("cyc-a"), "No builds"),
-        (2, out("cyc-b"), "No builds"),
+        (0, out("cyc-root"), NO_BUILDS),
+        (1, out("cyc-a"), NO_BUILDS),
+        (2, out("cyc-b"), NO_BUILDS),
         (3, out("cyc-a"), "(shown above)"),
     ]
