@@ -515,7 +515,7 @@ class Watchdog:
         import threading
         self.seconds = seconds
         self.expired = False
-        self.connection = None
+        self.sockets = []
         self.timer = threading.Timer(seconds, self.expire)
         self.timer.daemon = True
 
@@ -529,15 +529,18 @@ class Watchdog:
         watched().watchdog = None
 
     def watch(self, connection):
-        self.connection = connection
+        # The socket itself, not the connection: http.client lets go of it when the
+        # answer ends the connection, and the body is then read through the answer.
+        sock = getattr(connection, "sock", None)
+        if sock is not None and sock not in self.sockets:
+            self.sockets.append(sock)
         if self.expired:
             self.expire()
 
     def expire(self):
         import socket
         self.expired = True
-        sock = getattr(self.connection, "sock", None)
-        if sock is not None:
+        for sock in self.sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
