@@ -274,7 +274,7 @@ def server_setting(env):
 def load_config(env):
     server = server_setting(env)
     if not server:
-        raise ConfigError("HASH_COLLECTION_SERVER is not set, so there is no server to report to")
+        raise ConfigError("HASH_COLLECTION_SERVER is not set, so there is no server to send submissions to")
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
         raise ConfigError("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set; the server needs a token")
@@ -556,23 +556,23 @@ def watched():
 
 
 def watched_connection_classes():
-    """urllib3 connection pools whose connections report themselves to the thread's Watchdog."""
+    """urllib3 connection pools whose connections show themselves to the thread's Watchdog."""
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    def report(connection):
+    def show(connection):
         watchdog = getattr(watched(), "watchdog", None)
         if watchdog is not None:
             watchdog.watch(connection)
 
     class WatchedHTTPConnection(HTTPConnection):
         def connect(self):
-            report(self)
+            show(self)
             super().connect()
-            report(self)
+            show(self)
 
         def request(self, *args, **kwargs):
-            report(self)
+            show(self)
             return super().request(*args, **kwargs)
 
     class WatchedHTTPSConnection(WatchedHTTPConnection, HTTPSConnection):
@@ -1057,7 +1057,7 @@ def deliver_submission(config, submission, delivery):
 # ---------------------------------------------------------------- commands
 
 def post_build_hook(args, env):
-    """Nix's post-build-hook: report every output of DRV_PATH."""
+    """Nix's post-build-hook: attest every output of DRV_PATH."""
     started = process_started()
     drv_path = env.get("DRV_PATH", "")
     if not drv_path:
@@ -1075,7 +1075,7 @@ def post_build_hook(args, env):
 
 
 def diff_hook(args, env):
-    """Nix's diff-hook: report the rebuilt (.check) output's hash under the original output path."""
+    """Nix's diff-hook: attest the rebuilt (.check) output's hash under the original output path."""
     started = process_started()
     if len(args) not in (3, 4):
         raise ConfigError(f"usage: post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR], got {len(args)} arguments")
@@ -1801,7 +1801,7 @@ def run(command, args, env, is_hook):
 def usage():
     return ("usage: post_build_hook.py                    (as Nix's post-build-hook: reads DRV_PATH, OUT_PATHS)\n"
             "       post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR]   (as Nix's diff-hook)\n"
-            "       post_build_hook.py flush              (deliver the spool)\n"
+            "       post_build_hook.py flush              (deliver the spooled submissions)\n"
             "       post_build_hook.py fetch-from-cache REPORT [-j N]   (import what a binary cache signed)\n"
             "       post_build_hook.py rebuild REPORT [-j N]            (rebuild and --check open paths)\n"
             "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)")
