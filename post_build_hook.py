@@ -231,9 +231,11 @@ def nar_hash_and_size(path):
 # network time, and keeps what it could not deliver in the spool.
 
 DEFAULT_TIMEOUT = 5.0
-ROOT_SPOOL = "/var/lib/hash-collection/spool"
+ROOT_SPOOL = "/var/lib/hash-collection/spool"  # root-owned 0700: nobody else may write where root writes
+BUILD_USER_SPOOL = "/var/lib/hash-collection/build-user-spool"  # the diff hook's, root:nixbld 2770; root only reads it
+DEFAULT_BUILD_USERS_GROUP = "nixbld"
 NIX_QUERY_TIMEOUT = 60
-FINISHING_TIME = 0.1  # of the time budget, kept back to spool the report and exit
+FINISHING_TIME = 0.1  # of the time budget, kept back to spool the submission and exit
 PREFIX = "hash-collection:"
 
 
@@ -252,13 +254,16 @@ class StoreQueryError(Exception):
 # ---------------------------------------------------------------- configuration
 
 class Config:
-    def __init__(self, server, token, secret_key, key_problem, spool, timeout):
+    def __init__(self, server, token, secret_key, key_problem, spool, timeout, build_user_spool=None,
+                 build_users_group=DEFAULT_BUILD_USERS_GROUP):
         self.server = server
         self.token = token
         self.secret_key = secret_key
         self.key_problem = key_problem
         self.spool = spool
         self.timeout = timeout
+        self.build_user_spool = build_user_spool
+        self.build_users_group = build_users_group
 
 
 def server_setting(env):
@@ -269,12 +274,14 @@ def server_setting(env):
 def load_config(env):
     server = server_setting(env)
     if not server:
-        raise ConfigError("HASH_COLLECTION_SERVER is not set, so there is no server to report to")
+        raise ConfigError("HASH_COLLECTION_SERVER is not set, so there is no server to send submissions to")
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
         raise ConfigError("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set; the server needs a token")
     secret_key, key_problem = load_secret_key(env)
-    return Config(server, token, secret_key, key_problem, spool_directory(env), timeout_of(env))
+    return Config(server, token, secret_key, key_problem, spool_directory(env), timeout_of(env),
+                  build_user_spool_directory(env),
+                  env.get("HASH_COLLECTION_BUILD_USERS_GROUP", "").strip() or DEFAULT_BUILD_USERS_GROUP)
 
 
 def read_secret(env, name):
@@ -326,7 +333,7 @@ def timeout_of(env):
 
 
 def spool_directory(env):
-    """Where undelivered reports wait. Computed without touching the disk: HOME may not exist."""
+    """Where this process's undelivered submissions wait. Computed without touching the disk: HOME may not exist."""
     if env.get("HASH_COLLECTION_SPOOL"):
         return env["HASH_COLLECTION_SPOOL"]
     if os.getuid() == 0:
@@ -336,6 +343,15 @@ def spool_directory(env):
         home = env.get("HOME") or home_of_current_user()
         state_home = os.path.join(home, ".local", "state")
     return os.path.join(state_home, "hash-collection", "spool")
+
+
+def build_user_spool_directory(env):
+    """The diff hook's spool, which root delivers from; None for anyone else or when set empty."""
+    if os.geteuid() != 0:
+        return None  # the diff hook itself: its spool is HASH_COLLECTION_SPOOL
+    if "HASH_COLLECTION_BUILD_USER_SPOOL" in env:
+        return env["HASH_COLLECTION_BUILD_USER_SPOOL"].strip() or None
+    return BUILD_USER_SPOOL
 
 
 def home_of_current_user():
@@ -382,7 +398,7 @@ def derivation_outputs(drv_path, env):
             continue
         if out_paths:
             return out_paths
-    return run_nix(["nix-store", "--query", "--outputs", drv_path], env).split()
+    return run_nix(["nix-store", "--query", "--outputs", "--", drv_path], env).split()
 
 
 def output_paths_in(shown, drv_path):
@@ -410,7 +426,7 @@ def path_infos(out_paths, env):
     """NAR hash, size and references of valid store paths, in one nix call."""
     # `--dump-db PATHS` prints Nix's registration format, unchanged since Nix 1.x:
     # path, base16 NAR hash, NAR size, deriver, reference count, references.
-    lines = run_nix(["nix-store", "--dump-db", *out_paths], env).splitlines()
+    lines = run_nix(["nix-store", "--dump-db", "--", *out_paths], env).splitlines()
     infos = {}
     position = 0
     while position + 5 <= len(lines):
@@ -425,10 +441,187 @@ def path_infos(out_paths, env):
 
 
 def references_of(out_path, env):
-    return run_nix(["nix-store", "--query", "--references", out_path], env).split()
+    return run_nix(["nix-store", "--query", "--references", "--", out_path], env).split()
 
 
-# ---------------------------------------------------------------- reports
+# ---------------------------------------------------------------- HTTP with a deadline
+
+class HttpError(Exception):
+    """No usable answer: the connection failed, the deadline passed or the answer was too large."""
+
+
+class Answer:
+    """A complete HTTP answer, read within its deadline and size cap."""
+
+    def __init__(self, status_code, reason, headers, body):
+        self.status_code = status_code
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http_request(method, url, seconds, max_bytes, **kwargs):
+    """One HTTP exchange that ends within `seconds` whatever the peer does, with at most max_bytes of body.
+
+    requests' timeouts bound each read, so a peer sending a byte now and then could hold
+    a call forever; a watchdog shuts the socket down at the deadline instead. Redirects
+    are never followed: a write must reach the server it was meant for, and a redirect
+    loop must not spend the budget.
+    """
+    import requests
+    if seconds <= 0:
+        raise HttpError(f"no time left for {url}")
+    watchdog = Watchdog(seconds)
+    try:
+        with watchdog:
+            response = http_session().request(method, url, stream=True, allow_redirects=False,
+                                              timeout=(seconds, seconds), **kwargs)
+            with response:
+                body = capped_body(response, max_bytes, watchdog)
+    except requests.RequestException as error:
+        if watchdog.expired:
+            raise HttpError(f"no complete answer from {url} within {seconds:g} s") from None
+        raise HttpError(f"{error.__class__.__name__} from {url}") from None
+    return Answer(response.status_code, response.reason, response.headers, body)
+
+
+def capped_body(response, max_bytes, watchdog):
+    body = bytearray()
+    for chunk in response.iter_content(chunk_size=64 << 10):
+        body += chunk
+        if len(body) > max_bytes:
+            raise HttpError(f"the answer from {response.url} is larger than {max_bytes} bytes")
+        if watchdog.expired:
+            break
+    if watchdog.expired:
+        raise HttpError(f"no complete answer from {response.url} within {watchdog.seconds:g} s")
+    return bytes(body)
+
+
+WATCHED = None  # per thread: the Watchdog of the request running in it
+
+
+class Watchdog:
+    """Shuts down the connection of this thread's request when its time is up, waking any blocked read."""
+
+    def __init__(self, seconds):
+        import threading
+        self.seconds = seconds
+        self.expired = False
+        self.sockets = []
+        self.timer = threading.Timer(seconds, self.expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        watched().watchdog = self
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.timer.cancel()
+        watched().watchdog = None
+
+    def watch(self, connection):
+        # The socket itself, not the connection: http.client lets go of it when the
+        # answer ends the connection, and the body is then read through the answer.
+        sock = getattr(connection, "sock", None)
+        if sock is not None and sock not in self.sockets:
+            self.sockets.append(sock)
+        if self.expired:
+            self.expire()
+
+    def expire(self):
+        import socket
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+def watched():
+    global WATCHED
+    import threading
+    if WATCHED is None:
+        WATCHED = threading.local()
+    return WATCHED
+
+
+def watched_connection_classes():
+    """urllib3 connection pools whose connections show themselves to the thread's Watchdog."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def show(connection):
+        watchdog = getattr(watched(), "watchdog", None)
+        if watchdog is not None:
+            watchdog.watch(connection)
+
+    class WatchedHTTPConnection(HTTPConnection):
+        def connect(self):
+            show(self)
+            super().connect()
+            show(self)
+
+        def request(self, *args, **kwargs):
+            show(self)
+            return super().request(*args, **kwargs)
+
+    class WatchedHTTPSConnection(WatchedHTTPConnection, HTTPSConnection):
+        pass
+
+    class WatchedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = WatchedHTTPConnection
+
+    class WatchedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPSConnection
+
+    return {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+
+
+def watched_session():
+    import requests
+    pools = watched_connection_classes()
+
+    class WatchedAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, *args, **kwargs):
+            manager = super().proxy_manager_for(*args, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, WatchedAdapter())
+    return session
+
+
+def http_session():
+    """One session per thread (sessions are not safe to share), each request watched by its deadline."""
+    local = watched()
+    if getattr(local, "session", None) is None:
+        local.session = watched_session()
+    return local.session
+
+
+# ---------------------------------------------------------------- submissions
+
+# A submission is what the hooks send in one POST /attestation/<drv_ident>: the
+# attestations of one derivation's outputs. ("Report" is the server's SBOM report.)
+SUBMISSION_CAP = 1 << 20  # bytes of one spooled submission file
+SUBMISSION_FIELDS = ("drv_ident", "attestations")
+
 
 def attestation(info, secret_key):
     """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint."""
@@ -444,56 +637,177 @@ def attestation(info, secret_key):
     return entry
 
 
-def new_report(drv_path, attestations):
+def new_submission(drv_path, attestations):
     return {"drv_ident": drv_ident_of(drv_path), "attestations": attestations}
+
+
+def parse_submission(raw):
+    """The submission in a spooled file's bytes, or ValueError saying why the file is set aside."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"it is not UTF-8 ({error.reason} at byte {error.start})") from None
+    try:
+        submission = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"it is not JSON ({error})") from None
+    if not isinstance(submission, dict):
+        raise ValueError(f"expected a JSON object with {' and '.join(SUBMISSION_FIELDS)}, "
+                         f"got a JSON {type(submission).__name__}")
+    try:
+        parse_store_basename(submission.get("drv_ident"))
+    except ValueError as error:
+        raise ValueError(f"drv_ident: {error}") from None
+    attestations = submission.get("attestations")
+    if not isinstance(attestations, list) or not attestations \
+            or not all(isinstance(entry, dict) for entry in attestations):
+        raise ValueError("attestations: expected a non-empty JSON list of objects")
+    return {"drv_ident": submission["drv_ident"], "attestations": attestations}
+
+
+# ---------------------------------------------------------------- reading spooled files
+
+SPOOLED_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class SpooledFile:
+    """One entry of a spool directory: its submission, or the problem that sets it aside."""
+
+    def __init__(self, name, identity, submission=None, problem=None):
+        self.name = name
+        self.identity = identity  # name, inode, size and mtime: tells a rewritten file from the one seen before
+        self.submission = submission
+        self.problem = problem
+
+
+def read_spooled_file(directory_fd, name, may_own):
+    """The only way a spool entry is read. None when it has gone (a concurrent run delivered it).
+
+    A spool may hold anything a build user put there: the entry is opened relative to
+    the directory, without following a symbolic link and without waiting on a FIFO,
+    and read only if it is a regular file of an allowed owner and at most SUBMISSION_CAP bytes.
+    """
+    try:
+        seen = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    try:
+        descriptor = os.open(name, SPOOLED_FILE_FLAGS, dir_fd=directory_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return SpooledFile(name, identity_of(name, seen), problem=f"cannot open it as a plain file ({error.strerror})")
+    with os.fdopen(descriptor, "rb") as handle:
+        opened = os.fstat(descriptor)
+        spooled = SpooledFile(name, identity_of(name, opened))
+        if not stat.S_ISREG(opened.st_mode):
+            spooled.problem = "it is not a regular file"
+        elif not may_own(opened.st_uid):
+            spooled.problem = f"it belongs to uid {opened.st_uid}, who may not submit through this spool"
+        else:
+            raw = handle.read(SUBMISSION_CAP + 1)
+            spooled.problem = f"it is larger than {SUBMISSION_CAP} bytes" if len(raw) > SUBMISSION_CAP else None
+    if spooled.problem is None:
+        try:
+            spooled.submission = parse_submission(raw)
+        except ValueError as error:
+            spooled.problem = str(error)
+    return spooled
+
+
+def identity_of(name, info):
+    return f"{name}/{info.st_ino}/{info.st_size}/{info.st_mtime_ns}"
+
+
+def open_directory(path):
+    """A descriptor of the directory at path, not of a symbolic link's target."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def submission_names(directory_fd, limit=None):
+    """Names of spooled submissions, oldest first (the names begin with the time)."""
+    names = []
+    with os.scandir(directory_fd) as entries:
+        for entry in entries:
+            if entry.name.endswith(".json"):
+                names.append(entry.name)
+            if limit is not None and len(names) >= limit:
+                break
+    return sorted(names)
 
 
 # ---------------------------------------------------------------- the spool
 
-class Spool:
-    """Undelivered reports, one JSON file each, oldest first.
+class UnsafeSpool(ConfigError):
+    """The spool could be changed by someone else: this process neither writes nor reads it."""
 
-    Files appear by rename from tmp/, so a reader never sees half a report, and
-    nothing but finished reports ever sits in the spool directory itself.
+
+class Spool:
+    """This process's own undelivered submissions, one JSON file each, oldest first.
+
+    File names are made here (time and random digits), never from a submission,
+    so they stay short and inside the spool. Files appear by rename from tmp/, so a
+    reader never sees half a submission. rejected/ keeps what will never be delivered.
     """
 
     def __init__(self, directory):
         self.directory = directory
 
-    def report_files(self):
+    def check(self):
+        """Raise UnsafeSpool unless only this user (or root) can change the spool; create it if missing."""
         try:
-            names = os.listdir(self.directory)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as error:
+            raise UnsafeSpool(f"spool {self.directory} is not writable ({error.strerror}, {running_as()})") from None
+        problem = spool_problem(self.directory)
+        if problem:
+            raise UnsafeSpool(f"refusing to use the spool {self.directory}: {problem}")
+
+    def submission_files(self):
+        try:
+            descriptor = open_directory(self.directory)
         except FileNotFoundError:
             return []
-        return sorted(os.path.join(self.directory, name) for name in names if name.endswith(".json"))
-
-    def add(self, report):
-        return self.write(os.path.join(self.directory, report_file_name(report)), report)
-
-    def add_rejected(self, report, reason):
-        """Kept with the server's reason, so it is neither lost nor retried forever."""
-        rejected = os.path.join(self.directory, "rejected", report_file_name(report))
-        return self.write(rejected, {**report, "rejected": reason})
-
-    def reject(self, report_file, report, reason):
-        self.add_rejected(report, reason)
-        self.remove(report_file)
-
-    def remove(self, report_file):
         try:
-            os.unlink(report_file)
+            return [os.path.join(self.directory, name) for name in submission_names(descriptor)]
+        finally:
+            os.close(descriptor)
+
+    def add(self, submission):
+        return self.write(new_spool_name(), submission)
+
+    def add_rejected(self, submission, reason):
+        """Kept with the server's reason, so it is neither lost nor retried forever."""
+        return self.write(new_spool_name(), {**submission, "rejected": reason}, subdirectory="rejected")
+
+    def reject(self, name, submission, reason):
+        self.add_rejected(submission, reason)
+        self.remove(name)
+
+    def set_aside(self, name, reason):
+        """Move an entry that is not a submission to rejected/, under the same (existing, so valid) name."""
+        rejected = self.subdirectory("rejected")
+        os.replace(os.path.join(self.directory, name), os.path.join(rejected, name))
+        say(f"moved {name} to {rejected}/: {reason}")
+
+    def remove(self, name):
+        try:
+            os.unlink(os.path.join(self.directory, name))
         except FileNotFoundError:
             pass  # another hook run delivered it at the same time
 
-    def write(self, final_path, report):
+    def subdirectory(self, name):
+        path = os.path.join(self.directory, name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def write(self, name, content, subdirectory=None):
         import tempfile
-        tmp_directory = os.path.join(self.directory, "tmp")
-        os.makedirs(tmp_directory, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.dirname(final_path), mode=0o700, exist_ok=True)
-        descriptor, tmp_path = tempfile.mkstemp(dir=tmp_directory, suffix=".json")
+        final_path = os.path.join(self.subdirectory(subdirectory) if subdirectory else self.directory, name)
+        descriptor, tmp_path = tempfile.mkstemp(dir=self.subdirectory("tmp"), suffix=".json")
         try:
             with os.fdopen(descriptor, "w") as handle:
-                json.dump(report, handle)
+                json.dump(content, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.rename(tmp_path, final_path)
@@ -503,65 +817,86 @@ class Spool:
         return final_path
 
 
-def report_file_name(report):
-    # The time first, so that sorting the names gives the oldest report first.
-    return f"{time.time_ns()}-{os.getpid()}-{report.get('drv_ident', 'unknown')}.json"
+def new_spool_name():
+    # The time first, so that sorting the names gives the oldest submission first.
+    return f"{time.time_ns()}-{os.urandom(8).hex()}.json"
 
 
-def read_report(report_file):
-    with open(report_file) as handle:
-        return json.loads(handle.read())
+def spool_problem(directory):
+    """Why someone other than this user could change the spool, or None."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a directory (a symbolic link?)"
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"it belongs to uid {info.st_uid}"
+    writable_by_others = 0o022 if os.geteuid() == 0 else 0o002
+    if info.st_mode & writable_by_others:
+        return (f"others can write it (mode {stat.filemode(info.st_mode)}); "
+                f"make it {'root-owned 0700' if os.geteuid() == 0 else 'not world-writable'}")
+    for name in ("tmp", "rejected"):
+        try:
+            if not stat.S_ISDIR(os.lstat(os.path.join(directory, name)).st_mode):
+                return f"{name} in it is not a directory (a symbolic link?); move it away"
+        except FileNotFoundError:
+            continue
+    return None
 
 
 # ---------------------------------------------------------------- delivery
 
 DELIVERED, REJECTED, KEPT = "delivered", "rejected", "kept"
+# Answers that mean "never": anything else (a 404 from a mistyped URL, 401, 5xx) may heal.
+REJECTING_STATUSES = (400, 413, 422)
+SUBMISSION_ANSWER_CAP = 64 << 10
+ATTESTATIONS_ANSWER_CAP = 1 << 20  # every builder's attestations of one output
 
 
 class Delivery:
-    """Posts reports until the server fails once or, for a hook, its time budget is spent."""
+    """Posts submissions one by one until the server is unreachable or, for a hook, the time budget is spent."""
 
     def __init__(self, config, started=None):
         """With started (a time.monotonic()), the whole run from then on gets config.timeout; else each request does."""
         self.config = config
         self.deadline = None if started is None else started + config.timeout - FINISHING_TIME
         self.stopped_because = None
-        self.session = None
 
-    def post(self, report):
-        """(DELIVERED | REJECTED | KEPT, reason)."""
-        import requests  # before measuring what is left: the import alone takes a tenth of a second
+    def post(self, submission):
+        """(DELIVERED | REJECTED | KEPT, reason) of one submission; a bad answer for one does not stop the next."""
+        import requests  # noqa: F401 - before measuring what is left: the import alone takes a tenth of a second
         remaining = self.time_left()
         if self.stopped_because is None and remaining <= 0:
             self.stopped_because = f"the {self.config.timeout:g} s time budget is spent"
         if self.stopped_because:
             return KEPT, self.stopped_because
-        url = f"{self.config.server}/attestation/{report['drv_ident']}"
         try:
-            response = self.http().post(url, json=report["attestations"], timeout=remaining,
-                                        headers={"Authorization": f"Bearer {self.config.token}"})
-        except requests.RequestException as error:
-            self.stopped_because = f"{self.config.server} unreachable: {error.__class__.__name__}"
+            answer = http_request("POST", attestation_url(self.config.server, submission["drv_ident"]), remaining,
+                                  SUBMISSION_ANSWER_CAP, json=submission["attestations"],
+                                  headers={"Authorization": f"Bearer {self.config.token}"})
+        except HttpError as error:
+            self.stopped_because = f"{self.config.server} unreachable: {error}"
             return KEPT, self.stopped_because
-        if 200 <= response.status_code < 300:
+        if 200 <= answer.status_code < 300:
             return DELIVERED, None
-        reason = server_reason(response)
-        if response.status_code == 400:
-            return REJECTED, reason
-        # Any other answer (401, 5xx, …) would repeat for every report in this run.
-        self.stopped_because = reason
-        return KEPT, reason
+        if 300 <= answer.status_code < 400:
+            return KEPT, redirect_reason(answer)
+        reason = server_reason(answer)
+        return (REJECTED if answer.status_code in REJECTING_STATUSES else KEPT), reason
 
     def time_left(self):
         if self.deadline is None:
             return self.config.timeout
         return self.deadline - time.monotonic()
 
-    def http(self):
-        if self.session is None:
-            import requests
-            self.session = requests.Session()
-        return self.session
+
+def attestation_url(server, drv_ident):
+    from urllib.parse import quote
+    return f"{server}/attestation/{quote(drv_ident, safe='')}"
+
+
+def redirect_reason(answer):
+    # A POST that follows a redirect may land somewhere that answers 200 without storing anything.
+    return (f"HTTP {answer.status_code}: redirected to {shorten(answer.headers.get('Location', '?'))}, which a "
+            f"submission does not follow; set HASH_COLLECTION_SERVER to the address that answers")
 
 
 def server_reason(response):
@@ -573,59 +908,156 @@ def server_reason(response):
 
 
 def deliver_spool(spool, delivery):
-    """Send spooled reports, oldest first, until delivery stops."""
-    for report_file in spool.report_files():
-        if delivery.stopped_because:
-            return
-        try:
-            report = read_report(report_file)
-        except FileNotFoundError:
-            continue  # delivered by a concurrent run
-        except ValueError as error:
-            set_aside(spool, report_file, f"it is not JSON ({error})")
-            continue
-        outcome, reason = delivery.post(report)
-        if outcome == DELIVERED:
-            spool.remove(report_file)
-        elif outcome == REJECTED:
-            spool.reject(report_file, report, reason)
-            say(f"server rejected {os.path.basename(report_file)}, moved to {spool.directory}/rejected/: {reason}")
-
-
-def set_aside(spool, report_file, reason):
-    rejected = os.path.join(spool.directory, "rejected")
-    os.makedirs(rejected, mode=0o700, exist_ok=True)
-    os.replace(report_file, os.path.join(rejected, os.path.basename(report_file)))
-    say(f"moved {os.path.basename(report_file)} to {rejected}/: {reason}")
-
-
-def deliver_report(config, report, delivery):
-    """The hooks' delivery: spooled reports first, then this one; spool it if that fails."""
-    spool = Spool(config.spool)
+    """Send this process's spooled submissions, oldest first, until delivery stops."""
+    descriptor = open_directory(spool.directory)
     try:
-        deliver_spool(spool, delivery)
-    except OSError:
-        pass  # e.g. the diff hook's build user cannot read the spool; this report still goes out
-    outcome, reason = delivery.post(report)
+        for name in submission_names(descriptor):
+            if delivery.stopped_because:
+                return
+            # Not owned by us: left from the shared spool of old versions. Read like anything else, with care.
+            spooled = read_spooled_file(descriptor, name, may_own=lambda uid: True)
+            if spooled is None:
+                continue
+            if spooled.problem:
+                spool.set_aside(name, spooled.problem)
+                continue
+            outcome, reason = delivery.post(spooled.submission)
+            if outcome == DELIVERED:
+                spool.remove(name)
+            elif outcome == REJECTED:
+                spool.reject(name, spooled.submission, reason)
+                say(f"server rejected {name}, moved to {spool.directory}/rejected/: {reason}")
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------- root reading the build users' spool
+
+BUILD_USER_FILES_PER_RUN = 1000
+LEDGER_NAME = "build-user-spool.ledger"  # in root's own spool; not *.json, so never taken for a submission
+
+
+class BuildUserSpool:
+    """The diff hook's spool, seen by root: read through read_spooled_file only, never written, renamed or deleted.
+
+    What root delivers or sets aside is remembered in a ledger in root's own spool,
+    so root sends each file once; what the server does not take stays for the build users' own retries.
+    """
+
+    def __init__(self, directory, group, own_spool):
+        self.directory = directory
+        self.group = group
+        self.ledger_path = os.path.join(own_spool.directory, LEDGER_NAME)
+        self.own_spool = own_spool
+        self.counts = dict.fromkeys((DELIVERED, REJECTED, KEPT), 0)
+
+    def deliver(self, delivery):
+        try:
+            descriptor = open_directory(self.directory)
+        except FileNotFoundError:
+            return
+        may_own = build_user_ids(self.group).__contains__
+        ledger, kept_ledger = self.read_ledger(), {}
+        try:
+            for name in submission_names(descriptor, limit=BUILD_USER_FILES_PER_RUN):
+                if delivery.stopped_because:
+                    break
+                self.deliver_one(descriptor, name, may_own, delivery, ledger, kept_ledger)
+        finally:
+            os.close(descriptor)
+        if kept_ledger != ledger:
+            self.write_ledger(kept_ledger)
+
+    def deliver_one(self, descriptor, name, may_own, delivery, ledger, kept_ledger):
+        try:
+            identity = identity_of(name, os.stat(name, dir_fd=descriptor, follow_symlinks=False))
+        except FileNotFoundError:
+            return
+        if identity in ledger:
+            kept_ledger[identity] = ledger[identity]
+            return
+        spooled = read_spooled_file(descriptor, name, may_own)
+        if spooled is None:
+            return
+        if spooled.problem:
+            outcome, reason = REJECTED, spooled.problem
+        else:
+            outcome, reason = delivery.post(spooled.submission)
+        self.counts[outcome] += 1
+        if outcome != KEPT:
+            kept_ledger[spooled.identity] = outcome if reason is None else f"{outcome}: {reason}"
+        if outcome == REJECTED:
+            say(f"skipped {self.directory}/{name}, left for the build users: {reason}")
+
+    def read_ledger(self):
+        try:
+            with open(self.ledger_path) as handle:
+                ledger = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return ledger if isinstance(ledger, dict) else {}
+
+    def write_ledger(self, ledger):
+        # Only files still present are remembered, so the ledger stays as small as the build users' spool.
+        self.own_spool.write(LEDGER_NAME, ledger)
+
+
+def build_user_ids(group_name):
+    """The uids of the build users: the members of the group and the users whose primary group it is."""
+    import grp
+    import pwd
+    try:
+        group = grp.getgrnam(group_name)
+    except KeyError:
+        raise ConfigError(f"HASH_COLLECTION_BUILD_USERS_GROUP: there is no group {group_name!r}") from None
+    uids = {user.pw_uid for user in pwd.getpwall() if user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem}
+    uids.discard(0)  # root is never a build user, whatever the group file says
+    return uids
+
+
+def deliver_spools(config, delivery):
+    """Deliver what waits in this process's spool and, for root, in the build users' spool."""
+    spool = Spool(config.spool)
+    reads_build_users = bool(config.build_user_spool) and \
+        os.path.abspath(config.build_user_spool) != os.path.abspath(spool.directory)
+    if not reads_build_users and not os.path.lexists(spool.directory):
+        return None  # nothing waits, and the spool is made only when something must wait
+    spool.check()
+    deliver_spool(spool, delivery)
+    if not reads_build_users:
+        return None
+    build_user_spool = BuildUserSpool(config.build_user_spool, config.build_users_group, spool)
+    build_user_spool.deliver(delivery)
+    return build_user_spool
+
+
+def deliver_submission(config, submission, delivery):
+    """The hooks' delivery: this submission first, then what waits; spool it if it was not delivered."""
+    outcome, reason = delivery.post(submission)
+    try:
+        deliver_spools(config, delivery)
+    except (OSError, ConfigError) as error:
+        say(f"spooled submissions not delivered this time: {error}")
     if outcome == DELIVERED:
         return
+    spool = Spool(config.spool)
     try:
+        spool.check()
         if outcome == REJECTED:
-            kept = spool.add_rejected(report, reason)
-            say(f"server rejected the report for {report['drv_ident']}, kept in {kept}: {reason}")
+            kept = spool.add_rejected(submission, reason)
+            say(f"server rejected the submission for {submission['drv_ident']}, kept in {kept}: {reason}")
             return
-        spool.add(report)
-    except OSError as error:
-        say(f"report for {report['drv_ident']} lost: not delivered ({reason}) and spool "
-            f"{spool.directory} is not writable ({error.strerror}, {running_as()})")
+        spool.add(submission)
+    except (OSError, UnsafeSpool) as error:
+        say(f"submission for {submission['drv_ident']} lost: not delivered ({reason}) and {error}")
         return
-    say(f"report for {report['drv_ident']} spooled in {spool.directory}: {reason}")
+    say(f"submission for {submission['drv_ident']} spooled in {spool.directory}: {reason}")
 
 
 # ---------------------------------------------------------------- commands
 
 def post_build_hook(args, env):
-    """Nix's post-build-hook: report every output of DRV_PATH."""
+    """Nix's post-build-hook: attest every output of DRV_PATH."""
     started = process_started()
     drv_path = env.get("DRV_PATH", "")
     if not drv_path:
@@ -637,12 +1069,13 @@ def post_build_hook(args, env):
     out_paths = env.get("OUT_PATHS", "").split() or derivation_outputs(drv_path, env)
     infos = path_infos(out_paths, env)
     warn_if_unsigned(config)
-    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key) for info in infos]), delivery)
+    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key) for info in infos]),
+                       delivery)
     return 0
 
 
 def diff_hook(args, env):
-    """Nix's diff-hook: report the rebuilt (.check) output's hash under the original output path."""
+    """Nix's diff-hook: attest the rebuilt (.check) output's hash under the original output path."""
     started = process_started()
     if len(args) not in (3, 4):
         raise ConfigError(f"usage: post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR], got {len(args)} arguments")
@@ -658,7 +1091,7 @@ def diff_hook(args, env):
     config.key_problem = config.key_problem or problem
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
-    deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key)]), delivery)
+    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key)]), delivery)
     return 0
 
 
@@ -677,13 +1110,11 @@ def known_references(config, out_path, env, delivery):
 def references_we_attested(config, out_path, delivery):
     if not config.secret_key or delivery.time_left() <= 0:
         return None
-    import requests
-    digest, name = parse_store_path(out_path)
     try:
-        response = delivery.http().get(f"{config.server}/attestations/by-output/{digest}-{name}",
-                                       timeout=delivery.time_left())
-    except requests.RequestException as error:
-        delivery.stopped_because = f"{config.server} unreachable: {error.__class__.__name__}"
+        response = http_request("GET", by_output_url(config.server, out_path), delivery.time_left(),
+                                ATTESTATIONS_ANSWER_CAP)
+    except HttpError as error:
+        delivery.stopped_because = f"{config.server} unreachable: {error}"
         return None
     try:
         attestations = response.json() if response.status_code == 200 else []
@@ -694,6 +1125,12 @@ def references_we_attested(config, out_path, delivery):
         if is_signed_by(public_key, out_path, attested):
             return attested["references"]
     return None
+
+
+def by_output_url(server, out_path):
+    from urllib.parse import quote
+    digest, name = parse_store_path(out_path)
+    return f"{server}/attestations/by-output/{quote(f'{digest}-{name}', safe='')}"
 
 
 def is_signed_by(public_key, out_path, attested):
@@ -729,15 +1166,20 @@ def warn_if_unsigned(config):
 
 
 def flush(args, env):
-    """Deliver everything in the spool; exit 1 when reports remain."""
+    """Deliver everything in the spool (and, for root, the build users' spool); exit 1 when submissions remain."""
     config = load_config(env)
     spool = Spool(config.spool)
-    before = len(spool.report_files())
+    before = len(spool.submission_files())
     # flush runs outside Nix's build loop: bound each request, not the whole run.
-    deliver_spool(spool, Delivery(config))
-    left = len(spool.report_files())
-    print(f"{PREFIX} {before - left} of {before} spooled reports delivered, {left} waiting in {spool.directory}")
-    return 1 if left else 0
+    build_user_spool = deliver_spools(config, Delivery(config))
+    left = len(spool.submission_files())
+    print(f"{PREFIX} {before - left} of {before} spooled submissions delivered, {left} waiting in {spool.directory}")
+    if build_user_spool is None:
+        return 1 if left else 0
+    counts = build_user_spool.counts
+    print(f"{PREFIX} from the build users' spool {build_user_spool.directory}: {counts[DELIVERED]} delivered, "
+          f"{counts[REJECTED]} set aside, {counts[KEPT]} not delivered")
+    return 1 if left or counts[KEPT] else 0
 
 
 # ================================================================ filling reports
@@ -799,37 +1241,29 @@ def short_path(out_path):
 
 # ---------------------------------------------------------------- HTTP with bounded retries
 
-HTTP_SESSIONS = None
+# Caps on answers, each well above what the call can legitimately need.
+NARINFO_CAP = 64 << 10
+PENDING_PAGE_CAP = 16 << 20  # PENDING_PAGE paths with their drv paths
+REPORT_PATHS_CAP = 256 << 20  # every path of a report, up to the server's limit on paths
+SMALL_ANSWER_CAP = 1 << 20
 
 
-def http_session():
-    """One requests.Session per thread: sessions are not safe to share between threads."""
-    global HTTP_SESSIONS
-    import threading
-    import requests
-    if HTTP_SESSIONS is None:
-        HTTP_SESSIONS = threading.local()
-    if not hasattr(HTTP_SESSIONS, "session"):
-        HTTP_SESSIONS.session = requests.Session()
-    return HTTP_SESSIONS.session
-
-
-def request_with_retries(method, url, timeout, **kwargs):
+def request_with_retries(method, url, timeout, max_bytes, **kwargs):
     """The first answer that is not transient; TransientError after TRANSIENT_TRIES transient failures.
 
-    5xx, 429, timeouts and connection errors are retried with backoff; nothing
-    is retried without bound, so a dead cache or server cannot hold a run forever.
-    Retrying a POST of attestations is safe: re-posting one is a no-op on the server.
+    Each try ends within timeout (http_request). 5xx, 429, timeouts and connection errors
+    are retried with backoff; nothing is retried without bound, so a dead cache or server
+    cannot hold a run forever. Retrying a POST of attestations is safe: re-posting one is
+    a no-op on the server.
     """
-    import requests
     problem = None
     for attempt in range(TRANSIENT_TRIES):
         if attempt:
             time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
         try:
-            response = http_session().request(method, url, timeout=timeout, **kwargs)
-        except requests.RequestException as error:
-            problem = f"{error.__class__.__name__} from {url}"
+            response = http_request(method, url, timeout, max_bytes, **kwargs)
+        except HttpError as error:
+            problem = str(error)
             continue
         if response.status_code < 500 and response.status_code != 429:
             return response
@@ -845,10 +1279,11 @@ class Server:
         self.token = token
         self.timeout = timeout
 
-    def request(self, method, path, headers=None, **kwargs):
+    def request(self, method, path, max_bytes=SMALL_ANSWER_CAP, headers=None, **kwargs):
         headers = {**(headers or {}), **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
         try:
-            response = request_with_retries(method, self.url + path, self.timeout, headers=headers, **kwargs)
+            response = request_with_retries(method, self.url + path, self.timeout, max_bytes, headers=headers,
+                                            **kwargs)
         except TransientError as error:
             raise ConfigError(f"cannot reach the server: {error}") from None
         if response.status_code == 401:
@@ -862,28 +1297,35 @@ class Server:
         after = None
         while True:
             params = {"limit": PENDING_PAGE, **({"after": after} if after else {})}
-            response = self.request("GET", f"/reports/{quote(report, safe='')}/pending", params=params)
+            response = self.request("GET", f"/reports/{quote(report, safe='')}/pending", PENDING_PAGE_CAP,
+                                    params=params)
             if response.status_code == 404:
                 raise ConfigError(f"{self.url} has no report named {report!r} ({server_reason(response)})")
             if response.status_code != 200:
                 raise ConfigError(f"cannot list the open paths of {report!r}: {server_reason(response)}")
             page = response.json()
-            yield from page["paths"]
+            yield from checked_pending(page["paths"])
             after = page.get("next")
             if not after:
                 return
 
     def report_paths(self, report):
+        """The report's store paths; anything else the server sends is named and left out."""
         from urllib.parse import quote
-        response = self.request("GET", f"/reports/{quote(report, safe='')}",
+        response = self.request("GET", f"/reports/{quote(report, safe='')}", REPORT_PATHS_CAP,
                                 headers={"Accept": "application/json"})
         if response.status_code != 200:
             raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
-        return sorted(response.json()["paths"])
+        paths = response.json()["paths"]  # {out_path: verdict}
+        if not isinstance(paths, (dict, list)):
+            raise ConfigError(f"report {report!r}: the server sent paths that are neither an object nor a list")
+        for path in paths:
+            if not is_store_path(path):
+                say(f"report {report!r}: the server sent {shorten(path)!r}, which is not a store path; left out")
+        return sorted({path for path in paths if is_store_path(path)})
 
     def attestations_of(self, out_path):
-        digest, name = parse_store_path(out_path)
-        response = self.request("GET", f"/attestations/by-output/{digest}-{name}")
+        response = self.request("GET", by_output_url("", out_path), ATTESTATIONS_ANSWER_CAP)
         if response.status_code != 200:
             raise ConfigError(f"cannot read the attestations of {out_path}: {server_reason(response)}")
         return response.json()
@@ -892,6 +1334,17 @@ class Server:
         """None when stored, else the server's reason."""
         response = self.request("POST", "/attestations", json=attestations)
         return None if response.status_code == 200 else server_reason(response)
+
+
+def checked_pending(paths):
+    """The server's open paths that name real store paths (and .drv paths): they become arguments to Nix."""
+    for pending in paths:
+        out_path = pending.get("out_path") if isinstance(pending, dict) else None
+        drv_path = pending.get("drv_path") if isinstance(pending, dict) else None
+        if not is_store_path(out_path) or not (drv_path is None or is_store_path(drv_path) and drv_path.endswith(".drv")):
+            say(f"the server sent an open path that is not a store path, left out: {shorten(pending)!r}")
+            continue
+        yield pending
 
 
 class Progress:
@@ -958,7 +1411,7 @@ def cache_outcome(cache, pending):
     out_path = pending["out_path"]
     digest, _name = parse_store_path(out_path)
     try:
-        response = request_with_retries("GET", f"{cache.url}/{digest}.narinfo", cache.timeout)
+        response = request_with_retries("GET", f"{cache.url}/{digest}.narinfo", cache.timeout, NARINFO_CAP)
     except TransientError as error:
         return FAILED, str(error)
     if response.status_code in (404, 410):
@@ -1114,14 +1567,14 @@ def require_hooks(env):
 
 def store_path_is_valid(path, env):
     import subprocess
-    return subprocess.run(["nix-store", "--check-validity", path], env=nix_subprocess_env(env),
+    return subprocess.run(["nix-store", "--check-validity", "--", path], env=nix_subprocess_env(env),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 def deriver_in_store(out_path, env):
     """`nix-store -q --deriver`, for SBOMs without drv paths; None when the store does not know it."""
     try:
-        deriver = run_nix(["nix-store", "--query", "--deriver", out_path], env).strip()
+        deriver = run_nix(["nix-store", "--query", "--deriver", "--", out_path], env).strip()
     except StoreQueryError:
         return None
     return deriver if deriver.endswith(".drv") else None
@@ -1142,10 +1595,10 @@ def rebuild_derivation(drv_path, out_paths, env):
         return DRV_MISSING, f"{drv_path} is not in the local store (nix-instantiate it first)" if drv_path \
             else "no drv path in the report and the store knows no deriver"
     if not all(store_path_is_valid(out_path, env) for out_path in out_paths):
-        status, last_line = run_build(["nix-store", "--realise", drv_path], env)
+        status, last_line = run_build(["nix-store", "--realise", "--", drv_path], env)
         if status != 0:
             return BUILD_FAILED, last_line
-    status, last_line = run_build(["nix-store", "--realise", "--check", drv_path], env)
+    status, last_line = run_build(["nix-store", "--realise", "--check", "--", drv_path], env)
     if status == 0:
         return REPRODUCED, None
     if status == NOT_DETERMINISTIC_STATUS:
@@ -1232,7 +1685,7 @@ def local_nar_hashes(out_paths, env):
     """{out_path: NAR hash} of the paths that are valid in the local store."""
     if not out_paths:
         return {}
-    invalid = set(run_nix(["nix-store", "--check-validity", "--print-invalid", *out_paths], env).split())
+    invalid = set(run_nix(["nix-store", "--check-validity", "--print-invalid", "--", *out_paths], env).split())
     valid = [out_path for out_path in out_paths if out_path not in invalid]
     return {info.out_path: info.nar_hash for info in path_infos(valid, env)} if valid else {}
 
@@ -1348,7 +1801,7 @@ def run(command, args, env, is_hook):
 def usage():
     return ("usage: post_build_hook.py                    (as Nix's post-build-hook: reads DRV_PATH, OUT_PATHS)\n"
             "       post_build_hook.py diff-hook OUT CHECK DRV [BUILD_DIR]   (as Nix's diff-hook)\n"
-            "       post_build_hook.py flush              (deliver the spool)\n"
+            "       post_build_hook.py flush              (deliver the spooled submissions)\n"
             "       post_build_hook.py fetch-from-cache REPORT [-j N]   (import what a binary cache signed)\n"
             "       post_build_hook.py rebuild REPORT [-j N]            (rebuild and --check open paths)\n"
             "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)")

@@ -352,7 +352,8 @@ def hook_build(nix, tmp_path, faulty_server):
         spool = tmp_path / "spool"
         hook_directory = Path(tempfile.mkdtemp(prefix="hook-faults-", dir=tmp_path))
         hook = HookScript(hook_directory, {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": "t0ken",
-                                           "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_TIMEOUT": "2"})
+                                           "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_TIMEOUT": "2",
+                                           "HASH_COLLECTION_BUILD_USER_SPOOL": ""})
         nix_file = write_derivation(tmp_path, f"hook-fault-{mode}", "echo built > $out")
         built = subprocess.run(["nix-build", "--no-out-link", str(nix_file), "--option", "post-build-hook",
                                 str(hook.script)], env=nix(), capture_output=True, text=True, timeout=300)
@@ -401,7 +402,7 @@ def test_report_spooled_during_a_fault_is_delivered_by_flush_once_the_server_is_
     _built, _hook, spool, ident = hook_build(mode)
     token = server.create_user("builder")
     env = {**os.environ, "HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
-           "HASH_COLLECTION_SPOOL": str(spool)}
+           "HASH_COLLECTION_SPOOL": str(spool), "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
     flushed = subprocess.run([sys.executable, str(REPO / "post_build_hook.py"), "flush"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr

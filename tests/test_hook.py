@@ -25,7 +25,9 @@ def builder(server, nix_key, tmp_path):
     token = server.create_user("builder", "--public-key", nix_key["public"])
     return {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
             "HASH_COLLECTION_SECRET_KEY_FILE": nix_key["secret_file"],
-            "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_TIMEOUT": "5"}
+            "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_TIMEOUT": "5",
+            # Never the machine's own build-user spool (the default for root).
+            "HASH_COLLECTION_BUILD_USER_SPOOL": tmp_path / "no-build-user-spool"}
 
 
 def nix_build(nix, nix_files, *options):

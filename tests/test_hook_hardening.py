@@ -1,0 +1,460 @@
+"""The hook cannot be turned against its own machine, and no server can stall it (issue 11, client side).
+
+Build users plant files with a real nix-build (sandbox = false, as a build user would);
+slow and hostile servers are tiny socket servers on loopback.
+"""
+import contextlib
+import grp
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import post_build_hook
+from support import CLIENT, HOOK_VARIABLES, write_derivation, nix_string
+from post_build_hook import NIX_BASE32, drv_ident_of
+
+HOOK_TIMEOUT = 2  # seconds; the hooks must be done within HOOK_TIMEOUT + 1
+DETERMINISTIC = "echo {text} > $out"
+
+
+# ---------------------------------------------------------------- a tiny loopback server
+
+def read_request(connection):
+    """(method, path) of one request, whose body is read too so that closing does not reset the connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None, None
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next((int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:")), 0)
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    method, path, _ = lines[0].split(" ", 2)
+    return method, path
+
+
+class LoopbackServer:
+    """Answers every connection with answer(connection, method, path), each in its own thread."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopped = threading.Event()
+        self.paths = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
+
+    def handle(self, connection):
+        with connection, contextlib.suppress(OSError):
+            connection.settimeout(30)
+            method, path = read_request(connection)
+            if method:
+                self.paths.append(path)
+                self.answer(self, connection, method, path)
+
+    def stop(self):
+        self.stopped.set()
+        self.listener.close()
+
+
+def reply(connection, status, body=b"{}", headers=()):
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", "Content-Type: application/json",
+            "Connection: close", *headers]
+    connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+
+def drip(connection, data, seconds=20, interval=0.2):
+    """Send data a byte at a time, one every interval, for at most `seconds`."""
+    for position in range(min(len(data), int(seconds / interval))):
+        connection.sendall(data[position:position + 1])
+        time.sleep(interval)
+
+
+def drip_headers(_server, connection, _method, _path):
+    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+    drip(connection, b"X-Slow: " + b"a" * 1000)
+
+
+def drip_body(_server, connection, _method, _path):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n")
+    drip(connection, b"x" * 100000)
+
+
+def endless_body(_server, connection, _method, _path):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        connection.sendall(b" " * 65536)
+
+
+def redirect_loop(_server, connection, _method, path):
+    reply(connection, "302 Found", headers=[f"Location: {path}"])
+
+
+def redirect_to_ok(_server, connection, _method, path):
+    if path == "/ok":
+        reply(connection, "200 OK")
+    else:
+        reply(connection, "302 Found", headers=["Location: /ok"])
+
+
+@pytest.fixture
+def loopback():
+    started = []
+
+    def start(answer):
+        started.append(LoopbackServer(answer))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# ---------------------------------------------------------------- helpers
+
+def run_client(settings, *args, extra_env=None, timeout=60):
+    env = {name: value for name, value in os.environ.items() if name not in HOOK_VARIABLES}
+    env.update({name: str(value) for name, value in settings.items()})
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, str(CLIENT), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def digest(text):
+    return "".join(NIX_BASE32[byte % 32] for byte in text.encode().ljust(32, b"z")[:32])
+
+
+def submission(name, output_hash_digit="1"):
+    return {"drv_ident": f"{digest(name)}-{name}", "attestations": [
+        {"output_digest": digest(name + "-out"), "output_name": name, "output_hash": "sha256:" + output_hash_digit * 52,
+         "output_sig": "", "nar_size": 1}]}
+
+
+def listing(directory):
+    """{name: (type, bytes or link target)} of a directory, without following or opening anything but regular files."""
+    entries = {}
+    for entry in sorted(Path(directory).iterdir()):
+        if entry.is_symlink():
+            entries[entry.name] = ("link", os.readlink(entry))
+        elif entry.is_fifo():
+            entries[entry.name] = ("fifo", None)
+        elif entry.is_dir():
+            entries[entry.name] = ("dir", listing(entry))
+        else:
+            entries[entry.name] = ("file", entry.read_bytes())
+    return entries
+
+
+def spooled(spool):
+    return sorted(Path(spool).glob("*.json"))
+
+
+def stored(server, drv_ident):
+    response = requests.get(f"{server.url}/derivations/{drv_ident}", params={"full": "true"}, timeout=10)
+    return response.json() if response.status_code == 200 else []
+
+
+@pytest.fixture
+def shared_directory():
+    """A directory under /tmp that the build users can reach (pytest's tmp_path is root-only)."""
+    directory = Path(tempfile.mkdtemp(prefix="hash-collection-spools-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def group_spool(path):
+    """A spool shared by root and the build users, as module.nix makes the diff hook's: root:nixbld 2770."""
+    path.mkdir()
+    os.chown(path, 0, grp.getgrnam("nixbld").gr_gid)
+    path.chmod(0o2770)
+    return path
+
+
+PLANT_HOSTILE_FILES = """
+cd "$spool"
+printf '%s' "$good" > 1-good.json
+printf '{}' > 2-empty-object.json
+printf '[]' > 3-list.json
+printf '\\377\\376{}' > 4-bad-utf8.json
+mkfifo 5-fifo.json
+ln -s /dev/zero 6-zero.json
+head -c 1100000 /dev/zero | tr '\\000' ' ' > 7-oversized.json
+printf '%s' "$climbing" > 8-climbing.json
+echo planted > $out
+"""
+
+
+def plant(nix, directory, spool, files_script, **variables):
+    """Runs files_script as a build user in a real nix-build, with $spool and the given variables."""
+    extra = f"spool = {nix_string(str(spool))}; " + " ".join(
+        f"{name} = {nix_string(value)};" for name, value in variables.items())
+    nix_file = write_derivation(directory, "hook-planter", files_script, extra=extra)
+    built = subprocess.run(["nix-build", "--no-out-link", str(nix_file)], env=nix(), capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+
+
+def climbing_submission(canary):
+    """The submission of the original attack: a drv_ident that climbs out of rejected/ to canary/registry."""
+    climbing = submission("climbing")
+    climbing["drv_ident"] = "x?/" + "../" * 40 + str(canary).lstrip("/") + "/registry"
+    return climbing
+
+
+# ---------------------------------------------------------------- defect 1: the spool
+
+def test_root_delivers_the_build_users_good_submissions_and_writes_nothing_of_theirs(
+        nix, server, shared_directory, tmp_path):
+    token = server.create_user("builder")
+    build_user_spool = group_spool(shared_directory / "build-user-spool")
+    canary = shared_directory / "canary"
+    good = submission("planted-good")
+    plant(nix, shared_directory, build_user_spool, PLANT_HOSTILE_FILES,
+          good=json.dumps(good), climbing=json.dumps(climbing_submission(canary)))
+    planted = listing(build_user_spool)
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
+                "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_BUILD_USER_SPOOL": build_user_spool}
+
+    flushed = run_client(settings, "flush")
+
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    assert [entry["output_hash"] for entry in stored(server, good["drv_ident"])] == ["sha256:" + "1" * 52]
+    assert listing(build_user_spool) == planted  # root wrote, renamed and deleted nothing there
+    assert not canary.exists()
+    assert "1 delivered, 7 set aside" in flushed.stdout
+    for name in ("2-empty-object", "3-list", "4-bad-utf8", "5-fifo", "6-zero", "7-oversized", "8-climbing"):
+        assert f"{name}.json" in flushed.stderr
+    assert set(os.listdir(tmp_path / "spool")) <= {"tmp", "build-user-spool.ledger"}
+
+
+def test_root_sends_each_build_user_file_once(nix, server, shared_directory, tmp_path):
+    token = server.create_user("builder")
+    build_user_spool = group_spool(shared_directory / "build-user-spool")
+    plant(nix, shared_directory, build_user_spool, PLANT_HOSTILE_FILES,
+          good=json.dumps(submission("planted-once")), climbing="{}")
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
+                "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_BUILD_USER_SPOOL": build_user_spool}
+    assert "1 delivered" in run_client(settings, "flush").stdout
+    again = run_client(settings, "flush")
+    assert "0 delivered, 0 set aside, 0 not delivered" in again.stdout
+    assert again.stderr == ""
+
+
+def test_file_left_in_the_old_shared_spool_cannot_steer_where_root_writes(
+        nix, loopback, shared_directory):
+    refusing = loopback(lambda _server, connection, _method, _path: reply(
+        connection, "400 Bad Request", b'{"error": "drv_ident: no"}'))
+    old_shared_spool = group_spool(shared_directory / "spool")
+    canary = shared_directory / "canary"
+    plant(nix, shared_directory, old_shared_spool, 'printf "%s" "$climbing" > "$spool/1-climbing.json"; echo > $out',
+          climbing=json.dumps(climbing_submission(canary)))
+    # The upgrade: the same directory becomes root's own.
+    os.chown(old_shared_spool, 0, 0)
+    old_shared_spool.chmod(0o700)
+    settings = {"HASH_COLLECTION_SERVER": refusing.url, "HASH_COLLECTION_TOKEN": "t0ken",
+                "HASH_COLLECTION_SPOOL": old_shared_spool, "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+
+    flushed = run_client(settings, "flush")
+
+    assert not canary.exists()
+    assert sorted(os.listdir(old_shared_spool / "rejected")) == ["1-climbing.json"]
+    assert "drv_ident" in flushed.stderr
+
+
+def test_spool_names_are_made_by_the_hook_and_stay_short(tmp_path):
+    spool = post_build_hook.Spool(str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir(mode=0o700)
+    long_name = "n" * 207
+    kept = Path(spool.add({"drv_ident": f"{digest('x')}-{long_name}", "attestations": [{}]}))
+    rejected = Path(spool.add_rejected({"drv_ident": "x?/../../../etc/registry", "attestations": [{}]}, "HTTP 400"))
+    assert kept.parent == tmp_path / "spool" and rejected.parent == tmp_path / "spool" / "rejected"
+    assert len(kept.name.encode()) < 255 and long_name not in kept.name
+    assert "registry" not in rejected.name
+
+
+def test_root_refuses_a_spool_that_others_can_write(server, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spool.chmod(0o777)
+    (spool / "1-planted.json").write_text(json.dumps(submission("planted-world")))
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+    flushed = run_client(settings, "flush")
+    assert flushed.returncode == 1
+    assert "refusing to use the spool" in flushed.stderr and "others can write it" in flushed.stderr
+    assert stored(server, submission("planted-world")["drv_ident"]) == []
+
+
+def by_status(_server, connection, _method, path):
+    """Answers with the status a submission's name asks for: .../attestation/<digest>-status-404 gets 404."""
+    status = path.rpartition("-status-")[2]
+    reply(connection, f"{status} Status", b'{"error": "as asked"}')
+
+
+def test_only_400_413_and_422_set_a_submission_aside_and_no_answer_blocks_the_next(loopback, tmp_path):
+    answering = loopback(by_status)
+    spool = post_build_hook.Spool(str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir(mode=0o700)
+    statuses = ["404", "401", "500", "302", "400", "413", "422", "200"]
+    for status in statuses:
+        spool.add(submission(f"status-{status}"))
+    settings = {"HASH_COLLECTION_SERVER": answering.url, "HASH_COLLECTION_TOKEN": "t0ken",
+                "HASH_COLLECTION_SPOOL": spool.directory, "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+
+    run_client(settings, "flush")
+
+    waiting = [json.loads(path.read_text())["drv_ident"].rpartition("-")[2] for path in spooled(tmp_path / "spool")]
+    rejected = [json.loads(path.read_text())["drv_ident"].rpartition("-")[2]
+                for path in sorted((tmp_path / "spool" / "rejected").iterdir())]
+    assert waiting == ["404", "401", "500", "302"]
+    assert sorted(rejected) == ["400", "413", "422"]
+    assert len(answering.paths) == len(statuses)
+
+
+# ---------------------------------------------------------------- defect 4: redirects
+
+def test_a_redirect_to_a_page_that_answers_200_is_not_a_delivery(loopback, tmp_path, prebuilt):
+    redirecting = loopback(redirect_to_ok)
+    drv_path, out_path = prebuilt
+    settings = hook_settings(redirecting.url, tmp_path)
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path})
+    assert ran.returncode == 0
+    assert "/ok" not in redirecting.paths
+    assert "redirected to /ok" in ran.stderr
+    assert len(spooled(tmp_path / "spool")) == 1
+
+
+# ---------------------------------------------------------------- defect 3: deadlines
+
+@pytest.fixture(scope="module")
+def prebuilt(nix, tmp_path_factory):
+    """(drv_path, out_path) of a build made without any hook."""
+    nix_file = write_derivation(tmp_path_factory.mktemp("prebuilt"), "hardening-prebuilt",
+                                DETERMINISTIC.format(text="pre"))
+    drv_path = subprocess.run(["nix-instantiate", str(nix_file)], env=nix(), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    out_path = subprocess.run(["nix-store", "--realise", drv_path], env=nix(), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    return drv_path, out_path
+
+
+def hook_settings(url, tmp_path):
+    return {"HASH_COLLECTION_SERVER": url, "HASH_COLLECTION_TOKEN": "t0ken",
+            "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_TIMEOUT": str(HOOK_TIMEOUT),
+            "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+
+
+SLOW_SERVERS = [drip_headers, drip_body, endless_body, redirect_loop]
+
+
+@pytest.mark.parametrize("answer", SLOW_SERVERS, ids=lambda answer: answer.__name__)
+@pytest.mark.parametrize("hook", ["post-build-hook", "diff-hook"])
+def test_hook_is_done_within_its_timeout_plus_one_second_whatever_the_server_does(
+        loopback, prebuilt, tmp_path, answer, hook):
+    slow = loopback(answer)
+    drv_path, out_path = prebuilt
+    check_path = tmp_path / "rebuilt.check"
+    check_path.write_text("rebuilt\n")
+    arguments = ["diff-hook", out_path, str(check_path), drv_path] if hook == "diff-hook" else []
+    started = time.monotonic()
+    ran = run_client(hook_settings(slow.url, tmp_path), *arguments,
+                     extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=30)
+    elapsed = time.monotonic() - started
+    assert ran.returncode == 0
+    assert elapsed <= HOOK_TIMEOUT + 1, ran.stderr
+    assert len(spooled(tmp_path / "spool")) == 1
+
+
+def test_nix_build_with_the_hook_against_a_dripping_server_is_held_at_most_timeout_plus_one(
+        nix, loopback, tmp_path):
+    slow = loopback(drip_body)
+    timing = tmp_path / "hook-seconds"
+    hook = tmp_path / "hook.sh"
+    exports = "\n".join(f"export {name}='{value}'" for name, value in hook_settings(slow.url, tmp_path).items())
+    hook.write_text(f"#!/bin/sh\n{exports}\nstart=$(date +%s%N)\n{sys.executable} {CLIENT} 2>/dev/null\n"
+                    f"echo $(( $(date +%s%N) - start )) > {timing}\n")
+    hook.chmod(0o755)
+    nix_file = write_derivation(tmp_path, "hook-dripped", DETERMINISTIC.format(text="dripped"))
+    built = subprocess.run(["nix-build", "--no-out-link", str(nix_file), "--option", "post-build-hook", str(hook)],
+                           env=nix(), capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert int(timing.read_text()) / 1e9 <= HOOK_TIMEOUT + 1
+    assert len(spooled(tmp_path / "spool")) == 1
+
+
+# ---------------------------------------------------------------- defect 8: '?' in names
+
+def test_derivation_named_with_a_question_mark_is_attested_and_challenge_finds_it(
+        nix, server, nix_key, tmp_path):
+    token = server.create_user("builder", "--public-key", nix_key["public"])
+    hook = tmp_path / "hook.sh"
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
+                "HASH_COLLECTION_SECRET_KEY_FILE": nix_key["secret_file"], "HASH_COLLECTION_SPOOL": tmp_path / "spool",
+                "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+    exports = "\n".join(f"export {name}='{value}'" for name, value in settings.items())
+    hook.write_text(f"#!/bin/sh\n{exports}\nexec {sys.executable} {CLIENT}\n")
+    hook.chmod(0o755)
+    nix_file = write_derivation(tmp_path, "what?a=b+c", DETERMINISTIC.format(text="question"))
+    built = subprocess.run(["nix-build", "--no-out-link", str(nix_file), "--option", "post-build-hook", str(hook)],
+                           env=nix(), capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    out_path = built.stdout.strip()
+
+    ran = run_client({"HASH_COLLECTION_SERVER": server.url}, "challenge", out_path)
+
+    assert ran.stdout.splitlines()[0] == f"{out_path}: identical (builder)", ran.stderr
+
+
+# ---------------------------------------------------------------- defect 9: server-supplied paths
+
+def test_challenge_report_passes_no_server_string_to_nix_as_an_option(loopback, prebuilt):
+    _drv_path, out_path = prebuilt
+
+    def hostile(_server, connection, _method, path):
+        if path.startswith("/reports/"):
+            paths = {"--store": "x", "ssh://attacker": "x", "/nix/store/../etc/passwd": "x", out_path: "x"}
+            reply(connection, "200 OK", json.dumps({"paths": paths}).encode())
+        else:
+            reply(connection, "200 OK", b"[]")
+
+    server = loopback(hostile)
+    ran = run_client({"HASH_COLLECTION_SERVER": server.url}, "challenge", "--report", "evil")
+    for bad in ("--store", "ssh://attacker", "/nix/store/../etc/passwd"):
+        assert f"{bad!r}, which is not a store path" in ran.stderr
+    assert ran.stdout.splitlines() == [f"{out_path}: no data", "1 paths: 0 identical, 0 differ, 1 without data"]
+
+
+def test_drv_ident_with_a_question_mark_is_quoted_in_the_url():
+    url = post_build_hook.attestation_url("http://server", f"{digest('q')}-a?b=c+d")
+    assert url.endswith("-a%3Fb%3Dc%2Bd") and drv_ident_of(f"/nix/store/{digest('q')}-a?b=c+d.drv")
