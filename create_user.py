@@ -29,20 +29,21 @@ def parse_arguments(argv):
         parser.error("give exactly one of NAME, --revoke TOKEN or --list")
     for key in args.public_key:
         try:
-            parse_key(key, 32)
+            parse_key(key.strip(), 32)
         except ValueError as error:
             parser.error(f"--public-key {key!r}: {error}")
     return args
 
 
 def create_builder_token(conn, name, token, admin, public_keys):
+    """All or nothing: a key whose bytes another builder holds leaves the database as it was."""
     with web.transaction(conn):
         conn.execute("INSERT OR IGNORE INTO builders (name) VALUES (?)", (name,))
         builder_id = conn.execute("SELECT id FROM builders WHERE name = ?", (name,)).fetchone()[0]
         if admin:
             conn.execute("UPDATE builders SET is_admin = 1 WHERE id = ?", (builder_id,))
-        conn.executemany("INSERT OR IGNORE INTO public_keys (builder_id, key_name, public_key) VALUES (?, ?, ?)",
-                         [(builder_id, key.split(":", 1)[0], key.strip()) for key in public_keys])
+        for key in public_keys:
+            web.register_public_key(conn, builder_id, key.strip())
         conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)", (builder_id, web.token_digest(token)))
 
 
@@ -80,6 +81,9 @@ def main(argv=None):
                 create_builder_token(conn, args.name, token, args.admin, args.public_key)
             except web.sqlite3.IntegrityError:
                 print("create_user: that token is already in use", file=sys.stderr)
+                return 1
+            except web.BadInput as error:
+                print(f"create_user: {error}", file=sys.stderr)
                 return 1
             print(f"builder {args.name}: new token {token}")
     return 0

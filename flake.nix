@@ -14,6 +14,7 @@
         ps.waitress
         ps.requests
         ps.pynacl
+        ps.google-re2
         ps.pytest
         ps.hypothesis
       ]);

@@ -130,18 +130,37 @@ def fingerprint(out_path, nar_hash, nar_size, references):
     return "1;{};{};{};{}".format(out_path, normalize_nar_hash(nar_hash), nar_size, ",".join(sorted(references)))
 
 
+# Nix writes keys and signatures as NAME:BASE64. Only one spelling of each is accepted, so that
+# a key or signature has exactly one text: no spaces or newlines around it, a name that cannot
+# carry a line break into a narinfo, and the canonical base64 of the bytes (which re-encodes to itself).
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9._+-]+")
+
+
 def parse_key(text, size):
     """'name:base64' -> (name, raw bytes of the given size), or raise ValueError."""
-    name, sep, encoded = text.strip().partition(":")
-    if not sep or not name:
-        raise ValueError("expected a Nix key of the form NAME:BASE64")
+    if not isinstance(text, str):
+        raise ValueError(f"expected a Nix key or signature NAME:BASE64, got {type(text).__name__}")
+    name, sep, encoded = text.partition(":")
+    if not sep or not KEY_NAME_RE.fullmatch(name):
+        raise ValueError(f"expected NAME:BASE64 with a NAME of [A-Za-z0-9._+-] and nothing around it, got {shorten(text)!r}")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except ValueError:
         raise ValueError(f"key {name!r}: the part after ':' is not base64") from None
     if len(raw) != size:
         raise ValueError(f"key {name!r}: expected {size} bytes, got {len(raw)}")
+    if base64.b64encode(raw).decode() != encoded:
+        raise ValueError(f"key {name!r}: the part after ':' is not the canonical base64 of its bytes")
     return name, raw
+
+
+def is_signature(text):
+    """Whether text is a signature in the one spelling parse_key accepts."""
+    try:
+        parse_key(text, 64)
+    except ValueError:
+        return False
+    return True
 
 
 def sign_fingerprint(secret_key_text, message):

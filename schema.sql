@@ -1,5 +1,7 @@
--- The whole schema at its current version. web.py runs it on an empty database
--- and runs MIGRATIONS on older ones; never drop tables here.
+-- The whole schema at its current version (web.SCHEMA_VERSION, which web.py records
+-- in PRAGMA user_version). web.py runs it on an empty database and runs MIGRATIONS on
+-- older ones; never drop tables here. tests/test_migrations.py checks that a migrated
+-- database has exactly this schema.
 
 CREATE TABLE builders (
     id INTEGER PRIMARY KEY,
@@ -18,13 +20,17 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_by_builder ON tokens(builder_id);
 
+-- public_key is NAME:BASE64 in its one canonical spelling; key_bytes are its 32 bytes,
+-- registered to at most one builder (see web.register_public_key).
 CREATE TABLE public_keys (
     id INTEGER PRIMARY KEY,
     builder_id INTEGER NOT NULL REFERENCES builders(id),
     key_name TEXT NOT NULL,
     public_key TEXT NOT NULL,
+    key_bytes BLOB,
     UNIQUE (builder_id, public_key)
 );
+CREATE UNIQUE INDEX public_keys_by_bytes ON public_keys(key_bytes);
 
 CREATE TABLE derivations (
     id INTEGER PRIMARY KEY,
@@ -77,10 +83,12 @@ CREATE TABLE report_paths (
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
 
+-- owner_id is the builder who made the pattern; NULL for patterns made before
+-- version 2, which only admins may change.
 CREATE TABLE link_patterns (
     id INTEGER PRIMARY KEY,
     pattern TEXT NOT NULL UNIQUE,
-    link TEXT NOT NULL
+    link TEXT NOT NULL,
+    owner_id INTEGER REFERENCES builders(id)
 );
-
-PRAGMA user_version = 1;
+CREATE INDEX link_patterns_by_owner ON link_patterns(owner_id);

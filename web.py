@@ -2,6 +2,7 @@
 """nix-hash-collection server: collects build attestations from builders and
 shows, for every store path of a report, whether independent builders agree."""
 import argparse
+import base64
 import gc
 import contextlib
 import ctypes
@@ -14,6 +15,7 @@ import os
 import random
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,20 +26,13 @@ from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, re
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
-try:  # The regex parser moved in Python 3.11; patterns are checked on its parse tree.
-    from re import _constants as sre_constants, _parser as sre_parse
-except ImportError:  # pragma: no cover
-    import sre_constants
-    import sre_parse
-
-from post_build_hook import (DIGEST_RE, STORE_DIR, drv_ident_of, fingerprint, is_store_path, normalize_nar_hash, parse_key,
-                             parse_store_basename, parse_store_path, shorten, verify_signature)
+import re2
+from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
+                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, shorten,
+                             verify_signature)
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
-SCHEMA_VERSION = 1
-# (version, SQL) pairs that bring a database from version-1 to version. Append, never edit.
-MIGRATIONS = []
 
 NO_BUILDS = "No builds"
 ONE_BUILD = "One build"
@@ -59,8 +54,9 @@ LARGE_BATCH_CACHE_KIB = 32 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-MAX_LINK_PATTERNS = 100
+MAX_LINK_PATTERNS = 100  # per builder
 MAX_PATTERN_LENGTH = 200
+LINK_PATTERN_MEMORY = 1 * MiB  # RE2's bound on one compiled pattern and its match cache
 LINK_MATCHING_BUDGET_S = 0.2
 
 CYCLONEDX_TYPE = "application/vnd.cyclonedx+json"
@@ -149,11 +145,14 @@ def init_db():
     conn = get_db()
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
-        conn.executescript("BEGIN IMMEDIATE;" + (HERE / "schema.sql").read_text() + ";COMMIT;")
+        conn.executescript(f"BEGIN IMMEDIATE;{(HERE / 'schema.sql').read_text()};"
+                           f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
         return
-    for target, sql in MIGRATIONS:
+    for target, migrate in MIGRATIONS:
         if version < target:
-            conn.executescript(f"BEGIN IMMEDIATE;{sql};PRAGMA user_version = {target};COMMIT;")
+            with transaction(conn):
+                migrate(conn)
+                conn.execute(f"PRAGMA user_version = {target}")
     if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
         raise RuntimeError(f"database {current_app.config['DATABASE']} has an unknown schema version")
 
@@ -223,6 +222,65 @@ def now_iso():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# ---------------------------------------------------------------- migrations
+# schema.sql is version 1 plus every migration below; a database made by an older
+# version is brought up to date at start-up, each step in one transaction.
+
+def migrate_to_2(conn):
+    """Public keys unique by their bytes; link patterns owned by the builder who made them.
+
+    Patterns made before have no known owner (NULL): only admins may change or delete them.
+    """
+    conn.execute("ALTER TABLE public_keys ADD COLUMN key_bytes BLOB")
+    for key_id, builder_id, key_text in conn.execute(
+            "SELECT id, builder_id, public_key FROM public_keys ORDER BY id").fetchall():
+        keep_or_drop_public_key(conn, key_id, builder_id, key_text)
+    conn.execute("CREATE UNIQUE INDEX public_keys_by_bytes ON public_keys(key_bytes)")
+    conn.execute("ALTER TABLE link_patterns ADD COLUMN owner_id INTEGER REFERENCES builders(id)")
+    conn.execute("CREATE INDEX link_patterns_by_owner ON link_patterns(owner_id)")
+
+
+def keep_or_drop_public_key(conn, key_id, builder_id, key_text):
+    """Keep the oldest registration of each key's bytes, in its one spelling; drop the rest, loudly.
+
+    Attestations a dropped key verified lose their mark, unless the builder keeps a key of that name.
+    """
+    name, raw = version_1_public_key(key_text)
+    holder = conn.execute("SELECT builders.name FROM public_keys JOIN builders ON builders.id = public_keys.builder_id"
+                          " WHERE public_keys.key_bytes = ?", (raw,)).fetchone() if raw else None
+    if raw is not None and holder is None:
+        conn.execute("UPDATE public_keys SET key_name = ?, public_key = ?, key_bytes = ? WHERE id = ?",
+                     (name, f"{name}:{base64.b64encode(raw).decode()}", raw, key_id))
+        return
+    builder_name = conn.execute("SELECT name FROM builders WHERE id = ?", (builder_id,)).fetchone()[0]
+    why = f"its bytes are already registered to {holder[0]!r}" if holder else "it is not NAME:BASE64 of 32 bytes"
+    print(f"web.py: schema version 2: dropped public key {key_text!r} of builder {builder_name!r}: {why}",
+          file=sys.stderr, flush=True)
+    conn.execute("DELETE FROM public_keys WHERE id = ?", (key_id,))
+    conn.execute("UPDATE attestations SET verified = 0 WHERE builder_id = ? AND verified = 1"
+                 " AND substr(output_sig, 1, length(?) + 1) = ? || ':'"
+                 " AND NOT EXISTS (SELECT 1 FROM public_keys WHERE builder_id = ? AND key_name = ?)",
+                 (builder_id, name, name, builder_id, name))
+
+
+def version_1_public_key(key_text):
+    """(name, 32 key bytes) as version 1's create_user read a key, or (name or '', None) when it cannot be used now."""
+    name, _sep, encoded = key_text.strip().partition(":")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return name, None
+    if len(raw) != 32 or not KEY_NAME_RE.fullmatch(name):
+        return name, None
+    return name, raw
+
+
+# (version, function) pairs: the function brings a database from the version before to this one.
+# Append, never edit; the last version is the schema this code speaks.
+MIGRATIONS = [(2, migrate_to_2)]
+SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
+
+
 # ---------------------------------------------------------------- builders and tokens
 
 def token_digest(token):
@@ -259,6 +317,24 @@ def require_builder():
     if bearer_token() is None:
         abort(401, "missing token: send 'Authorization: Bearer <token>'")
     return optional_builder()
+
+
+def register_public_key(conn, builder_id, key_text):
+    """Register a Nix public key for a builder, or raise BadInput naming who holds its bytes.
+
+    Compared by the 32 key bytes, not the text: one signer relabelled under two names
+    would otherwise count as two builders.
+    """
+    name, raw = checked("public key", lambda text: parse_key(text, 32), key_text)
+    holder = conn.execute("SELECT builders.id, builders.name, public_keys.public_key FROM public_keys"
+                          " JOIN builders ON builders.id = public_keys.builder_id WHERE public_keys.key_bytes = ?",
+                          (raw,)).fetchone()
+    if holder is None:
+        conn.execute("INSERT INTO public_keys (builder_id, key_name, public_key, key_bytes) VALUES (?, ?, ?, ?)",
+                     (builder_id, name, key_text, raw))
+    elif holder["id"] != builder_id or holder["public_key"] != key_text:
+        raise BadInput(f"public key {key_text}: these key bytes are already registered to builder "
+                       f"{holder['name']!r} as {holder['public_key']}")
 
 
 def registered_keys(conn, builder_id):
@@ -756,61 +832,33 @@ def suggestion_object(out_path, drv_path, output):
 
 # ---------------------------------------------------------------- link patterns
 
-def check_link_pattern(pattern):
-    """Bound what a pattern may be, so matching one store-path name stays cheap.
+# Link patterns are matched with RE2, not Python's re: RE2 runs in time linear in the
+# name's length whatever the pattern, and has no backreferences, lookarounds, atomic
+# groups or possessive repeats. Python's re backtracks, and one match holds the GIL,
+# so a single hostile pattern could stop the whole server; no check of its parse tree
+# can keep up with the constructs each Python release adds.
+def re2_options():
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is the client's error, answered with 400
+    options.max_mem = LINK_PATTERN_MEMORY
+    return options
 
-    Python's re has no timeout, so catastrophic shapes are refused up front:
-    backreferences, lookarounds, repeats inside repeats, and alternatives under a repeat.
-    """
+
+def compiled_link_pattern(pattern):
+    """The RE2 form of a pattern, or ValueError saying why RE2 refuses it."""
+    try:
+        return re2.compile(pattern, re2_options())
+    except re2.error as error:
+        message = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) else str(error)
+        raise ValueError(f"not a regular expression RE2 accepts ({message}); RE2 has no backreferences, "
+                         "lookarounds, atomic groups or possessive repeats") from None
+
+
+def check_link_pattern(pattern):
     if not pattern or len(pattern) > MAX_PATTERN_LENGTH:
         raise BadInput(f"pattern: expected 1 to {MAX_PATTERN_LENGTH} characters")
-    try:
-        parsed = sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as error:
-        raise BadInput(f"pattern: not a valid regular expression: {error}") from None
-    problem = pattern_problem(parsed, inside_repeat=False)
-    if problem:
-        raise BadInput(f"pattern: {problem} are not allowed, since they can make matching slow")
-    if count_repeats(parsed) > 1:
-        raise BadInput("pattern: at most one repeat such as * + or {m,n} is allowed, since several can make "
-                       "matching slow; the pattern is searched anywhere in the name, so a leading or trailing .* is not needed")
+    checked("pattern", compiled_link_pattern, pattern)
     return pattern
-
-
-def pattern_problem(parsed, inside_repeat):
-    for op, argument in parsed:
-        if op in (sre_constants.GROUPREF, sre_constants.GROUPREF_EXISTS):
-            return "backreferences"
-        if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            return "lookarounds"
-        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
-            if inside_repeat:
-                return "nested repeats"
-            problem = pattern_problem(argument[2], inside_repeat=True)
-        elif op is sre_constants.BRANCH:
-            if inside_repeat:
-                return "alternatives inside a repeat"
-            problem = next(filter(None, (pattern_problem(branch, inside_repeat) for branch in argument[1])), None)
-        elif op is sre_constants.SUBPATTERN:
-            problem = pattern_problem(argument[-1], inside_repeat)
-        else:
-            problem = None
-        if problem:
-            return problem
-    return None
-
-
-def count_repeats(parsed):
-    """Repeats that can match more than once; k of them cost up to n^(k+1) steps on an n-character name."""
-    count = 0
-    for op, argument in parsed:
-        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
-            count += (argument[1] > 1) + count_repeats(argument[2])
-        elif op is sre_constants.BRANCH:
-            count += max((count_repeats(branch) for branch in argument[1]), default=0)
-        elif op is sre_constants.SUBPATTERN:
-            count += count_repeats(argument[-1])
-    return count
 
 
 def check_link(link):
@@ -821,8 +869,12 @@ def check_link(link):
 
 def link_matcher(conn):
     """A function from an out path to its links, within a time budget for the whole page."""
-    patterns = [(re.compile(row["pattern"]), row["link"]) for row in
-                conn.execute("SELECT pattern, link FROM link_patterns ORDER BY id")]
+    patterns = []
+    for row in conn.execute("SELECT pattern, link FROM link_patterns ORDER BY id"):
+        try:
+            patterns.append((compiled_link_pattern(row["pattern"]), row["link"]))
+        except ValueError:
+            continue  # accepted by Python's re before version 2, refused by RE2: it links nothing
     deadline = time.monotonic() + LINK_MATCHING_BUDGET_S
 
     def links_of(out_path):
@@ -832,6 +884,30 @@ def link_matcher(conn):
         return [link for pattern, link in patterns if pattern.search(name)]
 
     return links_of
+
+
+def link_pattern_row(conn, pattern):
+    return conn.execute("SELECT id, owner_id FROM link_patterns WHERE pattern = ?", (pattern,)).fetchone()
+
+
+def find_link_pattern(conn, pattern):
+    row = link_pattern_row(conn, pattern)
+    if row is None:
+        abort(404, f"no link pattern {shorten(pattern)!r}")
+    return row
+
+
+def check_may_change_link_pattern(row, builder):
+    """Only the builder who made a pattern, or an admin, may change it; nobody owns one made before version 2."""
+    if row["owner_id"] != builder["id"] and not builder["is_admin"]:
+        abort(403, "only the builder that made this link pattern, or an admin, may change it")
+
+
+def check_link_pattern_slots(conn, builder, pattern):
+    mine = conn.execute("SELECT COUNT(*) FROM link_patterns WHERE owner_id = ? AND pattern != ?",
+                        (builder["id"], pattern)).fetchone()[0]
+    if mine >= MAX_LINK_PATTERNS:
+        raise BadInput(f"pattern: at most {MAX_LINK_PATTERNS} link patterns per builder; delete one first")
 
 
 # ---------------------------------------------------------------- narinfo export
@@ -848,7 +924,8 @@ def narinfo_text(attestation):
     ]
     if attestation["drv_path"]:
         lines.append(f"Deriver: {attestation['drv_path'][len(STORE_DIR) + 1:]}")
-    if attestation["output_sig"]:
+    # is_signature: a signature stored before version 2 may hold a line break.
+    if is_signature(attestation["output_sig"]):
         lines.append(f"Sig: {attestation['output_sig']}")
     return "\n".join(lines) + "\n"
 
@@ -890,6 +967,7 @@ def report_format():
 #   GET    /reports/<name>/pending                    pending
 #   GET    /link_patterns                             list_link_patterns
 #   POST   /link_patterns                             post_link_pattern
+#   DELETE /link_patterns?pattern=                    delete_link_pattern
 #
 # Errors: BadInput is 400, HTTPException keeps its status, a database that cannot be written for now is 503;
 # every error body is JSON {"error": "...", "detail": "..."}.
@@ -1130,23 +1208,39 @@ def pending(name):
 
 @routes.get("/link_patterns")
 def list_link_patterns():
-    rows = get_db().execute("SELECT pattern, link FROM link_patterns ORDER BY id")
-    return jsonify([{"pattern": row["pattern"], "link": row["link"]} for row in rows])
+    rows = get_db().execute("SELECT pattern, link, builders.name AS owner FROM link_patterns"
+                            " LEFT JOIN builders ON builders.id = link_patterns.owner_id ORDER BY link_patterns.id")
+    return jsonify([{"pattern": row["pattern"], "link": row["link"], "owner": row["owner"]} for row in rows])
 
 
 @routes.post("/link_patterns")
 def post_link_pattern():
-    require_builder()
+    builder = require_builder()
     pattern = check_link_pattern(request.args.get("pattern", ""))
     link = check_link(request.args.get("link", ""))
     conn = get_db()
     with transaction(conn):
-        known = conn.execute("SELECT COUNT(*) FROM link_patterns WHERE pattern != ?", (pattern,)).fetchone()[0]
-        if known >= MAX_LINK_PATTERNS:
-            raise BadInput(f"pattern: at most {MAX_LINK_PATTERNS} link patterns")
-        conn.execute("INSERT INTO link_patterns (pattern, link) VALUES (?, ?)"
-                     " ON CONFLICT (pattern) DO UPDATE SET link = excluded.link", (pattern, link))
+        existing = link_pattern_row(conn, pattern)
+        if existing is None:
+            check_link_pattern_slots(conn, builder, pattern)
+            conn.execute("INSERT INTO link_patterns (pattern, link, owner_id) VALUES (?, ?, ?)",
+                         (pattern, link, builder["id"]))
+        else:
+            check_may_change_link_pattern(existing, builder)
+            conn.execute("UPDATE link_patterns SET link = ? WHERE id = ?", (link, existing["id"]))
     return jsonify(pattern=pattern, link=link)
+
+
+@routes.delete("/link_patterns")
+def delete_link_pattern():
+    builder = require_builder()
+    pattern = request.args.get("pattern", "")
+    conn = get_db()
+    with transaction(conn):
+        existing = find_link_pattern(conn, pattern)
+        check_may_change_link_pattern(existing, builder)
+        conn.execute("DELETE FROM link_patterns WHERE id = ?", (existing["id"],))
+    return jsonify(pattern=pattern, status="deleted")
 
 
 # ---------------------------------------------------------------- HTML pages

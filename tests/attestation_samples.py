@@ -73,3 +73,20 @@ def create_user_in_process(db, *args):
         status = create_user.main([*args, "--db", str(db)])
     assert status == 0, printed.getvalue()
     return printed.getvalue().split()[-1]
+
+
+def nix_key_pair(name):
+    """(secret key, public key) as `nix key generate-secret` and `convert-secret-to-public` spell them."""
+    from nacl.signing import SigningKey
+    signing_key = SigningKey(hashlib.sha256(f"key {name} {next(_serial)}".encode()).digest())
+    public = bytes(signing_key.verify_key)
+    return (f"{name}:{base64.b64encode(bytes(signing_key) + public).decode()}",
+            f"{name}:{base64.b64encode(public).decode()}")
+
+
+def signed_attestation(secret_key, nar_size=1024, references=()):
+    """A first-generation attestation with size, references and a good signature by secret_key."""
+    from post_build_hook import fingerprint, sign_fingerprint
+    path, nar_hash = out_path(), base32_form(nar_hash_bytes())
+    signature = sign_fingerprint(secret_key, fingerprint(path, nar_hash, nar_size, list(references)))
+    return first_generation(path, nar_hash, signature, nar_size=nar_size, references=list(references))

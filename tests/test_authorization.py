@@ -7,6 +7,7 @@ import pytest
 import requests
 
 import sbom_samples
+import web
 from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
                                  first_generation, lila_generation, nar_hash_bytes, out_path)
 from support import bearer, create_user
@@ -207,3 +208,67 @@ def test_the_stored_digest_itself_is_not_a_token(app, client, tokens):
     response = client.post(f"/attestation/{drv_ident()}", headers=bearer(digest),
                            json=[first_generation(out_path(), base32_form(nar_hash_bytes()))])
     assert response.status_code == 401
+
+
+# ---------------------------------------------------------------- link patterns
+
+def post_pattern(client, token, pattern, link="https://example.org/alice"):
+    return client.post("/link_patterns", query_string={"pattern": pattern, "link": link}, headers=bearer(token))
+
+
+def delete_pattern(client, token, pattern):
+    return client.delete("/link_patterns", query_string={"pattern": pattern}, headers=bearer(token) if token else {})
+
+
+def links(client):
+    return {row["pattern"]: (row["link"], row["owner"]) for row in client.get("/link_patterns").get_json()}
+
+
+def test_another_builder_cannot_replace_a_link_pattern(client, tokens):
+    assert post_pattern(client, tokens["alice"], "^gcc-").status_code == 200
+    response = post_pattern(client, tokens["bob"], "^gcc-", "https://example.org/bob")
+    assert response.status_code == 403
+    assert links(client) == {"^gcc-": ("https://example.org/alice", "alice")}
+
+
+def test_another_builder_cannot_delete_a_link_pattern(client, tokens):
+    post_pattern(client, tokens["alice"], "^gcc-")
+    assert delete_pattern(client, tokens["bob"], "^gcc-").status_code == 403
+    assert links(client) == {"^gcc-": ("https://example.org/alice", "alice")}
+
+
+def test_the_owner_deletes_a_link_pattern(client, tokens):
+    post_pattern(client, tokens["alice"], "^gcc-")
+    response = delete_pattern(client, tokens["alice"], "^gcc-")
+    assert response.status_code == 200
+    assert response.get_json() == {"pattern": "^gcc-", "status": "deleted"}
+    assert links(client) == {}
+
+
+def test_an_admin_may_change_and_delete_anyones_link_pattern(client, tokens):
+    post_pattern(client, tokens["alice"], "^gcc-")
+    assert post_pattern(client, tokens["root"], "^gcc-", "https://example.org/root").status_code == 200
+    assert links(client) == {"^gcc-": ("https://example.org/root", "alice")}
+    assert delete_pattern(client, tokens["root"], "^gcc-").status_code == 200
+    assert links(client) == {}
+
+
+def test_deleting_a_link_pattern_needs_a_token(client, tokens):
+    post_pattern(client, tokens["alice"], "^gcc-")
+    assert delete_pattern(client, None, "^gcc-").status_code == 401
+
+
+def test_deleting_an_unknown_link_pattern_is_404(client, tokens):
+    response = delete_pattern(client, tokens["alice"], "^nothing-")
+    assert response.status_code == 404
+    assert "^nothing-" in response.get_json()["error"]
+
+
+def test_link_pattern_slots_are_per_builder(client, tokens):
+    for number in range(web.MAX_LINK_PATTERNS):
+        assert post_pattern(client, tokens["alice"], f"^alice-{number}-").status_code == 200
+    full = post_pattern(client, tokens["alice"], "^one-more-")
+    assert full.status_code == 400
+    assert "per builder" in full.get_json()["error"]
+    assert post_pattern(client, tokens["bob"], "^bob-").status_code == 200
+    assert post_pattern(client, tokens["alice"], "^alice-0-", "https://example.org/new").status_code == 200

@@ -1,0 +1,86 @@
+-- The whole schema at its current version. web.py runs it on an empty database
+-- and runs MIGRATIONS on older ones; never drop tables here.
+
+CREATE TABLE builders (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    is_admin INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+
+-- Only the SHA-256 of a token is stored, so a leaked database leaks no token.
+CREATE TABLE tokens (
+    id INTEGER PRIMARY KEY,
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    token_sha256 TEXT NOT NULL UNIQUE,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+CREATE INDEX tokens_by_builder ON tokens(builder_id);
+
+CREATE TABLE public_keys (
+    id INTEGER PRIMARY KEY,
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    key_name TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    UNIQUE (builder_id, public_key)
+);
+
+CREATE TABLE derivations (
+    id INTEGER PRIMARY KEY,
+    drv_ident TEXT NOT NULL UNIQUE
+);
+
+-- One row per (builder, output path, hash): re-posting is a no-op, and
+-- verdicts count distinct builders, never rows.
+CREATE TABLE attestations (
+    id INTEGER PRIMARY KEY,
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    derivation_id INTEGER REFERENCES derivations(id),
+    output_path TEXT NOT NULL,
+    output_hash TEXT NOT NULL,
+    output_sig TEXT NOT NULL DEFAULT '',
+    nar_size INTEGER,
+    refs TEXT,
+    verified INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    UNIQUE (output_path, builder_id, output_hash)
+);
+CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
+CREATE INDEX attestations_by_builder ON attestations(builder_id, output_path);
+
+CREATE TABLE reports (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner_id INTEGER REFERENCES builders(id),
+    root TEXT NOT NULL,
+    sbom BLOB NOT NULL,
+    -- The dependency tree in display order, as compact JSON rows, so views never re-parse the SBOM.
+    tree TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+
+-- One row per SBOM component; a component may have several output paths.
+CREATE TABLE report_components (
+    report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    name TEXT,
+    drv_path TEXT,
+    PRIMARY KEY (report_id, idx)
+) WITHOUT ROWID;
+
+CREATE TABLE report_paths (
+    report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+    out_path TEXT NOT NULL,
+    component_idx INTEGER NOT NULL,
+    output TEXT,
+    PRIMARY KEY (report_id, out_path)
+) WITHOUT ROWID;
+
+CREATE TABLE link_patterns (
+    id INTEGER PRIMARY KEY,
+    pattern TEXT NOT NULL UNIQUE,
+    link TEXT NOT NULL
+);
+
+PRAGMA user_version = 1;

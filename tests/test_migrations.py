@@ -1,0 +1,179 @@
+"""The whole migration chain, from a database as version 1 (the first release) wrote it,
+through `python web.py` as a deployment starts it.
+
+tests/data/schema-v1.sql is schema.sql as version 1 shipped it; never edit it. When you add
+a migration, add rows for what it changes to version_1_database and checks to this file.
+"""
+import base64
+import hashlib
+import json
+import sqlite3
+import subprocess
+
+import pytest
+import requests
+
+import web
+from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
+from support import REPO, ServerProcess, bearer
+
+TIMEOUT = 30
+ALICE_SECRET, ALICE_PUBLIC = nix_key_pair("alice-1")
+_BOB_SECRET, BOB_PUBLIC = nix_key_pair("bob-1")
+TOKENS = {"alice": "alice-token", "mallory": "mallory-token", "root": "root-token", "bob": "bob-token"}
+REPORT_PATHS = [out_path("hello-2.12"), out_path("glibc-2.38")]
+HOSTILE_SIGNATURE = "evil\nInjected-line:" + base64.b64encode(b"s" * 64).decode()
+
+
+def version_1_rows(conn):
+    """Representative rows, written with version 1's own SQL."""
+    for name in TOKENS:
+        conn.execute("INSERT INTO builders (name, is_admin) VALUES (?, ?)", (name, int(name == "root")))
+        conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES ((SELECT id FROM builders WHERE name = ?), ?)",
+                     (name, hashlib.sha256(TOKENS[name].encode()).hexdigest()))
+    # mallory registered alice's key bytes under his own name, after alice (defect 5 of issue 11).
+    for name, key in [("alice", ALICE_PUBLIC), ("mallory", "mallory-1:" + ALICE_PUBLIC.partition(":")[2]),
+                      ("bob", BOB_PUBLIC)]:
+        conn.execute("INSERT INTO public_keys (builder_id, key_name, public_key)"
+                     " VALUES ((SELECT id FROM builders WHERE name = ?), ?, ?)", (name, key.partition(":")[0], key))
+    signed = signed_attestation(ALICE_SECRET)
+    relabelled = "mallory-1:" + signed["output_sig"].partition(":")[2]
+    hostile = signed_attestation(ALICE_SECRET)
+    for builder, attestation, signature, verified in [("alice", signed, signed["output_sig"], 1),
+                                                      ("mallory", signed, relabelled, 1),
+                                                      ("bob", hostile, HOSTILE_SIGNATURE, 0)]:
+        conn.execute("INSERT INTO attestations (builder_id, output_path, output_hash, output_sig, nar_size, refs,"
+                     " verified, created_at) VALUES ((SELECT id FROM builders WHERE name = ?), ?, ?, ?, ?, '[]', ?,"
+                     " '2024-01-01T00:00:00Z')", (builder, attestation["output_path"], attestation["output_hash"],
+                                                   signature, attestation["nar_size"], verified))
+    version_1_report(conn)
+    conn.executemany("INSERT INTO link_patterns (pattern, link) VALUES (?, ?)",
+                     [("^hello-", "https://example.org/hello"), ("(?>glibc)", "https://example.org/atomic")])
+    return {"signed": signed, "hostile": hostile}
+
+
+def version_1_report(conn):
+    root, child = REPORT_PATHS
+    tree = [[0, 0, True], [1, 1, True]]
+    report_id = conn.execute(
+        "INSERT INTO reports (name, owner_id, root, sbom, tree, created_at)"
+        " VALUES ('old', (SELECT id FROM builders WHERE name = 'alice'), ?, ?, ?, '2024-01-01T00:00:00Z')",
+        (root, b'{"bomFormat": "CycloneDX"}', json.dumps(tree))).lastrowid
+    for index, path in enumerate(REPORT_PATHS):
+        conn.execute("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, NULL)",
+                     (report_id, index, path[44:]))
+        conn.execute("INSERT INTO report_paths (report_id, out_path, component_idx, output) VALUES (?, ?, ?, 'out')",
+                     (report_id, path, index))
+    conn.execute("INSERT INTO attestations (builder_id, output_path, output_hash, created_at)"
+                 " VALUES ((SELECT id FROM builders WHERE name = 'alice'), ?, ?, '2024-01-01T00:00:00Z')",
+                 (root, base32_form(nar_hash_bytes())))
+
+
+@pytest.fixture
+def migrated(tmp_path):
+    """A version 1 database with representative rows, opened by `python web.py`."""
+    db = tmp_path / "hashes.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript((REPO / "tests" / "data" / "schema-v1.sql").read_text())
+        rows = version_1_rows(conn)
+    server = ServerProcess(db).start()
+    yield server, rows
+    server.stop()
+
+
+def schema_of(conn):
+    """Columns, indexes and foreign keys of every table: what the code relies on, not the SQL text."""
+    tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {table: {
+        "columns": conn.execute(f"PRAGMA table_info({table})").fetchall(),
+        "indexes": sorted((index[1], index[2], tuple(column[2] for column in conn.execute(f"PRAGMA index_info({index[1]})")))
+                          for index in conn.execute(f"PRAGMA index_list({table})")),
+        "foreign_keys": conn.execute(f"PRAGMA foreign_key_list({table})").fetchall(),
+    } for table in tables}
+
+
+def builders(server):
+    return {row["name"]: row["public_keys"] for row in requests.get(f"{server.url}/builders", timeout=TIMEOUT).json()}
+
+
+def stored(server, path):
+    return requests.get(f"{server.url}/attestations/by-output/{path[11:]}", timeout=TIMEOUT).json()
+
+
+def test_migrated_database_has_the_current_schema(migrated):
+    server, _rows = migrated
+    fresh = sqlite3.connect(":memory:")
+    fresh.executescript((REPO / "schema.sql").read_text())
+    with sqlite3.connect(server.db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == web.SCHEMA_VERSION
+        assert schema_of(conn) == schema_of(fresh)
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_builders_and_their_tokens_survive(migrated):
+    server, _rows = migrated
+    attestation = {"output_path": out_path(), "output_hash": base32_form(nar_hash_bytes())}
+    response = requests.post(f"{server.url}/attestation/{out_path()[11:]}", json=[attestation],
+                             headers=bearer(TOKENS["bob"]), timeout=TIMEOUT)
+    assert response.status_code == 200
+
+
+def test_a_duplicate_key_keeps_its_oldest_registration_and_is_named_at_start_up(migrated):
+    server, _rows = migrated
+    assert builders(server) == {"alice": [ALICE_PUBLIC], "bob": [BOB_PUBLIC], "mallory": [], "root": []}
+    log = server.log.read_text()
+    assert "dropped public key 'mallory-1:" in log and "already registered to 'alice'" in log
+
+
+def test_attestations_verified_by_a_dropped_duplicate_key_lose_their_mark(migrated):
+    server, rows = migrated
+    marks = {row["builder"]: row["verified"] for row in stored(server, rows["signed"]["output_path"])}
+    assert marks == {"alice": True, "mallory": False}
+
+
+def test_a_dropped_key_bytes_cannot_be_registered_again_by_another_builder(migrated):
+    server, _rows = migrated
+    completed = subprocess.run(
+        [str(REPO / "create_user"), "mallory", "--public-key", "mallory-2:" + ALICE_PUBLIC.partition(":")[2],
+         "--db", str(server.db)], cwd=REPO, capture_output=True, text=True)
+    assert completed.returncode != 0
+    assert "already registered to builder 'alice'" in completed.stderr
+
+
+def test_a_signature_stored_before_never_adds_lines_to_the_narinfo_export(migrated):
+    server, rows = migrated
+    digest = rows["hostile"]["output_path"][11:43]
+    narinfo = requests.get(f"{server.url}/signatures/bob/{digest}.narinfo", timeout=TIMEOUT)
+    assert narinfo.status_code == 200
+    assert "Injected-line" not in narinfo.text
+    assert [line.partition(":")[0] for line in narinfo.text.splitlines()] == [
+        "StorePath", "URL", "Compression", "NarHash", "NarSize", "References"]
+
+
+def test_reports_survive_and_render(migrated):
+    server, _rows = migrated
+    report = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/json"}, timeout=TIMEOUT).json()
+    assert sorted(report["paths"]) == sorted(REPORT_PATHS)
+    page = requests.get(f"{server.url}/reports/old", headers={"Accept": "text/html"}, timeout=TIMEOUT)
+    assert page.status_code == 200
+    assert "https://example.org/hello" in page.text
+    assert "https://example.org/atomic" not in page.text  # RE2 refuses (?>…): it links nothing
+
+
+def test_link_patterns_made_before_have_no_owner_and_only_admins_change_them(migrated):
+    server, _rows = migrated
+    listed = requests.get(f"{server.url}/link_patterns", timeout=TIMEOUT).json()
+    assert [(row["pattern"], row["owner"]) for row in listed] == [("^hello-", None), ("(?>glibc)", None)]
+    delete = lambda token: requests.delete(f"{server.url}/link_patterns", params={"pattern": "^hello-"},
+                                           headers=bearer(token), timeout=TIMEOUT)
+    assert delete(TOKENS["alice"]).status_code == 403
+    assert delete(TOKENS["root"]).status_code == 200
+
+
+def test_restarting_a_migrated_server_changes_nothing(migrated):
+    server, _rows = migrated
+    with sqlite3.connect(server.db) as conn:
+        before = list(conn.iterdump())
+    server.restart()
+    with sqlite3.connect(server.db) as conn:
+        assert list(conn.iterdump()) == before
