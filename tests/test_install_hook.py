@@ -284,3 +284,68 @@ def test_machine_nix_conf_is_not_touched(layout, credentials):
     installed(layout, credentials)
     install_hook(layout, "--uninstall", *layout.options())
     assert (machine_conf.read_bytes() if machine_conf.exists() else None) == before
+
+
+# ---------------------------------------------------------------- the commands docs/builder.md gives, as written
+
+BUILDER_DOC = REPO / "docs" / "builder.md"
+DOCUMENTED_KEY_FILE = "/etc/nix/hash-collection.key"
+
+
+def documented_commands(heading):
+    """The first sh block under the heading in docs/builder.md."""
+    section = BUILDER_DOC.read_text().split(f"\n## {heading}\n", 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def stock_nix_env(directory):
+    """Nix as Debian ships it: no experimental features turned on."""
+    conf_dir = directory / "stock-nix-conf"
+    conf_dir.mkdir()
+    (conf_dir / "nix.conf").write_text("")
+    return nix_env(NIX_CONF_DIR=str(conf_dir), NIX_USER_CONF_FILES=str(conf_dir / "nix.conf"))
+
+
+def run_key_commands(tmp_path, env):
+    script = documented_commands("Signing key")
+    assert DOCUMENTED_KEY_FILE in script, "the key commands no longer write the key this test expects"
+    # sh, not bash -e: as a user pastes them into a shell.
+    return subprocess.run(["sh", "-c", script.replace(DOCUMENTED_KEY_FILE, str(tmp_path / "hash-collection.key"))],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_documented_key_commands_make_a_root_only_key_on_stock_nix(tmp_path):
+    env = stock_nix_env(tmp_path)
+    completed = run_key_commands(tmp_path, env)
+    assert completed.returncode == 0, completed.stderr
+    key_file = tmp_path / "hash-collection.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    public = subprocess.run(["nix", "--extra-experimental-features", "nix-command", "key", "convert-secret-to-public"],
+                            stdin=key_file.open(), env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert completed.stdout.strip().splitlines()[-1] == public
+    assert public.startswith("builder-alice-1:")
+
+
+def test_documented_key_commands_leave_no_empty_key_when_nix_fails(tmp_path):
+    failing_nix = tmp_path / "bin" / "nix"
+    failing_nix.parent.mkdir()
+    failing_nix.write_text("#!/bin/sh\necho 'error: experimental Nix feature is disabled' >&2\nexit 1\n")
+    failing_nix.chmod(0o755)
+    env = {**stock_nix_env(tmp_path), "PATH": f"{failing_nix.parent}:{os.environ['PATH']}"}
+    completed = run_key_commands(tmp_path, env)
+    assert completed.returncode != 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bin", "stock-nix-conf"]
+
+
+def test_documented_install_command_installs_and_finds_its_attestation(layout, credentials, server):
+    command = documented_commands("Installing the hook on a non-NixOS builder").strip()
+    words = shlex.split(command)
+    assert words[:2] == ["sudo", "./install-hook.sh"], command
+    documented_options = words[2::2]
+    ours = dict(zip(credentials[::2], credentials[1::2]))
+    assert set(documented_options) <= set(ours), f"this test has no value for an option of {command}"
+    # Only the values change: the server's URL, the test's token and key.
+    arguments = [word for option in documented_options for word in (option, ours[option])]
+    completed = install_hook(layout, *arguments, *layout.options(), "--yes")
+    assert completed.returncode == 0, completed.stderr
+    assert "signed, verified attestation" in completed.stdout
