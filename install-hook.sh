@@ -218,6 +218,22 @@ refuse_symlinked_conf() {
 
 # ---------------------------------------------------------------- files
 
+# Root writes into these and trusts what is in them: only root may have been able to write there before.
+refuse_unsafe_directories() {
+    local directory owner mode
+    for directory in "$prefix" "$state_dir" "$state_dir/credentials" "$state_dir/spool"; do
+        [ -e "$directory" ] || [ -L "$directory" ] || continue
+        if [ -L "$directory" ] || [ ! -d "$directory" ]; then
+            die "$directory exists and is not a directory"
+        fi
+        read -r owner mode < <(stat -c '%u %a' "$directory")
+        if [ "$owner" != 0 ] || (( 8#$mode & 8#022 )); then
+            die "$directory already exists, owned by uid $owner with mode $mode: someone other than root could" \
+                "have put files there. Move it away (or empty it and make it root's, mode 0700), then run again."
+        fi
+    done
+}
+
 install_client() {
     local group=$1
     install -d -m 0755 -o root -g root "$prefix"
@@ -328,6 +344,7 @@ install_hook() {
     check_token_file
     [ -z "$key_file" ] || public_key=$(public_key_of "$key_file")
     group=$(build_users_group)
+    refuse_unsafe_directories
     conf_without_block "$conf" "$work/stripped"
     refuse_foreign_hooks "$conf" "$work/stripped"
     { cat "$work/stripped"; hook_block; } >"$work/new"

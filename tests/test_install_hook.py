@@ -234,6 +234,18 @@ def test_refuses_to_replace_a_post_build_hook_it_did_not_write(layout, credentia
     assert not layout.prefix.exists() and not layout.state_dir.exists()
 
 
+def test_refuses_a_spool_others_could_write_before(layout, credentials):
+    spool = layout.state_dir / "spool"
+    spool.mkdir(parents=True)
+    os.chown(spool, 0, grp.getgrnam(BUILD_USERS_GROUP).gr_gid)
+    spool.chmod(0o2770)
+    completed = install_hook(layout, *credentials, *layout.options(), "--yes")
+    assert completed.returncode == 1
+    assert f"{spool} already exists, owned by uid 0 with mode 2770" in completed.stderr
+    assert layout.nix_conf.read_text() == ORIGINAL_NIX_CONF
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o2770
+
+
 def test_without_yes_or_a_terminal_it_shows_the_change_and_changes_nothing(layout, credentials):
     completed = install_hook(layout, *credentials, *layout.options())
     assert completed.returncode == 1
@@ -349,3 +361,4 @@ def test_documented_install_command_installs_and_finds_its_attestation(layout, c
     completed = install_hook(layout, *arguments, *layout.options(), "--yes")
     assert completed.returncode == 0, completed.stderr
     assert "signed, verified attestation" in completed.stdout
+
