@@ -417,7 +417,7 @@ remove_spool_unless_waiting() {
         rm -r "$spool"
         return
     fi
-    echo "kept $spool: it holds $waiting undelivered submission file(s)." \
+    echo "kept $spool: it holds $waiting file(s), submissions not delivered yet or rejected by the server." \
         "To deliver them, install again and run '$prefix/post-build-hook flush'; or delete the directory."
 }
 
