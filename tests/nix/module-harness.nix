@@ -22,7 +22,8 @@ let
   } // extra;
   pkgs = {
     callPackage = _path: _args: stub "nix-hash-collection" { };
-    writeShellScript = name: text: stub name { inherit text; };
+    # A real store file, so that a script named only by its path (ExecStart) can be read back.
+    writeShellScript = name: text: stub name { inherit text; } // { outPath = builtins.toFile name text; };
     writeShellScriptBin = name: text: stub name { inherit text; };
     systemd = stub "systemd" { };
   };
