@@ -16,7 +16,7 @@ PACKAGED_COMMANDS = {"hash-collection-server", "create_user", "hash-collection-c
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
+def package(nix, tmp_path_factory):
     return lay_out_package(tmp_path_factory.mktemp("package"), sys.executable)
 
 

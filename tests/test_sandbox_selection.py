@@ -49,6 +49,7 @@ exec "$@"
 """
 
 
+# Every test here takes the `nix` fixture: it needs Nix (and root), so the selection leaves it out.
 def flake_pytest_command():
     completed = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr",
                                 FLAKE_PYTEST_SCRIPT % {"flake": REPO / "flake.nix"}],
@@ -74,7 +75,9 @@ def sandbox_environment(tmp_path):
     """PATH with the tests' Python as `python`, and a playwright that cannot be imported."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    # A script, not a symlink: through a symlink a venv's Python would not find its venv.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     hidden = tmp_path / "hidden" / "playwright"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text('raise ImportError("playwright is not in the build sandbox")\n')
@@ -91,20 +94,20 @@ def run_in_sandbox(tmp_path, command):
                           timeout=1800)
 
 
-def test_flake_deselects_the_tests_that_need_a_nix_store_or_headless_chrome():
+def test_flake_deselects_the_tests_that_need_a_nix_store_or_headless_chrome(nix):
     command = flake_pytest_command()
     assert command[:3] == ["python", "-m", "pytest"]
     assert command[command.index("-m", 3) + 1] == "not nix and not browser"
 
 
-def test_the_stand_in_sandbox_hides_nix_and_headless_chrome(tmp_path):
+def test_the_stand_in_sandbox_hides_nix_and_headless_chrome(nix, tmp_path):
     completed = run_in_sandbox(tmp_path, ["bash", "-c", "nix-build --version >/dev/null 2>&1 || echo no-nix;"
                                           "test -x /usr/bin/chromium || echo no-chromium;"
                                           "python -c 'import playwright' 2>/dev/null || echo no-playwright"])
     assert completed.stdout.split() == ["no-nix", "no-chromium", "no-playwright"], completed.stderr
 
 
-def test_flake_selection_collects_in_the_stand_in_sandbox(tmp_path):
+def test_flake_selection_collects_in_the_stand_in_sandbox(nix, tmp_path):
     completed = run_in_sandbox(tmp_path, [*flake_pytest_command(), "--collect-only", "-q"])
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
     selected = [line for line in completed.stdout.splitlines() if "::" in line]
@@ -113,6 +116,6 @@ def test_flake_selection_collects_in_the_stand_in_sandbox(tmp_path):
 
 
 @pytest.mark.skipif(not FULL_RUN, reason="takes minutes: set HASH_COLLECTION_SANDBOX_SUITE=1")
-def test_flake_selection_passes_in_the_stand_in_sandbox(tmp_path):
+def test_flake_selection_passes_in_the_stand_in_sandbox(nix, tmp_path):
     completed = run_in_sandbox(tmp_path, flake_pytest_command())
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-2000:]
