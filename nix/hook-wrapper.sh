@@ -13,7 +13,8 @@ environment:
   HASH_COLLECTION_SECRET_KEY_FILE  file holding the Nix signing key (optional; unsigned without it)
   HASH_COLLECTION_PYTHON           interpreter (default: python3)
   HASH_COLLECTION_CLIENT           post_build_hook.py (default: ../post_build_hook.py from this script)
-  HASH_COLLECTION_SERVER, HASH_COLLECTION_SPOOL, HASH_COLLECTION_TIMEOUT are passed through.
+  HASH_COLLECTION_SERVER, HASH_COLLECTION_SPOOL, HASH_COLLECTION_TIMEOUT,
+  HASH_COLLECTION_BUILD_USER_SPOOL, HASH_COLLECTION_BUILD_USERS_GROUP are passed through.
 EOF
 }
 
