@@ -18,43 +18,70 @@ let
   buildUsersGroup = config.nix.settings.build-users-group or "nixbld";
 
   # The diff hook runs as a build user, who cannot read root's files: it uses
-  # copies readable by the build users group, made at activation.
+  # copies readable by the build users group, made by hash-collection-secrets.service.
   buildUserSecretsDir = "/run/hash-collection";
   buildUserTokenFile = "${buildUserSecretsDir}/token";
   buildUserSecretKeyFile = "${buildUserSecretsDir}/secret-key";
 
   # Secrets are passed as file paths; the store only ever holds the paths.
-  hookScript = name: { tokenFile, secretKeyFile, mode }: pkgs.writeShellScript name ''
-    export HASH_COLLECTION_SERVER=${lib.escapeShellArg cfg.collection-url}
-    export HASH_COLLECTION_TOKEN_FILE=${lib.escapeShellArg tokenFile}
-    ${lib.optionalString (secretKeyFile != null)
-      "export HASH_COLLECTION_SECRET_KEY_FILE=${lib.escapeShellArg secretKeyFile}"}
-    export HASH_COLLECTION_SPOOL=${lib.escapeShellArg cfg.spoolDir}
+  exportLine = name: value: "export ${name}=${lib.escapeShellArg value}";
+  hookScript = name: { tokenFile, secretKeyFile, spool, rootExports, mode }: pkgs.writeShellScript name ''
+    ${exportLine "HASH_COLLECTION_SERVER" cfg.collection-url}
+    ${exportLine "HASH_COLLECTION_TOKEN_FILE" tokenFile}
+    ${lib.optionalString (secretKeyFile != null) (exportLine "HASH_COLLECTION_SECRET_KEY_FILE" secretKeyFile)}
+    ${exportLine "HASH_COLLECTION_SPOOL" spool}
+    ${lib.concatStringsSep "\n" (lib.mapAttrsToList exportLine rootExports)}
     export HASH_COLLECTION_TIMEOUT=${toString cfg.timeout}
     exec ${cfg.package}/bin/hash-collection-hook ${mode} "$@"
   '';
 
+  # Root reads (never writes) what the diff hook spooled, and delivers it.
+  readsBuildUserSpool = {
+    HASH_COLLECTION_BUILD_USER_SPOOL = cfg.buildUserSpoolDir;
+    HASH_COLLECTION_BUILD_USERS_GROUP = buildUsersGroup;
+  };
   postBuildHook = hookScript "hash-collection-post-build-hook" {
     inherit (cfg) tokenFile secretKeyFile;
+    spool = cfg.spoolDir;
+    rootExports = readsBuildUserSpool;
     mode = "";
   };
   diffHook = hookScript "hash-collection-diff-hook" {
     tokenFile = buildUserTokenFile;
     secretKeyFile = if cfg.secretKeyFile == null then null else buildUserSecretKeyFile;
+    spool = cfg.buildUserSpoolDir;
+    rootExports = { };
     mode = "diff-hook";
   };
   flushScript = hookScript "hash-collection-flush" {
     inherit (cfg) tokenFile secretKeyFile;
+    spool = cfg.spoolDir;
+    rootExports = readsBuildUserSpool;
     mode = "flush";
   };
 
+  # A missing secret or a failed copy fails the unit, where `systemctl --failed` shows it.
   copyForBuildUsers = source: target: ''
-    if [ -r ${lib.escapeShellArg source} ]; then
-      install -m 0640 -o root -g ${buildUsersGroup} ${lib.escapeShellArg source} ${target}
-    else
-      printf 'hash-collection: cannot read %s; the diff hook cannot report until it exists and the system is activated again\n' ${lib.escapeShellArg source} >&2
+    if [ ! -r ${lib.escapeShellArg source} ]; then
+      printf 'hash-collection: cannot read %s; the diff hook cannot report until it exists and this unit is restarted\n' ${lib.escapeShellArg source} >&2
+      exit 1
     fi
+    install -m 0640 -o root -g ${lib.escapeShellArg buildUsersGroup} ${lib.escapeShellArg source} ${lib.escapeShellArg target}
   '';
+  secretsCopyScript = ''
+    set -euo pipefail
+    install -d -m 0750 -o root -g ${lib.escapeShellArg buildUsersGroup} ${lib.escapeShellArg buildUserSecretsDir}
+    ${copyForBuildUsers cfg.tokenFile buildUserTokenFile}
+    ${lib.optionalString (cfg.secretKeyFile != null) (copyForBuildUsers cfg.secretKeyFile buildUserSecretKeyFile)}
+  '';
+
+  inStore = path: path != null && lib.hasPrefix "${builtins.storeDir}/" path;
+  notInStore = option: {
+    assertion = !(inStore cfg.${option});
+    message = "services.hash-collection.${option} is in the Nix store, which every user can read: "
+      + "give the path of a file outside it as a string (\"/run/secrets/...\"), not \"\${./file}\", which copies the file into the store.";
+  };
+  isInside = parent: path: path == parent || lib.hasPrefix "${parent}/" path;
 
   serverStateDirectory = lib.removePrefix "/var/lib/" serverCfg.dataDir;
   serverDatabase = "${serverCfg.dataDir}/hashes.db";
@@ -114,10 +141,21 @@ in
 
     spoolDir = lib.mkOption {
       type = lib.types.str;
-      default = "/var/spool/hash-collection";
+      default = "/var/lib/hash-collection/spool";
       description = ''
-        Directory keeping attestations that could not be delivered, until the flush timer
-        delivers them. It is writable by the build users group, because the diff hook runs as a build user.
+        Root's spool: what the post-build hook (root) could not deliver waits here, owned by
+        root and mode 0700, until the flush timer delivers it. Earlier versions shared this
+        directory with the build users (mode 2770, default /var/spool/hash-collection): a directory
+        set here is made root-only again, and files the build users left in it are treated as hostile.
+      '';
+    };
+
+    buildUserSpoolDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/hash-collection/build-user-spool";
+      description = ''
+        The build users' spool: what the diff hook (which runs as a build user) could not deliver
+        waits here (root, build users group, mode 2770). Root's flush reads it, never writes it.
       '';
     };
 
@@ -189,7 +227,20 @@ in
           assertion = cfg.secretKeyFile == null || lib.hasPrefix "/" cfg.secretKeyFile;
           message = "services.hash-collection.secretKeyFile must be an absolute path.";
         }
+        (notInStore "tokenFile")
+        (notInStore "secretKeyFile")
+        {
+          assertion = lib.hasPrefix "/" cfg.spoolDir && lib.hasPrefix "/" cfg.buildUserSpoolDir
+            && !(isInside cfg.spoolDir cfg.buildUserSpoolDir) && !(isInside cfg.buildUserSpoolDir cfg.spoolDir);
+          message = "services.hash-collection.spoolDir and buildUserSpoolDir must be two separate absolute directories, "
+            + "neither inside the other: root must never share a writable spool with the build users.";
+        }
       ];
+
+      warnings = lib.optional (config.nix.settings.auto-allocate-uids or false) (
+        "services.hash-collection: nix.settings.auto-allocate-uids is on, so builds run with a group of their own "
+        + "instead of ${buildUsersGroup}: the diff hook cannot read the secret copies in ${buildUserSecretsDir} "
+        + "or write ${cfg.buildUserSpoolDir}, and will report unsigned or not at all. The post-build hook is not affected.");
 
       nix.settings = {
         post-build-hook = postBuildHook;
@@ -199,21 +250,26 @@ in
 
       environment.systemPackages = [ cfg.package ];
 
+      # `d` also resets the mode and owner of a directory that already exists.
       systemd.tmpfiles.rules = [
-        "d ${cfg.spoolDir} 2770 root ${buildUsersGroup} - -"
+        "d ${cfg.spoolDir} 0700 root root - -"
+        "d ${cfg.buildUserSpoolDir} 2770 root ${buildUsersGroup} - -"
       ];
 
+      # A service, not an activation script: with systemd-sysusers or userborn the
+      # build users group only exists once their service ran.
       # Trade-off: the copies are readable by every build user. With the sandbox
       # (NixOS's default) builds cannot see /run; without it, a build could read them.
-      system.activationScripts.hash-collection-secrets = {
-        deps = [ "users" "groups" ];
-        text = ''
-          (
-            install -d -m 0750 -o root -g ${buildUsersGroup} ${buildUserSecretsDir}
-            ${copyForBuildUsers cfg.tokenFile buildUserTokenFile}
-            ${lib.optionalString (cfg.secretKeyFile != null) (copyForBuildUsers cfg.secretKeyFile buildUserSecretKeyFile)}
-          )
-        '';
+      systemd.services.hash-collection-secrets = {
+        description = "Copy the nix-hash-collection secrets for the diff hook, which runs as a build user";
+        wantedBy = [ "multi-user.target" "nix-daemon.service" ];
+        before = [ "nix-daemon.service" ];
+        after = [ "systemd-sysusers.service" "userborn.service" "local-fs.target" ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+        };
+        script = secretsCopyScript;
       };
 
       systemd.services.hash-collection-flush = {
@@ -226,7 +282,8 @@ in
           # Runs as root to read the root-only token and key; it only needs the spool.
           ProtectSystem = "strict";
           ReadWritePaths = [ cfg.spoolDir ];
-          ProtectHome = true;
+          # "read-only", not true: a tokenFile under /root or /home must stay readable.
+          ProtectHome = "read-only";
           PrivateTmp = true;
           NoNewPrivileges = true;
         };

@@ -20,6 +20,8 @@ stdenvNoCC.mkDerivation {
       ../post_build_hook.py
       ../fetch-from-cache.sh
       ../rebuilder.sh
+      # create_user, fetch-from-cache.sh and rebuilder.sh source it first.
+      ../scripts/python.sh
       ./hook-wrapper.sh
     ];
   };

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if NIX_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.nix)
-        if "browser" in item.nodeid or "playwright" in getattr(item.module, "__dict__", {}):
+        if "browser" in item.nodeid or "chromium" in item.nodeid or "playwright" in getattr(item.module, "__dict__", {}):
             item.add_marker(pytest.mark.browser)
 
 

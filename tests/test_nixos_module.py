@@ -4,7 +4,10 @@ The module tests are a STRUCTURAL check, not a NixOS test: real Nix evaluates
 module.nix with tests/nix/lib-shim.nix through tests/nix/module-harness.nix.
 They show that the options exist, that the original README's snippet evaluates,
 and what the module sets; they cannot show that NixOS accepts it. The VM test
-in tests/vm.nix does that, on machines with nixpkgs.
+in tests/vm.nix does that, on machines with nixpkgs. The lib stand-in follows
+nixpkgs where these tests look; text the module escapes is checked under both
+of nixpkgs' escapeShellArg behaviours (always quoted before 24.11, quoted only
+when needed since).
 """
 import json
 import os
@@ -18,9 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from module_layout import evaluate_module, in_private_mounts, module_scripts
 from support import REPO, write_derivation
 
-HARNESS = REPO / "tests" / "nix" / "module-harness.nix"
+LIB_SHIM = REPO / "tests" / "nix" / "lib-shim.nix"
 HOOK_WRAPPER = REPO / "nix" / "hook-wrapper.sh"
 
 ORIGINAL_SNIPPET = """
@@ -32,17 +36,35 @@ services.hash-collection = {
 };
 """
 
-BUILDER_OPTIONS = {"enable", "collection-url", "tokenFile", "secretKeyFile", "spoolDir", "timeout"}
+BUILDER_OPTIONS = {"enable", "collection-url", "tokenFile", "secretKeyFile", "spoolDir", "buildUserSpoolDir", "timeout"}
+
+# Both of nixpkgs' escapeShellArg behaviours: quoted only when needed (24.11 on), always quoted (before).
+BOTH_QUOTINGS = pytest.mark.parametrize("quote_always", [False, True], ids=["quoted-when-needed", "always-quoted"])
 SERVER_OPTIONS = {"enable", "package", "host", "port", "openFirewall", "dataDir", "requireSignatures"}
 
 
-def evaluate(nix, configuration):
+def evaluate(nix, configuration, quote_always=False):
     """The harness's JSON for `configuration` (Nix attribute-set body), or CalledProcessError."""
-    completed = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", str(HARNESS),
-         "--arg", "configuration", "{" + configuration + "}"],
-        env=nix(), capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout)
+    return evaluate_module(configuration, quote_always)
+
+
+def exports_of(script):
+    """{NAME: value} of a script's `export NAME=value` lines, as the shell reads them."""
+    exports = {}
+    for line in script.splitlines():
+        words = shlex.split(line)
+        if words[:1] == ["export"]:
+            name, _, value = words[1].partition("=")
+            exports[name] = value
+    return exports
+
+
+def hook_texts(evaluated):
+    return module_scripts(evaluated)
+
+
+def secrets_service(evaluated):
+    return evaluated["config"]["systemd"]["services"]["hash-collection-secrets"]
 
 
 def evaluation_error(nix, configuration):
@@ -76,8 +98,8 @@ def test_server_options_exist_with_their_exact_names(nix):
 
 def test_secret_paths_are_strings_not_nix_paths(nix):
     options = evaluate(nix, "")["options"]["hash-collection"]
-    assert options["tokenFile"]["type"] == "null or str"
-    assert options["secretKeyFile"]["type"] == "null or str"
+    assert options["tokenFile"]["type"] == "null or string"
+    assert options["secretKeyFile"]["type"] == "null or string"
 
 
 def test_original_readme_snippet_evaluates_unchanged(nix):
@@ -93,32 +115,75 @@ def test_enabling_the_builder_sets_post_build_hook_diff_hook_and_run_diff_hook(n
     assert settings["run-diff-hook"] is True
 
 
-def test_hooks_pass_the_token_and_key_as_file_paths(nix):
-    settings = evaluate(nix, ORIGINAL_SNIPPET)["config"]["nix"]["settings"]
+@BOTH_QUOTINGS
+def test_hooks_pass_the_token_and_key_as_file_paths(nix, quote_always):
+    settings = evaluate(nix, ORIGINAL_SNIPPET, quote_always)["config"]["nix"]["settings"]
     post_build_hook = settings["post-build-hook"]["text"]
-    assert "export HASH_COLLECTION_TOKEN_FILE='/token/path'" in post_build_hook
-    assert "export HASH_COLLECTION_SECRET_KEY_FILE='/secret/key/path'" in post_build_hook
-    assert "export HASH_COLLECTION_SERVER='server url'" in post_build_hook
+    exports = exports_of(post_build_hook)
+    assert exports["HASH_COLLECTION_TOKEN_FILE"] == "/token/path"
+    assert exports["HASH_COLLECTION_SECRET_KEY_FILE"] == "/secret/key/path"
+    assert exports["HASH_COLLECTION_SERVER"] == "server url"
     assert "bin/hash-collection-hook" in post_build_hook
     for text in (post_build_hook, settings["diff-hook"]["text"]):
-        assert "HASH_COLLECTION_TOKEN=" not in text
+        assert "HASH_COLLECTION_TOKEN" not in exports_of(text)
         assert "cat " not in text
 
 
-def test_diff_hook_reads_copies_readable_by_the_build_users(nix):
-    evaluated = evaluate(nix, ORIGINAL_SNIPPET)
+@BOTH_QUOTINGS
+def test_diff_hook_reads_copies_readable_by_the_build_users(nix, quote_always):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET, quote_always)
     diff_hook = evaluated["config"]["nix"]["settings"]["diff-hook"]["text"]
-    assert "HASH_COLLECTION_TOKEN_FILE='/run/hash-collection/token'" in diff_hook
-    assert "HASH_COLLECTION_SECRET_KEY_FILE='/run/hash-collection/secret-key'" in diff_hook
+    assert exports_of(diff_hook)["HASH_COLLECTION_TOKEN_FILE"] == "/run/hash-collection/token"
+    assert exports_of(diff_hook)["HASH_COLLECTION_SECRET_KEY_FILE"] == "/run/hash-collection/secret-key"
     assert diff_hook.rstrip().endswith('diff-hook "$@"')
-    activation = evaluated["config"]["system"]["activationScripts"]["hash-collection-secrets"]["text"]
-    assert "install -m 0640 -o root -g nixbld '/secret/key/path' /run/hash-collection/secret-key" in activation
-    assert "install -d -m 0750 -o root -g nixbld /run/hash-collection" in activation
+    commands = [shlex.split(line) for line in secrets_service(evaluated)["script"].splitlines() if line.strip()]
+    assert ["install", "-m", "0640", "-o", "root", "-g", "nixbld", "/secret/key/path",
+            "/run/hash-collection/secret-key"] in commands
+    assert ["install", "-d", "-m", "0750", "-o", "root", "-g", "nixbld", "/run/hash-collection"] in commands
 
 
-def test_spool_is_writable_by_the_build_users(nix):
+def test_root_and_the_build_users_each_get_their_own_spool(nix):
     rules = evaluate(nix, ORIGINAL_SNIPPET)["config"]["systemd"]["tmpfiles"]["rules"]
-    assert rules == ["d /var/spool/hash-collection 2770 root nixbld - -"]
+    assert rules == ["d /var/lib/hash-collection/spool 0700 root root - -",
+                     "d /var/lib/hash-collection/build-user-spool 2770 root nixbld - -"]
+
+
+@BOTH_QUOTINGS
+def test_root_hooks_spool_in_roots_spool_and_read_the_build_users_spool(nix, quote_always):
+    hooks = hook_texts(evaluate(nix, ORIGINAL_SNIPPET, quote_always))
+    for name in ("post-build-hook", "flush"):
+        root_exports = exports_of(hooks[name])
+        assert root_exports["HASH_COLLECTION_SPOOL"] == "/var/lib/hash-collection/spool"
+        assert root_exports["HASH_COLLECTION_BUILD_USER_SPOOL"] == "/var/lib/hash-collection/build-user-spool"
+        assert root_exports["HASH_COLLECTION_BUILD_USERS_GROUP"] == "nixbld"
+    assert hooks["flush"].rstrip().endswith('hash-collection-hook flush "$@"')
+
+
+@BOTH_QUOTINGS
+def test_diff_hook_spools_only_in_the_build_users_spool(nix, quote_always):
+    diff_exports = exports_of(hook_texts(evaluate(nix, ORIGINAL_SNIPPET, quote_always))["diff-hook"])
+    assert diff_exports["HASH_COLLECTION_SPOOL"] == "/var/lib/hash-collection/build-user-spool"
+    assert "HASH_COLLECTION_BUILD_USER_SPOOL" not in diff_exports
+
+
+def test_spools_follow_their_options_and_the_build_users_group(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace(
+        "};", 'spoolDir = "/srv/root-spool"; buildUserSpoolDir = "/srv/build-spool"; };')
+        + 'nix.settings.build-users-group = "builders";')
+    assert evaluated["config"]["systemd"]["tmpfiles"]["rules"] == [
+        "d /srv/root-spool 0700 root root - -", "d /srv/build-spool 2770 root builders - -"]
+    hooks = hook_texts(evaluated)
+    assert exports_of(hooks["diff-hook"])["HASH_COLLECTION_SPOOL"] == "/srv/build-spool"
+    assert exports_of(hooks["post-build-hook"])["HASH_COLLECTION_BUILD_USERS_GROUP"] == "builders"
+
+
+@pytest.mark.parametrize("spools", [('"/srv/spool"', '"/srv/spool"'), ('"/srv/spool"', '"/srv/spool/build"'),
+                                    ('"/srv/spool/root"', '"/srv/spool"'), ('"spool"', '"/srv/build"')],
+                         ids=["same", "build-inside-root", "root-inside-build", "relative"])
+def test_spools_that_overlap_fail_an_assertion(nix, spools):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace(
+        "};", f"spoolDir = {spools[0]}; buildUserSpoolDir = {spools[1]}; }};"))
+    assert any("spoolDir and buildUserSpoolDir" in message for message in evaluated["failedAssertions"])
 
 
 def test_a_timer_flushes_the_spool_every_few_minutes(nix):
@@ -129,11 +194,13 @@ def test_a_timer_flushes_the_spool_every_few_minutes(nix):
 
 
 def test_spool_dir_and_timeout_reach_the_hook(nix):
+    # A spoolDir set before the split keeps working: it is now root's alone.
     evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace(
         "};", 'spoolDir = "/var/spool/elsewhere"; timeout = 2; };'))
-    text = evaluated["config"]["nix"]["settings"]["post-build-hook"]["text"]
-    assert "export HASH_COLLECTION_SPOOL='/var/spool/elsewhere'" in text
-    assert "export HASH_COLLECTION_TIMEOUT=2" in text
+    exports = exports_of(evaluated["config"]["nix"]["settings"]["post-build-hook"]["text"])
+    assert exports["HASH_COLLECTION_SPOOL"] == "/var/spool/elsewhere"
+    assert exports["HASH_COLLECTION_TIMEOUT"] == "2"
+    assert "d /var/spool/elsewhere 0700 root root - -" in evaluated["config"]["systemd"]["tmpfiles"]["rules"]
 
 
 def test_missing_token_file_fails_an_assertion(nix):
@@ -149,7 +216,7 @@ def test_missing_collection_url_fails_an_assertion(nix):
 def test_a_nix_path_literal_for_the_token_is_rejected(nix):
     # A path literal would be copied into the world-readable store.
     error = evaluation_error(nix, ORIGINAL_SNIPPET.replace('"/token/path"', "/token/path"))
-    assert "services.hash-collection.tokenFile' is not of type" in error
+    assert "services.hash-collection.tokenFile' is not of type `null or string'" in error
 
 
 def test_a_misspelt_option_is_rejected(nix):
@@ -167,16 +234,20 @@ def test_server_runs_under_a_dynamic_user_with_a_state_directory(nix):
     assert service["StateDirectory"] == "hash-collection-server"
 
 
-def test_server_runs_web_py_on_the_database_in_its_state_directory(nix):
-    evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; host = "0.0.0.0"; port = 8123; };')
-    exec_start = server_service(evaluated)["ExecStart"]
-    assert exec_start.endswith(
-        "bin/hash-collection-server '--host' '0.0.0.0' '--port' '8123' '--db' '/var/lib/hash-collection-server/hashes.db'")
+@BOTH_QUOTINGS
+def test_server_runs_web_py_on_the_database_in_its_state_directory(nix, quote_always):
+    evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; host = "0.0.0.0"; port = 8123; };',
+                         quote_always)
+    command = shlex.split(server_service(evaluated)["ExecStart"])
+    assert command[0].endswith("bin/hash-collection-server")
+    assert command[1:] == ["--host", "0.0.0.0", "--port", "8123", "--db", "/var/lib/hash-collection-server/hashes.db"]
 
 
-def test_verified_only_mode_passes_require_signatures(nix):
-    evaluated = evaluate(nix, "services.hash-collection-server = { enable = true; requireSignatures = true; };")
-    assert server_service(evaluated)["ExecStart"].endswith("'--require-signatures'")
+@BOTH_QUOTINGS
+def test_verified_only_mode_passes_require_signatures(nix, quote_always):
+    evaluated = evaluate(nix, "services.hash-collection-server = { enable = true; requireSignatures = true; };",
+                         quote_always)
+    assert shlex.split(server_service(evaluated)["ExecStart"])[-1] == "--require-signatures"
 
 
 def test_server_is_hardened(nix):
@@ -196,17 +267,206 @@ def test_open_firewall_opens_the_port(nix):
     assert opened["config"]["networking"]["firewall"]["allowedTCPPorts"] == [8123]
 
 
-def test_create_user_on_path_acts_on_the_server_database(nix):
-    packages = evaluate(nix, "services.hash-collection-server.enable = true;")["config"]["environment"]["systemPackages"]
+@BOTH_QUOTINGS
+def test_create_user_on_path_acts_on_the_server_database(nix, quote_always):
+    packages = evaluate(nix, "services.hash-collection-server.enable = true;",
+                        quote_always)["config"]["environment"]["systemPackages"]
     create_user = next(package for package in packages if package["name"] == "create_user")
-    assert "--setenv=HASH_COLLECTION_DB='/var/lib/hash-collection-server/hashes.db'" in create_user["text"]
-    assert "--property=DynamicUser=yes" in create_user["text"]
-    assert "--property=User=hash-collection-server" in create_user["text"]
+    words = shlex.split(create_user["text"])
+    assert "--setenv=HASH_COLLECTION_DB=/var/lib/hash-collection-server/hashes.db" in words
+    assert "--property=DynamicUser=yes" in words
+    assert "--property=User=hash-collection-server" in words
 
 
 def test_data_dir_outside_var_lib_fails_an_assertion(nix):
     evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; dataDir = "/srv/hashes"; };')
     assert any("dataDir" in message for message in evaluated["failedAssertions"])
+
+
+# ---------------------------------------------------------------- the lib stand-in is nixpkgs' lib where tests look
+
+def shim_value(nix, expression, quote_always=False):
+    completed = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr",
+         f"let lib = import {LIB_SHIM} {{ quoteAlways = {'true' if quote_always else 'false'}; }}; in {expression}"],
+        env=nix(), capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout)
+
+
+# What nixpkgs' lib.escapeShellArg returns since 24.11 (lib/strings.nix): bare when
+# the whole string matches [[:alnum:],._+:@%/-]+, else single-quoted.
+ESCAPED_SINCE_24_11 = [
+    ("/token/path", "/token/path"),
+    ("user@host:1%2,x+y", "user@host:1%2,x+y"),
+    ("server url", "'server url'"),
+    ("it's", "'it'\\''s'"),
+    ("", "''"),
+    ("a=b", "'a=b'"),
+    ("$HOME", "'$HOME'"),
+]
+
+
+@pytest.mark.parametrize("argument, escaped", ESCAPED_SINCE_24_11)
+def test_stand_in_escape_shell_arg_quotes_like_nixpkgs(nix, argument, escaped):
+    assert shim_value(nix, f"lib.escapeShellArg {json.dumps(argument)}") == escaped
+
+
+@BOTH_QUOTINGS
+@pytest.mark.parametrize("argument", [argument for argument, _ in ESCAPED_SINCE_24_11] + ["a\nb", "*", "x;y"])
+def test_escaped_arguments_read_back_unchanged_in_the_shell(nix, quote_always, argument):
+    escaped = shim_value(nix, f"lib.escapeShellArg {json.dumps(argument)}", quote_always)
+    assert subprocess.run(["bash", "-c", f"printf %s {escaped}"], capture_output=True, text=True).stdout == argument
+
+
+@pytest.mark.parametrize("type_expression, description", [
+    ("lib.types.str", "string"),
+    ("lib.types.nullOr lib.types.str", "null or string"),
+    ("lib.types.bool", "boolean"),
+    ("lib.types.port", "16 bit unsigned integer; between 0 and 65535 (both inclusive)"),
+    ("lib.types.ints.positive", "positive integer, meaning >0"),
+    ("lib.types.package", "package"),
+])
+def test_stand_in_types_describe_themselves_like_nixpkgs(nix, type_expression, description):
+    assert shim_value(nix, f"({type_expression}).description") == description
+
+
+def test_stand_in_package_type_accepts_what_nixpkgs_accepts(nix):
+    assert shim_value(nix, "map lib.types.package.check [ { type = \"derivation\"; outPath = \"/x\"; } "
+                           "\"/nix/store/00000000000000000000000000000000-x\" { outPath = \"/x\"; } \"/tmp/x\" ]") == [
+        True, True, False, False]
+
+
+# ---------------------------------------------------------------- secrets for the build users
+
+def test_secrets_are_copied_by_a_service_not_an_activation_script(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET)
+    assert "activationScripts" not in evaluated["config"].get("system", {})
+    service = secrets_service(evaluated)
+    assert service["serviceConfig"]["Type"] == "oneshot"
+    assert service["serviceConfig"]["RemainAfterExit"] is True
+
+
+def test_secrets_service_runs_after_users_exist_and_before_the_nix_daemon(nix):
+    service = secrets_service(evaluate(nix, ORIGINAL_SNIPPET))
+    # sysusers and userborn create the build users group in a service of their own.
+    assert {"systemd-sysusers.service", "userborn.service"} <= set(service["after"])
+    assert service["before"] == ["nix-daemon.service"]
+    assert "nix-daemon.service" in service["wantedBy"]
+
+
+def run_secrets_script(nix, tmp_path, configuration=ORIGINAL_SNIPPET, read_only_run=False):
+    """The module's secrets copy, run by bash with /run replaced by tmp_path/run."""
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    script = secrets_service(evaluate(nix, configuration))["script"]
+    return subprocess.run(in_private_mounts({"/run": run}, ["bash", "-c", script],
+                                            read_only=("/run",) if read_only_run else ()),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def secret_files(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "token").write_text("token\n")
+    (secrets / "key").write_text("key\n")
+    return secrets
+
+
+def secrets_configuration(secrets, token="token"):
+    return ORIGINAL_SNIPPET.replace('"/token/path"', f'"{secrets / token}"').replace(
+        '"/secret/key/path"', f'"{secrets / "key"}"')
+
+
+def test_secrets_copy_makes_copies_only_the_build_users_can_read(nix, tmp_path, secret_files):
+    completed = run_secrets_script(nix, tmp_path, secrets_configuration(secret_files))
+    assert completed.returncode == 0, completed.stderr
+    copies = tmp_path / "run" / "hash-collection"
+    assert (copies.stat().st_mode & 0o7777, copies.group()) == (0o750, "nixbld")
+    for name in ("token", "secret-key"):
+        assert ((copies / name).stat().st_mode & 0o7777, (copies / name).owner(), (copies / name).group()) == (
+            0o640, "root", "nixbld")
+    assert (copies / "token").read_text() == "token\n"
+
+
+def test_secrets_copy_fails_visibly_when_the_token_is_missing(nix, tmp_path, secret_files):
+    completed = run_secrets_script(nix, tmp_path, secrets_configuration(secret_files, token="missing"))
+    assert completed.returncode != 0
+    assert f"cannot read {secret_files / 'missing'}" in completed.stderr
+
+
+def test_secrets_copy_fails_visibly_when_it_cannot_write(nix, tmp_path, secret_files):
+    # In the old subshell only the last command's status counted: a failed install -d went unseen.
+    completed = run_secrets_script(nix, tmp_path, secrets_configuration(secret_files), read_only_run=True)
+    assert completed.returncode != 0
+    assert "/run/hash-collection" in completed.stderr
+
+
+def test_flush_service_can_read_a_token_under_root_or_home(nix):
+    service = evaluate(nix, ORIGINAL_SNIPPET)["config"]["systemd"]["services"]["hash-collection-flush"]
+    assert service["serviceConfig"]["ProtectHome"] == "read-only"
+
+
+@pytest.mark.parametrize("option", ["tokenFile", "secretKeyFile"])
+def test_a_secret_copied_into_the_store_fails_an_assertion(nix, option):
+    # "${./file}" is a string, so the type accepts it, but it copies the file into the world-readable store.
+    in_store = '"${builtins.toFile "hash-collection-test-secret" "not a secret"}"'
+    original = {"tokenFile": '"/token/path"', "secretKeyFile": '"/secret/key/path"'}[option]
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace(original, in_store))
+    messages = [message for message in evaluated["failedAssertions"] if option in message]
+    assert len(messages) == 1
+    assert "Nix store, which every user can read" in messages[0]
+
+
+def test_secrets_outside_the_store_pass_the_store_assertion(nix):
+    assert evaluate(nix, ORIGINAL_SNIPPET.replace('"/token/path"', '"/nix/var/token"'))["failedAssertions"] == []
+
+
+def test_auto_allocate_uids_warns_that_the_diff_hook_cannot_report(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET + "nix.settings.auto-allocate-uids = true;")
+    assert len(evaluated["config"]["warnings"]) == 1
+    assert "auto-allocate-uids" in evaluated["config"]["warnings"][0]
+    assert "diff hook" in evaluated["config"]["warnings"][0]
+
+
+def test_no_warning_without_auto_allocate_uids(nix):
+    assert evaluate(nix, ORIGINAL_SNIPPET)["config"]["warnings"] == []
+    assert evaluate(nix, ORIGINAL_SNIPPET + "nix.settings.auto-allocate-uids = false;")["config"]["warnings"] == []
+
+
+# ---------------------------------------------------------------- tests/vm.nix, evaluated in the structural check
+
+VM_NODES = """
+let
+  stubPackage = name: { type = "derivation"; inherit name; outPath = "/nix/store/00000000000000000000000000000000-${name}"; };
+  pkgs = {
+    writeText = name: _text: stubPackage name;
+    testers.runNixOSTest = test: test;
+    curl = stubPackage "curl";
+  };
+  lib = { mkForce = value: value; };
+  vm = import %(vm)s { inherit pkgs; module = %(module)s; };
+  node = name: vm.nodes.${name} { inherit lib pkgs; config = { }; };
+in {
+  services = builtins.mapAttrs (name: _: (node name).services) vm.nodes;
+  imports = builtins.mapAttrs (name: _: map toString (node name).imports) vm.nodes;
+  testScript = vm.testScript;
+}
+"""
+
+
+def test_vm_test_nodes_evaluate_with_the_module(nix):
+    completed = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr",
+         VM_NODES % {"vm": REPO / "tests" / "vm.nix", "module": REPO / "module.nix"}],
+        env=nix(), capture_output=True, text=True, check=True)
+    vm = json.loads(completed.stdout)
+    assert vm["imports"] == {"builder": [str(REPO / "module.nix")], "server": [str(REPO / "module.nix")]}
+    for node in ("builder", "server"):
+        services = json.dumps(vm["services"][node])
+        evaluated = evaluate(nix, f"services = builtins.fromJSON {json.dumps(services)};")
+        assert evaluated["failedAssertions"] == [], node
+    assert "create_user vm-builder" in vm["testScript"]
 
 
 # ---------------------------------------------------------------- the hook wrapper, against the real server

@@ -1,24 +1,37 @@
 # The smallest stand-in for nixpkgs' `lib` that module.nix needs, for the
 # structural check in tests/test_nixos_module.py. It is NOT nixpkgs' lib:
 # mkIf and mkMerge only build markers that module-harness.nix resolves, and
-# each type only knows how to check a value.
+# each type only knows how to check a value and describe itself.
+#
+# Where the tests look, it behaves as nixpkgs' lib/strings.nix and lib/types.nix
+# do (descriptions, what each type accepts, escapeShellArg). `quoteAlways`
+# selects escapeShellArg as it was before nixpkgs 24.11 (always quoted); since
+# then it quotes only a string outside [[:alnum:],._+:@%/-]+.
+{ quoteAlways ? false }:
 let
-  inherit (builtins) isBool isInt isString replaceStrings substring stringLength concatStringsSep;
+  inherit (builtins) isBool isInt isString match replaceStrings substring stringLength concatStringsSep attrNames;
 
   hasPrefix = prefix: text: substring 0 (stringLength prefix) text == prefix;
+
+  quote = string: "'" + replaceStrings [ "'" ] [ "'\\''" ] string + "'";
+
+  mkOptionType = { name, description ? name, check }: { inherit name description check; };
 in
 rec {
-  inherit hasPrefix;
+  inherit hasPrefix concatStringsSep;
 
   removePrefix = prefix: text:
     if hasPrefix prefix text
     then substring (stringLength prefix) (stringLength text - stringLength prefix) text
     else text;
 
+  mapAttrsToList = function: attrs: map (name: function name attrs.${name}) (attrNames attrs);
+
   mkOption = attrs: attrs // { _type = "option"; };
   mkEnableOption = name: mkOption {
     type = types.bool;
     default = false;
+    example = true;
     description = "Whether to enable ${name}.";
   };
   mkIf = condition: content: { _type = "if"; inherit condition content; };
@@ -30,16 +43,36 @@ rec {
   optional = condition: value: if condition then [ value ] else [ ];
   optionalString = condition: text: if condition then text else "";
 
-  escapeShellArg = arg: "'" + replaceStrings [ "'" ] [ "'\\''" ] (toString arg) + "'";
+  escapeShellArg = arg:
+    let string = toString arg; in
+    if quoteAlways || match "[[:alnum:],._+:@%/-]+" string == null then quote string else string;
   escapeShellArgs = args: concatStringsSep " " (map escapeShellArg args);
 
-  types = {
-    bool = { name = "bool"; check = isBool; };
-    # Like nixpkgs: a path literal is not a string, so it is rejected.
-    str = { name = "str"; check = isString; };
-    port = { name = "16 bit unsigned integer"; check = v: isInt v && v >= 0 && v <= 65535; };
-    ints.positive = { name = "positive integer"; check = v: isInt v && v > 0; };
-    package = { name = "package"; check = v: builtins.isAttrs v && v ? outPath; };
-    nullOr = type: { name = "null or ${type.name}"; check = v: v == null || type.check v; };
+  types = rec {
+    bool = mkOptionType { name = "bool"; description = "boolean"; check = isBool; };
+    # As in nixpkgs: a path literal is not a string, so it is rejected; "${./file}" is one, and passes.
+    str = mkOptionType { name = "str"; description = "string"; check = isString; };
+    int = mkOptionType { name = "int"; description = "signed integer"; check = isInt; };
+    port = mkOptionType {
+      name = "unsignedInt16";
+      description = "16 bit unsigned integer; between 0 and 65535 (both inclusive)";
+      check = v: isInt v && v >= 0 && v <= 65535;
+    };
+    ints.positive = mkOptionType {
+      name = "positiveInt";
+      description = "positive integer, meaning >0";
+      check = v: isInt v && v > 0;
+    };
+    # A derivation, or a string naming a top-level store path.
+    package = mkOptionType {
+      name = "package";
+      check = v: (builtins.isAttrs v && (v.type or null) == "derivation")
+        || (isString v && match "${builtins.storeDir}/[^/]+" v != null);
+    };
+    nullOr = type: mkOptionType {
+      name = "nullOr";
+      description = "null or ${type.description}";
+      check = v: v == null || type.check v;
+    };
   };
 }

@@ -4,20 +4,26 @@
 # its value from `configuration` (type-checked by the shim) or its default, and
 # resolves the mkIf/mkMerge markers of the module's `config`. No other NixOS module
 # exists here, so what module.nix sets outside its own options (nix.settings,
-# systemd.*, assertions) is returned as written, unchecked against NixOS.
+# systemd.*, assertions, warnings) is returned as written, unchecked against NixOS.
+# Besides services.*, `configuration` may hold nix.settings, which the module reads.
 #
 # usage: nix-instantiate --eval --strict --json tests/nix/module-harness.nix \
-#          --arg configuration '{ services.hash-collection = { ... }; }'
-{ configuration ? { } }:
+#          --arg configuration '{ services.hash-collection = { ... }; }' [--arg quoteAlways true]
+{ configuration ? { }, quoteAlways ? false }:
 let
   inherit (builtins) attrNames filter foldl' hasAttr head isAttrs isList listToAttrs mapAttrs removeAttrs;
-  lib = import ./lib-shim.nix;
+  lib = import ./lib-shim.nix { inherit quoteAlways; };
 
   # Derivation stand-ins: a store path, plus the script text where there is one.
-  stub = name: extra: { outPath = "/nix/store/00000000000000000000000000000000-${name}"; inherit name; } // extra;
+  stub = name: extra: {
+    type = "derivation";
+    outPath = "${builtins.storeDir}/00000000000000000000000000000000-${name}";
+    inherit name;
+  } // extra;
   pkgs = {
     callPackage = _path: _args: stub "nix-hash-collection" { };
-    writeShellScript = name: text: stub name { inherit text; };
+    # A real store file, so that a script named only by its path (ExecStart) can be read back.
+    writeShellScript = name: text: stub name { inherit text; } // { outPath = builtins.toFile name text; };
     writeShellScriptBin = name: text: stub name { inherit text; };
     systemd = stub "systemd" { };
   };
@@ -30,7 +36,7 @@ let
     let where = "services.${namespace}.${name}"; in
     if hasAttr name definitions then
       (if option.type.check definitions.${name} then definitions.${name}
-       else throw "The option `${where}' is not of type `${option.type.name}'.")
+       else throw "The option `${where}' is not of type `${option.type.description}'.")
     else if option ? default then option.default
     else throw "The option `${where}' is used but not defined.";
 
@@ -40,14 +46,15 @@ let
     else mapAttrs (valueOf namespace definitions) declared.${namespace};
 
   userServices = configuration.services or { };
-  unknownTopLevel = filter (name: name != "services") (attrNames configuration);
+  unknownTopLevel = filter (name: name != "services" && name != "nix") (attrNames configuration);
   unknownServices = filter (name: !(hasAttr name declared)) (attrNames userServices);
   moduleConfig = {
     services = mapAttrs (namespace: _: valuesOf namespace (userServices.${namespace} or { })) declared;
+    nix.settings = configuration.nix.settings or { };
   };
 
   isMarker = type: value: isAttrs value && (value._type or null) == type;
-  isStub = value: isAttrs value && value ? outPath;
+  isStub = value: isAttrs value && (value.type or null) == "derivation";
   absent = { _type = "absent"; };
 
   resolve = value:
@@ -78,11 +85,12 @@ let
   resolved = resolve evaluated.config;
   config = if isMarker "absent" resolved then { } else resolved;
 in
-if unknownTopLevel != [ ] then throw "this harness only takes services.*, got `${head unknownTopLevel}'"
+if unknownTopLevel != [ ] then throw "this harness only takes services.* and nix.settings, got `${head unknownTopLevel}'"
 else if unknownServices != [ ] then throw "The option `services.${head unknownServices}' does not exist."
 else {
-  options = mapAttrs (_: mapAttrs (_: option: { type = option.type.name; hasDefault = option ? default; })) declared;
+  options = mapAttrs (_: mapAttrs (_: option: { type = option.type.description; hasDefault = option ? default; })) declared;
   values = describe moduleConfig.services;
   config = describe config;
   failedAssertions = map (assertion: assertion.message) (filter (assertion: !assertion.assertion) (config.assertions or [ ]));
+  warnings = config.warnings or [ ];
 }
