@@ -428,6 +428,305 @@ def references_of(out_path, env):
     return run_nix(["nix-store", "--query", "--references", out_path], env).split()
 
 
+# ---------------------------------------------------------------- diffs
+# What differs between an output and its `--check` rebuild: always a file-level
+# diff (pure Python, one read of both trees), and diffoscope's text when it is
+# installed. Both are builder-supplied evidence; the server shows, never verifies, them.
+# Every part is bounded, because Nix waits for the diff hook.
+
+DIFF_TIMEOUT = 60.0
+DIFF_MEMORY_MIB = 2048
+DIFF_OUTPUT_MIB = 4
+DIFF_READ_BYTES = 4 << 30  # file contents hashed across both trees, at most
+MAX_DIFF_FILES = 1000  # differing entries listed; the totals count them all
+MAX_SPOOLED_DIFF_BYTES = 8 << 20
+DIFF_FORMAT = "1"
+KILLED_CHILD_WAIT = 5.0
+
+
+class DiffLimits:
+    def __init__(self, timeout=DIFF_TIMEOUT, memory_bytes=DIFF_MEMORY_MIB << 20, output_bytes=DIFF_OUTPUT_MIB << 20,
+                 read_bytes=DIFF_READ_BYTES, max_files=MAX_DIFF_FILES, diffoscope=None):
+        self.timeout = timeout
+        self.memory_bytes = memory_bytes
+        self.output_bytes = output_bytes
+        self.read_bytes = read_bytes
+        self.max_files = max_files
+        self.diffoscope = diffoscope  # the program, or None to run none
+
+
+def diff_limits_of(env):
+    return DiffLimits(timeout=positive_setting(env, "HASH_COLLECTION_DIFF_TIMEOUT", DIFF_TIMEOUT, "seconds"),
+                      memory_bytes=int(positive_setting(env, "HASH_COLLECTION_DIFF_MEMORY_MIB", DIFF_MEMORY_MIB, "MiB")) << 20,
+                      output_bytes=int(positive_setting(env, "HASH_COLLECTION_DIFF_OUTPUT_MIB", DIFF_OUTPUT_MIB, "MiB")) << 20,
+                      diffoscope=diffoscope_program(env))
+
+
+def positive_setting(env, name, default, unit):
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of {unit}, got {text!r}")
+    return value
+
+
+def diffoscope_program(env):
+    """HASH_COLLECTION_DIFFOSCOPE (a program, or 'none'), else diffoscope on the PATH, else None."""
+    import shutil
+    chosen = env.get("HASH_COLLECTION_DIFFOSCOPE", "").strip()
+    if chosen.lower() in ("none", "off", "0"):
+        return None
+    return shutil.which(chosen or "diffoscope", path=env.get("PATH", os.defpath))
+
+
+def tree_entries(root):
+    """(name components, description, path) of root and all below it, in NAR order; symlinks are not followed."""
+    # Pre-order with sorted children is the order of the component tuples, so two walks merge.
+    stack = [((), os.fsencode(root))]
+    while stack:
+        parts, path = stack.pop()
+        description, children = describe_node(path)
+        yield parts, description, path
+        stack.extend((parts + (name,), os.path.join(path, name)) for name in reversed(children))
+
+
+def describe_node(path):
+    """({type, size, executable, target} of one node, its sorted children), as the NAR walk sees it."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return {"type": "unreadable"}, []
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            return {"type": "symlink", "target": shown_name(os.readlink(path))}, []
+        except OSError:
+            return {"type": "symlink", "unreadable": True}, []
+    if stat.S_ISDIR(info.st_mode):
+        try:
+            return {"type": "directory"}, sorted(os.listdir(path))
+        except OSError:
+            return {"type": "directory", "unreadable": True}, []
+    if stat.S_ISREG(info.st_mode):
+        return {"type": "regular", "size": info.st_size, "executable": bool(info.st_mode & stat.S_IXUSR)}, []
+    return {"type": "other"}, []
+
+
+def shown_name(raw):
+    """File names are bytes; the diff shows them as text, undecodable bytes as \\xNN."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def merged_trees(root_a, root_b):
+    """(components, entry of A or None, entry of B or None) over both trees at once."""
+    walk_a, walk_b = tree_entries(root_a), tree_entries(root_b)
+    a, b = next(walk_a, None), next(walk_b, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[0] < b[0]):
+            yield a[0], a, None
+            a = next(walk_a, None)
+        elif a is None or b[0] < a[0]:
+            yield b[0], None, b
+            b = next(walk_b, None)
+        else:
+            yield a[0], a, b
+            a, b = next(walk_a, None), next(walk_b, None)
+
+
+def changed_aspects(a, b):
+    """What differs between two sides of one path: ['only in A'], ['type'], ['size', 'contents'], ….
+
+    A side is None when the path is missing there. Also used by web.py to label the file table.
+    """
+    if a is None or b is None:
+        return ["only in B" if a is None else "only in A"]
+    if a.get("type") != b.get("type"):
+        return ["type"]
+    aspects = [aspect for key, aspect in (("size", "size"), ("executable", "executable bit"), ("target", "target"))
+               if a.get(key) != b.get(key)]
+    if a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"]:
+        aspects.append("contents")
+    if a.get("unreadable") or b.get("unreadable"):
+        aspects.append("unreadable")
+    return aspects
+
+
+class ReadBudget:
+    """Bytes left to hash and the time to do it in."""
+
+    def __init__(self, read_bytes, deadline):
+        self.bytes_left = read_bytes
+        self.deadline = deadline
+        self.bytes_read = 0
+
+    def time_is_up(self):
+        return time.monotonic() > self.deadline
+
+
+def file_sha256(path, budget):
+    """Hex SHA-256 of a regular file, or None when it cannot be read or the budget runs out."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        while chunk := handle.read(max(min(1 << 20, budget.bytes_left), 0)):
+            digest.update(chunk)
+            budget.bytes_left -= len(chunk)
+            budget.bytes_read += len(chunk)
+            if budget.time_is_up():
+                return None
+        if budget.bytes_left <= 0 and handle.read(1):
+            return None
+    return digest.hexdigest()
+
+
+def hash_if_sizes_match(entry_a, entry_b, budget):
+    """Hash both files only when nothing cheaper tells them apart."""
+    a, b = entry_a[1], entry_b[1]
+    if not (a["type"] == b["type"] == "regular" and a["size"] == b["size"]):
+        return True
+    a["sha256"] = file_sha256(entry_a[2], budget)
+    b["sha256"] = file_sha256(entry_b[2], budget)
+    return a["sha256"] is not None and b["sha256"] is not None
+
+
+def file_diff(root_a, root_b, limits, deadline):
+    """{differing: [{path, a, b}], totals, cut}: only what differs, plus totals; cut says what was left out."""
+    budget = ReadBudget(limits.read_bytes, deadline)
+    differing, cut = [], []
+    totals = dict.fromkeys(("paths_a", "paths_b", "differing", "not_compared", "bytes_read"), 0)
+    for parts, entry_a, entry_b in merged_trees(root_a, root_b):
+        if budget.time_is_up():
+            cut.append(f"the walk stopped after {limits.timeout:g} s; later paths are not listed")
+            break
+        totals["paths_a"] += entry_a is not None
+        totals["paths_b"] += entry_b is not None
+        if entry_a and entry_b and not hash_if_sizes_match(entry_a, entry_b, budget):
+            totals["not_compared"] += 1
+        aspects = changed_aspects(entry_a and entry_a[1], entry_b and entry_b[1])
+        if not aspects:
+            continue
+        totals["differing"] += 1
+        if len(differing) < limits.max_files:
+            differing.append({"path": "/".join(map(shown_name, parts)) or ".",
+                              "a": entry_a and entry_a[1], "b": entry_b and entry_b[1]})
+    totals["bytes_read"] = budget.bytes_read
+    if totals["differing"] > len(differing):
+        cut.append(f"only the first {len(differing)} of {totals['differing']} differing paths are listed")
+    if totals["not_compared"]:
+        cut.append(f"{totals['not_compared']} files of equal size were not compared: unreadable, "
+                   f"or past the {limits.read_bytes >> 20} MiB read budget")
+    return {"differing": differing, "totals": totals, "cut": cut}
+
+
+def run_bounded(command, limits, deadline):
+    """(stdout, exit status or None, why it was cut or None) of a command held to the diff limits.
+
+    Its own process group, so a timeout or overflow kills whatever it started too;
+    an address-space cap, so a runaway allocation fails inside it instead of on the builder.
+    """
+    import resource  # noqa: F401 - imported before the fork; the child only calls it
+    import selectors
+    import subprocess
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True, preexec_fn=address_space_limit(limits.memory_bytes))
+    output, errors, cut = bytearray(), bytearray(), None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(process.stderr, selectors.EVENT_READ)
+        while selector.get_map() and cut is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                cut = f"stopped after {limits.timeout:g} s"
+                break
+            for key, _events in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is process.stdout:
+                    output += chunk
+                    if len(output) > limits.output_bytes:
+                        del output[limits.output_bytes:]
+                        cut = f"output cut at {limits.output_bytes >> 20} MiB"
+                else:
+                    errors = (errors + chunk)[-4096:]
+    status = finish_process_group(process, None if cut else deadline)
+    process.stdout.close()
+    process.stderr.close()
+    if status is None and cut is None:
+        cut = f"stopped after {limits.timeout:g} s"
+    return bytes(output), status, cut or last_line(errors)
+
+
+def address_space_limit(limit_bytes):
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return limit
+
+
+def finish_process_group(process, deadline):
+    """The exit status, or None when it had to be killed; nothing of its group survives."""
+    import signal
+    import subprocess
+    status = None
+    if deadline is not None:
+        try:
+            status = process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if status is None:
+        process.wait(timeout=KILLED_CHILD_WAIT)
+    return status
+
+
+def last_line(errors):
+    lines = bytes(errors).decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else None
+
+
+def diffoscope_of(path_a, path_b, limits, deadline):
+    """(diffoscope's text or None, a note on what happened or None, its version or None)."""
+    if limits.diffoscope is None:
+        return None, "diffoscope is not installed", None
+    version, _status, _problem = run_bounded([limits.diffoscope, "--version"], limits,
+                                             min(deadline, time.monotonic() + 10))
+    command = [limits.diffoscope, "--text", "-", "--no-progress", "--max-text-report-size", str(limits.output_bytes),
+               os.fsdecode(path_a), os.fsdecode(path_b)]
+    output, status, problem = run_bounded(command, limits, deadline)
+    text = output.decode("utf-8", "replace") or None
+    if status not in (0, 1):
+        note = f"diffoscope {'exited with status ' + str(status) if status is not None else 'was stopped'}"
+        return text, f"{note}: {problem}" if problem else note, version_of(version)
+    return text, None, version_of(version)
+
+
+def version_of(output):
+    words = output.decode("utf-8", "replace").split()
+    return shorten(words[-1], 40) if words else None
+
+
+def diff_document(path_a, path_b, limits):
+    """The upload body of PUT /diffs/…: the file-level diff of A and B, and diffoscope's text when there is one."""
+    deadline = time.monotonic() + limits.timeout
+    files = file_diff(path_a, path_b, limits, deadline)
+    text, note, version = diffoscope_of(path_a, path_b, limits, deadline)
+    return {"files": files, "diffoscope": text, "diffoscope_note": note,
+            "tool_versions": {"hash-collection-diff": DIFF_FORMAT, "diffoscope": version}}
+
+
 # ---------------------------------------------------------------- reports
 
 def attestation(info, secret_key):
