@@ -707,7 +707,8 @@ def diffoscope_of(path_a, path_b, limits, deadline):
                os.fsdecode(path_a), os.fsdecode(path_b)]
     output, status, problem = run_bounded(command, limits, deadline)
     text = output.decode("utf-8", "replace") or None
-    if status not in (0, 1):
+    # Status 1 means "differences found", which diffoscope always prints; without text it is a crash.
+    if status not in (0, 1) or (status == 1 and text is None):
         note = f"diffoscope {'exited with status ' + str(status) if status is not None else 'was stopped'}"
         return text, f"{note}: {problem}" if problem else note, version_of(version)
     return text, None, version_of(version)
@@ -725,6 +726,106 @@ def diff_document(path_a, path_b, limits):
     text, note, version = diffoscope_of(path_a, path_b, limits, deadline)
     return {"files": files, "diffoscope": text, "diffoscope_note": note,
             "tool_versions": {"hash-collection-diff": DIFF_FORMAT, "diffoscope": version}}
+
+
+def deliver_diff(config, env, delivery, out_path, check_path, check_hash, started):
+    """The diff hook's second task, after the attestation: diff out_path and its rebuild, and upload it.
+
+    The local work has its own budget (HASH_COLLECTION_DIFF_TIMEOUT); the upload gets what is left
+    of the network budget, so the hook ends within the two together. Undelivered, it is spooled.
+    """
+    limits = diff_limits_of(env)
+    diff_started = time.monotonic()
+    original_hash, _size = nar_hash_and_size(out_path)
+    if original_hash == check_hash:
+        return
+    (hash_a, path_a), (hash_b, path_b) = sorted([(original_hash, out_path), (check_hash, check_path)])
+    submission = {"out_path": out_path, "hash_a": hash_a, "hash_b": hash_b,
+                  "diff": diff_document(path_a, path_b, limits)}
+    upload = Delivery(config, started + (time.monotonic() - diff_started))
+    upload.stopped_because = delivery.stopped_because
+    spool = Spool(config.spool)
+    deliver_spooled_diffs(spool, upload)
+    outcome, reason = post_diff(upload, submission)
+    if outcome == KEPT:
+        spool_diff(spool, submission, reason)
+    elif outcome == REJECTED:
+        say(f"server rejected the diff of {out_path}: {reason}")
+
+
+def post_diff(delivery, submission):
+    """(DELIVERED | REJECTED | KEPT, reason) of one PUT /diffs/<path>/<hash A>/<hash B>."""
+    import requests
+    from urllib.parse import quote
+    remaining = delivery.time_left()
+    if delivery.stopped_because or remaining <= 0:
+        return KEPT, delivery.stopped_because or f"the {delivery.config.timeout:g} s time budget is spent"
+    basename = submission["out_path"][len(STORE_DIR) + 1:]
+    url = "/".join([delivery.config.server, "diffs", *(quote(segment, safe="")
+                    for segment in (basename, submission["hash_a"], submission["hash_b"]))])
+    try:
+        response = delivery.http().put(url, json=submission["diff"], timeout=remaining, allow_redirects=False,
+                                       headers={"Authorization": f"Bearer {delivery.config.token}"})
+    except requests.RequestException as error:
+        delivery.stopped_because = f"{delivery.config.server} unreachable: {error.__class__.__name__}"
+        return KEPT, delivery.stopped_because
+    if 200 <= response.status_code < 300:
+        return DELIVERED, None
+    # 403 too is kept: the attestation that allows this diff may itself still be waiting in the spool.
+    return (REJECTED if response.status_code in (400, 413, 422) else KEPT), server_reason(response)
+
+
+def spool_diff(spool, submission, reason):
+    """Keep an undelivered diff in <spool>/diffs/, under a name the hook makes, at most MAX_SPOOLED_DIFF_BYTES."""
+    if len(json.dumps(submission).encode()) > MAX_SPOOLED_DIFF_BYTES:
+        submission = {**submission, "diff": {**submission["diff"], "diffoscope": None,
+                                             "diffoscope_note": "diffoscope's text was left out to fit the spool"}}
+    name = f"{time.time_ns()}-{os.urandom(6).hex()}.json"
+    try:
+        kept = spool.write(os.path.join(spool.directory, "diffs", name), submission)
+    except OSError as error:
+        say(f"diff of {submission['out_path']} lost: not delivered ({reason}) and spool {spool.directory} "
+            f"is not writable ({error.strerror}, {running_as()})")
+        return
+    say(f"diff of {submission['out_path']} spooled in {kept}: {reason}")
+
+
+def deliver_spooled_diffs(spool, delivery):
+    """Send diffs spooled by earlier runs, oldest first, until delivery stops."""
+    directory = os.path.join(spool.directory, "diffs")
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith(".json"))
+    except OSError:
+        return
+    for name in names:
+        if delivery.stopped_because:
+            return
+        path = os.path.join(directory, name)
+        submission = read_spooled_diff(path)
+        outcome, reason = post_diff(delivery, submission) if submission else (REJECTED, "unreadable or malformed")
+        if outcome != KEPT:
+            spool.remove(path)
+        if outcome == REJECTED:
+            say(f"spooled diff {name} dropped: {reason}")
+
+
+def read_spooled_diff(path):
+    """A spooled diff, or None: a regular file of at most MAX_SPOOLED_DIFF_BYTES holding the expected object."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        raw = handle.read(MAX_SPOOLED_DIFF_BYTES + 1)
+    try:
+        submission = json.loads(raw) if len(raw) <= MAX_SPOOLED_DIFF_BYTES else None
+        parse_store_path(submission["out_path"])
+        normalize_nar_hash(submission["hash_a"]), normalize_nar_hash(submission["hash_b"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return submission if isinstance(submission.get("diff"), dict) else None
 
 
 # ---------------------------------------------------------------- reports
@@ -958,6 +1059,7 @@ def diff_hook(args, env):
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
     deliver_report(config, new_report(drv_path, [attestation(info, config.secret_key)]), delivery)
+    deliver_diff(config, env, delivery, out_path, check_path, nar_hash, started)
     return 0
 
 
