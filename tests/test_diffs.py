@@ -118,7 +118,7 @@ def test_hashes_in_the_wrong_order_are_400_on_upload_and_404_on_reading(client, 
                                     lambda raw: base32_form(raw).upper()], ids=["base16", "sri", "md5", "upper"])
 def test_hash_not_in_canonical_form_is_400_on_upload_and_404_on_reading(client, tokens, attested, encode):
     path, hash_a, _hash_b = attested
-    other = encode(nar_hash_bytes())
+    other = next(text for text in (encode(nar_hash_bytes()) for _ in range(100)) if "/" not in text)  # SRI's base64 may hold '/'
     url = f"/diffs/{path[11:]}/{hash_a}/{other}" if hash_a < other else f"/diffs/{path[11:]}/{other}/{hash_a}"
     response = put_diff(client, tokens("alice"), url, diff_body())
     assert response.status_code == 400 and "canonical form" in response.get_json()["error"]
