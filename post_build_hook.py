@@ -463,6 +463,333 @@ def references_of(out_path, env):
     return run_nix(["nix-store", "--query", "--references", "--", out_path], env).split()
 
 
+# ---------------------------------------------------------------- diffs
+# What differs between an output and its `--check` rebuild: always a file-level
+# diff (pure Python, one read of both trees), and diffoscope's text when it is
+# installed. Both are builder-supplied evidence; the server shows, never verifies, them.
+# Every part is bounded, because Nix waits for the diff hook.
+
+DIFF_TIMEOUT = 60.0
+DIFF_MEMORY_MIB = 2048
+DIFF_OUTPUT_MIB = 4
+DIFF_READ_BYTES = 4 << 30  # file contents hashed across both trees, at most
+MAX_DIFF_FILES = 1000  # differing entries listed; the totals count them all
+DIFF_FORMAT = "1"
+KILLED_CHILD_WAIT = 5.0
+
+
+class DiffLimits:
+    def __init__(self, timeout=DIFF_TIMEOUT, memory_bytes=DIFF_MEMORY_MIB << 20, output_bytes=DIFF_OUTPUT_MIB << 20,
+                 read_bytes=DIFF_READ_BYTES, max_files=MAX_DIFF_FILES, diffoscope=None):
+        self.timeout = timeout
+        self.memory_bytes = memory_bytes
+        self.output_bytes = output_bytes
+        self.read_bytes = read_bytes
+        self.max_files = max_files
+        self.diffoscope = diffoscope  # the program, or None to run none
+
+
+def diff_limits_of(env):
+    return DiffLimits(timeout=positive_setting(env, "HASH_COLLECTION_DIFF_TIMEOUT", DIFF_TIMEOUT, "seconds"),
+                      memory_bytes=int(positive_setting(env, "HASH_COLLECTION_DIFF_MEMORY_MIB", DIFF_MEMORY_MIB, "MiB")) << 20,
+                      output_bytes=int(positive_setting(env, "HASH_COLLECTION_DIFF_OUTPUT_MIB", DIFF_OUTPUT_MIB, "MiB")) << 20,
+                      diffoscope=diffoscope_program(env))
+
+
+def positive_setting(env, name, default, unit):
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of {unit}, got {text!r}")
+    return value
+
+
+def diffoscope_program(env):
+    """HASH_COLLECTION_DIFFOSCOPE (a program, or 'none'), else diffoscope on the PATH, else None."""
+    import shutil
+    chosen = env.get("HASH_COLLECTION_DIFFOSCOPE", "").strip()
+    if chosen.lower() in ("none", "off", "0"):
+        return None
+    return shutil.which(chosen or "diffoscope", path=env.get("PATH", os.defpath))
+
+
+def tree_entries(root):
+    """(name components, description, path) of root and all below it, in NAR order; symlinks are not followed."""
+    # Pre-order with sorted children is the order of the component tuples, so two walks merge.
+    stack = [((), os.fsencode(root))]
+    while stack:
+        parts, path = stack.pop()
+        description, children = describe_node(path)
+        yield parts, description, path
+        stack.extend((parts + (name,), os.path.join(path, name)) for name in reversed(children))
+
+
+def describe_node(path):
+    """({type, size, executable, target} of one node, its sorted children), as the NAR walk sees it."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return {"type": "unreadable"}, []
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            return {"type": "symlink", "target": shown_name(os.readlink(path))}, []
+        except OSError:
+            return {"type": "symlink", "unreadable": True}, []
+    if stat.S_ISDIR(info.st_mode):
+        try:
+            return {"type": "directory"}, sorted(os.listdir(path))
+        except OSError:
+            return {"type": "directory", "unreadable": True}, []
+    if stat.S_ISREG(info.st_mode):
+        return {"type": "regular", "size": info.st_size, "executable": bool(info.st_mode & stat.S_IXUSR)}, []
+    return {"type": "other"}, []
+
+
+def shown_name(raw):
+    """File names are bytes; the diff shows them as text, undecodable bytes as \\xNN."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def merged_trees(root_a, root_b):
+    """(components, entry of A or None, entry of B or None) over both trees at once."""
+    walk_a, walk_b = tree_entries(root_a), tree_entries(root_b)
+    a, b = next(walk_a, None), next(walk_b, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[0] < b[0]):
+            yield a[0], a, None
+            a = next(walk_a, None)
+        elif a is None or b[0] < a[0]:
+            yield b[0], None, b
+            b = next(walk_b, None)
+        else:
+            yield a[0], a, b
+            a, b = next(walk_a, None), next(walk_b, None)
+
+
+def changed_aspects(a, b):
+    """What differs between two sides of one path: ['only in A'], ['type'], ['size', 'contents'], ….
+
+    A side is None when the path is missing there. Also used by web.py to label the file table.
+    """
+    if a is None or b is None:
+        return ["only in B" if a is None else "only in A"]
+    if a.get("type") != b.get("type"):
+        return ["type"]
+    aspects = [aspect for key, aspect in (("size", "size"), ("executable", "executable bit"), ("target", "target"))
+               if a.get(key) != b.get(key)]
+    if a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"]:
+        aspects.append("contents")
+    if a.get("unreadable") or b.get("unreadable"):
+        aspects.append("unreadable")
+    return aspects
+
+
+class ReadBudget:
+    """Bytes left to hash and the time to do it in."""
+
+    def __init__(self, read_bytes, deadline):
+        self.bytes_left = read_bytes
+        self.deadline = deadline
+        self.bytes_read = 0
+
+    def time_is_up(self):
+        return time.monotonic() > self.deadline
+
+
+def file_sha256(path, budget):
+    """Hex SHA-256 of a regular file, or None when it cannot be read or the budget runs out."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        while chunk := handle.read(max(min(1 << 20, budget.bytes_left), 0)):
+            digest.update(chunk)
+            budget.bytes_left -= len(chunk)
+            budget.bytes_read += len(chunk)
+            if budget.time_is_up():
+                return None
+        if budget.bytes_left <= 0 and handle.read(1):
+            return None
+    return digest.hexdigest()
+
+
+def hash_if_sizes_match(entry_a, entry_b, budget):
+    """Hash both files only when nothing cheaper tells them apart."""
+    a, b = entry_a[1], entry_b[1]
+    if not (a["type"] == b["type"] == "regular" and a["size"] == b["size"]):
+        return True
+    a["sha256"] = file_sha256(entry_a[2], budget)
+    b["sha256"] = file_sha256(entry_b[2], budget)
+    return a["sha256"] is not None and b["sha256"] is not None
+
+
+def file_diff(root_a, root_b, limits, deadline):
+    """{differing: [{path, a, b}], totals, cut}: only what differs, plus totals; cut says what was left out."""
+    budget = ReadBudget(limits.read_bytes, deadline)
+    differing, cut = [], []
+    totals = dict.fromkeys(("paths_a", "paths_b", "differing", "not_compared", "bytes_read"), 0)
+    for parts, entry_a, entry_b in merged_trees(root_a, root_b):
+        if budget.time_is_up():
+            cut.append(f"the walk stopped after {limits.timeout:g} s; later paths are not listed")
+            break
+        totals["paths_a"] += entry_a is not None
+        totals["paths_b"] += entry_b is not None
+        if entry_a and entry_b and not hash_if_sizes_match(entry_a, entry_b, budget):
+            totals["not_compared"] += 1
+        aspects = changed_aspects(entry_a and entry_a[1], entry_b and entry_b[1])
+        if not aspects:
+            continue
+        totals["differing"] += 1
+        if len(differing) < limits.max_files:
+            differing.append({"path": "/".join(map(shown_name, parts)) or ".",
+                              "a": entry_a and entry_a[1], "b": entry_b and entry_b[1]})
+    totals["bytes_read"] = budget.bytes_read
+    if totals["differing"] > len(differing):
+        cut.append(f"only the first {len(differing)} of {totals['differing']} differing paths are listed")
+    if totals["not_compared"]:
+        cut.append(f"{totals['not_compared']} files of equal size were not compared: unreadable, "
+                   f"or past the {limits.read_bytes >> 20} MiB read budget")
+    return {"differing": differing, "totals": totals, "cut": cut}
+
+
+def run_bounded(command, limits, deadline):
+    """(stdout, exit status or None, why it was cut or None) of a command held to the diff limits.
+
+    Its own process group, so a timeout or overflow kills whatever it started too;
+    an address-space cap, so a runaway allocation fails inside it instead of on the builder.
+    """
+    import resource  # noqa: F401 - imported before the fork; the child only calls it
+    import selectors
+    import subprocess
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True, preexec_fn=address_space_limit(limits.memory_bytes))
+    output, errors, cut = bytearray(), bytearray(), None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(process.stderr, selectors.EVENT_READ)
+        while selector.get_map() and cut is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                cut = f"stopped after {limits.timeout:g} s"
+                break
+            for key, _events in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is process.stdout:
+                    output += chunk
+                    if len(output) > limits.output_bytes:
+                        del output[limits.output_bytes:]
+                        cut = f"output cut at {limits.output_bytes >> 20} MiB"
+                else:
+                    errors = (errors + chunk)[-4096:]
+    status = finish_process_group(process, None if cut else deadline)
+    process.stdout.close()
+    process.stderr.close()
+    if status is None and cut is None:
+        cut = f"stopped after {limits.timeout:g} s"
+    return bytes(output), status, cut or last_line(errors)
+
+
+def address_space_limit(limit_bytes):
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return limit
+
+
+def finish_process_group(process, deadline):
+    """The exit status, or None when it had to be killed; nothing of its group survives."""
+    import signal
+    import subprocess
+    status = None
+    if deadline is not None:
+        try:
+            status = process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if status is None:
+        process.wait(timeout=KILLED_CHILD_WAIT)
+    return status
+
+
+def last_line(errors):
+    lines = bytes(errors).decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else None
+
+
+def diffoscope_of(path_a, path_b, limits, deadline):
+    """(diffoscope's text or None, a note on what happened or None, its version or None)."""
+    if limits.diffoscope is None:
+        return None, "diffoscope is not installed", None
+    version, _status, _problem = run_bounded([limits.diffoscope, "--version"], limits,
+                                             min(deadline, time.monotonic() + 10))
+    command = [limits.diffoscope, "--text", "-", "--no-progress", "--max-text-report-size", str(limits.output_bytes),
+               os.fsdecode(path_a), os.fsdecode(path_b)]
+    output, status, problem = run_bounded(command, limits, deadline)
+    text = output.decode("utf-8", "replace") or None
+    # Status 1 means "differences found", which diffoscope always prints; without text it is a crash.
+    if status not in (0, 1) or (status == 1 and text is None):
+        note = f"diffoscope {'exited with status ' + str(status) if status is not None else 'was stopped'}"
+        return text, f"{note}: {problem}" if problem else note, version_of(version)
+    return text, None, version_of(version)
+
+
+def version_of(output):
+    words = output.decode("utf-8", "replace").split()
+    return shorten(words[-1], 40) if words else None
+
+
+def diff_document(path_a, path_b, limits):
+    """The upload body of PUT /diffs/…: the file-level diff of A and B, and diffoscope's text when there is one."""
+    deadline = time.monotonic() + limits.timeout
+    files = file_diff(path_a, path_b, limits, deadline)
+    text, note, version = diffoscope_of(path_a, path_b, limits, deadline)
+    return {"files": files, "diffoscope": text, "diffoscope_note": note,
+            "tool_versions": {"hash-collection-diff": DIFF_FORMAT, "diffoscope": version}}
+
+
+def deliver_diff(config, env, delivery, out_path, check_path, check_hash, started):
+    """The diff hook's second task, after the attestation: diff out_path and its rebuild, and send it.
+
+    The local work has its own budget (HASH_COLLECTION_DIFF_TIMEOUT); the upload gets what is left
+    of the network budget, so the hook ends within the two together. Undelivered, it is spooled
+    like any submission.
+    """
+    limits = diff_limits_of(env)
+    diff_started = time.monotonic()
+    original_hash, _size = nar_hash_and_size(out_path)
+    if original_hash == check_hash:
+        return
+    (hash_a, path_a), (hash_b, path_b) = sorted([(original_hash, out_path), (check_hash, check_path)])
+    submission = new_diff_submission(out_path, hash_a, hash_b, diff_document(path_a, path_b, limits))
+    upload = Delivery(config, started + (time.monotonic() - diff_started))
+    upload.stopped_because = delivery.stopped_because
+    deliver_submission(config, submission, upload)
+
+
+def new_diff_submission(out_path, hash_a, hash_b, document):
+    """A diff as a submission; diffoscope's text is left out when the whole would not fit a spooled file."""
+    submission = {"out_path": out_path, "hash_a": hash_a, "hash_b": hash_b, "diff": document}
+    if len(json.dumps(submission).encode()) > DIFF_SUBMISSION_CAP:
+        submission["diff"] = {**document, "diffoscope": None,
+                              "diffoscope_note": "diffoscope's text was left out to fit the spool"}
+    return submission
+
+
 # ---------------------------------------------------------------- HTTP with a deadline
 
 class HttpError(Exception):
@@ -636,9 +963,11 @@ def http_session():
 
 # ---------------------------------------------------------------- submissions
 
-# A submission is what the hooks send in one POST /attestation/<drv_ident>: the
-# attestations of one derivation's outputs. ("Report" is the server's SBOM report.)
-SUBMISSION_CAP = 1 << 20  # bytes of one spooled submission file
+# A submission is what the hooks send in one request: the attestations of one
+# derivation's outputs (POST /attestation/<drv_ident>), or the diff hook's diff of an
+# output and its rebuild (PUT /diffs/...). ("Report" is the server's SBOM report.)
+SUBMISSION_CAP = 1 << 20  # bytes of one spooled file of attestations
+DIFF_SUBMISSION_CAP = 8 << 20  # bytes of one spooled diff
 SUBMISSION_FIELDS = ("drv_ident", "attestations")
 
 
@@ -673,6 +1002,10 @@ def parse_submission(raw):
     if not isinstance(submission, dict):
         raise ValueError(f"expected a JSON object with {' and '.join(SUBMISSION_FIELDS)}, "
                          f"got a JSON {type(submission).__name__}")
+    if "diff" in submission:
+        return parse_diff_submission(submission)
+    if len(raw) > SUBMISSION_CAP:
+        raise ValueError(f"it is larger than {SUBMISSION_CAP} bytes")
     try:
         parse_store_basename(submission.get("drv_ident"))
     except ValueError as error:
@@ -682,6 +1015,24 @@ def parse_submission(raw):
             or not all(isinstance(entry, dict) for entry in attestations):
         raise ValueError("attestations: expected a non-empty JSON list of objects")
     return {"drv_ident": submission["drv_ident"], "attestations": attestations}
+
+
+def parse_diff_submission(submission):
+    try:
+        parse_store_path(submission.get("out_path"))
+        hashes = [normalize_nar_hash(submission.get(field)) for field in ("hash_a", "hash_b")]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"diff: {error}") from None
+    if not isinstance(submission["diff"], dict):
+        raise ValueError("diff: expected a JSON object")
+    return {"out_path": submission["out_path"], "hash_a": hashes[0], "hash_b": hashes[1], "diff": submission["diff"]}
+
+
+def described(submission):
+    """How messages name a submission."""
+    if "diff" in submission:
+        return f"diff of {submission['out_path']}"
+    return f"submission for {submission['drv_ident']}"
 
 
 # ---------------------------------------------------------------- reading spooled files
@@ -704,7 +1055,8 @@ def read_spooled_file(directory_fd, name, may_own):
 
     A spool may hold anything a build user put there: the entry is opened relative to
     the directory, without following a symbolic link and without waiting on a FIFO,
-    and read only if it is a regular file of an allowed owner and at most SUBMISSION_CAP bytes.
+    and read only if it is a regular file of an allowed owner and at most DIFF_SUBMISSION_CAP bytes
+    (SUBMISSION_CAP unless it is a diff).
     """
     try:
         seen = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
@@ -724,8 +1076,8 @@ def read_spooled_file(directory_fd, name, may_own):
         elif not may_own(opened.st_uid):
             spooled.problem = f"it belongs to uid {opened.st_uid}, who may not submit through this spool"
         else:
-            raw = handle.read(SUBMISSION_CAP + 1)
-            spooled.problem = f"it is larger than {SUBMISSION_CAP} bytes" if len(raw) > SUBMISSION_CAP else None
+            raw = handle.read(DIFF_SUBMISSION_CAP + 1)
+            spooled.problem = f"it is larger than {DIFF_SUBMISSION_CAP} bytes" if len(raw) > DIFF_SUBMISSION_CAP else None
     if spooled.problem is None:
         try:
             spooled.submission = parse_submission(raw)
@@ -887,9 +1239,9 @@ class Delivery:
             self.stopped_because = f"the {self.config.timeout:g} s time budget is spent"
         if self.stopped_because:
             return KEPT, self.stopped_because
+        method, url, body = submission_request(self.config.server, submission)
         try:
-            answer = http_request("POST", attestation_url(self.config.server, submission["drv_ident"]), remaining,
-                                  SUBMISSION_ANSWER_CAP, json=submission["attestations"],
+            answer = http_request(method, url, remaining, SUBMISSION_ANSWER_CAP, json=body,
                                   headers={"Authorization": f"Bearer {self.config.token}"})
         except HttpError as error:
             self.stopped_because = f"{self.config.server} unreachable: {error}"
@@ -907,9 +1259,22 @@ class Delivery:
         return self.deadline - time.monotonic()
 
 
-def attestation_url(server, drv_ident):
+def submission_request(server, submission):
+    """(method, URL, JSON body) that delivers a submission."""
+    # A diff answered 403 is kept, not set aside: the attestation that allows it may still wait in a spool.
+    if "diff" in submission:
+        segments = (submission["out_path"][len(STORE_DIR) + 1:], submission["hash_a"], submission["hash_b"])
+        return "PUT", "/".join([server, "diffs", *map(quoted, segments)]), submission["diff"]
+    return "POST", attestation_url(server, submission["drv_ident"]), submission["attestations"]
+
+
+def quoted(segment):
     from urllib.parse import quote
-    return f"{server}/attestation/{quote(drv_ident, safe='')}"
+    return quote(segment, safe="")
+
+
+def attestation_url(server, drv_ident):
+    return f"{server}/attestation/{quoted(drv_ident)}"
 
 
 def redirect_reason(answer):
@@ -1064,13 +1429,13 @@ def deliver_submission(config, submission, delivery):
         spool.check()
         if outcome == REJECTED:
             kept = spool.add_rejected(submission, reason)
-            say(f"server rejected the submission for {submission['drv_ident']}, kept in {kept}: {reason}")
+            say(f"server rejected the {described(submission)}, kept in {kept}: {reason}")
             return
         spool.add(submission)
     except (OSError, UnsafeSpool) as error:
-        say(f"submission for {submission['drv_ident']} lost: not delivered ({reason}) and {error}")
+        say(f"{described(submission)} lost: not delivered ({reason}) and {error}")
         return
-    say(f"submission for {submission['drv_ident']} spooled in {spool.directory}: {reason}")
+    say(f"{described(submission)} spooled in {spool.directory}: {reason}")
 
 
 # ---------------------------------------------------------------- commands
@@ -1111,6 +1476,7 @@ def diff_hook(args, env):
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
     deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key)]), delivery)
+    deliver_diff(config, env, delivery, out_path, check_path, nar_hash, started)
     return 0
 
 
@@ -1147,9 +1513,8 @@ def references_we_attested(config, out_path, delivery):
 
 
 def by_output_url(server, out_path):
-    from urllib.parse import quote
     digest, name = parse_store_path(out_path)
-    return f"{server}/attestations/by-output/{quote(f'{digest}-{name}', safe='')}"
+    return f"{server}/attestations/by-output/{quoted(f'{digest}-{name}')}"
 
 
 def is_signed_by(public_key, out_path, attested):
@@ -1312,11 +1677,10 @@ class Server:
 
     def pending(self, report):
         """Every open path of the report that the caller has not attested, each once, via the paged /pending."""
-        from urllib.parse import quote
         after = None
         while True:
             params = {"limit": PENDING_PAGE, **({"after": after} if after else {})}
-            response = self.request("GET", f"/reports/{quote(report, safe='')}/pending", PENDING_PAGE_CAP,
+            response = self.request("GET", f"/reports/{quoted(report)}/pending", PENDING_PAGE_CAP,
                                     params=params)
             if response.status_code == 404:
                 raise ConfigError(f"{self.url} has no report named {report!r} ({server_reason(response)})")
@@ -1330,8 +1694,7 @@ class Server:
 
     def report_paths(self, report):
         """The report's store paths; anything else the server sends is named and left out."""
-        from urllib.parse import quote
-        response = self.request("GET", f"/reports/{quote(report, safe='')}", REPORT_PATHS_CAP,
+        response = self.request("GET", f"/reports/{quoted(report)}", REPORT_PATHS_CAP,
                                 headers={"Accept": "application/json"})
         if response.status_code != 200:
             raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")

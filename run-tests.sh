@@ -14,13 +14,21 @@ install_system_packages() {
     # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
     /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
-    [ "${#missing[@]}" -eq 0 ] && return
+    # The diff hook runs diffoscope when it is there; its recommends are hundreds of packages it does without.
+    local without_recommends=()
+    command -v diffoscope >/dev/null || without_recommends+=(diffoscope-minimal)
+    [ "${#missing[@]}" -eq 0 ] && [ "${#without_recommends[@]}" -eq 0 ] && return
     if [ "$(id -u)" != 0 ]; then
-        echo "run-tests.sh: please install as root: apt-get install ${missing[*]}" >&2
+        echo "run-tests.sh: please install as root: apt-get install ${missing[*]} ${without_recommends[*]}" >&2
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [ "${#missing[@]}" -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ "${#without_recommends[@]}" -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${without_recommends[@]}" >/dev/null
+    fi
 }
 
 install_system_packages

@@ -92,3 +92,17 @@ CREATE TABLE link_patterns (
     owner_id INTEGER REFERENCES builders(id)
 );
 CREATE INDEX link_patterns_by_owner ON link_patterns(owner_id);
+
+-- Builder-supplied diffs between two outputs of one path (hash_a < hash_b as strings), as
+-- zlib-compressed JSON. The first upload of a pair is kept, with its uploader.
+CREATE TABLE diffs (
+    id INTEGER PRIMARY KEY,
+    output_path TEXT NOT NULL,
+    hash_a TEXT NOT NULL,
+    hash_b TEXT NOT NULL,
+    uploader_id INTEGER NOT NULL REFERENCES builders(id),
+    differing INTEGER NOT NULL,
+    document BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (output_path, hash_a, hash_b)
+);

@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, shorten,
                              verify_signature)
+from post_build_hook import CANONICAL_SHA256_RE, changed_aspects
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -80,6 +82,8 @@ def create_app(config=None):
         REQUIRE_SIGNATURES=signatures_required_by_env(),
         MAX_ATTESTATION_BYTES=16 * MiB,
         MAX_REPORT_BYTES=64 * MiB,
+        MAX_DIFF_BYTES=16 * MiB,
+        MAX_STORED_DIFF_BYTES=8 * MiB,
         JSON_SORT_KEYS=False,
     )
     app.config.update(config or {})
@@ -277,7 +281,22 @@ def version_1_public_key(key_text):
 
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
-MIGRATIONS = [(2, migrate_to_2)]
+def migrate_to_3(conn):
+    """Builder-supplied diffs between two outputs of one path."""
+    conn.execute("""CREATE TABLE diffs (
+        id INTEGER PRIMARY KEY,
+        output_path TEXT NOT NULL,
+        hash_a TEXT NOT NULL,
+        hash_b TEXT NOT NULL,
+        uploader_id INTEGER NOT NULL REFERENCES builders(id),
+        differing INTEGER NOT NULL,
+        document BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (output_path, hash_a, hash_b)
+    )""")
+
+
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -930,6 +949,211 @@ def narinfo_text(attestation):
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- diffs
+# What differs between two outputs of one path, as the builder that held both saw it
+# (the diff hook's file-level diff and diffoscope's text). Evidence supplied by a builder,
+# shown as such and never verified: everything in it is escaped and bounded.
+
+MAX_DIFF_FILES = 10_000
+MAX_DIFF_PATH = 4096
+MAX_DIFF_NOTE = 500
+DIFF_SIDE_TYPES = {"regular", "directory", "symlink", "other", "unreadable"}
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+DIFF_SCREEN_LINES = 40  # diffoscope lines shown before the rest is folded away
+
+
+def diff_hashes(hash_a, hash_b, for_upload):
+    """The URL's two NAR hashes: canonical and in order, else 400 on upload and 404 on reading."""
+    for which, nar_hash in (("A", hash_a), ("B", hash_b)):
+        if not CANONICAL_SHA256_RE.fullmatch(nar_hash):
+            if not for_upload:
+                abort(404, f"no diff: hash {which} is not a canonical NAR hash")
+            raise BadInput(f"hash {which}: expected the canonical form sha256:<52 nix-base32 characters>, "
+                           f"got {shorten(nar_hash)!r}")
+    if hash_a >= hash_b:
+        if not for_upload:
+            abort(404, "no diff: hash A must sort before hash B")
+        raise BadInput("hashes: expected hash A < hash B as strings; send the pair in that order")
+    return hash_a, hash_b
+
+
+def short_text(value, where, limit, required=False):
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{where}: expected a string, got {type(value).__name__}")
+    if not 0 < len(value) <= limit:
+        raise BadInput(f"{where}: expected 1 to {limit} characters, got {len(value)}")
+    return value
+
+
+def parse_diff_side(side, where):
+    """One side of a differing path: {type, size?, executable?, sha256?, target?, unreadable?}."""
+    if side is None:
+        return None
+    if not isinstance(side, dict):
+        raise BadInput(f"{where}: expected an object or null, got {type(side).__name__}")
+    if side.get("type") not in DIFF_SIDE_TYPES:
+        raise BadInput(f"{where}.type: expected one of {', '.join(sorted(DIFF_SIDE_TYPES))}, got {shorten(repr(side.get('type')))}")
+    parsed = {"type": side["type"]}
+    size = field(side, "size", where, kind=int, required=False)
+    if size is not None and size < 0:
+        raise BadInput(f"{where}.size: expected a size in bytes, got {size}")
+    sha256 = field(side, "sha256", where, required=False)
+    if sha256 is not None and not SHA256_HEX_RE.fullmatch(sha256):
+        raise BadInput(f"{where}.sha256: expected 64 lowercase hex digits, got {shorten(sha256)!r}")
+    values = {"size": size, "sha256": sha256,
+              "executable": field(side, "executable", where, kind=bool, required=False),
+              "unreadable": field(side, "unreadable", where, kind=bool, required=False),
+              "target": short_text(side.get("target"), f"{where}.target", MAX_DIFF_PATH)}
+    parsed.update((key, value) for key, value in values.items() if value is not None)
+    return parsed
+
+
+def parse_diff_entry(entry, where):
+    if not isinstance(entry, dict):
+        raise BadInput(f"{where}: expected an object, got {type(entry).__name__}")
+    path = short_text(entry.get("path"), f"{where}.path", MAX_DIFF_PATH, required=True)
+    a, b = parse_diff_side(entry.get("a"), f"{where}.a"), parse_diff_side(entry.get("b"), f"{where}.b")
+    if a is None and b is None:
+        raise BadInput(f"{where}: a path missing on both sides is no difference")
+    return {"path": path, "a": a, "b": b}
+
+
+def parse_diff_files(files):
+    differing = field(files, "differing", "files", kind=list)
+    if len(differing) > MAX_DIFF_FILES:
+        raise BadInput(f"files.differing: at most {MAX_DIFF_FILES} paths, got {len(differing)}")
+    totals = field(files, "totals", "files", kind=dict, required=False) or {}
+    if len(totals) > 10 or any(not isinstance(name, str) or len(name) > 40 or type(count) is not int or count < 0
+                               for name, count in totals.items()):
+        raise BadInput("files.totals: expected at most 10 names of at most 40 characters, each a count")
+    cut = field(files, "cut", "files", kind=list, required=False) or []
+    if len(cut) > 10:
+        raise BadInput(f"files.cut: at most 10 notes, got {len(cut)}")
+    entries = [parse_diff_entry(entry, f"files.differing[{position}]") for position, entry in enumerate(differing)]
+    return {"differing": sorted(entries, key=lambda entry: entry["path"]), "totals": totals,
+            "cut": [short_text(note, f"files.cut[{position}]", MAX_DIFF_NOTE, required=True)
+                    for position, note in enumerate(cut)]}
+
+
+def parse_diff(body):
+    """The upload body, checked field by field; only what is checked is kept."""
+    if not isinstance(body, dict):
+        raise BadInput(f"body: expected a JSON object with files, diffoscope and tool_versions, got {type(body).__name__}")
+    files = parse_diff_files(field(body, "files", "body", kind=dict))
+    diffoscope = field(body, "diffoscope", "body", required=False)
+    tool_versions = field(body, "tool_versions", "body", kind=dict, required=False) or {}
+    if len(tool_versions) > 10:
+        raise BadInput(f"body.tool_versions: at most 10 tools, got {len(tool_versions)}")
+    return {"files": files, "diffoscope": diffoscope or None,
+            "diffoscope_note": short_text(body.get("diffoscope_note"), "body.diffoscope_note", MAX_DIFF_NOTE),
+            "tool_versions": {short_text(tool, "body.tool_versions", 40, required=True):
+                              short_text(version, f"body.tool_versions.{shorten(tool, 40)}", 100)
+                              for tool, version in tool_versions.items()}}
+
+
+def compressed_diff(document):
+    try:
+        text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        return zlib.compress(text.encode(), 6)
+    except UnicodeEncodeError:
+        raise BadInput("body: a string contains a lone UTF-16 surrogate escape, which is not text") from None
+
+
+def store_diff(conn, builder, output_path, hash_a, hash_b, document):
+    """'stored', or 'known' when this pair of this path already has a diff: the first upload is kept."""
+    compressed = compressed_diff(document)
+    limit = current_app.config["MAX_STORED_DIFF_BYTES"]
+    if len(compressed) > limit:
+        raise DiffTooLarge(f"diff: {len(compressed)} bytes compressed, more than the {limit} bytes a diff may take;"
+                           f" send less diffoscope text")
+    with transaction(conn):
+        attested = conn.execute("SELECT 1 FROM attestations WHERE output_path = ? AND builder_id = ?"
+                                " AND output_hash IN (?, ?)", (output_path, builder["id"], hash_a, hash_b)).fetchone()
+        if attested is None:
+            abort(403, f"{builder['name']} has attested neither hash for {output_path}; "
+                       f"only a builder that built one of them may send their diff")
+        inserted = conn.execute(
+            "INSERT INTO diffs (output_path, hash_a, hash_b, uploader_id, differing, document, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (output_path, hash_a, hash_b) DO NOTHING",
+            (output_path, hash_a, hash_b, builder["id"], len(document["files"]["differing"]), compressed, now_iso()))
+    return "stored" if inserted.rowcount else "known"
+
+
+class DiffTooLarge(Exception):
+    """A diff whose compressed form exceeds MAX_STORED_DIFF_BYTES: 413 with this message."""
+
+
+DIFF_COLUMNS = ("SELECT diffs.output_path, diffs.hash_a, diffs.hash_b, builders.name AS uploader, diffs.differing,"
+                " diffs.created_at FROM diffs JOIN builders ON builders.id = diffs.uploader_id ")
+
+
+def diff_summary(row):
+    return {"hash_a": row["hash_a"], "hash_b": row["hash_b"], "uploader": row["uploader"],
+            "differing": row["differing"], "created_at": row["created_at"],
+            "href": diff_href(row["output_path"], row["hash_a"], row["hash_b"])}
+
+
+def diffs_of_output(conn, output_path):
+    rows = conn.execute(DIFF_COLUMNS + "WHERE diffs.output_path = ? ORDER BY diffs.hash_a, diffs.hash_b", (output_path,))
+    return [diff_summary(row) for row in rows]
+
+
+def read_diff(conn, output_path, hash_a, hash_b):
+    row = conn.execute(DIFF_COLUMNS.replace(" FROM", ", diffs.document FROM") +
+                       "WHERE diffs.output_path = ? AND diffs.hash_a = ? AND diffs.hash_b = ?",
+                       (output_path, hash_a, hash_b)).fetchone()
+    if row is None:
+        abort(404, f"no diff of {shorten(hash_a)} and {shorten(hash_b)} for {output_path}")
+    return {"output_path": output_path, **diff_summary(row), **json.loads(zlib.decompress(row["document"]))}
+
+
+def report_diffs(conn, report_id):
+    """{out_path: [[hash A, hash B], …]} for every path of a report that has diffs."""
+    pairs = defaultdict(list)
+    for out_path, hash_a, hash_b in conn.execute(
+            "SELECT diffs.output_path, diffs.hash_a, diffs.hash_b FROM report_paths"
+            " JOIN diffs ON diffs.output_path = report_paths.out_path WHERE report_paths.report_id = ?"
+            " ORDER BY diffs.output_path, diffs.hash_a, diffs.hash_b", (report_id,)):
+        pairs[out_path].append([hash_a, hash_b])
+    return dict(pairs)
+
+
+def report_diff_links(conn, report_id):
+    """{out_path: where its "diff" link leads}: the one diff, or the list when there are several."""
+    return {out_path: diff_href(out_path, *pairs[0]) if len(pairs) == 1 else diff_href(out_path)
+            for out_path, pairs in report_diffs(conn, report_id).items()}
+
+
+def diff_href(out_path, hash_a=None, hash_b=None):
+    href = "/diffs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
+    return f"{href}/{hash_a}/{hash_b}" if hash_a else href
+
+
+def diff_rows(files):
+    """The file table: (path, what differs, side A, side B), each side as short text."""
+    return [(entry["path"], ", ".join(changed_aspects(entry["a"], entry["b"])), side_text(entry["a"]), side_text(entry["b"]))
+            for entry in files["differing"]]
+
+
+def side_text(side):
+    if side is None:
+        return "(missing)"
+    words = [side["type"]]
+    if "size" in side:
+        words.append(f"{side['size']} bytes")
+    if side.get("executable"):
+        words.append("executable")
+    if "sha256" in side:
+        words.append(f"sha256 {side['sha256'][:12]}…")
+    if "target" in side:
+        words.append(f"→ {side['target']}")
+    if side.get("unreadable"):
+        words.append("unreadable")
+    return ", ".join(words)
+
+
 # ---------------------------------------------------------------- content negotiation
 
 def wants_html():
@@ -968,8 +1192,11 @@ def report_format():
 #   GET    /link_patterns                             list_link_patterns
 #   POST   /link_patterns                             post_link_pattern
 #   DELETE /link_patterns?pattern=                    delete_link_pattern
+#   GET    /diffs/<basename>                          list_diffs
+#   PUT    /diffs/<basename>/<hash A>/<hash B>        put_diff
+#   GET    /diffs/<basename>/<hash A>/<hash B>        show_diff
 #
-# Errors: BadInput is 400, HTTPException keeps its status, a database that cannot be written for now is 503;
+# Errors: BadInput is 400, DiffTooLarge is 413, HTTPException keeps its status, a database that cannot be written for now is 503;
 # every error body is JSON {"error": "...", "detail": "..."}.
 
 routes = Blueprint("routes", __name__)
@@ -978,6 +1205,11 @@ routes = Blueprint("routes", __name__)
 @routes.app_errorhandler(BadInput)
 def bad_input(error):
     return error_body(str(error)), 400
+
+
+@routes.app_errorhandler(DiffTooLarge)
+def diff_too_large(error):
+    return error_body(str(error)), 413
 
 
 @routes.app_errorhandler(HTTPException)
@@ -1063,7 +1295,8 @@ def show_output(basename):
         if is_counted(attestation):
             builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
     return render_template("output.html", output_path=output_path, attestations=attestations,
-                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash))
+                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
+                           diffs=diffs_of_output(get_db(), output_path))
 
 
 @routes.get("/builders")
@@ -1170,7 +1403,8 @@ def show_report(name):
     with cyclic_gc_paused():
         verdicts = report_verdicts(conn, report["id"])
         if wanted == "application/json":
-            return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts)
+            return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts,
+                           diffs=report_diffs(conn, report["id"]))
         components = report_components(conn, report["id"])
         tree = report_tree(conn, report["id"])
     if wanted == "text/plain":
@@ -1243,6 +1477,36 @@ def delete_link_pattern():
     return jsonify(pattern=pattern, status="deleted")
 
 
+@routes.get("/diffs/<basename>")
+def list_diffs(basename):
+    output_path = output_path_of_basename(basename)
+    diffs = diffs_of_output(get_db(), output_path)
+    if wants_html():
+        return render_template("diffs.html", output_path=output_path, diffs=diffs)
+    return jsonify(diffs)
+
+
+@routes.put("/diffs/<basename>/<hash_a>/<hash_b>")
+def put_diff(basename, hash_a, hash_b):
+    builder = require_builder()
+    output_path = output_path_of_basename(basename)
+    hash_a, hash_b = diff_hashes(hash_a, hash_b, for_upload=True)
+    document = parse_diff(json_body("MAX_DIFF_BYTES"))
+    status = store_diff(get_db(), builder, output_path, hash_a, hash_b, document)
+    return jsonify(output_path=output_path, hash_a=hash_a, hash_b=hash_b, status=status)
+
+
+@routes.get("/diffs/<basename>/<hash_a>/<hash_b>")
+def show_diff(basename, hash_a, hash_b):
+    output_path = output_path_of_basename(basename)
+    diff = read_diff(get_db(), output_path, *diff_hashes(hash_a, hash_b, for_upload=False))
+    if not wants_html():
+        return jsonify(diff)
+    lines = (diff["diffoscope"] or "").splitlines(keepends=True)
+    return render_template("diff.html", diff=diff, rows=diff_rows(diff["files"]), line_count=len(lines),
+                           first_screen="".join(lines[:DIFF_SCREEN_LINES]), rest="".join(lines[DIFF_SCREEN_LINES:]))
+
+
 # ---------------------------------------------------------------- HTML pages
 # The report page is streamed and its tree markup is built here, not in templates/report.html:
 # see rendered_nodes for why.
@@ -1257,7 +1521,8 @@ def report_page(conn, report, components, tree, verdicts):
     return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
         bar=verdict_bar(counts, total), colours=VERDICT_COLOURS,
         not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
-        tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"])
+        tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"],
+        diff_links=report_diff_links(conn, report["id"]))
 
 
 def streamed_page(template_name, **context):

@@ -366,3 +366,37 @@ def test_self_dependency_is_not_shown_as_its_own_child(client, cyclic_report):
     text = client.get("/reports/cycle", headers={"Accept": "text/plain"}).get_data(as_text=True)
     b_lines = [line for line in text.splitlines() if cyclic_report.out("cyc-b") in line]
     assert len(b_lines) == 1
+
+
+# ---------------------------------------------------------------- diffs are builder-supplied, so hostile too
+
+def hostile_diff_url(server):
+    """A diff whose file names, link target, tool version and diffoscope text are all payloads; returns its URL."""
+    from attestation_samples import out_path
+    token = server.create_user("alice")
+    path = out_path(ODD_BUT_VALID_NAME)
+    hash_a, hash_b = sorted(base32_form(nar_hash_bytes()) for _ in range(2))
+    attestation = first_generation(path, hash_a)
+    assert requests.post(f"{server.url}/attestation/{drv_ident()}", json=[attestation], headers=bearer(token),
+                         timeout=REQUEST_TIMEOUT).status_code == 200
+    side = {"type": "symlink", "target": PAYLOADS[4]}
+    differing = [{"path": payload, "a": side, "b": None} for payload in PAYLOADS]
+    diffoscope = "\n".join(PAYLOADS * 20)  # long enough to be folded into <details>
+    body = {"files": {"differing": differing, "totals": {"differing": len(PAYLOADS)}, "cut": [PAYLOADS[1]]},
+            "diffoscope": diffoscope, "diffoscope_note": PAYLOADS[2], "tool_versions": {"diffoscope": PAYLOADS[3]}}
+    url = f"/diffs/{basename_of(path).replace('?', '%3F')}/{hash_a}/{hash_b}"
+    assert requests.put(server.url + url, json=body, headers=bearer(token), timeout=REQUEST_TIMEOUT).status_code == 200
+    return url, basename_of(path).replace("?", "%3F")
+
+
+def test_hostile_diff_is_escaped_and_no_injected_script_runs_in_headless_chromium(server):
+    url, basename = hostile_diff_url(server)
+    pages = [url, f"/diffs/{basename}", f"/outputs/{basename}"]
+    for page in pages:
+        html = requests.get(server.url + page, headers=HTML, timeout=REQUEST_TIMEOUT).text
+        assert [marker for marker in RAW_MARKERS if marker in html] == []
+    diff_page = requests.get(server.url + url, headers=HTML, timeout=REQUEST_TIMEOUT).text
+    assert "&lt;script&gt;window.__pwned" in diff_page and "<details>" in diff_page
+    dialogs, pwned = browse(server.url, pages)
+    assert dialogs == []
+    assert pwned == {}
