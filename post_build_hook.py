@@ -225,6 +225,369 @@ def nar_hash_and_size(path):
     return "sha256:" + nix_base32_encode(digest.digest()), size
 
 
+# ================================================================ shared transparency-log formats
+# The log's formats, used by the server to build the log and by audit, witness
+# and monitor to check it: RFC 9162 Merkle trees and the C2SP signed-note,
+# tlog-checkpoint, tlog-tiles and tlog-cosignature specifications.
+
+LOG_ENTRY_HEADER = "hash-collection-attestation v1"
+TILE_HEIGHT = 8
+TILE_WIDTH = 1 << TILE_HEIGHT
+MAX_LOG_ENTRY = 65535  # an entry bundle prefixes each entry with a uint16 length
+NOTE_SIGNATURE_PREFIX = "\u2014 "
+ED25519_KEY_TYPE = 0x01
+COSIGNATURE_KEY_TYPE = 0x04
+COSIGNATURE_HEADER = "cosignature/v1\n"
+
+# The verdict labels and rule live here so that `monitor` recomputes verdicts exactly as the server does.
+NO_BUILDS = "No builds"
+ONE_BUILD = "One build"
+REPRODUCED = "Successfully reproduced"
+PARTIALLY = "Partially reproduced"
+NONDETERMINISTIC = "Consistently nondeterministic"
+
+
+def verdict(builders_by_hash):
+    """The verdict for one output path, from {hash: set of builder ids}.
+
+    It counts builders, not rows: one builder posting twice is one build, and
+    one builder with two hashes is evidence of nondeterminism, never of reproduction.
+    """
+    if not builders_by_hash:
+        return NO_BUILDS
+    if len(builders_by_hash) == 1:
+        (builders,) = builders_by_hash.values()
+        return REPRODUCED if len(builders) >= 2 else ONE_BUILD
+    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
+        return PARTIALLY
+    return NONDETERMINISTIC
+
+
+# ---------------------------------------------------------------- log entries
+
+def references_summary(references):
+    """'<count> <base64 SHA-256 of the sorted basenames, each followed by \\n>', or '-' when unknown."""
+    if references is None:
+        return "-"
+    basenames = sorted(os.path.basename(reference) for reference in references)
+    digest = hashlib.sha256("".join(basename + "\n" for basename in basenames).encode()).digest()
+    return f"{len(basenames)} {base64.b64encode(digest).decode()}"
+
+
+def log_entry(builder, output_path, drv_path, nar_hash, nar_size, references, signature, verified, time_utc):
+    """The bytes of one log entry; references is the list of store paths, or None."""
+    fields = [("builder", builder), ("output", output_path), ("deriver", drv_path or "-"),
+              ("nar-hash", nar_hash), ("nar-size", "-" if nar_size is None else str(nar_size)),
+              ("references", references_summary(references)), ("signature", signature or "-"),
+              ("verified", "1" if verified else "0"), ("time", time_utc)]
+    return (LOG_ENTRY_HEADER + "\n" + "".join(f"{key} {value}\n" for key, value in fields)).encode()
+
+
+def parse_log_entry(entry):
+    """{key: value} of an entry's lines, or raise ValueError."""
+    try:
+        lines = entry.decode().split("\n")
+    except UnicodeDecodeError:
+        raise ValueError("the entry is not UTF-8") from None
+    if len(lines) < 2 or lines[0] != LOG_ENTRY_HEADER or lines[-1] != "":
+        raise ValueError(f"the entry does not start with {LOG_ENTRY_HEADER!r} or does not end in a newline")
+    fields = dict(line.partition(" ")[::2] for line in lines[1:-1])
+    missing = {"builder", "output", "nar-hash", "verified"} - set(fields)
+    if missing:
+        raise ValueError(f"the entry has no {', '.join(sorted(missing))} line")
+    return fields
+
+
+# ---------------------------------------------------------------- Merkle trees (RFC 9162 §2.1)
+
+EMPTY_TREE_HASH = hashlib.sha256(b"").digest()
+
+
+def leaf_hash(entry):
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def node_hash(left, right):
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def split_point(size):
+    """The largest power of two smaller than size (size >= 2): where RFC 9162 splits a tree."""
+    return 1 << ((size - 1).bit_length() - 1)
+
+
+def tree_hash(leaf_hashes):
+    """The root of the tree over these leaf hashes, by merging complete subtrees as they fill."""
+    subtrees = []  # (size, hash), sizes strictly decreasing
+    for hash_ in leaf_hashes:
+        size = 1
+        while subtrees and subtrees[-1][0] == size:
+            hash_ = node_hash(subtrees.pop()[1], hash_)
+            size *= 2
+        subtrees.append((size, hash_))
+    if not subtrees:
+        return EMPTY_TREE_HASH
+    root = subtrees[-1][1]
+    for _size, hash_ in reversed(subtrees[:-1]):
+        root = node_hash(hash_, root)
+    return root
+
+
+def shift_while(condition, first, second):
+    while condition(first):
+        first, second = first >> 1, second >> 1
+    return first, second
+
+
+def root_from_inclusion_proof(index, size, leaf, proof):
+    """The root that proof makes of leaf at index in a tree of size (RFC 9162 §2.1.3.2); ValueError if malformed."""
+    if not 0 <= index < size:
+        raise ValueError(f"index {index} is outside a tree of size {size}")
+    fn, sn, root = index, size - 1, leaf
+    for sibling in proof:
+        if sn == 0:
+            raise ValueError("the inclusion proof is too long")
+        if fn & 1 or fn == sn:
+            root = node_hash(sibling, root)
+            fn, sn = shift_while(lambda f: not f & 1 and f != 0, fn, sn)
+        else:
+            root = node_hash(root, sibling)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise ValueError("the inclusion proof is too short")
+    return root
+
+
+def consistency_holds(old_size, new_size, old_root, new_root, proof):
+    """Whether proof shows the tree of old_size is a prefix of the tree of new_size (RFC 9162 §2.1.4.2)."""
+    if old_size > new_size:
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if old_size == 0:
+        return not proof
+    path = ([old_root] if old_size & (old_size - 1) == 0 else []) + list(proof)
+    if not path:
+        return False
+    fn, sn = shift_while(lambda f: f & 1, old_size - 1, new_size - 1)
+    first = second = path[0]
+    for hash_ in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            first, second = node_hash(hash_, first), node_hash(hash_, second)
+            fn, sn = shift_while(lambda f: not f & 1 and f != 0, fn, sn)
+        else:
+            second = node_hash(second, hash_)
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and first == old_root and second == new_root
+
+
+# ---------------------------------------------------------------- tiles (C2SP tlog-tiles)
+
+def tile_index_path(index):
+    """1234067 -> 'x001/x234/067'."""
+    digits = f"{index:d}"
+    digits = "0" * (-len(digits) % 3) + digits
+    groups = [digits[start:start + 3] for start in range(0, len(digits), 3)]
+    return "/".join([f"x{group}" for group in groups[:-1]] + [groups[-1]])
+
+
+def tile_path(level, index, width=TILE_WIDTH):
+    """'tile/<L>/<N>[.p/<W>]'; level 'entries' for an entry bundle."""
+    partial = "" if width == TILE_WIDTH else f".p/{width}"
+    return f"tile/{level}/{tile_index_path(index)}{partial}"
+
+
+def parse_tile_index(text):
+    """'x001/x234/067' -> 1234067, or raise ValueError for anything else."""
+    groups = text.split("/")
+    if not all(re.fullmatch(r"x[0-9]{3}", group) for group in groups[:-1]) or not re.fullmatch(r"[0-9]{3}", groups[-1]):
+        raise ValueError(f"expected a tile index like x001/x234/067, got {shorten(text)!r}")
+    return int("".join(group.lstrip("x") for group in groups))
+
+
+def entry_bundle(entries):
+    return b"".join(len(entry).to_bytes(2, "big") + entry for entry in entries)
+
+
+def split_entry_bundle(bundle):
+    """The entries of a bundle, or raise ValueError if it is cut short."""
+    entries, offset = [], 0
+    while offset < len(bundle):
+        length = int.from_bytes(bundle[offset:offset + 2], "big")
+        if offset + 2 + length > len(bundle):
+            raise ValueError(f"the entry bundle is cut short after {len(entries)} entries")
+        entries.append(bundle[offset + 2:offset + 2 + length])
+        offset += 2 + length
+    return entries
+
+
+# ---------------------------------------------------------------- signed notes (C2SP signed-note, tlog-checkpoint)
+
+class NoteKey:
+    """A signed-note key: name, 4-byte key ID, type byte and 32-byte Ed25519 key (public, or the seed)."""
+
+    def __init__(self, name, key_type, raw):
+        if not name or any(character in name for character in "+ \n\t") or len(raw) != 32:
+            raise ValueError(f"a note key needs a name without '+' or spaces and 32 bytes, got {shorten(name)!r}")
+        self.name, self.key_type, self.raw = name, key_type, raw
+
+    def key_id(self, public):
+        return hashlib.sha256(self.name.encode() + b"\n" + bytes([self.key_type]) + public).digest()[:4]
+
+
+def parse_verifier_key(text):
+    """'<name>+<hex id>+<base64(type || public key)>' -> (NoteKey, key id), or raise ValueError."""
+    name, hex_id, encoded = note_key_parts(text.strip(), 3, "verifier key <name>+<hex id>+<base64 key>")
+    key = note_key_of(name, encoded)
+    if key.key_id(key.raw).hex() != hex_id.lower():
+        raise ValueError(f"verifier key {name!r}: the key ID {hex_id} does not match the key")
+    return key
+
+
+def parse_signer_key(text):
+    """'PRIVATE+KEY+<name>+<hex id>+<base64(type || seed)>' -> NoteKey holding the seed."""
+    words = note_key_parts(text.strip(), 5, "signer key PRIVATE+KEY+<name>+<hex id>+<base64 seed>")
+    if words[:2] != ["PRIVATE", "KEY"]:
+        raise ValueError("a signer key starts with PRIVATE+KEY+")
+    key = note_key_of(words[2], words[4])
+    if key.key_id(public_key_of_seed(key.raw)).hex() != words[3].lower():
+        raise ValueError(f"signer key {words[2]!r}: the key ID {words[3]} does not match the key")
+    return key
+
+
+def note_key_parts(text, count, expected):
+    words = text.split("+", count - 1)
+    if len(words) != count or not all(words):
+        raise ValueError(f"expected a {expected}, got {shorten(text)!r}")
+    return words
+
+
+def note_key_of(name, encoded):
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ValueError(f"note key {name!r}: the key is not base64") from None
+    if len(raw) != 33 or raw[0] not in (ED25519_KEY_TYPE, COSIGNATURE_KEY_TYPE):
+        raise ValueError(f"note key {name!r}: expected a type byte 0x01 or 0x04 and 32 bytes of Ed25519 key")
+    return NoteKey(name, raw[0], raw[1:])
+
+
+def public_key_of_seed(seed):
+    from nacl.signing import SigningKey
+    return bytes(SigningKey(seed).verify_key)
+
+
+def generate_note_key(name, key_type):
+    """(signer key text, verifier key text) of a new Ed25519 note key."""
+    seed = os.urandom(32)
+    key = NoteKey(name, key_type, seed)
+    public = public_key_of_seed(seed)
+    hex_id = key.key_id(public).hex()
+    return (f"PRIVATE+KEY+{name}+{hex_id}+{base64.b64encode(bytes([key_type]) + seed).decode()}",
+            verifier_key_text(NoteKey(name, key_type, public)))
+
+
+def verifier_key_text(public_key):
+    encoded = base64.b64encode(bytes([public_key.key_type]) + public_key.raw).decode()
+    return f"{public_key.name}+{public_key.key_id(public_key.raw).hex()}+{encoded}"
+
+
+def verifier_of_signer(signer):
+    return NoteKey(signer.name, signer.key_type, public_key_of_seed(signer.raw))
+
+
+def ed25519_sign(seed, message):
+    from nacl.signing import SigningKey
+    return SigningKey(seed).sign(message).signature
+
+
+def ed25519_verifies(public, message, signature):
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+    try:
+        VerifyKey(public).verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def signature_line(key, signature_bytes):
+    return f"{NOTE_SIGNATURE_PREFIX}{key.name} {base64.b64encode(signature_bytes).decode()}\n"
+
+
+def sign_note(text, signer):
+    """The signed note: text, a blank line and one signature line by signer (an Ed25519 NoteKey with its seed)."""
+    key_id = signer.key_id(public_key_of_seed(signer.raw))
+    return text + "\n" + signature_line(signer, key_id + ed25519_sign(signer.raw, text.encode()))
+
+
+def split_note(note):
+    """(text, [(key name, signature bytes)]) of a signed note, or raise ValueError."""
+    text, separator, signatures = note.rpartition("\n\n")
+    if not separator or not signatures.endswith("\n"):
+        raise ValueError("not a signed note: no blank line before the signatures, or no final newline")
+    parsed = []
+    for line in signatures[:-1].split("\n"):
+        name, _, encoded = line.removeprefix(NOTE_SIGNATURE_PREFIX).partition(" ")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raw = b""
+        if not line.startswith(NOTE_SIGNATURE_PREFIX) or len(raw) < 5:
+            raise ValueError(f"malformed signature line {shorten(line)!r}")
+        parsed.append((name, raw))
+    return text + "\n", parsed
+
+
+def verify_note(note, verifier):
+    """The note's text when it carries a good signature by verifier, else raise ValueError."""
+    text, signatures = split_note(note)
+    key_id = verifier.key_id(verifier.raw)
+    for name, raw in signatures:
+        if name == verifier.name and raw[:4] == key_id and ed25519_verifies(verifier.raw, text.encode(), raw[4:]):
+            return text
+    raise ValueError(f"the note carries no valid signature by {verifier.name}")
+
+
+def checkpoint_text(origin, size, root):
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+def parse_checkpoint(text):
+    """(origin, size, root hash) of a checkpoint's note text, or raise ValueError."""
+    lines = text.split("\n")
+    if len(lines) < 4 or not lines[0] or not re.fullmatch(r"0|[1-9][0-9]{0,18}", lines[1]):
+        raise ValueError("not a checkpoint: expected origin, tree size and root hash lines")
+    try:
+        root = base64.b64decode(lines[2], validate=True)
+    except ValueError:
+        root = b""
+    if len(root) != 32:
+        raise ValueError("not a checkpoint: the root hash is not 32 bytes of base64")
+    return lines[0], int(lines[1]), root
+
+
+def cosignature_message(text, timestamp):
+    return f"{COSIGNATURE_HEADER}time {timestamp}\n".encode() + text.encode()
+
+
+def cosign(text, witness, timestamp):
+    """The C2SP cosignature line by witness (a NoteKey of type 0x04 with its seed) over a checkpoint's text."""
+    key_id = witness.key_id(public_key_of_seed(witness.raw))
+    signature = ed25519_sign(witness.raw, cosignature_message(text, timestamp))
+    return signature_line(witness, key_id + timestamp.to_bytes(8, "big") + signature)
+
+
+def cosignature_time(text, witness, name, raw):
+    """The timestamp of a valid cosignature (name, raw) by witness over text, else None."""
+    if name != witness.name or len(raw) != 76 or raw[:4] != witness.key_id(witness.raw):
+        return None
+    timestamp = int.from_bytes(raw[4:12], "big")
+    return timestamp if ed25519_verifies(witness.raw, cosignature_message(text, timestamp), raw[12:]) else None
+
+
 # ================================================================ the client
 # Everything below runs inside Nix's build loop. A post-build hook that exits
 # non-zero makes Nix stop building, so every hook path exits 0, bounds its
