@@ -5,6 +5,7 @@ This file also holds the Nix format rules (store paths, hash encodings,
 fingerprints, signatures, NAR) that web.py imports, so each rule has one home.
 """
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -907,6 +908,7 @@ class Delivery:
             self.stopped_because = f"{self.config.server} unreachable: {error.__class__.__name__}"
             return KEPT, self.stopped_because
         if 200 <= response.status_code < 300:
+            record_log_indexes(self.config.spool, report["attestations"], response)
             return DELIVERED, None
         reason = server_reason(response)
         if response.status_code == 400:
@@ -1671,6 +1673,371 @@ def attestations_or_none(server, out_path):
         return None
 
 
+# ================================================================ the transparency log: audit, witness, monitor
+# A builder checks that the server keeps what it was sent and shows everyone the same,
+# only-growing history (docs/transparency-log.md). Exit 0 when all holds, 2 when the log
+# broke a promise, 1 when the check could not be made.
+
+LOG_RECORDS = "log-indexes"
+MAX_NOTE_BYTES = 64 * 1024
+MAX_PROOF_BYTES = 64 * 1024
+MAX_BUNDLE_BYTES = TILE_WIDTH * (MAX_LOG_ENTRY + 2)
+DEFAULT_MERGE_WAIT = 3600  # seconds after which an entry must be in a checkpoint
+LOG_PROBLEM_STATUS = 2
+
+
+class LogProblem(Exception):
+    """The log broke a promise: a bad signature, an inconsistent history, a missing or changed entry."""
+
+
+class Checkpoint:
+    def __init__(self, note, text):
+        self.note, self.text = note, text
+        self.origin, self.size, self.root = parse_checkpoint(text)
+
+
+def log_state_directory(spool):
+    """Where the log commands keep their state: next to the spool."""
+    return os.path.dirname(os.path.normpath(spool))
+
+
+def record_log_indexes(spool, attestations, response):
+    """Note the log index the server gave each delivered attestation, for `audit` to check later."""
+    try:
+        indexes = response.json().get("log_index") or []
+        lines = "".join(f"{index} {attested_path(item)} {normalize_nar_hash(item['output_hash'])} {int(time.time())}\n"
+                        for index, item in zip(indexes, attestations) if isinstance(index, int))
+        os.makedirs(log_state_directory(spool), mode=0o700, exist_ok=True)
+        with open(os.path.join(log_state_directory(spool), LOG_RECORDS), "a") as records:
+            records.write(lines)
+    except (ValueError, KeyError, AttributeError, OSError) as error:
+        say(f"could not record the log indexes for audit: {error}")
+
+
+def attested_path(attestation):
+    """The output path of an attestation in either generation of field names."""
+    return attestation.get("output_path") or f"{STORE_DIR}/{attestation['output_digest']}-{attestation['output_name']}"
+
+
+def log_verifier(env):
+    text = env.get("HASH_COLLECTION_LOG_KEY", "").strip()
+    if not text:
+        raise ConfigError("HASH_COLLECTION_LOG_KEY is not set: give the log's verifier key (the server prints it)")
+    try:
+        return parse_verifier_key(text)
+    except ValueError as error:
+        raise ConfigError(f"HASH_COLLECTION_LOG_KEY: {error}") from None
+
+
+def parse_log_arguments(command, args, options):
+    """--witness VKEY (repeatable), --min-witnesses K and the command's own {option: default}."""
+    import argparse
+    parser = argparse.ArgumentParser(prog=f"post_build_hook.py {command}", add_help=False)
+    parser.add_argument("--witness", action="append", default=[], type=witness_verifier)
+    parser.add_argument("--min-witnesses", type=int, default=0)
+    for option, default in options.items():
+        if isinstance(default, bool):
+            parser.add_argument(option, action="store_true")
+        else:
+            parser.add_argument(option, default=default, type=type(default) if default is not None else str)
+    try:
+        parsed, unknown = parser.parse_known_args(args)
+    except SystemExit:
+        raise ConfigError(f"usage: post_build_hook.py {command} [--witness VKEY]... [--min-witnesses K]") from None
+    if unknown:
+        raise ConfigError(f"{command}: unexpected argument {unknown[0]!r}")
+    if parsed.min_witnesses > len(parsed.witness):
+        raise ConfigError(f"--min-witnesses {parsed.min_witnesses} needs at least that many --witness keys")
+    return parsed
+
+
+def witness_verifier(text):
+    import argparse
+    try:
+        return parse_verifier_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def fetch_log(server, path, limit):
+    """The body of GET /log/<path>, at most limit bytes; ConfigError for any answer but 200."""
+    response = server.request("GET", "/log/" + path, stream=True)
+    body = response.raw.read(limit + 1, decode_content=True)
+    if response.status_code != 200:
+        raise ConfigError(f"GET /log/{path}: {server_reason(response)}")
+    if len(body) > limit:
+        raise ConfigError(f"GET /log/{path}: the answer is larger than {limit} bytes")
+    return body
+
+
+def fetch_proof(server, path):
+    try:
+        answer = json.loads(fetch_log(server, path, MAX_PROOF_BYTES))
+        return [base64.b64decode(hash_, validate=True) for hash_ in answer["hashes"]], answer
+    except (ValueError, KeyError, TypeError) as error:
+        raise LogProblem(f"GET /log/{path}: not a proof: {error}") from None
+
+
+def verified_checkpoint(server, log_key, witnesses, min_witnesses):
+    note = fetch_log(server, "checkpoint", MAX_NOTE_BYTES).decode(errors="replace")
+    try:
+        checkpoint = Checkpoint(note, verify_note(note, log_key))
+    except ValueError as error:
+        raise LogProblem(f"bad signature: the server's checkpoint does not verify: {error}") from None
+    _text, signatures = split_note(note)
+    cosigned = {witness.name for witness in witnesses for name, raw in signatures
+                if cosignature_time(checkpoint.text, witness, name, raw) is not None}
+    if len(cosigned) < min_witnesses:
+        raise LogProblem(f"checkpoint {checkpoint.size} is cosigned by {len(cosigned)} of the {min_witnesses} "
+                         f"witnesses required ({', '.join(sorted(cosigned)) or 'none'})")
+    return checkpoint
+
+
+def kept_checkpoint(state_file, log_key):
+    try:
+        with open(state_file) as kept:
+            note = kept.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Checkpoint(note, verify_note(note, log_key))
+    except ValueError as error:
+        raise ConfigError(f"{state_file}: not a checkpoint by {log_key.name}: {error}") from None
+
+
+def keep_checkpoint(state_file, checkpoint):
+    os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
+    with open(state_file + ".new", "w") as kept:
+        kept.write(checkpoint.note)
+    os.replace(state_file + ".new", state_file)
+
+
+def check_consistency(server, old, new):
+    """That new only appends to old, the last checkpoint this builder verified."""
+    if old is None:
+        return
+    if old.origin != new.origin:
+        raise LogProblem(f"inconsistent: the log's origin changed from {old.origin!r} to {new.origin!r}")
+    if new.size < old.size:
+        raise LogProblem(f"inconsistent: the log shrank from {old.size} entries (a checkpoint we verified) "
+                         f"to {new.size}")
+    proof, _answer = fetch_proof(server, f"proof/consistency?old={old.size}&size={new.size}")
+    if not consistency_holds(old.size, new.size, old.root, new.root, proof):
+        raise LogProblem(f"inconsistent: checkpoint {new.size} does not extend checkpoint {old.size} that we "
+                         f"verified: the server rewrote history or shows a fork")
+
+
+def check_included(server, checkpoint, index, output_path, nar_hash):
+    """That entry `index` is in the checkpoint and is the attestation we posted."""
+    what = f"entry {index} ({output_path} {nar_hash})"
+    try:
+        proof, answer = fetch_proof(server, f"proof/inclusion?index={index}&size={checkpoint.size}")
+        entry = base64.b64decode(answer["entry"], validate=True)
+    except ConfigError as error:
+        raise LogProblem(f"missing entry: {what}: {error}") from None
+    except (ValueError, KeyError) as error:
+        raise LogProblem(f"changed entry: {what}: the server's answer is malformed: {error}") from None
+    if not entry:
+        raise LogProblem(f"missing entry: {what}: the server no longer has it")
+    try:
+        fields = parse_log_entry(entry)
+    except ValueError as error:
+        raise LogProblem(f"changed entry: {what}: {error}") from None
+    if (fields["output"], fields["nar-hash"]) != (output_path, nar_hash):
+        raise LogProblem(f"changed entry: {what}: the log now says {fields['output']} {fields['nar-hash']}")
+    try:
+        included = root_from_inclusion_proof(index, checkpoint.size, leaf_hash(entry), proof) == checkpoint.root
+    except ValueError:
+        included = False
+    if not included:
+        raise LogProblem(f"changed entry: {what}: it is not the entry checkpoint {checkpoint.size} holds")
+
+
+def audit(args, env):
+    """Verify the checkpoint, its consistency with the last one verified, and our entries in it."""
+    options = parse_log_arguments("audit", args, {"--merge-wait": float(DEFAULT_MERGE_WAIT)})
+    log_key = log_verifier(env)
+    server = Server(server_url(env), None, DEFAULT_TIMEOUT)
+    state = log_state_directory(spool_directory(env))
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(os.path.join(state, "audit-checkpoint"), log_key), checkpoint)
+        checked, waiting = audit_records(server, checkpoint, state, options.merge_wait)
+    except LogProblem as error:
+        say(f"audit failed: {error}")
+        return LOG_PROBLEM_STATUS
+    keep_checkpoint(os.path.join(state, "audit-checkpoint"), checkpoint)
+    print(f"{PREFIX} log {checkpoint.origin} at {checkpoint.size} entries: consistent; "
+          f"{checked} of our entries included, {waiting} not yet in a checkpoint")
+    return 0
+
+
+def audit_records(server, checkpoint, state, merge_wait):
+    """Check every recorded entry the checkpoint covers; keep the rest for the next audit. (checked, waiting)."""
+    auditing, records = take_records(state)
+    waiting = []
+    for record in records:
+        index, output_path, nar_hash, recorded = int(record[0]), record[1], record[2], float(record[3])
+        if index < checkpoint.size:
+            check_included(server, checkpoint, index, output_path, nar_hash)
+        elif time.time() - recorded > merge_wait:
+            raise LogProblem(f"missing entry: entry {index} ({output_path}) is still not in a checkpoint "
+                             f"({checkpoint.size} entries) {merge_wait:g} s after the server accepted it")
+        else:
+            waiting.append(" ".join(record) + "\n")
+    with open(os.path.join(state, LOG_RECORDS), "a") as fresh:
+        fresh.write("".join(waiting))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(auditing)
+    return len(records) - len(waiting), len(waiting)
+
+
+def take_records(state):
+    """(file, records) to audit. Hooks append to a fresh file meantime; a failed audit leaves its records for the next."""
+    records_file = os.path.join(state, LOG_RECORDS)
+    auditing, taken = records_file + ".auditing", records_file + ".taken"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(records_file, taken)
+    with contextlib.suppress(FileNotFoundError):
+        with open(taken) as taken_records, open(auditing, "a") as pending:
+            pending.write(taken_records.read())
+        os.remove(taken)
+    try:
+        with open(auditing) as pending:
+            return auditing, [line.split() for line in pending if line.strip()]
+    except FileNotFoundError:
+        return auditing, []
+
+
+def witness(args, env):
+    """Cosign the server's checkpoint once it is consistent with the last one this witness cosigned."""
+    if args[:1] == ["--generate-key"]:
+        return generate_witness_key(args[1:], env)
+    options = parse_log_arguments("witness", args, {})
+    log_key, witness_key = log_verifier(env), witness_signer(env)
+    token = read_secret(env, "HASH_COLLECTION_TOKEN")
+    server = Server(server_url(env), token, DEFAULT_TIMEOUT)
+    state_file = os.path.join(log_state_directory(spool_directory(env)), "witness-checkpoint")
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(state_file, log_key), checkpoint)
+    except LogProblem as error:
+        say(f"witness refuses to cosign: {error}")
+        return LOG_PROBLEM_STATUS
+    line = cosign(checkpoint.text, witness_key, int(time.time()))
+    response = server.request("POST", f"/log/cosignature?size={checkpoint.size}", data=line.encode(),
+                              headers={"Content-Type": "text/plain"})
+    if response.status_code != 200:
+        raise ConfigError(f"the server refused the cosignature: {server_reason(response)}")
+    keep_checkpoint(state_file, checkpoint)
+    print(f"{PREFIX} cosigned {checkpoint.origin} at {checkpoint.size} entries as {witness_key.name}")
+    return 0
+
+
+def witness_signer(env):
+    text = read_secret(env, "HASH_COLLECTION_WITNESS_KEY")
+    if not text:
+        raise ConfigError("neither HASH_COLLECTION_WITNESS_KEY_FILE nor HASH_COLLECTION_WITNESS_KEY is set; "
+                          "make a key with `post_build_hook.py witness --generate-key NAME`")
+    try:
+        key = parse_signer_key(text)
+    except ValueError as error:
+        raise ConfigError(f"the witness key: {error}") from None
+    if key.key_type != COSIGNATURE_KEY_TYPE:
+        raise ConfigError("the witness key is not a cosignature/v1 key (type 0x04)")
+    return key
+
+
+def generate_witness_key(args, env):
+    """Write a new witness key to HASH_COLLECTION_WITNESS_KEY_FILE and print its verifier key."""
+    path = env.get("HASH_COLLECTION_WITNESS_KEY_FILE")
+    if len(args) != 1 or not path:
+        raise ConfigError("usage: HASH_COLLECTION_WITNESS_KEY_FILE=FILE post_build_hook.py witness --generate-key NAME")
+    try:
+        signer, verifier = generate_note_key(args[0], COSIGNATURE_KEY_TYPE)
+    except ValueError as error:
+        raise ConfigError(f"witness key name: {error}") from None
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key_file:
+        key_file.write(signer + "\n")
+    print(verifier)
+    return 0
+
+
+def monitor(args, env):
+    """Download the whole log, verify it against the checkpoint, and recompute a report's verdicts from it."""
+    options = parse_log_arguments("monitor", args, {"--report": None, "--verified-only": False})
+    log_key = log_verifier(env)
+    server = Server(server_url(env), None, DEFAULT_TIMEOUT)
+    state_file = os.path.join(log_state_directory(spool_directory(env)), "monitor-checkpoint")
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(state_file, log_key), checkpoint)
+        entries, problems = downloaded_log(server, checkpoint)
+    except LogProblem as error:
+        say(f"monitor: {error}")
+        return LOG_PROBLEM_STATUS
+    if options.report:
+        problems += verdict_differences(server, options.report, entries, options.verified_only)
+    for problem in problems:
+        say(f"monitor: {problem}")
+    if problems:
+        return LOG_PROBLEM_STATUS
+    keep_checkpoint(state_file, checkpoint)
+    print(f"{PREFIX} log {checkpoint.origin}: all {checkpoint.size} entries verified"
+          + (f", report {options.report!r} agrees with them" if options.report else ""))
+    return 0
+
+
+def downloaded_log(server, checkpoint):
+    """(entries, problems) of the log up to the checkpoint, read through the tiles."""
+    leaf_hashes, entries = [], []
+    for start in range(0, checkpoint.size, TILE_WIDTH):
+        width = min(TILE_WIDTH, checkpoint.size - start)
+        tile = fetch_log(server, tile_path(0, start // TILE_WIDTH, width), width * 32)
+        leaf_hashes += [tile[offset:offset + 32] for offset in range(0, len(tile), 32)]
+        try:
+            entries += split_entry_bundle(fetch_log(server, tile_path("entries", start // TILE_WIDTH, width),
+                                                    MAX_BUNDLE_BYTES))
+        except ValueError as error:
+            raise LogProblem(f"entries {start} onwards: {error}") from None
+    if len(leaf_hashes) != checkpoint.size or tree_hash(leaf_hashes) != checkpoint.root:
+        raise LogProblem(f"the log's tiles do not make the root of checkpoint {checkpoint.size}")
+    if len(entries) != checkpoint.size:
+        raise LogProblem(f"the server sent {len(entries)} entries for a log of {checkpoint.size}")
+    return entries, [problem for index, entry in enumerate(entries)
+                     if (problem := entry_problem(index, entry, leaf_hashes[index]))]
+
+
+def entry_problem(index, entry, expected_leaf_hash):
+    if not entry:
+        return f"missing entry {index}: the server serves nothing in its place"
+    if leaf_hash(entry) == expected_leaf_hash:
+        return None
+    try:
+        fields = parse_log_entry(entry)
+        return f"changed entry {index}: {fields['output']} by {fields['builder']} is not what the log holds"
+    except ValueError as error:
+        return f"changed entry {index}: {error}"
+
+
+def verdict_differences(server, report, entries, verified_only):
+    """Every path whose verdict on the server differs from the one the log gives."""
+    builders_by_path = {}
+    for entry in entries:
+        with contextlib.suppress(ValueError):
+            fields = parse_log_entry(entry)
+            if fields["verified"] == "1" or not verified_only:
+                builders_by_path.setdefault(fields["output"], {}).setdefault(fields["nar-hash"], set()).add(
+                    fields["builder"])
+    from urllib.parse import quote
+    response = server.request("GET", f"/reports/{quote(report, safe='')}", headers={"Accept": "application/json"})
+    if response.status_code != 200:
+        raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
+    return [f"{path}: the server's report says {shown!r}, the log says {verdict(builders_by_path.get(path, {}))!r}"
+            for path, shown in sorted(response.json()["paths"].items())
+            if shown != verdict(builders_by_path.get(path, {}))]
+
+
 # Hooks run inside Nix's build loop and must exit 0 whatever happens.
 COMMANDS = {
     "challenge": (challenge, False),
@@ -1678,6 +2045,9 @@ COMMANDS = {
     "rebuild": (rebuild, False),
     "diff-hook": (diff_hook, True),
     "flush": (flush, False),
+    "audit": (audit, False),
+    "witness": (witness, False),
+    "monitor": (monitor, False),
 }
 
 
@@ -1714,7 +2084,10 @@ def usage():
             "       post_build_hook.py flush              (deliver the spool)\n"
             "       post_build_hook.py fetch-from-cache REPORT [-j N]   (import what a binary cache signed)\n"
             "       post_build_hook.py rebuild REPORT [-j N]            (rebuild and --check open paths)\n"
-            "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)")
+            "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)\n"
+            "       post_build_hook.py audit [--witness VKEY]... [--min-witnesses K]   (check the log and our entries in it)\n"
+            "       post_build_hook.py witness [--generate-key NAME]   (cosign the log's checkpoint)\n"
+            "       post_build_hook.py monitor [--report NAME] [--witness VKEY]...   (verify the whole log)")
 
 
 if __name__ == "__main__":
