@@ -1683,6 +1683,7 @@ MAX_NOTE_BYTES = 64 * 1024
 MAX_PROOF_BYTES = 64 * 1024
 MAX_BUNDLE_BYTES = TILE_WIDTH * (MAX_LOG_ENTRY + 2)
 DEFAULT_MERGE_WAIT = 3600  # seconds after which an entry must be in a checkpoint
+DEFAULT_RECHECK = 100  # earlier entries each audit checks again
 LOG_PROBLEM_STATUS = 2
 
 
@@ -1855,14 +1856,15 @@ def check_included(server, checkpoint, index, output_path, nar_hash):
 
 def audit(args, env):
     """Verify the checkpoint, its consistency with the last one verified, and our entries in it."""
-    options = parse_log_arguments("audit", args, {"--merge-wait": float(DEFAULT_MERGE_WAIT)})
+    options = parse_log_arguments("audit", args, {"--merge-wait": float(DEFAULT_MERGE_WAIT),
+                                                  "--recheck": DEFAULT_RECHECK})
     log_key = log_verifier(env)
     server = Server(server_url(env), None, DEFAULT_TIMEOUT)
     state = log_state_directory(spool_directory(env))
     try:
         checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
         check_consistency(server, kept_checkpoint(os.path.join(state, "audit-checkpoint"), log_key), checkpoint)
-        checked, waiting = audit_records(server, checkpoint, state, options.merge_wait)
+        checked, waiting = audit_records(server, checkpoint, state, options.merge_wait, options.recheck)
     except LogProblem as error:
         say(f"audit failed: {error}")
         return LOG_PROBLEM_STATUS
@@ -1872,24 +1874,44 @@ def audit(args, env):
     return 0
 
 
-def audit_records(server, checkpoint, state, merge_wait):
-    """Check every recorded entry the checkpoint covers; keep the rest for the next audit. (checked, waiting)."""
+def audit_records(server, checkpoint, state, merge_wait, recheck):
+    """Check every new recorded entry the checkpoint covers, and `recheck` earlier ones at random.
+
+    Earlier entries are checked again because a row can vanish after it was first seen;
+    entries not yet in a checkpoint wait for the next audit. Returns (checked, waiting).
+    """
+    os.makedirs(state, mode=0o700, exist_ok=True)
     auditing, records = take_records(state)
-    waiting = []
+    for record in earlier_records(state, recheck):
+        check_included(server, checkpoint, int(record[0]), record[1], record[2])
+    waiting, checked = [], []
     for record in records:
         index, output_path, nar_hash, recorded = int(record[0]), record[1], record[2], float(record[3])
         if index < checkpoint.size:
             check_included(server, checkpoint, index, output_path, nar_hash)
+            checked.append(" ".join(record) + "\n")
         elif time.time() - recorded > merge_wait:
             raise LogProblem(f"missing entry: entry {index} ({output_path}) is still not in a checkpoint "
                              f"({checkpoint.size} entries) {merge_wait:g} s after the server accepted it")
         else:
             waiting.append(" ".join(record) + "\n")
+    with open(os.path.join(state, LOG_RECORDS + ".checked"), "a") as done:
+        done.write("".join(checked))
     with open(os.path.join(state, LOG_RECORDS), "a") as fresh:
         fresh.write("".join(waiting))
     with contextlib.suppress(FileNotFoundError):
         os.remove(auditing)
-    return len(records) - len(waiting), len(waiting)
+    return len(checked), len(waiting)
+
+
+def earlier_records(state, count):
+    import random
+    try:
+        with open(os.path.join(state, LOG_RECORDS + ".checked")) as done:
+            records = [line.split() for line in done if line.strip()]
+    except FileNotFoundError:
+        return []
+    return random.sample(records, min(count, len(records)))
 
 
 def take_records(state):
