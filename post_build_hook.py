@@ -243,7 +243,7 @@ COSIGNATURE_HEADER = "cosignature/v1\n"
 # The verdict labels and rule live here so that `monitor` recomputes verdicts exactly as the server does.
 NO_BUILDS = "No builds"
 ONE_BUILD = "One build"
-REPRODUCED = "Successfully reproduced"
+SUCCESSFULLY_REPRODUCED = "Successfully reproduced"  # not REPRODUCED: rebuild has its own
 PARTIALLY = "Partially reproduced"
 NONDETERMINISTIC = "Consistently nondeterministic"
 
@@ -258,7 +258,7 @@ def verdict(builders_by_hash):
         return NO_BUILDS
     if len(builders_by_hash) == 1:
         (builders,) = builders_by_hash.values()
-        return REPRODUCED if len(builders) >= 2 else ONE_BUILD
+        return SUCCESSFULLY_REPRODUCED if len(builders) >= 2 else ONE_BUILD
     if any(len(builders) >= 2 for builders in builders_by_hash.values()):
         return PARTIALLY
     return NONDETERMINISTIC
@@ -1698,8 +1698,8 @@ class Checkpoint:
 
 
 def log_state_directory(spool):
-    """Where the log commands keep their state: next to the spool."""
-    return os.path.dirname(os.path.normpath(spool))
+    """Where the log commands keep their state: under the spool, which every hook and timer may already write."""
+    return os.path.join(spool, "log")
 
 
 def record_log_indexes(spool, attestations, response):

@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover
 
 from post_build_hook import (DIGEST_RE, STORE_DIR, drv_ident_of, fingerprint, is_store_path, normalize_nar_hash, parse_key,
                              parse_store_basename, parse_store_path, shorten, verify_signature)
-from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
+from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, verdict  # noqa: F401
+from post_build_hook import SUCCESSFULLY_REPRODUCED as REPRODUCED
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
                              parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
