@@ -912,7 +912,7 @@ class LogDamaged(Exception):
 def entry_of_row(row):
     """The log entry of an attestation row (LOGGED_COLUMNS)."""
     drv_path = f"{STORE_DIR}/{row['drv_ident']}.drv" if row["drv_ident"] else None
-    references = json.loads(row["refs"]) if row["refs"] is not None else None
+    references = None if row["refs"] is None else [] if row["refs"] == "[]" else json.loads(row["refs"])
     return log_entry(row["builder"], row["output_path"], drv_path, row["output_hash"], row["nar_size"], references,
                      row["output_sig"], row["verified"], row["created_at"])
 
