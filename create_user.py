@@ -8,7 +8,7 @@ import secrets
 import sys
 
 import web
-from post_build_hook import parse_key
+from post_build_hook import COSIGNATURE_KEY_TYPE, parse_key, parse_verifier_key
 
 
 def parse_arguments(argv):
@@ -22,6 +22,8 @@ def parse_arguments(argv):
     parser.add_argument("--admin", action="store_true", help="may replace or delete anyone's report")
     parser.add_argument("--public-key", action="append", default=[], metavar="KEYNAME:BASE64",
                         help="register a Nix public key for the builder (repeatable)")
+    parser.add_argument("--witness-key", action="append", default=[], metavar="VKEY",
+                        help="register a transparency-log witness key (C2SP verifier key) for the builder (repeatable)")
     parser.add_argument("--revoke", metavar="TOKEN", help="revoke this token")
     parser.add_argument("--list", action="store_true", help="list builders, their keys and token counts")
     args = parser.parse_args(argv)
@@ -32,10 +34,16 @@ def parse_arguments(argv):
             parse_key(key.strip(), 32)
         except ValueError as error:
             parser.error(f"--public-key {key!r}: {error}")
+    for key in args.witness_key:
+        try:
+            if parse_verifier_key(key).key_type != COSIGNATURE_KEY_TYPE:
+                parser.error(f"--witness-key {key!r}: not a cosignature/v1 key (type 0x04)")
+        except ValueError as error:
+            parser.error(f"--witness-key {key!r}: {error}")
     return args
 
 
-def create_builder_token(conn, name, token, admin, public_keys):
+def create_builder_token(conn, name, token, admin, public_keys, witness_keys=()):
     """All or nothing: a key whose bytes another builder holds leaves the database as it was."""
     with web.transaction(conn):
         conn.execute("INSERT OR IGNORE INTO builders (name) VALUES (?)", (name,))
@@ -44,6 +52,8 @@ def create_builder_token(conn, name, token, admin, public_keys):
             conn.execute("UPDATE builders SET is_admin = 1 WHERE id = ?", (builder_id,))
         for key in public_keys:
             web.register_public_key(conn, builder_id, key.strip())
+        conn.executemany("INSERT OR IGNORE INTO witness_keys (builder_id, verifier_key) VALUES (?, ?)",
+                         [(builder_id, key.strip()) for key in witness_keys])
         conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)", (builder_id, web.token_digest(token)))
 
 
@@ -78,7 +88,7 @@ def main(argv=None):
         else:
             token = args.token or secrets.token_urlsafe(32)
             try:
-                create_builder_token(conn, args.name, token, args.admin, args.public_key)
+                create_builder_token(conn, args.name, token, args.admin, args.public_key, args.witness_key)
             except web.sqlite3.IntegrityError:
                 print("create_user: that token is already in use", file=sys.stderr)
                 return 1

@@ -5,6 +5,7 @@ This file also holds the Nix format rules (store paths, hash encodings,
 fingerprints, signatures, NAR) that web.py imports, so each rule has one home.
 """
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -242,6 +243,374 @@ def nar_hash_and_size(path):
         digest.update(chunk)
         size += len(chunk)
     return "sha256:" + nix_base32_encode(digest.digest()), size
+
+
+# ================================================================ shared transparency-log formats
+# The log's formats, used by the server to build the log and by audit, witness
+# and monitor to check it: RFC 9162 Merkle trees and the C2SP signed-note,
+# tlog-checkpoint, tlog-tiles and tlog-cosignature specifications.
+
+LOG_ENTRY_HEADER = "hash-collection-attestation v1"
+TILE_HEIGHT = 8
+TILE_WIDTH = 1 << TILE_HEIGHT
+MAX_LOG_ENTRY = 65535  # an entry bundle prefixes each entry with a uint16 length
+NOTE_SIGNATURE_PREFIX = "\u2014 "
+ED25519_KEY_TYPE = 0x01
+COSIGNATURE_KEY_TYPE = 0x04
+COSIGNATURE_HEADER = "cosignature/v1\n"
+
+# The verdict labels and rule live here so that `monitor` recomputes verdicts exactly as the server does.
+NO_BUILDS = "No builds"
+ONE_BUILD = "One build"
+SUCCESSFULLY_REPRODUCED = "Successfully reproduced"  # not REPRODUCED: rebuild has its own
+PARTIALLY = "Partially reproduced"
+NONDETERMINISTIC = "Consistently nondeterministic"
+
+
+def verdict(builders_by_hash):
+    """The verdict for one output path, from {hash: set of builder ids}.
+
+    It counts builders, not rows: one builder posting twice is one build, and
+    one builder with two hashes is evidence of nondeterminism, never of reproduction.
+    """
+    if not builders_by_hash:
+        return NO_BUILDS
+    if len(builders_by_hash) == 1:
+        (builders,) = builders_by_hash.values()
+        return SUCCESSFULLY_REPRODUCED if len(builders) >= 2 else ONE_BUILD
+    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
+        return PARTIALLY
+    return NONDETERMINISTIC
+
+
+# ---------------------------------------------------------------- log entries
+
+def references_summary(references):
+    """'<count> <base64 SHA-256 of the sorted basenames, each followed by \\n>', or '-' when unknown."""
+    if references is None:
+        return "-"
+    if not references:
+        return NO_REFERENCES
+    basenames = sorted(os.path.basename(reference) for reference in references)
+    digest = hashlib.sha256("".join(basename + "\n" for basename in basenames).encode()).digest()
+    return f"{len(basenames)} {base64.b64encode(digest).decode()}"
+
+
+NO_REFERENCES = "0 " + base64.b64encode(hashlib.sha256(b"").digest()).decode()
+
+
+def log_entry(builder, output_path, drv_path, nar_hash, nar_size, references, signature, verified, time_utc):
+    """The bytes of one log entry; references is the list of store paths, or None."""
+    # One f-string: this runs for every attestation a batch stores.
+    return (f"{LOG_ENTRY_HEADER}\nbuilder {builder}\noutput {output_path}\nderiver {drv_path or '-'}\n"
+            f"nar-hash {nar_hash}\nnar-size {'-' if nar_size is None else nar_size}\n"
+            f"references {references_summary(references)}\nsignature {signature or '-'}\n"
+            f"verified {1 if verified else 0}\ntime {time_utc}\n").encode()
+
+
+def parse_log_entry(entry):
+    """{key: value} of an entry's lines, or raise ValueError."""
+    try:
+        lines = entry.decode().split("\n")
+    except UnicodeDecodeError:
+        raise ValueError("the entry is not UTF-8") from None
+    if len(lines) < 2 or lines[0] != LOG_ENTRY_HEADER or lines[-1] != "":
+        raise ValueError(f"the entry does not start with {LOG_ENTRY_HEADER!r} or does not end in a newline")
+    fields = dict(line.partition(" ")[::2] for line in lines[1:-1])
+    missing = {"builder", "output", "nar-hash", "verified"} - set(fields)
+    if missing:
+        raise ValueError(f"the entry has no {', '.join(sorted(missing))} line")
+    return fields
+
+
+# ---------------------------------------------------------------- Merkle trees (RFC 9162 §2.1)
+
+EMPTY_TREE_HASH = hashlib.sha256(b"").digest()
+
+
+def leaf_hash(entry):
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def node_hash(left, right):
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def split_point(size):
+    """The largest power of two smaller than size (size >= 2): where RFC 9162 splits a tree."""
+    return 1 << ((size - 1).bit_length() - 1)
+
+
+def tree_hash(leaf_hashes):
+    """The root of the tree over these leaf hashes, by merging complete subtrees as they fill."""
+    subtrees = []  # (size, hash), sizes strictly decreasing
+    for hash_ in leaf_hashes:
+        size = 1
+        while subtrees and subtrees[-1][0] == size:
+            hash_ = node_hash(subtrees.pop()[1], hash_)
+            size *= 2
+        subtrees.append((size, hash_))
+    if not subtrees:
+        return EMPTY_TREE_HASH
+    root = subtrees[-1][1]
+    for _size, hash_ in reversed(subtrees[:-1]):
+        root = node_hash(hash_, root)
+    return root
+
+
+def shift_while(condition, first, second):
+    while condition(first):
+        first, second = first >> 1, second >> 1
+    return first, second
+
+
+def root_from_inclusion_proof(index, size, leaf, proof):
+    """The root that proof makes of leaf at index in a tree of size (RFC 9162 §2.1.3.2); ValueError if malformed."""
+    if not 0 <= index < size:
+        raise ValueError(f"index {index} is outside a tree of size {size}")
+    fn, sn, root = index, size - 1, leaf
+    for sibling in proof:
+        if sn == 0:
+            raise ValueError("the inclusion proof is too long")
+        if fn & 1 or fn == sn:
+            root = node_hash(sibling, root)
+            fn, sn = shift_while(lambda f: not f & 1 and f != 0, fn, sn)
+        else:
+            root = node_hash(root, sibling)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise ValueError("the inclusion proof is too short")
+    return root
+
+
+def consistency_holds(old_size, new_size, old_root, new_root, proof):
+    """Whether proof shows the tree of old_size is a prefix of the tree of new_size (RFC 9162 §2.1.4.2)."""
+    if old_size > new_size:
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if old_size == 0:
+        return not proof
+    path = ([old_root] if old_size & (old_size - 1) == 0 else []) + list(proof)
+    if not path:
+        return False
+    fn, sn = shift_while(lambda f: f & 1, old_size - 1, new_size - 1)
+    first = second = path[0]
+    for hash_ in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            first, second = node_hash(hash_, first), node_hash(hash_, second)
+            fn, sn = shift_while(lambda f: not f & 1 and f != 0, fn, sn)
+        else:
+            second = node_hash(second, hash_)
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and first == old_root and second == new_root
+
+
+# ---------------------------------------------------------------- tiles (C2SP tlog-tiles)
+
+def tile_index_path(index):
+    """1234067 -> 'x001/x234/067'."""
+    digits = f"{index:d}"
+    digits = "0" * (-len(digits) % 3) + digits
+    groups = [digits[start:start + 3] for start in range(0, len(digits), 3)]
+    return "/".join([f"x{group}" for group in groups[:-1]] + [groups[-1]])
+
+
+def tile_path(level, index, width=TILE_WIDTH):
+    """'tile/<L>/<N>[.p/<W>]'; level 'entries' for an entry bundle."""
+    partial = "" if width == TILE_WIDTH else f".p/{width}"
+    return f"tile/{level}/{tile_index_path(index)}{partial}"
+
+
+def parse_tile_index(text):
+    """'x001/x234/067' -> 1234067, or raise ValueError for anything else."""
+    groups = text.split("/")
+    if not all(re.fullmatch(r"x[0-9]{3}", group) for group in groups[:-1]) or not re.fullmatch(r"[0-9]{3}", groups[-1]):
+        raise ValueError(f"expected a tile index like x001/x234/067, got {shorten(text)!r}")
+    return int("".join(group.lstrip("x") for group in groups))
+
+
+def entry_bundle(entries):
+    return b"".join(len(entry).to_bytes(2, "big") + entry for entry in entries)
+
+
+def split_entry_bundle(bundle):
+    """The entries of a bundle, or raise ValueError if it is cut short."""
+    entries, offset = [], 0
+    while offset < len(bundle):
+        length = int.from_bytes(bundle[offset:offset + 2], "big")
+        if offset + 2 + length > len(bundle):
+            raise ValueError(f"the entry bundle is cut short after {len(entries)} entries")
+        entries.append(bundle[offset + 2:offset + 2 + length])
+        offset += 2 + length
+    return entries
+
+
+# ---------------------------------------------------------------- signed notes (C2SP signed-note, tlog-checkpoint)
+
+class NoteKey:
+    """A signed-note key: name, 4-byte key ID, type byte and 32-byte Ed25519 key (public, or the seed)."""
+
+    def __init__(self, name, key_type, raw):
+        if not name or any(character in name for character in "+ \n\t") or len(raw) != 32:
+            raise ValueError(f"a note key needs a name without '+' or spaces and 32 bytes, got {shorten(name)!r}")
+        self.name, self.key_type, self.raw = name, key_type, raw
+
+    def key_id(self, public):
+        return hashlib.sha256(self.name.encode() + b"\n" + bytes([self.key_type]) + public).digest()[:4]
+
+
+def parse_verifier_key(text):
+    """'<name>+<hex id>+<base64(type || public key)>' -> (NoteKey, key id), or raise ValueError."""
+    name, hex_id, encoded = note_key_parts(text.strip(), 3, "verifier key <name>+<hex id>+<base64 key>")
+    key = note_key_of(name, encoded)
+    if key.key_id(key.raw).hex() != hex_id.lower():
+        raise ValueError(f"verifier key {name!r}: the key ID {hex_id} does not match the key")
+    return key
+
+
+def parse_signer_key(text):
+    """'PRIVATE+KEY+<name>+<hex id>+<base64(type || seed)>' -> NoteKey holding the seed."""
+    words = note_key_parts(text.strip(), 5, "signer key PRIVATE+KEY+<name>+<hex id>+<base64 seed>")
+    if words[:2] != ["PRIVATE", "KEY"]:
+        raise ValueError("a signer key starts with PRIVATE+KEY+")
+    key = note_key_of(words[2], words[4])
+    if key.key_id(public_key_of_seed(key.raw)).hex() != words[3].lower():
+        raise ValueError(f"signer key {words[2]!r}: the key ID {words[3]} does not match the key")
+    return key
+
+
+def note_key_parts(text, count, expected):
+    words = text.split("+", count - 1)
+    if len(words) != count or not all(words):
+        raise ValueError(f"expected a {expected}, got {shorten(text)!r}")
+    return words
+
+
+def note_key_of(name, encoded):
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ValueError(f"note key {name!r}: the key is not base64") from None
+    if len(raw) != 33 or raw[0] not in (ED25519_KEY_TYPE, COSIGNATURE_KEY_TYPE):
+        raise ValueError(f"note key {name!r}: expected a type byte 0x01 or 0x04 and 32 bytes of Ed25519 key")
+    return NoteKey(name, raw[0], raw[1:])
+
+
+def public_key_of_seed(seed):
+    from nacl.signing import SigningKey
+    return bytes(SigningKey(seed).verify_key)
+
+
+def generate_note_key(name, key_type):
+    """(signer key text, verifier key text) of a new Ed25519 note key."""
+    seed = os.urandom(32)
+    key = NoteKey(name, key_type, seed)
+    public = public_key_of_seed(seed)
+    hex_id = key.key_id(public).hex()
+    return (f"PRIVATE+KEY+{name}+{hex_id}+{base64.b64encode(bytes([key_type]) + seed).decode()}",
+            verifier_key_text(NoteKey(name, key_type, public)))
+
+
+def verifier_key_text(public_key):
+    encoded = base64.b64encode(bytes([public_key.key_type]) + public_key.raw).decode()
+    return f"{public_key.name}+{public_key.key_id(public_key.raw).hex()}+{encoded}"
+
+
+def verifier_of_signer(signer):
+    return NoteKey(signer.name, signer.key_type, public_key_of_seed(signer.raw))
+
+
+def ed25519_sign(seed, message):
+    from nacl.signing import SigningKey
+    return SigningKey(seed).sign(message).signature
+
+
+def ed25519_verifies(public, message, signature):
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+    try:
+        VerifyKey(public).verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def signature_line(key, signature_bytes):
+    return f"{NOTE_SIGNATURE_PREFIX}{key.name} {base64.b64encode(signature_bytes).decode()}\n"
+
+
+def sign_note(text, signer):
+    """The signed note: text, a blank line and one signature line by signer (an Ed25519 NoteKey with its seed)."""
+    key_id = signer.key_id(public_key_of_seed(signer.raw))
+    return text + "\n" + signature_line(signer, key_id + ed25519_sign(signer.raw, text.encode()))
+
+
+def split_note(note):
+    """(text, [(key name, signature bytes)]) of a signed note, or raise ValueError."""
+    text, separator, signatures = note.rpartition("\n\n")
+    if not separator or not signatures.endswith("\n"):
+        raise ValueError("not a signed note: no blank line before the signatures, or no final newline")
+    parsed = []
+    for line in signatures[:-1].split("\n"):
+        name, _, encoded = line.removeprefix(NOTE_SIGNATURE_PREFIX).partition(" ")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raw = b""
+        if not line.startswith(NOTE_SIGNATURE_PREFIX) or len(raw) < 5:
+            raise ValueError(f"malformed signature line {shorten(line)!r}")
+        parsed.append((name, raw))
+    return text + "\n", parsed
+
+
+def verify_note(note, verifier):
+    """The note's text when it carries a good signature by verifier, else raise ValueError."""
+    text, signatures = split_note(note)
+    key_id = verifier.key_id(verifier.raw)
+    for name, raw in signatures:
+        if name == verifier.name and raw[:4] == key_id and ed25519_verifies(verifier.raw, text.encode(), raw[4:]):
+            return text
+    raise ValueError(f"the note carries no valid signature by {verifier.name}")
+
+
+def checkpoint_text(origin, size, root):
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+def parse_checkpoint(text):
+    """(origin, size, root hash) of a checkpoint's note text, or raise ValueError."""
+    lines = text.split("\n")
+    if len(lines) < 4 or not lines[0] or not re.fullmatch(r"0|[1-9][0-9]{0,18}", lines[1]):
+        raise ValueError("not a checkpoint: expected origin, tree size and root hash lines")
+    try:
+        root = base64.b64decode(lines[2], validate=True)
+    except ValueError:
+        root = b""
+    if len(root) != 32:
+        raise ValueError("not a checkpoint: the root hash is not 32 bytes of base64")
+    return lines[0], int(lines[1]), root
+
+
+def cosignature_message(text, timestamp):
+    return f"{COSIGNATURE_HEADER}time {timestamp}\n".encode() + text.encode()
+
+
+def cosign(text, witness, timestamp):
+    """The C2SP cosignature line by witness (a NoteKey of type 0x04 with its seed) over a checkpoint's text."""
+    key_id = witness.key_id(public_key_of_seed(witness.raw))
+    signature = ed25519_sign(witness.raw, cosignature_message(text, timestamp))
+    return signature_line(witness, key_id + timestamp.to_bytes(8, "big") + signature)
+
+
+def cosignature_time(text, witness, name, raw):
+    """The timestamp of a valid cosignature (name, raw) by witness over text, else None."""
+    if name != witness.name or len(raw) != 76 or raw[:4] != witness.key_id(witness.raw):
+        return None
+    timestamp = int.from_bytes(raw[4:12], "big")
+    return timestamp if ed25519_verifies(witness.raw, cosignature_message(text, timestamp), raw[12:]) else None
 
 
 # ================================================================ the client
@@ -1193,6 +1562,9 @@ def new_spool_name():
     return f"{time.time_ns()}-{os.urandom(8).hex()}.json"
 
 
+SPOOL_SUBDIRECTORIES = ("tmp", "rejected", "log")
+
+
 def spool_problem(directory):
     """Why someone other than this user could change the spool, or None."""
     info = os.lstat(directory)
@@ -1204,7 +1576,8 @@ def spool_problem(directory):
     if info.st_mode & writable_by_others:
         return (f"others can write it (mode {stat.filemode(info.st_mode)}); "
                 f"make it {'root-owned 0700' if os.geteuid() == 0 else 'not world-writable'}")
-    for name in ("tmp", "rejected"):
+    # Left from the shared spool of old versions, a symbolic link here would let a build user steer root's writes.
+    for name in SPOOL_SUBDIRECTORIES:
         try:
             if not stat.S_ISDIR(os.lstat(os.path.join(directory, name)).st_mode):
                 return f"{name} in it is not a directory (a symbolic link?); move it away"
@@ -1247,6 +1620,8 @@ class Delivery:
             self.stopped_because = f"{self.config.server} unreachable: {error}"
             return KEPT, self.stopped_because
         if 200 <= answer.status_code < 300:
+            if "attestations" in submission:
+                record_log_indexes(self.config.spool, submission["attestations"], answer)
             return DELIVERED, None
         if 300 <= answer.status_code < 400:
             return KEPT, redirect_reason(answer)
@@ -2143,6 +2518,391 @@ def attestations_or_none(server, out_path):
         return None
 
 
+# ================================================================ the transparency log: audit, witness, monitor
+# A builder checks that the server keeps what it was sent and shows everyone the same,
+# only-growing history (docs/transparency-log.md). Exit 0 when all holds, 2 when the log
+# broke a promise, 1 when the check could not be made.
+
+LOG_RECORDS = "log-indexes"
+MAX_NOTE_BYTES = 64 * 1024
+MAX_PROOF_BYTES = 64 * 1024
+MAX_BUNDLE_BYTES = TILE_WIDTH * (MAX_LOG_ENTRY + 2)
+DEFAULT_MERGE_WAIT = 3600  # seconds after which an entry must be in a checkpoint
+DEFAULT_RECHECK = 100  # earlier entries each audit checks again
+LOG_PROBLEM_STATUS = 2
+
+
+class LogProblem(Exception):
+    """The log broke a promise: a bad signature, an inconsistent history, a missing or changed entry."""
+
+
+class Checkpoint:
+    def __init__(self, note, text):
+        self.note, self.text = note, text
+        self.origin, self.size, self.root = parse_checkpoint(text)
+
+
+def log_state_directory(spool):
+    """Where the log commands keep their state: under the spool, which every hook and timer may already write."""
+    return os.path.join(spool, "log")
+
+
+def record_log_indexes(spool, attestations, response):
+    """Note the log index the server gave each delivered attestation, for `audit` to check later."""
+    try:
+        Spool(spool).check()  # never through a link planted in a spool shared by old versions
+        indexes = response.json().get("log_index") or []
+        lines = "".join(f"{index} {attested_path(item)} {normalize_nar_hash(item['output_hash'])} {int(time.time())}\n"
+                        for index, item in zip(indexes, attestations) if isinstance(index, int))
+        os.makedirs(log_state_directory(spool), mode=0o700, exist_ok=True)
+        with open(os.path.join(log_state_directory(spool), LOG_RECORDS), "a") as records:
+            records.write(lines)
+    except (ValueError, KeyError, AttributeError, OSError, UnsafeSpool) as error:
+        say(f"could not record the log indexes for audit: {error}")
+
+
+def attested_path(attestation):
+    """The output path of an attestation in either generation of field names."""
+    return attestation.get("output_path") or f"{STORE_DIR}/{attestation['output_digest']}-{attestation['output_name']}"
+
+
+def log_verifier(env):
+    text = env.get("HASH_COLLECTION_LOG_KEY", "").strip()
+    if not text:
+        raise ConfigError("HASH_COLLECTION_LOG_KEY is not set: give the log's verifier key (the server prints it)")
+    try:
+        return parse_verifier_key(text)
+    except ValueError as error:
+        raise ConfigError(f"HASH_COLLECTION_LOG_KEY: {error}") from None
+
+
+def parse_log_arguments(command, args, options):
+    """--witness VKEY (repeatable), --min-witnesses K and the command's own {option: default}."""
+    import argparse
+    parser = argparse.ArgumentParser(prog=f"post_build_hook.py {command}", add_help=False)
+    parser.add_argument("--witness", action="append", default=[], type=witness_verifier)
+    parser.add_argument("--min-witnesses", type=int, default=0)
+    for option, default in options.items():
+        if isinstance(default, bool):
+            parser.add_argument(option, action="store_true")
+        else:
+            parser.add_argument(option, default=default, type=type(default) if default is not None else str)
+    try:
+        parsed, unknown = parser.parse_known_args(args)
+    except SystemExit:
+        raise ConfigError(f"usage: post_build_hook.py {command} [--witness VKEY]... [--min-witnesses K]") from None
+    if unknown:
+        raise ConfigError(f"{command}: unexpected argument {unknown[0]!r}")
+    if parsed.min_witnesses > len(parsed.witness):
+        raise ConfigError(f"--min-witnesses {parsed.min_witnesses} needs at least that many --witness keys")
+    return parsed
+
+
+def witness_verifier(text):
+    import argparse
+    try:
+        return parse_verifier_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def fetch_log(server, path, limit):
+    """The body of GET /log/<path>, at most limit bytes; ConfigError for any answer but 200."""
+    response = server.request("GET", "/log/" + path, limit)
+    if response.status_code != 200:
+        raise ConfigError(f"GET /log/{path}: {server_reason(response)}")
+    return response.body
+
+
+def fetch_proof(server, path):
+    try:
+        answer = json.loads(fetch_log(server, path, MAX_PROOF_BYTES))
+        return [base64.b64decode(hash_, validate=True) for hash_ in answer["hashes"]], answer
+    except (ValueError, KeyError, TypeError) as error:
+        raise LogProblem(f"GET /log/{path}: not a proof: {error}") from None
+
+
+def verified_checkpoint(server, log_key, witnesses, min_witnesses):
+    note = fetch_log(server, "checkpoint", MAX_NOTE_BYTES).decode(errors="replace")
+    try:
+        checkpoint = Checkpoint(note, verify_note(note, log_key))
+    except ValueError as error:
+        raise LogProblem(f"bad signature: the server's checkpoint does not verify: {error}") from None
+    _text, signatures = split_note(note)
+    cosigned = {witness.name for witness in witnesses for name, raw in signatures
+                if cosignature_time(checkpoint.text, witness, name, raw) is not None}
+    if len(cosigned) < min_witnesses:
+        raise LogProblem(f"checkpoint {checkpoint.size} is cosigned by {len(cosigned)} of the {min_witnesses} "
+                         f"witnesses required ({', '.join(sorted(cosigned)) or 'none'})")
+    return checkpoint
+
+
+def kept_checkpoint(state_file, log_key):
+    try:
+        with open(state_file) as kept:
+            note = kept.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Checkpoint(note, verify_note(note, log_key))
+    except ValueError as error:
+        raise ConfigError(f"{state_file}: not a checkpoint by {log_key.name}: {error}") from None
+
+
+def keep_checkpoint(state_file, checkpoint):
+    os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
+    with open(state_file + ".new", "w") as kept:
+        kept.write(checkpoint.note)
+    os.replace(state_file + ".new", state_file)
+
+
+def check_consistency(server, old, new):
+    """That new only appends to old, the last checkpoint this builder verified."""
+    if old is None:
+        return
+    if old.origin != new.origin:
+        raise LogProblem(f"inconsistent: the log's origin changed from {old.origin!r} to {new.origin!r}")
+    if new.size < old.size:
+        raise LogProblem(f"inconsistent: the log shrank from {old.size} entries (a checkpoint we verified) "
+                         f"to {new.size}")
+    proof, _answer = fetch_proof(server, f"proof/consistency?old={old.size}&size={new.size}")
+    if not consistency_holds(old.size, new.size, old.root, new.root, proof):
+        raise LogProblem(f"inconsistent: checkpoint {new.size} does not extend checkpoint {old.size} that we "
+                         f"verified: the server rewrote history or shows a fork")
+
+
+def check_included(server, checkpoint, index, output_path, nar_hash):
+    """That entry `index` is in the checkpoint and is the attestation we posted."""
+    what = f"entry {index} ({output_path} {nar_hash})"
+    try:
+        proof, answer = fetch_proof(server, f"proof/inclusion?index={index}&size={checkpoint.size}")
+        entry = base64.b64decode(answer["entry"], validate=True)
+    except ConfigError as error:
+        raise LogProblem(f"missing entry: {what}: {error}") from None
+    except (ValueError, KeyError) as error:
+        raise LogProblem(f"changed entry: {what}: the server's answer is malformed: {error}") from None
+    if not entry:
+        raise LogProblem(f"missing entry: {what}: the server no longer has it")
+    try:
+        fields = parse_log_entry(entry)
+    except ValueError as error:
+        raise LogProblem(f"changed entry: {what}: {error}") from None
+    if (fields["output"], fields["nar-hash"]) != (output_path, nar_hash):
+        raise LogProblem(f"changed entry: {what}: the log now says {fields['output']} {fields['nar-hash']}")
+    try:
+        included = root_from_inclusion_proof(index, checkpoint.size, leaf_hash(entry), proof) == checkpoint.root
+    except ValueError:
+        included = False
+    if not included:
+        raise LogProblem(f"changed entry: {what}: it is not the entry checkpoint {checkpoint.size} holds")
+
+
+def audit(args, env):
+    """Verify the checkpoint, its consistency with the last one verified, and our entries in it."""
+    options = parse_log_arguments("audit", args, {"--merge-wait": float(DEFAULT_MERGE_WAIT),
+                                                  "--recheck": DEFAULT_RECHECK})
+    log_key = log_verifier(env)
+    server = Server(server_url(env), None, DEFAULT_TIMEOUT)
+    state = log_state_directory(spool_directory(env))
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(os.path.join(state, "audit-checkpoint"), log_key), checkpoint)
+        checked, waiting = audit_records(server, checkpoint, state, options.merge_wait, options.recheck)
+    except LogProblem as error:
+        say(f"audit failed: {error}")
+        return LOG_PROBLEM_STATUS
+    keep_checkpoint(os.path.join(state, "audit-checkpoint"), checkpoint)
+    print(f"{PREFIX} log {checkpoint.origin} at {checkpoint.size} entries: consistent; "
+          f"{checked} of our entries included, {waiting} not yet in a checkpoint")
+    return 0
+
+
+def audit_records(server, checkpoint, state, merge_wait, recheck):
+    """Check every new recorded entry the checkpoint covers, and `recheck` earlier ones at random.
+
+    Earlier entries are checked again because a row can vanish after it was first seen;
+    entries not yet in a checkpoint wait for the next audit. Returns (checked, waiting).
+    """
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    auditing, records = take_records(state)
+    for record in earlier_records(state, recheck):
+        check_included(server, checkpoint, int(record[0]), record[1], record[2])
+    waiting, checked = [], []
+    for record in records:
+        index, output_path, nar_hash, recorded = int(record[0]), record[1], record[2], float(record[3])
+        if index < checkpoint.size:
+            check_included(server, checkpoint, index, output_path, nar_hash)
+            checked.append(" ".join(record) + "\n")
+        elif time.time() - recorded > merge_wait:
+            raise LogProblem(f"missing entry: entry {index} ({output_path}) is still not in a checkpoint "
+                             f"({checkpoint.size} entries) {merge_wait:g} s after the server accepted it")
+        else:
+            waiting.append(" ".join(record) + "\n")
+    with open(os.path.join(state, LOG_RECORDS + ".checked"), "a") as done:
+        done.write("".join(checked))
+    with open(os.path.join(state, LOG_RECORDS), "a") as fresh:
+        fresh.write("".join(waiting))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(auditing)
+    return len(checked), len(waiting)
+
+
+def earlier_records(state, count):
+    import random
+    try:
+        with open(os.path.join(state, LOG_RECORDS + ".checked")) as done:
+            records = [line.split() for line in done if line.strip()]
+    except FileNotFoundError:
+        return []
+    return random.sample(records, min(count, len(records)))
+
+
+def take_records(state):
+    """(file, records) to audit. Hooks append to a fresh file meantime; a failed audit leaves its records for the next."""
+    records_file = os.path.join(state, LOG_RECORDS)
+    auditing, taken = records_file + ".auditing", records_file + ".taken"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(records_file, taken)
+    with contextlib.suppress(FileNotFoundError):
+        with open(taken) as taken_records, open(auditing, "a") as pending:
+            pending.write(taken_records.read())
+        os.remove(taken)
+    try:
+        with open(auditing) as pending:
+            return auditing, [line.split() for line in pending if line.strip()]
+    except FileNotFoundError:
+        return auditing, []
+
+
+def witness(args, env):
+    """Cosign the server's checkpoint once it is consistent with the last one this witness cosigned."""
+    if args[:1] == ["--generate-key"]:
+        return generate_witness_key(args[1:], env)
+    options = parse_log_arguments("witness", args, {})
+    log_key, witness_key = log_verifier(env), witness_signer(env)
+    token = read_secret(env, "HASH_COLLECTION_TOKEN")
+    server = Server(server_url(env), token, DEFAULT_TIMEOUT)
+    state_file = os.path.join(log_state_directory(spool_directory(env)), "witness-checkpoint")
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(state_file, log_key), checkpoint)
+    except LogProblem as error:
+        say(f"witness refuses to cosign: {error}")
+        return LOG_PROBLEM_STATUS
+    line = cosign(checkpoint.text, witness_key, int(time.time()))
+    response = server.request("POST", f"/log/cosignature?size={checkpoint.size}", data=line.encode(),
+                              headers={"Content-Type": "text/plain"})
+    if response.status_code != 200:
+        raise ConfigError(f"the server refused the cosignature: {server_reason(response)}")
+    keep_checkpoint(state_file, checkpoint)
+    print(f"{PREFIX} cosigned {checkpoint.origin} at {checkpoint.size} entries as {witness_key.name}")
+    return 0
+
+
+def witness_signer(env):
+    text = read_secret(env, "HASH_COLLECTION_WITNESS_KEY")
+    if not text:
+        raise ConfigError("neither HASH_COLLECTION_WITNESS_KEY_FILE nor HASH_COLLECTION_WITNESS_KEY is set; "
+                          "make a key with `post_build_hook.py witness --generate-key NAME`")
+    try:
+        key = parse_signer_key(text)
+    except ValueError as error:
+        raise ConfigError(f"the witness key: {error}") from None
+    if key.key_type != COSIGNATURE_KEY_TYPE:
+        raise ConfigError("the witness key is not a cosignature/v1 key (type 0x04)")
+    return key
+
+
+def generate_witness_key(args, env):
+    """Write a new witness key to HASH_COLLECTION_WITNESS_KEY_FILE and print its verifier key."""
+    path = env.get("HASH_COLLECTION_WITNESS_KEY_FILE")
+    if len(args) != 1 or not path:
+        raise ConfigError("usage: HASH_COLLECTION_WITNESS_KEY_FILE=FILE post_build_hook.py witness --generate-key NAME")
+    try:
+        signer, verifier = generate_note_key(args[0], COSIGNATURE_KEY_TYPE)
+    except ValueError as error:
+        raise ConfigError(f"witness key name: {error}") from None
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key_file:
+        key_file.write(signer + "\n")
+    print(verifier)
+    return 0
+
+
+def monitor(args, env):
+    """Download the whole log, verify it against the checkpoint, and recompute a report's verdicts from it."""
+    options = parse_log_arguments("monitor", args, {"--report": None, "--verified-only": False})
+    log_key = log_verifier(env)
+    server = Server(server_url(env), None, DEFAULT_TIMEOUT)
+    state_file = os.path.join(log_state_directory(spool_directory(env)), "monitor-checkpoint")
+    try:
+        checkpoint = verified_checkpoint(server, log_key, options.witness, options.min_witnesses)
+        check_consistency(server, kept_checkpoint(state_file, log_key), checkpoint)
+        entries, problems = downloaded_log(server, checkpoint)
+    except LogProblem as error:
+        say(f"monitor: {error}")
+        return LOG_PROBLEM_STATUS
+    if options.report:
+        problems += verdict_differences(server, options.report, entries, options.verified_only)
+    for problem in problems:
+        say(f"monitor: {problem}")
+    if problems:
+        return LOG_PROBLEM_STATUS
+    keep_checkpoint(state_file, checkpoint)
+    print(f"{PREFIX} log {checkpoint.origin}: all {checkpoint.size} entries verified"
+          + (f", report {options.report!r} agrees with them" if options.report else ""))
+    return 0
+
+
+def downloaded_log(server, checkpoint):
+    """(entries, problems) of the log up to the checkpoint, read through the tiles."""
+    leaf_hashes, entries = [], []
+    for start in range(0, checkpoint.size, TILE_WIDTH):
+        width = min(TILE_WIDTH, checkpoint.size - start)
+        tile = fetch_log(server, tile_path(0, start // TILE_WIDTH, width), width * 32)
+        leaf_hashes += [tile[offset:offset + 32] for offset in range(0, len(tile), 32)]
+        try:
+            entries += split_entry_bundle(fetch_log(server, tile_path("entries", start // TILE_WIDTH, width),
+                                                    MAX_BUNDLE_BYTES))
+        except ValueError as error:
+            raise LogProblem(f"entries {start} onwards: {error}") from None
+    if len(leaf_hashes) != checkpoint.size or tree_hash(leaf_hashes) != checkpoint.root:
+        raise LogProblem(f"the log's tiles do not make the root of checkpoint {checkpoint.size}")
+    if len(entries) != checkpoint.size:
+        raise LogProblem(f"the server sent {len(entries)} entries for a log of {checkpoint.size}")
+    return entries, [problem for index, entry in enumerate(entries)
+                     if (problem := entry_problem(index, entry, leaf_hashes[index]))]
+
+
+def entry_problem(index, entry, expected_leaf_hash):
+    if not entry:
+        return f"missing entry {index}: the server serves nothing in its place"
+    if leaf_hash(entry) == expected_leaf_hash:
+        return None
+    try:
+        fields = parse_log_entry(entry)
+        return f"changed entry {index}: {fields['output']} by {fields['builder']} is not what the log holds"
+    except ValueError as error:
+        return f"changed entry {index}: {error}"
+
+
+def verdict_differences(server, report, entries, verified_only):
+    """Every path whose verdict on the server differs from the one the log gives."""
+    builders_by_path = {}
+    for entry in entries:
+        with contextlib.suppress(ValueError):
+            fields = parse_log_entry(entry)
+            if fields["verified"] == "1" or not verified_only:
+                builders_by_path.setdefault(fields["output"], {}).setdefault(fields["nar-hash"], set()).add(
+                    fields["builder"])
+    response = server.request("GET", f"/reports/{quoted(report)}", REPORT_PATHS_CAP,
+                              headers={"Accept": "application/json"})
+    if response.status_code != 200:
+        raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
+    return [f"{path}: the server's report says {shown!r}, the log says {verdict(builders_by_path.get(path, {}))!r}"
+            for path, shown in sorted(response.json()["paths"].items())
+            if shown != verdict(builders_by_path.get(path, {}))]
+
+
 # Hooks run inside Nix's build loop and must exit 0 whatever happens.
 COMMANDS = {
     "challenge": (challenge, False),
@@ -2150,6 +2910,9 @@ COMMANDS = {
     "rebuild": (rebuild, False),
     "diff-hook": (diff_hook, True),
     "flush": (flush, False),
+    "audit": (audit, False),
+    "witness": (witness, False),
+    "monitor": (monitor, False),
 }
 
 
@@ -2186,7 +2949,10 @@ def usage():
             "       post_build_hook.py flush              (deliver the spooled submissions)\n"
             "       post_build_hook.py fetch-from-cache REPORT [-j N]   (import what a binary cache signed)\n"
             "       post_build_hook.py rebuild REPORT [-j N]            (rebuild and --check open paths)\n"
-            "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)")
+            "       post_build_hook.py challenge [PATH...] [--report NAME]   (compare the local store with the server)\n"
+            "       post_build_hook.py audit [--witness VKEY]... [--min-witnesses K]   (check the log and our entries in it)\n"
+            "       post_build_hook.py witness [--generate-key NAME]   (cosign the log's checkpoint)\n"
+            "       post_build_hook.py monitor [--report NAME] [--witness VKEY]...   (verify the whole log)")
 
 
 if __name__ == "__main__":

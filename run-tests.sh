@@ -14,6 +14,9 @@ install_system_packages() {
     # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
     /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # The transparency log is checked against Go's reference code, built offline from Debian's packages.
+    command -v go >/dev/null || missing+=(golang-go)
+    [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || missing+=(golang-golang-x-mod-dev)
     # The diff hook runs diffoscope when it is there; its recommends are hundreds of packages it does without.
     local without_recommends=()
     command -v diffoscope >/dev/null || without_recommends+=(diffoscope-minimal)

@@ -106,3 +106,41 @@ CREATE TABLE diffs (
     created_at TEXT NOT NULL,
     UNIQUE (output_path, hash_a, hash_b)
 );
+
+-- The transparency log (docs/transparency-log.md). Entry idx is rebuilt from its attestation
+-- row; `entry` keeps the bytes only once that row has changed since (an upgrade to verified).
+CREATE TABLE log_entries (
+    idx INTEGER PRIMARY KEY,
+    attestation_id INTEGER NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    entry BLOB
+);
+CREATE INDEX log_entries_by_attestation ON log_entries(attestation_id);
+
+-- The hash of every complete subtree of 256^level leaves, level >= 1: the C2SP tiles above level 0.
+CREATE TABLE log_subtrees (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+
+-- Signed checkpoints (C2SP tlog-checkpoint), and the cosignatures witnesses sent for them.
+CREATE TABLE log_checkpoints (
+    size INTEGER PRIMARY KEY,
+    note TEXT NOT NULL,
+    issued_at REAL NOT NULL
+);
+
+CREATE TABLE witness_keys (
+    id INTEGER PRIMARY KEY,
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    verifier_key TEXT NOT NULL UNIQUE
+);
+
+CREATE TABLE log_cosignatures (
+    size INTEGER NOT NULL,
+    witness_key_id INTEGER NOT NULL REFERENCES witness_keys(id),
+    line TEXT NOT NULL,
+    PRIMARY KEY (size, witness_key_id)
+) WITHOUT ROWID;

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import sys
 import threading
@@ -32,15 +33,16 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, shorten,
                              verify_signature)
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects
+from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, verdict  # noqa: F401
+from post_build_hook import SUCCESSFULLY_REPRODUCED as REPRODUCED
+from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
+                             cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
+                             parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
+                             tree_hash, verifier_key_text, verifier_of_signer)
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 
-NO_BUILDS = "No builds"
-ONE_BUILD = "One build"
-REPRODUCED = "Successfully reproduced"
-PARTIALLY = "Partially reproduced"
-NONDETERMINISTIC = "Consistently nondeterministic"
 VERDICTS = [REPRODUCED, PARTIALLY, NONDETERMINISTIC, ONE_BUILD, NO_BUILDS]
 VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC: "#d3302f",
                    ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9"}
@@ -60,6 +62,8 @@ MAX_LINK_PATTERNS = 100  # per builder
 MAX_PATTERN_LENGTH = 200
 LINK_PATTERN_MEMORY = 1 * MiB  # RE2's bound on one compiled pattern and its match cache
 LINK_MATCHING_BUDGET_S = 0.2
+# The maximum merge delay: a checkpoint served includes every entry accepted this many seconds before.
+DEFAULT_CHECKPOINT_INTERVAL = 2.0
 
 CYCLONEDX_TYPE = "application/vnd.cyclonedx+json"
 # What sqlite says when the database cannot be written for now; anything else is a bug.
@@ -69,6 +73,10 @@ CLOSE_NODE = "</ul></details></li>\n"
 
 def database_from_env():
     return os.environ.get("HASH_COLLECTION_DB", "hashes.db")
+
+
+def log_origin_from_env():
+    return os.environ.get("HASH_COLLECTION_LOG_ORIGIN") or socket.getfqdn()
 
 
 def signatures_required_by_env():
@@ -85,8 +93,11 @@ def create_app(config=None):
         MAX_DIFF_BYTES=16 * MiB,
         MAX_STORED_DIFF_BYTES=8 * MiB,
         JSON_SORT_KEYS=False,
+        LOG_ORIGIN=log_origin_from_env(),
+        CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
     )
     app.config.update(config or {})
+    app.config.setdefault("LOG_KEY_FILE", log_key_from_env() or default_log_key_file(app.config["DATABASE"]))
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
@@ -296,7 +307,48 @@ def migrate_to_3(conn):
     )""")
 
 
-MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3)]
+def migrate_to_4(conn):
+    """The transparency log, with every existing attestation appended once, in id order."""
+    for statement in LOG_TABLES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    log_existing_attestations(conn)
+
+
+LOG_TABLES = """
+CREATE TABLE log_entries (
+    idx INTEGER PRIMARY KEY,
+    attestation_id INTEGER NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    entry BLOB
+);
+CREATE INDEX log_entries_by_attestation ON log_entries(attestation_id);
+CREATE TABLE log_subtrees (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE log_checkpoints (
+    size INTEGER PRIMARY KEY,
+    note TEXT NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE TABLE witness_keys (
+    id INTEGER PRIMARY KEY,
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    verifier_key TEXT NOT NULL UNIQUE
+);
+CREATE TABLE log_cosignatures (
+    size INTEGER NOT NULL,
+    witness_key_id INTEGER NOT NULL REFERENCES witness_keys(id),
+    line TEXT NOT NULL,
+    PRIMARY KEY (size, witness_key_id)
+) WITHOUT ROWID;
+"""
+
+
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -493,6 +545,7 @@ def verify_attestation(attestation, public_keys, foreign_key_names, where):
 
 
 def store_attestations(conn, builder, attestations):
+    """Store and log the attestations; returns each one's log index, in request order."""
     public_keys, foreign_key_names = registered_keys(conn, builder["id"])
     created_at = now_iso()
     rows = []
@@ -503,6 +556,9 @@ def store_attestations(conn, builder, attestations):
                      attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
     rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
     with transaction(conn), cache_for(conn, len(rows)):
+        first_new_id = (conn.execute("SELECT MAX(id) FROM attestations").fetchone()[0] or 0) + 1
+        upgraded_ids = unverified_ids(conn, builder["id"], rows)
+        freeze_entries(conn, upgraded_ids)
         conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
                          sorted({(row[1],) for row in rows if row[1] is not None}))
         conn.executemany(
@@ -512,7 +568,8 @@ def store_attestations(conn, builder, attestations):
             " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
             " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
-    return len(rows)
+        logged = rows_to_log(conn, first_new_id, upgraded_ids)
+        return log_indexes(conn, builder["id"], attestations, zip(logged, append_to_log(conn, logged)))
 
 
 ATTESTATION_COLUMNS = (
@@ -549,20 +606,7 @@ def output_path_of_basename(basename):
 
 # ---------------------------------------------------------------- verdicts
 
-def verdict(builders_by_hash):
-    """The verdict for one output path, from {hash: set of builder ids}.
-
-    It counts builders, not rows: one builder posting twice is one build, and
-    one builder with two hashes is evidence of nondeterminism, never of reproduction.
-    """
-    if not builders_by_hash:
-        return NO_BUILDS
-    if len(builders_by_hash) == 1:
-        (builders,) = builders_by_hash.values()
-        return REPRODUCED if len(builders) >= 2 else ONE_BUILD
-    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
-        return PARTIALLY
-    return NONDETERMINISTIC
+# verdict(builders_by_hash), the rule itself, is in post_build_hook.py: `monitor` applies it to the log.
 
 
 def counted_attestations_clause():
@@ -1154,6 +1198,300 @@ def side_text(side):
     return ", ".join(words)
 
 
+# ---------------------------------------------------------------- transparency log
+# Every accepted attestation is appended, in the same transaction, as one entry of an
+# RFC 9162 Merkle tree. An entry is rebuilt from its attestation row, never stored twice;
+# only when that row changes later (an upgrade to verified) are the old entry's bytes kept.
+# The log stores each leaf hash and the hash of every complete subtree of 256^L leaves:
+# those are the C2SP tiles, and any proof is built from O(log n) of them.
+
+LOGGED_COLUMNS = "SELECT attestations.id AS attestation_id, " + ATTESTATION_COLUMNS.removeprefix("SELECT ")
+FULL_TILE_CACHE = "public, max-age=31536000, immutable"
+PARTIAL_TILE_CACHE = "public, max-age=5"
+TILE_RE = re.compile(r"(0|[1-9][0-9]?|entries)/((?:x[0-9]{3}/)*[0-9]{3})(?:\.p/([1-9][0-9]{0,2}))?")
+
+
+class LogDamaged(Exception):
+    """The stored log lacks hashes it must have: the database was changed behind the server's back."""
+
+
+def entry_of_row(row):
+    """The log entry of an attestation row (LOGGED_COLUMNS)."""
+    drv_path = f"{STORE_DIR}/{row['drv_ident']}.drv" if row["drv_ident"] else None
+    references = None if row["refs"] is None else [] if row["refs"] == "[]" else json.loads(row["refs"])
+    return log_entry(row["builder"], row["output_path"], drv_path, row["output_hash"], row["nar_size"], references,
+                     row["output_sig"], row["verified"], row["created_at"])
+
+
+def log_size(conn):
+    last = conn.execute("SELECT MAX(idx) FROM log_entries").fetchone()[0]
+    return 0 if last is None else last + 1
+
+
+def append_to_log(conn, rows):
+    """Append the entries of these attestation rows (LOGGED_COLUMNS), in order; returns their indexes."""
+    size = log_size(conn)
+    leaves = [(size + offset, row["attestation_id"], leaf_hash(entry_of_row(row))) for offset, row in enumerate(rows)]
+    conn.executemany("INSERT INTO log_entries (idx, attestation_id, leaf_hash) VALUES (?, ?, ?)", leaves)
+    store_complete_subtrees(conn, size, size + len(leaves))
+    return [leaf[0] for leaf in leaves]
+
+
+def store_complete_subtrees(conn, old_size, new_size):
+    """Store the hash of every subtree of 256^L leaves that growing the log from old_size to new_size completed."""
+    level = 1
+    while True:
+        span = TILE_WIDTH ** level
+        first, end = old_size // span, new_size // span
+        if first == end:
+            return
+        conn.executemany("INSERT INTO log_subtrees (level, idx, hash) VALUES (?, ?, ?)",
+                         [(level, index, tree_hash(full_tile(conn, level - 1, index))) for index in range(first, end)])
+        level += 1
+
+
+def stored_hashes(conn, level, start, end):
+    """The stored hashes at tile level `level` (tree height 8·level) with indexes start..end-1 that exist."""
+    if level == 0:
+        rows = conn.execute("SELECT leaf_hash FROM log_entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end))
+    else:
+        rows = conn.execute("SELECT hash FROM log_subtrees WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                            (level, start, end))
+    return [row[0] for row in rows]
+
+
+def full_tile(conn, level, index):
+    hashes = stored_hashes(conn, level, index * TILE_WIDTH, (index + 1) * TILE_WIDTH)
+    if len(hashes) != TILE_WIDTH:
+        raise LogDamaged(f"tile {level}/{index} has {len(hashes)} of {TILE_WIDTH} hashes")
+    return hashes
+
+
+class LogTree:
+    """Subtree hashes of the log, computed from its stored tiles, each tile read once per request."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.tiles = {}
+
+    def tile(self, level, index):
+        if (level, index) not in self.tiles:
+            self.tiles[level, index] = stored_hashes(self.conn, level, index * TILE_WIDTH, (index + 1) * TILE_WIDTH)
+        return self.tiles[level, index]
+
+    def complete_subtree(self, height, index):
+        """The hash of leaves index·2^height … (index+1)·2^height - 1."""
+        level, below = divmod(height, TILE_HEIGHT)
+        first = index << below
+        offset = first % TILE_WIDTH
+        hashes = self.tile(level, first // TILE_WIDTH)[offset:offset + (1 << below)]
+        if len(hashes) != 1 << below:
+            raise LogDamaged(f"the log lacks the hashes of leaves {first << (level * TILE_HEIGHT)} onwards")
+        return tree_hash(hashes)
+
+    def range_hash(self, start, end):
+        """RFC 9162's MTH of leaves start … end-1; every range its proofs need starts aligned."""
+        size = end - start
+        if size == 0:
+            return EMPTY_TREE_HASH
+        if size & (size - 1) == 0:
+            return self.complete_subtree(size.bit_length() - 1, start // size)
+        middle = start + split_point(size)
+        return node_hash(self.range_hash(start, middle), self.range_hash(middle, end))
+
+    def inclusion_proof(self, index, start, end):
+        """RFC 9162 §2.1.3.1 PATH(index, D[start:end])."""
+        if end - start == 1:
+            return []
+        middle = start + split_point(end - start)
+        if index < middle:
+            return self.inclusion_proof(index, start, middle) + [self.range_hash(middle, end)]
+        return self.inclusion_proof(index, middle, end) + [self.range_hash(start, middle)]
+
+    def consistency_proof(self, old_size, start, end, whole=True):
+        """RFC 9162 §2.1.4.1 SUBPROOF(old_size, D[start:end], whole)."""
+        if old_size == end - start:
+            return [] if whole else [self.range_hash(start, end)]
+        middle = start + split_point(end - start)
+        if old_size <= middle - start:
+            return self.consistency_proof(old_size, start, middle, whole) + [self.range_hash(middle, end)]
+        return self.consistency_proof(old_size - (middle - start), middle, end, False) + [self.range_hash(start, middle)]
+
+
+def rows_to_log(conn, first_new_id, upgraded_ids):
+    """The attestation rows a store just inserted (ids above first_new_id - 1) or upgraded, in id order."""
+    rows = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id >= ? ORDER BY attestations.id", (first_new_id,)).fetchall()
+    upgraded = [conn.execute(LOGGED_COLUMNS + "WHERE attestations.id = ?", (attestation_id,)).fetchone()
+                for attestation_id in upgraded_ids]
+    return sorted(upgraded + rows, key=lambda row: row["attestation_id"])
+
+
+def unverified_ids(conn, builder_id, rows):
+    """Ids of stored unverified attestations that these verified rows will upgrade."""
+    ids = []
+    for row in rows:
+        if row[7]:
+            found = conn.execute("SELECT id FROM attestations WHERE output_path = ? AND builder_id = ?"
+                                 " AND output_hash = ? AND verified = 0", (row[2], builder_id, row[3])).fetchone()
+            if found:
+                ids.append(found[0])
+    return ids
+
+
+def freeze_entries(conn, attestation_ids):
+    """Keep the bytes of these attestations' entries: their rows are about to change."""
+    for attestation_id in attestation_ids:
+        row = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id = ?", (attestation_id,)).fetchone()
+        conn.execute("UPDATE log_entries SET entry = ? WHERE attestation_id = ? AND entry IS NULL",
+                     (entry_of_row(row), attestation_id))
+
+
+def log_indexes(conn, builder_id, attestations, appended):
+    """One log index per attestation, in request order: its new entry, else the latest one it has."""
+    index_of = {(row["output_path"], row["output_hash"]): index for row, index in appended}
+    indexes = []
+    for attestation in attestations:
+        key = (attestation["output_path"], attestation["output_hash"])
+        if key not in index_of:
+            index_of[key] = conn.execute(
+                "SELECT MAX(log_entries.idx) FROM attestations JOIN log_entries ON log_entries.attestation_id ="
+                " attestations.id WHERE output_path = ? AND builder_id = ? AND output_hash = ?",
+                (key[0], builder_id, key[1])).fetchone()[0]
+        indexes.append(index_of[key])
+    return indexes
+
+
+def log_existing_attestations(conn):
+    """Migration: append every attestation to the log once, in id order, a slice at a time."""
+    last_id = 0
+    while True:
+        rows = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id > ? ORDER BY attestations.id LIMIT 10000",
+                            (last_id,)).fetchall()
+        if not rows:
+            return
+        append_to_log(conn, rows)
+        last_id = rows[-1]["attestation_id"]
+
+
+
+
+def logged_entries(conn, start, end):
+    """The entries of indexes start … end-1; an entry whose attestation row is gone comes back empty."""
+    rows = conn.execute(
+        "SELECT log_entries.idx, log_entries.entry, attestations.id AS attestation_id, builders.name AS builder,"
+        " derivations.drv_ident, attestations.output_path, attestations.output_hash, attestations.output_sig,"
+        " attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at"
+        " FROM log_entries LEFT JOIN attestations ON attestations.id = log_entries.attestation_id"
+        " LEFT JOIN builders ON builders.id = attestations.builder_id"
+        " LEFT JOIN derivations ON derivations.id = attestations.derivation_id"
+        " WHERE log_entries.idx >= ? AND log_entries.idx < ? ORDER BY log_entries.idx", (start, end))
+    entries = []
+    for row in rows:
+        if row["entry"] is not None:
+            entries.append(row["entry"])
+        elif row["attestation_id"] is None:
+            current_app.logger.error("log entry %d: its attestation row is gone", row["idx"])
+            entries.append(b"")
+        else:
+            entries.append(entry_of_row(row))
+    return entries
+
+
+# ---------------------------------------------------------------- checkpoints and witnesses
+
+def log_key_from_env():
+    return os.environ.get("HASH_COLLECTION_LOG_KEY_FILE")
+
+
+def default_log_key_file(database):
+    """Next to the database, so a server and its log key move together."""
+    return str(Path(database).with_name(Path(database).name + ".log-key"))
+
+
+def log_signer():
+    """The log's signer key, read once per app; created on first use if the file does not exist."""
+    if "log_signer" not in current_app.extensions:
+        current_app.extensions["log_signer"] = load_or_create_log_key(current_app.config["LOG_KEY_FILE"],
+                                                                      current_app.config["LOG_ORIGIN"])
+    return current_app.extensions["log_signer"]
+
+
+def load_or_create_log_key(path, origin):
+    path = Path(path)
+    if not path.exists():
+        signer_text, _verifier = generate_note_key(origin, ED25519_KEY_TYPE)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key_file:
+            key_file.write(signer_text + "\n")
+    if path.stat().st_mode & 0o077:
+        current_app.logger.warning("log key %s is readable by group or others", path)
+    try:
+        return parse_signer_key(path.read_text())
+    except ValueError as error:
+        raise RuntimeError(f"log key {path}: {error}") from None
+
+
+def log_verifier_key():
+    return verifier_key_text(verifier_of_signer(log_signer()))
+
+
+def current_checkpoint(conn):
+    """(size, signed note) of the latest checkpoint; a new one when the log grew and the last is old enough."""
+    latest = conn.execute("SELECT size, note, issued_at FROM log_checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+    if latest and (latest["size"] == log_size(conn) or
+                   time.time() - latest["issued_at"] < current_app.config["CHECKPOINT_INTERVAL"]):
+        return latest["size"], latest["note"]
+    with transaction(conn):
+        size = log_size(conn)
+        note = sign_note(checkpoint_text(current_app.config["LOG_ORIGIN"], size, LogTree(conn).range_hash(0, size)),
+                         log_signer())
+        conn.execute("DELETE FROM log_cosignatures WHERE size = ?", (size,))
+        conn.execute("INSERT OR REPLACE INTO log_checkpoints (size, note, issued_at) VALUES (?, ?, ?)",
+                     (size, note, time.time()))
+    return size, note
+
+
+def cosigned_note(conn, size, note):
+    lines = [row[0] for row in conn.execute("SELECT line FROM log_cosignatures WHERE size = ? ORDER BY witness_key_id",
+                                            (size,))]
+    return note + "".join(lines)
+
+
+def store_cosignature(conn, builder, size, line):
+    """Check a witness's cosignature line against its registered key and checkpoint `size`, and keep it."""
+    checkpoint = conn.execute("SELECT note FROM log_checkpoints WHERE size = ?", (size,)).fetchone()
+    if checkpoint is None:
+        abort(404, f"no checkpoint of size {size}")
+    text, _signatures = split_note(checkpoint["note"])
+    try:
+        ((name, raw),) = split_note(text + "\n" + line)[1]
+    except ValueError:
+        raise BadInput("body: expected one cosignature line '\u2014 <name> <base64>'") from None
+    for key_id, verifier_key in conn.execute("SELECT id, verifier_key FROM witness_keys WHERE builder_id = ?",
+                                             (builder["id"],)):
+        if cosignature_time(text, parse_verifier_key(verifier_key), name, raw) is not None:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO log_cosignatures (size, witness_key_id, line) VALUES (?, ?, ?)",
+                             (size, key_id, line))
+            return
+    raise BadInput(f"body: not a valid cosignature of checkpoint {size} by a witness key registered to "
+                   f"{builder['name']!r}")
+
+
+def size_argument(name, upper):
+    text = request.args.get(name, "")
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", text):
+        raise BadInput(f"{name}: expected a non-negative integer, got {shorten(text)!r}")
+    if int(text) > upper:
+        raise BadInput(f"{name}: {text} is beyond the log, which has {upper} entries")
+    return int(text)
+
+
+def tile_response(body, width):
+    response = Response(body, mimetype="application/octet-stream")
+    response.headers["Cache-Control"] = FULL_TILE_CACHE if width == TILE_WIDTH else PARTIAL_TILE_CACHE
+    return response
+
+
 # ---------------------------------------------------------------- content negotiation
 
 def wants_html():
@@ -1195,6 +1533,13 @@ def report_format():
 #   GET    /diffs/<basename>                          list_diffs
 #   PUT    /diffs/<basename>/<hash A>/<hash B>        put_diff
 #   GET    /diffs/<basename>/<hash A>/<hash B>        show_diff
+#   GET    /log/checkpoint                            log_checkpoint
+#   GET    /log/key                                   log_key
+#   GET    /log/tile/<L>/<N>[.p/<W>]                  log_tile
+#   GET    /log/tile/entries/<N>[.p/<W>]              log_tile
+#   GET    /log/proof/inclusion?index=I&size=N        inclusion_proof
+#   GET    /log/proof/consistency?old=M&size=N        consistency_proof
+#   POST   /log/cosignature?size=N                    post_cosignature
 #
 # Errors: BadInput is 400, DiffTooLarge is 413, HTTPException keeps its status, a database that cannot be written for now is 503;
 # every error body is JSON {"error": "...", "detail": "..."}.
@@ -1216,6 +1561,12 @@ def diff_too_large(error):
 def http_error(error):
     message = error.description if error.code != 413 else "request body too large"
     return error_body(message), error.code
+
+
+@routes.app_errorhandler(LogDamaged)
+def log_damaged(error):
+    current_app.logger.error("the log is damaged: %s", error)
+    return error_body(f"the log is damaged: {error}"), 500
 
 
 @routes.app_errorhandler(sqlite3.OperationalError)
@@ -1244,7 +1595,7 @@ def post_attestation(drv_ident):
     builder = require_builder()
     drv_ident = checked("drv_ident", lambda ident: drv_ident_of(f"{STORE_DIR}/{ident}.drv"), drv_ident)
     attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), lambda _item, _where: drv_ident)
-    return jsonify(accepted=store_attestations(get_db(), builder, attestations))
+    return accepted(store_attestations(get_db(), builder, attestations))
 
 
 @routes.post("/attestations")
@@ -1252,7 +1603,11 @@ def post_attestations():
     builder = require_builder()
     with cyclic_gc_paused():
         attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
-        return jsonify(accepted=store_attestations(get_db(), builder, attestations))
+        return accepted(store_attestations(get_db(), builder, attestations))
+
+
+def accepted(log_indexes):
+    return jsonify(accepted=len(log_indexes), log_index=log_indexes)
 
 
 @routes.get("/attestations/by-output/<basename>")
@@ -1507,6 +1862,73 @@ def show_diff(basename, hash_a, hash_b):
                            first_screen="".join(lines[:DIFF_SCREEN_LINES]), rest="".join(lines[DIFF_SCREEN_LINES:]))
 
 
+@routes.get("/log/checkpoint")
+def log_checkpoint():
+    conn = get_db()
+    size, note = current_checkpoint(conn)
+    response = Response(cosigned_note(conn, size, note), mimetype="text/plain")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@routes.get("/log/key")
+def log_key():
+    return Response(log_verifier_key() + "\n", mimetype="text/plain")
+
+
+@routes.get("/log/tile/<path:tile>")
+def log_tile(tile):
+    match = TILE_RE.fullmatch(tile)
+    if not match:
+        abort(404, f"no tile {shorten(tile)!r}: expected tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>]")
+    level, index, width = match.group(1), parse_tile_index(match.group(2)), int(match.group(3) or TILE_WIDTH)
+    if width > TILE_WIDTH:
+        abort(404, f"no tile {tile!r}: a partial tile has 1 to {TILE_WIDTH - 1} entries")
+    conn = get_db()
+    start = index * TILE_WIDTH
+    if level == "entries":
+        entries = logged_entries(conn, start, start + width)
+        if len(entries) != width:
+            abort(404, f"no tile {tile!r}: the log has {log_size(conn)} entries")
+        return tile_response(entry_bundle(entries), width)
+    hashes = stored_hashes(conn, int(level), start, start + width)
+    if len(hashes) != width:
+        abort(404, f"no tile {tile!r}: the log is not that large yet")
+    return tile_response(b"".join(hashes), width)
+
+
+@routes.get("/log/proof/inclusion")
+def inclusion_proof():
+    conn = get_db()
+    size = size_argument("size", log_size(conn))
+    index = size_argument("index", size)
+    if index == size:
+        raise BadInput(f"index: {index} is not in a tree of size {size}")
+    proof = LogTree(conn).inclusion_proof(index, 0, size)
+    (stored_leaf,) = stored_hashes(conn, 0, index, index + 1)
+    (entry,) = logged_entries(conn, index, index + 1)
+    return jsonify(hashes=[base64.b64encode(hash_).decode() for hash_ in proof],
+                   leaf_hash=base64.b64encode(stored_leaf).decode(), entry=base64.b64encode(entry).decode())
+
+
+@routes.get("/log/proof/consistency")
+def consistency_proof():
+    conn = get_db()
+    size = size_argument("size", log_size(conn))
+    old = size_argument("old", size)
+    proof = LogTree(conn).consistency_proof(old, 0, size) if old else []
+    return jsonify(hashes=[base64.b64encode(hash_).decode() for hash_ in proof])
+
+
+@routes.post("/log/cosignature")
+def post_cosignature():
+    builder = require_builder()
+    conn = get_db()
+    size = size_argument("size", log_size(conn))
+    store_cosignature(conn, builder, size, body_text("MAX_ATTESTATION_BYTES", "a cosignature line"))
+    return jsonify(stored=True)
+
+
 # ---------------------------------------------------------------- HTML pages
 # The report page is streamed and its tree markup is built here, not in templates/report.html:
 # see rendered_nodes for why.
@@ -1648,8 +2070,21 @@ def main(argv=None):
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
     parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
+    parser.add_argument("--log-key", default=log_key_from_env(),
+                        help="the transparency log's signer key, created if missing"
+                             " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")
+    parser.add_argument("--log-origin", default=log_origin_from_env(),
+                        help="the log's origin line (default: $HASH_COLLECTION_LOG_ORIGIN or this host's name)")
+    parser.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_INTERVAL,
+                        help="seconds between checkpoints while entries arrive, the maximum merge delay"
+                             " (default: %(default)s)")
     args = parser.parse_args(argv)
-    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
+    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
+                      "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
+                      "CHECKPOINT_INTERVAL": args.checkpoint_interval})
+    with app.app_context():
+        print(f"transparency log key {app.config['LOG_KEY_FILE']}; give builders its verifier key:"
+              f" {log_verifier_key()}", flush=True)
     limit_malloc_arenas()
     from waitress import serve
     print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)

@@ -258,7 +258,7 @@ def test_root_delivers_the_build_users_good_submissions_and_writes_nothing_of_th
     assert "1 delivered, 7 set aside" in flushed.stdout
     for name in ("2-empty-object", "3-list", "4-bad-utf8", "5-fifo", "6-zero", "7-oversized", "8-climbing"):
         assert f"{name}.json" in flushed.stderr
-    assert set(os.listdir(tmp_path / "spool")) <= {"tmp", "build-user-spool.ledger"}
+    assert set(os.listdir(tmp_path / "spool")) <= {"tmp", "log", "build-user-spool.ledger"}  # log: the indexes audit checks
 
 
 def test_root_sends_each_build_user_file_once(nix, server, shared_directory, tmp_path):
@@ -463,3 +463,20 @@ def test_challenge_report_passes_no_server_string_to_nix_as_an_option(loopback, 
 def test_drv_ident_with_a_question_mark_is_quoted_in_the_url():
     url = post_build_hook.attestation_url("http://server", f"{digest('q')}-a?b=c+d")
     assert url.endswith("-a%3Fb%3Dc%2Bd") and drv_ident_of(f"/nix/store/{digest('q')}-a?b=c+d.drv")
+
+
+def test_a_log_link_left_in_the_old_shared_spool_cannot_steer_where_root_writes(server, prebuilt, tmp_path):
+    """The hook records log indexes under <spool>/log; a build user could have planted that as a link before."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    spool, outside = tmp_path / "spool", tmp_path / "outside"
+    spool.mkdir(mode=0o700)
+    outside.mkdir()
+    (spool / "log").symlink_to(outside)
+    drv_path, out_path = prebuilt
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path})
+    assert ran.returncode == 0
+    assert "refusing to use the spool" in ran.stderr
+    assert list(outside.iterdir()) == []
