@@ -60,7 +60,6 @@ CREATE TABLE reports (
     name TEXT NOT NULL UNIQUE,
     owner_id INTEGER REFERENCES builders(id),
     root TEXT NOT NULL,
-    sbom BLOB NOT NULL,
     -- The dependency tree in display order, as compact JSON rows, so views never re-parse the SBOM.
     tree TEXT NOT NULL,
     created_at TEXT NOT NULL
@@ -82,6 +81,15 @@ CREATE TABLE report_paths (
     output TEXT,
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
+
+-- The SBOM as uploaded, in pieces of a few MiB: each piece is written in its own
+-- transaction, so storing a large SBOM never holds the write lock for long.
+CREATE TABLE report_sbom_pieces (
+    report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    piece BLOB NOT NULL,
+    PRIMARY KEY (report_id, seq)
+);
 
 -- owner_id is the builder who made the pattern; NULL for patterns made before
 -- version 2, which only admins may change.

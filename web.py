@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import heapq
 from html import escape as escape_html
 import itertools
 import json
@@ -15,6 +16,8 @@ import os
 import random
 import re
 import socket
+import resource
+import secrets
 import sqlite3
 import sys
 import threading
@@ -23,6 +26,7 @@ import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
@@ -83,6 +87,42 @@ def signatures_required_by_env():
     return os.environ.get("HASH_COLLECTION_REQUIRE_SIGNATURES", "") not in ("", "0")
 
 
+def whole_number_from_env(name, default):
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return positive_whole_number(raw)
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"{name}: {error}") from None
+
+
+def positive_whole_number(text):
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+# Settings with an environment variable and a command-line option of the same name:
+# {config key: (environment variable, default)}.
+SERVER_LIMITS = {
+    # A full NixOS system closure has 5,000 to 50,000 paths; tens of times that is still a report.
+    "MAX_REPORT_PATHS": ("HASH_COLLECTION_MAX_REPORT_PATHS", 500_000),
+    # Real closures have 5 to 15 references per path.
+    "MAX_REPORT_EDGES": ("HASH_COLLECTION_MAX_REPORT_EDGES", 5_000_000),
+    # Each report upload being parsed holds memory in proportion to its SBOM.
+    "MAX_REPORT_UPLOADS": ("HASH_COLLECTION_MAX_REPORT_UPLOADS", 2),
+    # Waitress answers nobody once this many connections are open, idle ones included.
+    "CONNECTION_LIMIT": ("HASH_COLLECTION_CONNECTION_LIMIT", 1000),
+    # Seconds before waitress closes a connection that sends nothing.
+    "CHANNEL_TIMEOUT": ("HASH_COLLECTION_CHANNEL_TIMEOUT", 30),
+}
+
+
+def limits_from_env():
+    return {key: whole_number_from_env(variable, default) for key, (variable, default) in SERVER_LIMITS.items()}
+
+
 def create_app(config=None):
     app = Flask(__name__)
     app.config.from_mapping(
@@ -95,9 +135,13 @@ def create_app(config=None):
         JSON_SORT_KEYS=False,
         LOG_ORIGIN=log_origin_from_env(),
         CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
+        **limits_from_env(),
     )
     app.config.update(config or {})
     app.config.setdefault("LOG_KEY_FILE", log_key_from_env() or default_log_key_file(app.config["DATABASE"]))
+    app.extensions["report_uploads"] = threading.BoundedSemaphore(app.config["MAX_REPORT_UPLOADS"])
+    app.extensions["unpublished_reports"] = UnpublishedReports()
+    app.extensions["index_counts"] = IndexCounts()
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
@@ -172,25 +216,53 @@ def init_db():
         raise RuntimeError(f"database {current_app.config['DATABASE']} has an unknown schema version")
 
 
+# Writers of this process queue on a Python lock before SQLite's: SQLite's busy handler polls with
+# growing sleeps, so a request waiting for the write lock could miss every short gap between the
+# chunks of a large report upload, for seconds.
+process_write_lock = threading.Lock()
+WRITE_LOCK_TIMEOUT_S = 30
+
+
 class transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, so a write is all or nothing."""
 
     def __init__(self, conn):
         self.conn = conn
+        self.outermost = False
 
     def __enter__(self):
-        if not self.conn.in_transaction:
+        self.outermost = not self.conn.in_transaction
+        if not self.outermost:
+            return self.conn
+        if not process_write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT_S):
+            raise sqlite3.OperationalError(f"database is locked: no write turn within {WRITE_LOCK_TIMEOUT_S} s")
+        try:
             self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            process_write_lock.release()
+            raise
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        if not self.conn.in_transaction:
+        if not self.outermost:
             return False
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            process_write_lock.release()
         return False
+
+
+@contextlib.contextmanager
+def read_snapshot(conn):
+    """One read transaction: every query in it sees the database as the first one did, so a
+    report that is replaced or removed meanwhile (a chunk at a time) is still seen whole."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager
@@ -348,7 +420,18 @@ CREATE TABLE log_cosignatures (
 """
 
 
-MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4)]
+def migrate_to_5(conn):
+    """A report's SBOM is stored in pieces, written one per transaction, not as one blob."""
+    conn.execute("""CREATE TABLE report_sbom_pieces (
+               report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+               seq INTEGER NOT NULL,
+               piece BLOB NOT NULL,
+               PRIMARY KEY (report_id, seq))""")
+    conn.execute("""INSERT INTO report_sbom_pieces (report_id, seq, piece) SELECT id, 0, sbom FROM reports""")
+    conn.execute("""ALTER TABLE reports DROP COLUMN sbom""")
+
+
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -439,9 +522,15 @@ def body_text(limit_key, expected):
 
 def parsed_json(text):
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=give_other_threads_a_turn)
     except (ValueError, RecursionError) as error:
         raise BadInput(f"body is not JSON: {shorten(str(error), 120)}") from None
+
+
+def give_other_threads_a_turn(json_object):
+    """Returned unchanged. json.loads alone holds the interpreter for the whole parse (0.7 s for a
+    64 MiB SBOM); a call into Python for each object lets the other request threads run meanwhile."""
+    return json_object
 
 
 def json_body(limit_key):
@@ -569,7 +658,9 @@ def store_attestations(conn, builder, attestations):
             " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
         logged = rows_to_log(conn, first_new_id, upgraded_ids)
-        return log_indexes(conn, builder["id"], attestations, zip(logged, append_to_log(conn, logged)))
+        indexes = log_indexes(conn, builder["id"], attestations, zip(logged, append_to_log(conn, logged)))
+    current_app.extensions["index_counts"].note_attested(row[2] for row in rows)
+    return indexes
 
 
 ATTESTATION_COLUMNS = (
@@ -640,11 +731,24 @@ def verdict_counts(verdicts):
 
 # ---------------------------------------------------------------- SBOM parsing
 
-def parse_sbom(sbom):
-    """Map a CycloneDX SBOM of any producer's shape to components and a display tree.
+class ReportTooLarge(BadInput):
+    """An SBOM beyond this server's limits on a report's size; the message names the limit."""
 
-    Returns (root, components, tree): components are dicts with name, drv_path
-    and outputs [(out_path, output)]; tree holds the rows of display_tree.
+
+class SbomContents(NamedTuple):
+    """What a report keeps of its SBOM: columns by component index, not an object per component,
+    so that a million-path SBOM costs one tuple per store path."""
+    root: str
+    names: list
+    drv_paths: list
+    paths: list  # (out_path, component index, output name)
+    tree_json: str
+
+
+def parse_sbom(sbom, max_paths, max_edges):
+    """Map a CycloneDX SBOM of any producer's shape to its components, store paths and display tree.
+
+    The SBOM's objects are released as they are read, so a large SBOM is never held twice.
     """
     if not isinstance(sbom, dict) or sbom.get("bomFormat") != "CycloneDX":
         raise BadInput("body is not a CycloneDX SBOM: expected a JSON object with \"bomFormat\": \"CycloneDX\"")
@@ -655,20 +759,50 @@ def parse_sbom(sbom):
     raw_components = sbom.get("components") or []
     if not isinstance(raw_components, list):
         raise BadInput("SBOM components: expected a list")
-    index_of_ref, components = {}, []
-    for raw in [root_component, *raw_components]:
-        if not isinstance(raw, dict) or not isinstance(raw.get("bom-ref"), str):
-            continue
-        if raw["bom-ref"] in index_of_ref:
-            continue
-        index_of_ref[raw["bom-ref"]] = len(components)
-        components.append(component_of(raw))
-    if not any(component["outputs"] for component in components):
+    index_of_ref, names, drv_paths, paths = read_components(root_component, raw_components, max_paths)
+    if not paths:
         raise BadInput("SBOM yields no store path: no component has a /nix/store output path")
-    children = dependency_children(sbom.get("dependencies"), index_of_ref)
-    tree = display_tree(len(components), children)
-    root = components[0]["outputs"][0][0] if components[0]["outputs"] else root_component["bom-ref"]
-    return root, components, tree
+    root = paths[0][0] if paths[0][1] == 0 else root_component["bom-ref"]
+    dependencies = sbom.get("dependencies")
+    children = dependency_children(dependencies if isinstance(dependencies, list) else [], index_of_ref, max_edges)
+    del index_of_ref
+    return SbomContents(root, names, drv_paths, paths, tree_json(display_tree(len(names), children)))
+
+
+def read_components(root_component, raw_components, max_paths):
+    """({bom-ref: index}, names, drv_paths, [(out_path, index, output)]); the root is index 0."""
+    index_of_ref, names, drv_paths, paths = {}, [], [], []
+    for raw in itertools.chain([root_component], released(raw_components)):
+        if not isinstance(raw, dict) or not isinstance(raw.get("bom-ref"), str) or raw["bom-ref"] in index_of_ref:
+            continue
+        index = len(names)
+        if index == max_paths:
+            raise ReportTooLarge(f"SBOM: more than {max_paths} components; this server's limit is {max_paths}"
+                                 " components and store paths per report (--max-report-paths)")
+        index_of_ref[raw["bom-ref"]] = index
+        name, drv_path, outputs = component_of(raw)
+        names.append(name)
+        drv_paths.append(drv_path)
+        paths.extend((out_path, index, output) for out_path, output in outputs)
+        if len(paths) > max_paths:
+            raise ReportTooLarge(f"SBOM: more than {max_paths} store paths; this server's limit is {max_paths}"
+                                 " components and store paths per report (--max-report-paths)")
+    return index_of_ref, names, drv_paths, paths
+
+
+def released(items):
+    """Each item of a list, dropped from the list once read, so its memory goes as the next is built."""
+    for position, item in enumerate(items):
+        items[position] = None
+        yield item
+
+
+def release_in_slices(*lists, slice_length=10_000):
+    """Empty the lists from the end a slice at a time: freeing a million tuples in one go
+    holds the interpreter, and so every other request, for a second."""
+    for items in lists:
+        while items:
+            del items[-slice_length:]
 
 
 def properties_of(raw):
@@ -684,6 +818,7 @@ def properties_of(raw):
 
 
 def component_of(raw):
+    """(name, drv_path, [(out_path, output)]) of one SBOM component."""
     ref = raw["bom-ref"]
     properties = properties_of(raw)
     drv_path = properties.get("nix:drv_path", [None])[0]
@@ -699,7 +834,7 @@ def component_of(raw):
     outputs = [(path, output_names[0] if len(out_paths) == 1 and output_names else output_name(path, drv_path))
                for path in out_paths]
     name = raw.get("name") if isinstance(raw.get("name"), str) else None
-    return {"name": name, "drv_path": drv_path, "outputs": outputs}
+    return name, drv_path, outputs
 
 
 def output_name(out_path, drv_path):
@@ -715,58 +850,89 @@ def output_name(out_path, drv_path):
     return None
 
 
-def dependency_children(dependencies, index_of_ref):
-    """{component index: [child indices]}; refs that match no component are dropped."""
-    children = {}
+def dependency_children(dependencies, index_of_ref, max_edges):
+    """{component index: {child index: None}}, each child once; refs that match no component are dropped.
+
+    A child listed many times is one edge: the limit counts distinct edges.
+    """
+    children, edges = {}, 0
     index_of = index_of_ref.get
-    for dependency in dependencies if isinstance(dependencies, list) else ():
+    for dependency in released(dependencies):
         if not isinstance(dependency, dict) or type(dependency.get("ref")) is not str:
             continue
         parent = index_of(dependency["ref"])
         depends_on = dependency.get("dependsOn")
         if parent is None or not isinstance(depends_on, list):
             continue
-        # type() rather than isinstance: a ref that is a list or dict cannot be a dict key.
-        kids = [child for ref in depends_on
-                if type(ref) is str and (child := index_of(ref)) is not None and child != parent]
-        children.setdefault(parent, []).extend(kids)
+        kids = children.setdefault(parent, {})
+        for ref in depends_on:
+            # type() rather than isinstance: a ref that is a list or dict cannot be a dict key.
+            child = index_of(ref) if type(ref) is str else None
+            if child is None or child == parent or child in kids:
+                continue
+            kids[child] = None
+            edges += 1
+            if edges > max_edges:
+                raise ReportTooLarge(f"SBOM: more than {max_edges} distinct dependency edges; this server's limit"
+                                     f" is {max_edges} per report (--max-report-edges)")
     return children
 
 
 def display_tree(count, children):
-    """Depth-first rows: [depth, index, 1] for a component shown with its subtree, and
-    [depth, [indices], 0] for children already shown (or cycles), listed as references.
+    """Depth-first rows: (depth, index, 1) for a component shown with its subtree, and
+    (depth, [indices], 0) for children already shown (or cycles), listed as references.
 
     Each component is expanded once, so the tree stays linear in the SBOM's size.
     Components that the root does not reach follow it at depth 0.
     """
-    expanded, rows = set(), []
+    expanded = bytearray(count)
     for top in range(count):
-        if top in expanded:
+        if expanded[top]:
             continue
         stack = [(top, 0)]
         while stack:
             index, depth = stack.pop()
-            if index in expanded:
-                rows.append([depth, [index], 0])
+            if expanded[index]:
+                yield (depth, [index], 0)
                 continue
-            expanded.add(index)
-            rows.append([depth, index, 1])
+            expanded[index] = 1
+            yield (depth, index, 1)
             kids = children.get(index)
             if not kids:
                 continue
-            shown = [child for child in kids if child in expanded]
+            shown = [child for child in kids if expanded[child]]
             if shown:
-                rows.append([depth + 1, shown, 0])
+                yield (depth + 1, shown, 0)
             below = depth + 1
-            stack.extend([(child, below) for child in reversed(kids) if child not in expanded])
-    return rows
+            stack.extend([(child, below) for child in reversed(kids) if not expanded[child]])
+
+
+def tree_json(rows, rows_per_piece=10_000):
+    """The tree rows as one compact JSON list, encoded a piece at a time rather than as a list of all rows."""
+    rows, pieces = iter(rows), []
+    while piece := list(itertools.islice(rows, rows_per_piece)):
+        pieces.append(json.dumps(piece, separators=(",", ":"))[1:-1])
+    return "[" + ",".join(pieces) + "]"
 
 
 # ---------------------------------------------------------------- reports
+# A report is written under an unpublished name, a chunk of rows per transaction, and published by
+# renaming it in one short transaction: attestation writers wait for one chunk at most, never for a
+# whole report, and no reader ever sees half of one. Report names cannot start with '.', so no URL
+# reaches an unpublished report: ".writing-…" is an upload under way, ".replaced-…" and ".deleted-…"
+# are old versions being removed. A process that dies leaves them behind; the next start or upload
+# removes them.
+
+UNPUBLISHED_PREFIX = "."
+ROWS_PER_TRANSACTION = 10_000
+SBOM_CHARS_PER_PIECE = 4 * MiB
+UPLOAD_RETRY_AFTER_S = 10
+
 
 def find_report(conn, name):
-    report = conn.execute("SELECT id, name, owner_id, root, created_at FROM reports WHERE name = ?", (name,)).fetchone()
+    report = None
+    if not name.startswith(UNPUBLISHED_PREFIX):
+        report = conn.execute("SELECT id, name, owner_id, root, created_at FROM reports WHERE name = ?", (name,)).fetchone()
     if report is None:
         abort(404, f"no report named {shorten(name)!r}")
     return report
@@ -777,31 +943,216 @@ def check_report_name(name):
         raise BadInput(f"report name: expected 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got {shorten(name)!r}")
 
 
-def replace_report(conn, name, owner, raw_sbom, root, components, tree):
-    paths = sorted((out_path, index, output) for index, component in enumerate(components)
-                   for out_path, output in component["outputs"])
+def check_may_change_report(report, builder):
+    if report["owner_id"] is not None and report["owner_id"] != builder["id"] and not builder["is_admin"]:
+        abort(403, "only the builder that defined this report, or an admin, may change it")
+
+
+def check_may_define_report(conn, name, builder):
+    """Refuse before the upload is parsed; publish_report checks again, as the owner may change meanwhile."""
+    existing = conn.execute("SELECT owner_id FROM reports WHERE name = ?", (name,)).fetchone()
+    if existing is not None:
+        check_may_change_report(existing, builder)
+
+
+class UploadsBusy(Exception):
+    """Every report upload slot is taken."""
+
+
+@contextlib.contextmanager
+def report_upload_slot():
+    """At most MAX_REPORT_UPLOADS uploads are parsed and written at once: each holds memory in
+    proportion to its SBOM, so more would grow the server without bound. The next one is told to retry."""
+    slots = current_app.extensions["report_uploads"]
+    if not slots.acquire(blocking=False):
+        raise UploadsBusy(f"{current_app.config['MAX_REPORT_UPLOADS']} report uploads are already being processed;"
+                          f" retry in {UPLOAD_RETRY_AFTER_S} seconds")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+class UnpublishedReports:
+    """The unpublished report names this process is writing or removing, which no one else may remove."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.in_use = set()
+
+    @contextlib.contextmanager
+    def using(self, *names):
+        with self.lock:
+            self.in_use.update(names)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_use.difference_update(names)
+
+    def abandoned(self, conn):
+        names = [row[0] for row in conn.execute("SELECT name FROM reports WHERE name LIKE ?", (UNPUBLISHED_PREFIX + "%",))]
+        with self.lock:
+            return [name for name in names if name not in self.in_use]
+
+
+def unpublished_name(state):
+    return f"{UNPUBLISHED_PREFIX}{state}-{secrets.token_hex(8)}"
+
+
+def remove_abandoned_reports(conn):
+    unpublished = current_app.extensions["unpublished_reports"]
+    for name in unpublished.abandoned(conn):
+        with unpublished.using(name):
+            remove_report(conn, name)
+
+
+def define_report(conn, name, owner, sbom_text, contents):
+    unpublished = current_app.extensions["unpublished_reports"]
+    staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
+    with unpublished.using(staging, replaced):
+        try:
+            write_unpublished_report(conn, staging, owner, sbom_text, contents)
+            publish_report(conn, staging, name, owner, replaced)
+        except BaseException:
+            remove_report_if_possible(conn, staging)
+            raise
+        remove_report(conn, replaced)
+
+
+def write_unpublished_report(conn, staging, owner, sbom_text, contents):
+    with transaction(conn):
+        report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, created_at) VALUES (?, ?, ?, ?, ?)",
+                                 (staging, owner["id"], contents.root, contents.tree_json, now_iso())).lastrowid
+    write_sbom(conn, report_id, sbom_text)
+    with cache_for(conn, len(contents.paths)):
+        insert_in_chunks(conn, "INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, ?)",
+                         ((report_id, index, name, drv_path)
+                          for index, (name, drv_path) in enumerate(zip(contents.names, contents.drv_paths))))
+        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output)"
+                         " VALUES (?, ?, ?, ?)", ((report_id, *row) for row in sorted_in_runs(contents.paths)))
+
+
+def write_sbom(conn, report_id, sbom_text):
+    """The SBOM's bytes, a piece per transaction: one blob of tens of MiB would hold the write lock for seconds."""
+    for seq, start in enumerate(range(0, len(sbom_text), SBOM_CHARS_PER_PIECE)):
+        piece = sbom_text[start:start + SBOM_CHARS_PER_PIECE].encode()
+        with transaction(conn):
+            conn.execute("INSERT INTO report_sbom_pieces (report_id, seq, piece) VALUES (?, ?, ?)", (report_id, seq, piece))
+
+
+def sbom_pieces(conn, report_id):
+    return [row[0] for row in conn.execute("SELECT piece FROM report_sbom_pieces WHERE report_id = ? ORDER BY seq",
+                                           (report_id,))]
+
+
+def insert_in_chunks(conn, sql, rows):
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, ROWS_PER_TRANSACTION)):
+        with transaction(conn):
+            conn.executemany(sql, chunk)
+
+
+def sorted_in_runs(rows, run_length=50_000):
+    """The rows in order, for index-friendly inserts. Sorted a run at a time and merged lazily:
+    one sort of a million rows would hold the interpreter, and so every other request, for seconds."""
+    starts = range(0, len(rows), run_length)
+    for start in starts:
+        rows[start:start + run_length] = sorted(rows[start:start + run_length])
+    return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts))
+
+
+def publish_report(conn, staging, name, owner, replaced):
+    """Give the written report its name in one short transaction; the version it replaces is renamed to `replaced`."""
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
         if existing is not None:
             check_may_change_report(existing, owner)
-            conn.execute("DELETE FROM reports WHERE id = ?", (existing["id"],))
-        report_id = conn.execute(
-            "INSERT INTO reports (name, owner_id, root, sbom, tree, created_at) VALUES (?, ?, ?, zeroblob(?), ?, ?)",
-            (name, owner["id"], root, len(raw_sbom), json.dumps(tree, separators=(",", ":")), now_iso())).lastrowid
-        # Written in place: binding the SBOM as a parameter would make SQLite copy all of it first.
-        with conn.blobopen("reports", "sbom", report_id) as blob:
-            blob.write(raw_sbom)
-        conn.executemany("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, ?)",
-                         ((report_id, index, component["name"], component["drv_path"])
-                          for index, component in enumerate(components)))
-        conn.executemany("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output) VALUES (?, ?, ?, ?)",
-                         ((report_id, out_path, index, output) for out_path, index, output in paths))
-    return report_id
+            conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
+        conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE name = ?", (name, now_iso(), staging))
 
 
-def check_may_change_report(report, builder):
-    if report["owner_id"] is not None and report["owner_id"] != builder["id"] and not builder["is_admin"]:
-        abort(403, "only the builder that defined this report, or an admin, may change it")
+def remove_report(conn, name):
+    """Delete a report a chunk of rows per transaction, so writers wait for one chunk at most."""
+    report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
+    if report is None:
+        return
+    for table, key, per_transaction in (("report_sbom_pieces", "seq", 1), ("report_paths", "out_path", ROWS_PER_TRANSACTION),
+                                        ("report_components", "idx", ROWS_PER_TRANSACTION)):
+        deleted = per_transaction
+        while deleted == per_transaction:
+            with transaction(conn):
+                deleted = conn.execute(
+                    f"DELETE FROM {table} WHERE report_id = ? AND {key} IN"
+                    f" (SELECT {key} FROM {table} WHERE report_id = ? LIMIT ?)",
+                    (report["id"], report["id"], per_transaction)).rowcount
+    with transaction(conn):
+        conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
+
+
+def remove_report_if_possible(conn, name):
+    """After a failed upload: what cannot be removed now (the database is failing) goes at the next start or upload."""
+    try:
+        remove_report(conn, name)
+    except sqlite3.Error as error:
+        current_app.logger.error("could not remove the unpublished report %s yet: %s", name, error)
+
+
+class IndexCounts:
+    """Verdict counts of each report for the index, recounted only for reports that attestations touched.
+
+    Counting afresh on every view would join every path of every report with its attestations.
+    Writers only note which paths they attested; the next view looks those paths up in each
+    report's primary key and recounts the reports that hold one. Views take turns, so a count
+    computed before an attestation can never overwrite one computed after it.
+    """
+    MAX_NOTED_PATHS = 100_000
+
+    def __init__(self):
+        self.viewing = threading.Lock()
+        self.noting = threading.Lock()
+        self.counts = {}
+        self.attested = set()
+        self.overflowed = False
+
+    def note_attested(self, out_paths):
+        with self.noting:
+            if self.overflowed:
+                return
+            self.attested.update(out_paths)
+            if len(self.attested) > self.MAX_NOTED_PATHS:  # beyond this, recounting everything is cheaper
+                self.attested, self.overflowed = set(), True
+
+    def take_noted(self):
+        with self.noting:
+            noted = None if self.overflowed else self.attested
+            self.attested, self.overflowed = set(), False
+            return noted
+
+    def of_reports(self, conn, report_ids):
+        """{report id: verdict counts} for these reports, the published ones."""
+        with self.viewing:
+            noted = self.take_noted()
+            cached = self.counts.keys() & set(report_ids)
+            stale = cached if noted is None else reports_holding(conn, cached, noted)
+            self.counts = {report_id: self.counts[report_id] for report_id in cached - stale}
+            for report_id in report_ids:
+                if report_id not in self.counts:
+                    self.counts[report_id] = verdict_counts(report_verdicts(conn, report_id))
+            return dict(self.counts)
+
+
+def reports_holding(conn, report_ids, out_paths, per_query=500):
+    """The reports among report_ids that list any of these paths, by primary-key lookups."""
+    out_paths, holding = sorted(out_paths), set()
+    for report_id in report_ids:
+        for start in range(0, len(out_paths), per_query):
+            chunk = out_paths[start:start + per_query]
+            if conn.execute(f"SELECT 1 FROM report_paths WHERE report_id = ? AND out_path IN ({','.join('?' * len(chunk))})"
+                            " LIMIT 1", [report_id, *chunk]).fetchone():
+                holding.add(report_id)
+                break
+    return holding
 
 
 def report_components(conn, report_id):
@@ -1541,7 +1892,8 @@ def report_format():
 #   GET    /log/proof/consistency?old=M&size=N        consistency_proof
 #   POST   /log/cosignature?size=N                    post_cosignature
 #
-# Errors: BadInput is 400, DiffTooLarge is 413, HTTPException keeps its status, a database that cannot be written for now is 503;
+# Errors: BadInput is 400, ReportTooLarge and DiffTooLarge 413, HTTPException keeps its status; a database that
+# cannot be written for now, and a report upload while MAX_REPORT_UPLOADS are under way, are 503;
 # every error body is JSON {"error": "...", "detail": "..."}.
 
 routes = Blueprint("routes", __name__)
@@ -1555,6 +1907,16 @@ def bad_input(error):
 @routes.app_errorhandler(DiffTooLarge)
 def diff_too_large(error):
     return error_body(str(error)), 413
+
+
+@routes.app_errorhandler(ReportTooLarge)
+def report_too_large(error):
+    return jsonify(error=str(error)), 413
+
+
+@routes.app_errorhandler(UploadsBusy)
+def uploads_busy(error):
+    return jsonify(error=str(error)), 503, {"Retry-After": str(UPLOAD_RETRY_AFTER_S)}
 
 
 @routes.app_errorhandler(HTTPException)
@@ -1704,12 +2066,14 @@ def builder_narinfo(builder_name, digest):
 @routes.get("/reports")
 def list_reports():
     conn = get_db()
-    rows = conn.execute("SELECT id, name, root FROM reports ORDER BY name").fetchall()
+    rows = conn.execute("SELECT id, name, root FROM reports WHERE name NOT LIKE ? ORDER BY name",
+                        (UNPUBLISHED_PREFIX + "%",)).fetchall()
     if request.path == "/reports" and not wants_html():
         return jsonify([row["name"] for row in rows])
+    counts_of = current_app.extensions["index_counts"].of_reports(conn, [row["id"] for row in rows])
     reports = []
     for row in rows:
-        counts = verdict_counts(report_verdicts(conn, row["id"]))
+        counts = counts_of[row["id"]]
         total = sum(counts.values())
         reports.append({"name": row["name"], "root": row["root"], "total": total,
                         "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
@@ -1720,19 +2084,22 @@ def list_reports():
 def put_report(name):
     builder = require_builder()
     check_report_name(name)
-    # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
-    # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
-    text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM")
-    with cyclic_gc_paused():
-        sbom = parsed_json(text)
-        parsed = parse_sbom(sbom)
-        del sbom  # the parsed SBOM is the largest object of the request; free it before writing
-    raw_sbom = text.encode()
-    del text
-    try:
-        replace_report(get_db(), name, builder, raw_sbom, *parsed)
-    except UnicodeEncodeError:
-        raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
+    conn = get_db()
+    with report_upload_slot():
+        check_may_define_report(conn, name, builder)
+        remove_abandoned_reports(conn)
+        # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
+        # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
+        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM")
+        with cyclic_gc_paused():
+            contents = parse_sbom(parsed_json(text), current_app.config["MAX_REPORT_PATHS"],
+                                  current_app.config["MAX_REPORT_EDGES"])
+            try:
+                define_report(conn, name, builder, text, contents)
+            except UnicodeEncodeError:
+                raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
+            finally:
+                release_in_slices(contents.paths, contents.names, contents.drv_paths)
     return jsonify(report=name, status="defined")
 
 
@@ -1740,59 +2107,66 @@ def put_report(name):
 def delete_report(name):
     builder = require_builder()
     conn = get_db()
-    with transaction(conn):
-        report = find_report(conn, name)
-        check_may_change_report(report, builder)
-        conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
+    unpublished = current_app.extensions["unpublished_reports"]
+    deleted = unpublished_name("deleted")
+    with unpublished.using(deleted):
+        with transaction(conn):
+            report = find_report(conn, name)
+            check_may_change_report(report, builder)
+            conn.execute("UPDATE reports SET name = ? WHERE id = ?", (deleted, report["id"]))
+        remove_report(conn, deleted)
     return jsonify(report=name, status="deleted")
 
 
 @routes.get("/reports/<name>")
 def show_report(name):
     conn = get_db()
-    report = find_report(conn, name)
     wanted = report_format()
-    if wanted == CYCLONEDX_TYPE:
-        sbom = conn.execute("SELECT sbom FROM reports WHERE id = ?", (report["id"],)).fetchone()[0]
-        return Response(sbom, mimetype=CYCLONEDX_TYPE)
-    with cyclic_gc_paused():
-        verdicts = report_verdicts(conn, report["id"])
-        if wanted == "application/json":
-            return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts,
-                           diffs=report_diffs(conn, report["id"]))
-        components = report_components(conn, report["id"])
-        tree = report_tree(conn, report["id"])
-    if wanted == "text/plain":
-        return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
-    return report_page(conn, report, components, tree, verdicts)
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        if wanted == CYCLONEDX_TYPE:
+            return Response(sbom_pieces(conn, report["id"]), mimetype=CYCLONEDX_TYPE)
+        with cyclic_gc_paused():
+            verdicts = report_verdicts(conn, report["id"])
+            if wanted == "application/json":
+                return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts,
+                               diffs=report_diffs(conn, report["id"]))
+            components = report_components(conn, report["id"])
+            tree = report_tree(conn, report["id"])
+        if wanted == "text/plain":
+            return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
+        return report_page(conn, report, components, tree, verdicts)
 
 
 @routes.get("/reports/<name>/suggested")
 def suggested(name):
     conn = get_db()
     builder = optional_builder()
-    report = find_report(conn, name)
-    return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
 
 
 @routes.get("/reports/<name>/suggest")
 def suggest(name):
     conn = get_db()
     builder = optional_builder()
-    report = find_report(conn, name)
-    return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
 
 
 @routes.get("/reports/<name>/pending")
 def pending(name):
     conn = get_db()
     builder = optional_builder()
-    report = find_report(conn, name)
     after = request.args.get("after") or None
     limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
-    out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
-    next_after = out_paths[-1] if len(out_paths) == limit else None
-    return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
+        next_after = out_paths[-1] if len(out_paths) == limit else None
+        return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
 
 
 @routes.get("/link_patterns")
@@ -2061,6 +2435,25 @@ def release_freed_memory(response):
 
 
 def main(argv=None):
+    args = parse_arguments(argv)
+    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
+                      "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
+                      "CHECKPOINT_INTERVAL": args.checkpoint_interval,
+                      **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
+    check_file_descriptors(args.connection_limit)
+    with app.app_context():
+        # No upload is under way in a server that is just starting: whatever is unpublished was abandoned.
+        remove_abandoned_reports(get_db())
+        print(f"transparency log key {app.config['LOG_KEY_FILE']}; give builders its verifier key:"
+              f" {log_verifier_key()}", flush=True)
+    limit_malloc_arenas()
+    from waitress import serve
+    print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
+    serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB,
+          connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
+
+
+def parse_arguments(argv):
     parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
@@ -2078,17 +2471,30 @@ def main(argv=None):
     parser.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_INTERVAL,
                         help="seconds between checkpoints while entries arrive, the maximum merge delay"
                              " (default: %(default)s)")
-    args = parser.parse_args(argv)
-    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
-                      "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
-                      "CHECKPOINT_INTERVAL": args.checkpoint_interval})
-    with app.app_context():
-        print(f"transparency log key {app.config['LOG_KEY_FILE']}; give builders its verifier key:"
-              f" {log_verifier_key()}", flush=True)
-    limit_malloc_arenas()
-    from waitress import serve
-    print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
-    serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)
+    limits = limits_from_env()
+    for key, what in (("MAX_REPORT_PATHS", "components and store paths per report; more is refused with 413"),
+                      ("MAX_REPORT_EDGES", "distinct dependency edges per report; more is refused with 413"),
+                      ("MAX_REPORT_UPLOADS", "report uploads processed at once; the next gets 503 and Retry-After"),
+                      ("CONNECTION_LIMIT", "open connections, idle ones included, before waitress stops accepting"),
+                      ("CHANNEL_TIMEOUT", "seconds before a connection that sends nothing is closed")):
+        parser.add_argument("--" + key.lower().replace("_", "-"), type=positive_whole_number, default=limits[key],
+                            help=f"{what} (default: ${SERVER_LIMITS[key][0]} or {SERVER_LIMITS[key][1]})")
+    return parser.parse_args(argv)
+
+
+FILE_DESCRIPTORS_BESIDES_CONNECTIONS = 64  # database, WAL, logs, waitress's own sockets and request bodies
+
+
+def check_file_descriptors(connection_limit):
+    """Raise the open-file limit to what the connection limit needs, or refuse to start:
+    out of descriptors, waitress would fail on accept and sqlite on open, for everyone."""
+    needed = connection_limit + FILE_DESCRIPTORS_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise SystemExit(f"--connection-limit {connection_limit} needs {needed} open files, but the hard limit is"
+                             f" {hard}: lower --connection-limit or raise the limit (LimitNOFILE= in systemd, ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 if __name__ == "__main__":

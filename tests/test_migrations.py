@@ -177,3 +177,21 @@ def test_restarting_a_migrated_server_changes_nothing(migrated):
     server.restart()
     with sqlite3.connect(server.db) as conn:
         assert list(conn.iterdump()) == before
+
+
+def test_existing_attestations_enter_the_transparency_log_once_in_id_order(migrated):
+    server, _rows = migrated
+    with sqlite3.connect(server.db) as conn:
+        in_id_order = [path for (path,) in conn.execute("SELECT output_path FROM attestations ORDER BY id")]
+    bundle = requests.get(f"{server.url}/log/tile/entries/000.p/{len(in_id_order)}", timeout=TIMEOUT)
+    assert bundle.status_code == 200
+    logged = [line.split()[1] for line in bundle.content.decode(errors="replace").split("\n") if line.startswith("output ")]
+    assert logged == in_id_order
+    beyond = requests.get(f"{server.url}/log/tile/entries/000.p/{len(in_id_order) + 1}", timeout=TIMEOUT)
+    assert beyond.status_code == 404
+
+
+def test_a_report_keeps_its_sbom_byte_for_byte(migrated):
+    server, _rows = migrated
+    sbom = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/vnd.cyclonedx+json"}, timeout=TIMEOUT)
+    assert sbom.content == b'{"bomFormat": "CycloneDX"}'

@@ -11,7 +11,6 @@ import time
 import pytest
 import requests
 
-import web
 from post_build_hook import (COSIGNATURE_KEY_TYPE, Spool, fingerprint, leaf_hash, log_entry, new_submission,
                              node_hash, parse_verifier_key, root_from_inclusion_proof, sign_fingerprint, split_note,
                              tile_path, tree_hash)
@@ -182,27 +181,6 @@ def test_full_tiles_are_cacheable_forever_and_partial_ones_briefly(start_server)
     assert len(partial.content) == 44 * 32 and "immutable" not in partial.headers["Cache-Control"]
     assert requests.get(server.url + "/log/tile/1/000.p/1", timeout=5).content == tree_hash(
         [full.content[offset:offset + 32] for offset in range(0, 8192, 32)])
-
-
-LOG_VERSION = next(version for version, migrate in web.MIGRATIONS if migrate is web.migrate_to_4)
-
-
-def test_migration_logs_existing_attestations_once_in_id_order(tmp_path, start_server):
-    db = tmp_path / "old.db"
-    server = start_server(db=db)
-    token = server.create_user("alice")
-    batch = items(3)
-    post(server, token, batch)
-    server.stop()
-    tamper(server, "DROP TABLE log_cosignatures", "DROP TABLE witness_keys", "DROP TABLE log_checkpoints",
-           "DROP TABLE log_subtrees", "DROP TABLE log_entries", f"PRAGMA user_version = {LOG_VERSION - 1}")
-    server.start()
-    bundle = requests.get(server.url + "/log/tile/entries/000.p/3", timeout=5).content
-    with sqlite3.connect(db) as conn:
-        in_id_order = [row[0] for row in conn.execute("SELECT output_path FROM attestations ORDER BY id")]
-    assert [line.split()[1] for line in bundle.decode(errors="replace").split("\n") if line.startswith("output ")] == \
-        in_id_order
-    assert requests.get(server.url + "/log/tile/entries/000.p/4", timeout=5).status_code == 404
 
 
 # ---------------------------------------------------------------- Go's reference implementation
