@@ -708,16 +708,7 @@ def running_as():
 
 
 def timeout_of(env):
-    text = env.get("HASH_COLLECTION_TIMEOUT", "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"HASH_COLLECTION_TIMEOUT must be a positive number of seconds, got {text!r}")
-    return seconds
+    return positive_setting(env, "HASH_COLLECTION_TIMEOUT", DEFAULT_TIMEOUT, "seconds")
 
 
 def spool_directory(env):
@@ -866,6 +857,7 @@ def diff_limits_of(env):
 
 
 def positive_setting(env, name, default, unit):
+    """A positive number from the environment, the default when unset; ConfigError naming it otherwise."""
     text = env.get(name, "").strip()
     if not text:
         return default
