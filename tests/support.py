@@ -215,9 +215,18 @@ def token_file_settings(settings, readable_dir):
     token_file = Path(readable_dir) / "token"
     token_file.write_text(settings["HASH_COLLECTION_TOKEN"])
     token_file.chmod(0o644)
-    spool = Path(readable_dir) / "build-user-spool"
+    spool = build_user_spool(Path(readable_dir) / "build-user-spool")
     return {**{name: value for name, value in settings.items() if name != "HASH_COLLECTION_TOKEN"},
             "HASH_COLLECTION_TOKEN_FILE": token_file, "HASH_COLLECTION_SPOOL": spool}
+
+
+def build_user_spool(path):
+    """The diff hook's spool as module.nix and install-hook.sh make it: root:nixbld, 2770."""
+    import grp
+    path.mkdir(exist_ok=True)
+    os.chown(path, 0, grp.getgrnam("nixbld").gr_gid)
+    path.chmod(0o2770)
+    return path
 
 
 def hooks_dir_of(reachable_client):
