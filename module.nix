@@ -27,7 +27,7 @@ let
   exportLine = name: value: "export ${name}=${lib.escapeShellArg value}";
   hookScript = name: { tokenFile, secretKeyFile, spool, exports, mode, args ? [ ] }: pkgs.writeShellScript name ''
     ${exportLine "HASH_COLLECTION_SERVER" cfg.collection-url}
-    ${lib.optionalString (tokenFile != null) (exportLine "HASH_COLLECTION_TOKEN_FILE" tokenFile)}
+    ${exportLine "HASH_COLLECTION_TOKEN_FILE" tokenFile}
     ${lib.optionalString (secretKeyFile != null) (exportLine "HASH_COLLECTION_SECRET_KEY_FILE" secretKeyFile)}
     ${exportLine "HASH_COLLECTION_SPOOL" spool}
     ${lib.concatStringsSep "\n" (lib.mapAttrsToList exportLine exports)}
@@ -68,11 +68,12 @@ let
     mode = "flush";
   };
 
-  # The log commands keep their state in ${cfg.spoolDir}/log. audit needs no token; witness
-  # reads the token and its key from files, like the hooks.
+  # The log commands keep their state in ${cfg.spoolDir}/log. audit reads no token, but the
+  # package's wrapper refuses to run without HASH_COLLECTION_TOKEN_FILE; witness reads the token
+  # and its key from files, like the hooks.
   logKeyExport = { HASH_COLLECTION_LOG_KEY = cfg.logKey; };
   auditScript = hookScript "hash-collection-audit" {
-    tokenFile = null;
+    inherit (cfg) tokenFile;
     secretKeyFile = null;
     spool = cfg.spoolDir;
     exports = logKeyExport;

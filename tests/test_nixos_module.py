@@ -509,14 +509,14 @@ def test_log_options_default_to_no_audit_and_no_witness(nix):
 
 
 @BOTH_QUOTINGS
-def test_a_log_key_runs_audit_hourly_with_the_key_and_without_the_token(nix, quote_always):
+def test_a_log_key_runs_audit_hourly_with_the_log_key(nix, quote_always):
     evaluated = evaluate(nix, WITH_LOG_KEY, quote_always)
     audit = unit_script(evaluated, "hash-collection-audit")
     exports = exports_of(audit)
     assert exports["HASH_COLLECTION_LOG_KEY"] == LOG_KEY
     assert exports["HASH_COLLECTION_SERVER"] == "server url"
     assert exports["HASH_COLLECTION_SPOOL"] == "/var/lib/hash-collection/spool"
-    assert not {"HASH_COLLECTION_TOKEN_FILE", "HASH_COLLECTION_SECRET_KEY_FILE"} & set(exports)
+    assert "HASH_COLLECTION_SECRET_KEY_FILE" not in exports
     assert exec_words(audit)[2:] == ["audit", "--min-witnesses", "0", "$@"]
     timer = evaluated["config"]["systemd"]["timers"]["hash-collection-audit"]
     assert (timer["timerConfig"]["OnUnitActiveSec"], timer["wantedBy"]) == ("1h", ["timers.target"])
@@ -775,6 +775,19 @@ def test_wrapper_uses_the_configured_client(tmp_path):
     completed = run_wrapper("flush", HASH_COLLECTION_CLIENT=str(client), HASH_COLLECTION_PYTHON=sys.executable,
                             HASH_COLLECTION_TOKEN_FILE="/token/path", HASH_COLLECTION_TOKEN="secret")
     assert completed.stdout.strip() == "['flush'] None /token/path"
+
+
+@pytest.mark.parametrize("unit", ["hash-collection-audit", "hash-collection-witness"])
+def test_wrapper_runs_the_log_jobs_with_the_environment_the_module_gives_them(nix, tmp_path, unit):
+    # The wrapper refuses to run without HASH_COLLECTION_TOKEN_FILE: the audit script must set it too.
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace("};", 'witnessKeyFile = "/var/lib/hash-collection/w.key"; };'))
+    script = unit_script(evaluated, unit)
+    client = tmp_path / "client.py"
+    client.write_text("import os, sys\nprint(sys.argv[1:], os.environ['HASH_COLLECTION_LOG_KEY'])\n")
+    completed = run_wrapper(*exec_words(script)[2:-1], **exports_of(script),
+                            HASH_COLLECTION_CLIENT=str(client), HASH_COLLECTION_PYTHON=sys.executable)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == f"{exec_words(script)[2:-1]!r} {LOG_KEY}"
 
 
 def test_wrapper_passes_shellcheck():
