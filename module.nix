@@ -25,14 +25,14 @@ let
 
   # Secrets are passed as file paths; the store only ever holds the paths.
   exportLine = name: value: "export ${name}=${lib.escapeShellArg value}";
-  hookScript = name: { tokenFile, secretKeyFile, spool, rootExports, mode }: pkgs.writeShellScript name ''
+  hookScript = name: { tokenFile, secretKeyFile, spool, exports, mode, args ? [ ] }: pkgs.writeShellScript name ''
     ${exportLine "HASH_COLLECTION_SERVER" cfg.collection-url}
     ${exportLine "HASH_COLLECTION_TOKEN_FILE" tokenFile}
     ${lib.optionalString (secretKeyFile != null) (exportLine "HASH_COLLECTION_SECRET_KEY_FILE" secretKeyFile)}
     ${exportLine "HASH_COLLECTION_SPOOL" spool}
-    ${lib.concatStringsSep "\n" (lib.mapAttrsToList exportLine rootExports)}
+    ${lib.concatStringsSep "\n" (lib.mapAttrsToList exportLine exports)}
     export HASH_COLLECTION_TIMEOUT=${toString cfg.timeout}
-    exec ${cfg.package}/bin/hash-collection-hook ${mode} "$@"
+    exec ${cfg.package}/bin/hash-collection-hook ${lib.concatStringsSep " " ([ mode ] ++ map lib.escapeShellArg args)} "$@"
   '';
 
   # Root reads (never writes) what the diff hook spooled, and delivers it.
@@ -40,24 +40,75 @@ let
     HASH_COLLECTION_BUILD_USER_SPOOL = cfg.buildUserSpoolDir;
     HASH_COLLECTION_BUILD_USERS_GROUP = buildUsersGroup;
   };
+  # An explicit diffoscope: Nix runs the diff hook with the daemon's environment, whose PATH
+  # need not have one; "none" turns it off even when one happens to be on that PATH.
+  diffSettings = {
+    HASH_COLLECTION_DIFF_TIMEOUT = toString cfg.diffTimeout;
+    HASH_COLLECTION_DIFF_MEMORY_MIB = toString cfg.diffMemoryMiB;
+    HASH_COLLECTION_DIFF_OUTPUT_MIB = toString cfg.diffOutputMiB;
+    HASH_COLLECTION_DIFFOSCOPE = if cfg.diffoscope.enable then "${cfg.diffoscope.package}/bin/diffoscope" else "none";
+  };
   postBuildHook = hookScript "hash-collection-post-build-hook" {
     inherit (cfg) tokenFile secretKeyFile;
     spool = cfg.spoolDir;
-    rootExports = readsBuildUserSpool;
+    exports = readsBuildUserSpool;
     mode = "";
   };
   diffHook = hookScript "hash-collection-diff-hook" {
     tokenFile = buildUserTokenFile;
     secretKeyFile = if cfg.secretKeyFile == null then null else buildUserSecretKeyFile;
     spool = cfg.buildUserSpoolDir;
-    rootExports = { };
+    exports = diffSettings;
     mode = "diff-hook";
   };
   flushScript = hookScript "hash-collection-flush" {
     inherit (cfg) tokenFile secretKeyFile;
     spool = cfg.spoolDir;
-    rootExports = readsBuildUserSpool;
+    exports = readsBuildUserSpool;
     mode = "flush";
+  };
+
+  # The log commands keep their state in ${cfg.spoolDir}/log. audit reads no token, but the
+  # package's wrapper refuses to run without HASH_COLLECTION_TOKEN_FILE; witness reads the token
+  # and its key from files, like the hooks.
+  logKeyExport = { HASH_COLLECTION_LOG_KEY = cfg.logKey; };
+  auditScript = hookScript "hash-collection-audit" {
+    inherit (cfg) tokenFile;
+    secretKeyFile = null;
+    spool = cfg.spoolDir;
+    exports = logKeyExport;
+    mode = "audit";
+    args = lib.concatMap (key: [ "--witness" key ]) cfg.audit.witnesses
+      ++ [ "--min-witnesses" (toString cfg.audit.minWitnesses) ];
+  };
+  witnessScript = hookScript "hash-collection-witness" {
+    inherit (cfg) tokenFile;
+    secretKeyFile = null;
+    spool = cfg.spoolDir;
+    exports = logKeyExport // lib.optionalAttrs (cfg.witnessKeyFile != null) {
+      HASH_COLLECTION_WITNESS_KEY_FILE = cfg.witnessKeyFile;
+    };
+    mode = "witness";
+  };
+  auditsTheLog = cfg.logKey != null;
+  witnessesTheLog = auditsTheLog && cfg.witnessKeyFile != null;
+
+  # Root's jobs on a timer (flush, audit, witness) need the network and root's spool, nothing else.
+  spoolJob = description: script: {
+    inherit description;
+    after = [ "network-online.target" ];
+    wants = [ "network-online.target" ];
+    serviceConfig = {
+      Type = "oneshot";
+      ExecStart = "${script}";
+      # Runs as root to read the root-only token and keys; it only needs the spool.
+      ProtectSystem = "strict";
+      ReadWritePaths = [ cfg.spoolDir ];
+      # "read-only", not true: a tokenFile under /root or /home must stay readable.
+      ProtectHome = "read-only";
+      PrivateTmp = true;
+      NoNewPrivileges = true;
+    };
   };
 
   # A missing secret or a failed copy fails the unit, where `systemctl --failed` shows it.
@@ -102,7 +153,10 @@ let
     "--host" serverCfg.host
     "--port" (toString serverCfg.port)
     "--db" serverDatabase
-  ] ++ lib.optional serverCfg.requireSignatures "--require-signatures";
+  ] ++ lib.optional serverCfg.requireSignatures "--require-signatures"
+    ++ lib.optionals (serverCfg.logOrigin != null) [ "--log-origin" serverCfg.logOrigin ]
+    # %d is the service's credentials directory, where LoadCredential puts a copy the dynamic user can read.
+    ++ lib.optionals (serverCfg.logKeyFile != null) [ "--log-key" "%d/log-key" ];
 in
 {
   options.services.hash-collection = {
@@ -167,6 +221,85 @@ in
         so keep this short: what is not delivered in time is spooled and sent by the flush timer.
       '';
     };
+
+    diffoscope = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether the diff hook runs diffoscope on an output and its differing `--check` rebuild, besides
+          the file table it always makes. The diff is uploaded to the server and shown there.
+        '';
+      };
+      package = lib.mkOption {
+        type = lib.types.package;
+        default = pkgs.diffoscopeMinimal;
+        defaultText = lib.literalExpression "pkgs.diffoscopeMinimal";
+        description = "The diffoscope the diff hook runs.";
+      };
+    };
+
+    diffTimeout = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 60;
+      description = ''
+        Seconds of diff work (the file walk and diffoscope together) after a `--check` finds a different
+        output. Nix waits for the diff hook: it ends within this plus `timeout`.
+      '';
+    };
+
+    diffMemoryMiB = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 2048;
+      description = "Address-space limit of diffoscope, in MiB.";
+    };
+
+    diffOutputMiB = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 4;
+      description = "Most diffoscope text kept per diff, in MiB.";
+    };
+
+    logKey = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "hashes.example.org+1a2b3c4d+AU...";
+      description = ''
+        The server's transparency-log verifier key, as `python web.py` prints it at start. Get it out of
+        band, not from the server. When set, `audit` runs on a timer. It is public, not a secret.
+      '';
+    };
+
+    audit = {
+      interval = lib.mkOption {
+        type = lib.types.str;
+        default = "1h";
+        description = "How often `audit` checks the log and this builder's entries in it (and `witness` cosigns).";
+      };
+      witnesses = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        description = "Verifier keys of the witnesses whose cosignatures `audit` counts (see `audit.minWitnesses`).";
+      };
+      minWitnesses = lib.mkOption {
+        type = lib.types.ints.unsigned;
+        default = 0;
+        description = "How many of `audit.witnesses` must have cosigned the checkpoint for `audit` to pass.";
+      };
+    };
+
+    witnessKeyFile = lib.mkOption {
+      # A string, not a path: a path literal would be copied into the world-readable store.
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/var/lib/hash-collection/witness.key";
+      description = ''
+        File holding this builder's witness key (`post_build_hook.py witness --generate-key NAME`), read at
+        run time and never copied into the Nix store. When set (with `logKey`), `witness` cosigns the log's
+        checkpoint every `audit.interval`; the server's admin registers the printed verifier key with
+        `create_user NAME --witness-key VKEY`.
+      '';
+    };
   };
 
   options.services.hash-collection-server = {
@@ -210,6 +343,28 @@ in
         registered for their builder (`create_user NAME --public-key KEY`).
       '';
     };
+
+    logOrigin = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "hashes.example.org";
+      description = ''
+        The transparency log's origin line (`--log-origin`); null leaves web.py's default, this host's name.
+        Set it to the server's public name before the first checkpoint: builders pin it.
+      '';
+    };
+
+    logKeyFile = lib.mkOption {
+      # A string, not a path: a path literal would be copied into the world-readable store.
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/hash-collection-log-key";
+      description = ''
+        An existing file holding the log's signer key, passed to the service with `LoadCredential` (so the
+        dynamic user can read a root-only file) and never copied into the Nix store. Null keeps the key next
+        to the database, `hashes.db.log-key` in `dataDir`, which the server creates (mode 0600) on first start.
+      '';
+    };
   };
 
   config = lib.mkMerge [
@@ -227,8 +382,18 @@ in
           assertion = cfg.secretKeyFile == null || lib.hasPrefix "/" cfg.secretKeyFile;
           message = "services.hash-collection.secretKeyFile must be an absolute path.";
         }
+        {
+          assertion = cfg.witnessKeyFile == null || (lib.hasPrefix "/" cfg.witnessKeyFile && cfg.logKey != null);
+          message = "services.hash-collection.witnessKeyFile must be an absolute path, and needs logKey: "
+            + "a witness checks the log's checkpoint against the log's verifier key before it cosigns.";
+        }
+        {
+          assertion = cfg.audit.minWitnesses <= builtins.length cfg.audit.witnesses;
+          message = "services.hash-collection.audit.minWitnesses must not exceed the number of audit.witnesses.";
+        }
         (notInStore "tokenFile")
         (notInStore "secretKeyFile")
+        (notInStore "witnessKeyFile")
         {
           assertion = lib.hasPrefix "/" cfg.spoolDir && lib.hasPrefix "/" cfg.buildUserSpoolDir
             && !(isInside cfg.spoolDir cfg.buildUserSpoolDir) && !(isInside cfg.buildUserSpoolDir cfg.spoolDir);
@@ -272,22 +437,7 @@ in
         script = secretsCopyScript;
       };
 
-      systemd.services.hash-collection-flush = {
-        description = "Deliver spooled nix-hash-collection attestations";
-        after = [ "network-online.target" ];
-        wants = [ "network-online.target" ];
-        serviceConfig = {
-          Type = "oneshot";
-          ExecStart = "${flushScript}";
-          # Runs as root to read the root-only token and key; it only needs the spool.
-          ProtectSystem = "strict";
-          ReadWritePaths = [ cfg.spoolDir ];
-          # "read-only", not true: a tokenFile under /root or /home must stay readable.
-          ProtectHome = "read-only";
-          PrivateTmp = true;
-          NoNewPrivileges = true;
-        };
-      };
+      systemd.services.hash-collection-flush = spoolJob "Deliver spooled nix-hash-collection attestations" flushScript;
 
       systemd.timers.hash-collection-flush = {
         description = "Deliver spooled nix-hash-collection attestations every few minutes";
@@ -298,6 +448,32 @@ in
           RandomizedDelaySec = "30s";
         };
       };
+
+      # audit exits 2 when the log broke a promise: the unit fails, which monitoring should alert on.
+      systemd.services.hash-collection-audit = lib.mkIf auditsTheLog
+        (spoolJob "Audit the nix-hash-collection transparency log and this builder's entries in it" auditScript);
+      systemd.timers.hash-collection-audit = lib.mkIf auditsTheLog {
+        description = "Audit the nix-hash-collection transparency log regularly";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnBootSec = "10min";
+          OnUnitActiveSec = cfg.audit.interval;
+          RandomizedDelaySec = "5min";
+        };
+      };
+
+      systemd.services.hash-collection-witness = lib.mkIf witnessesTheLog
+        (spoolJob "Cosign the nix-hash-collection transparency log's checkpoint" witnessScript);
+      systemd.timers.hash-collection-witness = lib.mkIf witnessesTheLog {
+        description = "Cosign the nix-hash-collection transparency log's checkpoint regularly";
+        wantedBy = [ "timers.target" ];
+        # Before the audit, so that audits requiring witnesses find fresh cosignatures.
+        timerConfig = {
+          OnBootSec = "8min";
+          OnUnitActiveSec = cfg.audit.interval;
+          RandomizedDelaySec = "1min";
+        };
+      };
     })
 
     (lib.mkIf serverCfg.enable {
@@ -305,6 +481,10 @@ in
         {
           assertion = lib.hasPrefix "/var/lib/" serverCfg.dataDir && serverStateDirectory != "";
           message = "services.hash-collection-server.dataDir must lie under /var/lib/ (it is the service's StateDirectory).";
+        }
+        {
+          assertion = serverCfg.logKeyFile == null || (lib.hasPrefix "/" serverCfg.logKeyFile && !(inStore serverCfg.logKeyFile));
+          message = "services.hash-collection-server.logKeyFile must be an absolute path outside the Nix store, which every user can read.";
         }
       ];
 
@@ -325,6 +505,7 @@ in
           StateDirectory = serverStateDirectory;
           StateDirectoryMode = "0750";
           WorkingDirectory = serverCfg.dataDir;
+          LoadCredential = lib.optional (serverCfg.logKeyFile != null) "log-key:${serverCfg.logKeyFile}";
 
           # Hardening: the server needs its state directory, a listening socket and nothing else.
           ProtectSystem = "strict";

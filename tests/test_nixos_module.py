@@ -36,11 +36,18 @@ services.hash-collection = {
 };
 """
 
-BUILDER_OPTIONS = {"enable", "collection-url", "tokenFile", "secretKeyFile", "spoolDir", "buildUserSpoolDir", "timeout"}
+BUILDER_OPTIONS = {"enable", "collection-url", "tokenFile", "secretKeyFile", "spoolDir", "buildUserSpoolDir", "timeout",
+                   "diffoscope", "diffTimeout", "diffMemoryMiB", "diffOutputMiB", "logKey", "audit", "witnessKeyFile"}
 
 # Both of nixpkgs' escapeShellArg behaviours: quoted only when needed (24.11 on), always quoted (before).
 BOTH_QUOTINGS = pytest.mark.parametrize("quote_always", [False, True], ids=["quoted-when-needed", "always-quoted"])
-SERVER_OPTIONS = {"enable", "package", "host", "port", "openFirewall", "dataDir", "requireSignatures"}
+SERVER_OPTIONS = {"enable", "package", "host", "port", "openFirewall", "dataDir", "requireSignatures",
+                  "logOrigin", "logKeyFile"}
+DIFF_VARIABLES = {"HASH_COLLECTION_DIFF_TIMEOUT", "HASH_COLLECTION_DIFF_MEMORY_MIB", "HASH_COLLECTION_DIFF_OUTPUT_MIB",
+                  "HASH_COLLECTION_DIFFOSCOPE"}
+LOG_KEY = "hashes.example.org+1a2b3c4d+AUw8aH0W3m3dFvo6Pkw+jVb2Kb7yFc3eVQJrW4ZQjTpx"
+WITNESS_KEY = "witness.example.org+5e6f7a8b+BOqf3c8XmJ2hGy7oN4k6Rc2f1oVb8T9xYwq3lLZm5Kt0"
+WITH_LOG_KEY = ORIGINAL_SNIPPET.replace("};", f'logKey = "{LOG_KEY}"; }};')
 
 
 def evaluate(nix, configuration, quote_always=False):
@@ -71,6 +78,16 @@ def evaluation_error(nix, configuration):
     with pytest.raises(subprocess.CalledProcessError) as failure:
         evaluate(nix, configuration)
     return failure.value.stderr
+
+
+def unit_script(evaluated, unit):
+    """The text of the script a systemd service of the module runs."""
+    return Path(evaluated["config"]["systemd"]["services"][unit]["serviceConfig"]["ExecStart"]).read_text()
+
+
+def exec_words(script):
+    """The words of a script's `exec` line, as the shell reads them."""
+    return next(shlex.split(line) for line in script.splitlines() if line.strip().startswith("exec "))
 
 
 def server_service(evaluated):
@@ -434,6 +451,163 @@ def test_no_warning_without_auto_allocate_uids(nix):
     assert evaluate(nix, ORIGINAL_SNIPPET + "nix.settings.auto-allocate-uids = false;")["config"]["warnings"] == []
 
 
+# ---------------------------------------------------------------- diffs: diffoscope and the diff limits (issue 15)
+
+def test_diff_options_default_to_the_hooks_own_limits_and_diffoscope_minimal(nix):
+    values = evaluate(nix, ORIGINAL_SNIPPET)["values"]["hash-collection"]
+    assert (values["diffTimeout"], values["diffMemoryMiB"], values["diffOutputMiB"]) == (60, 2048, 4)
+    assert values["diffoscope"]["enable"] is True
+    assert values["diffoscope"]["package"]["name"] == "diffoscope-minimal"
+
+
+@BOTH_QUOTINGS
+def test_diff_hook_gets_the_diff_limits_and_diffoscope_by_default(nix, quote_always):
+    diff_exports = exports_of(hook_texts(evaluate(nix, ORIGINAL_SNIPPET, quote_always))["diff-hook"])
+    assert diff_exports["HASH_COLLECTION_DIFF_TIMEOUT"] == "60"
+    assert diff_exports["HASH_COLLECTION_DIFF_MEMORY_MIB"] == "2048"
+    assert diff_exports["HASH_COLLECTION_DIFF_OUTPUT_MIB"] == "4"
+    # A path, not a name: the nix-daemon's PATH need not hold diffoscope.
+    assert diff_exports["HASH_COLLECTION_DIFFOSCOPE"] == (
+        "/nix/store/00000000000000000000000000000000-diffoscope-minimal/bin/diffoscope")
+
+
+@BOTH_QUOTINGS
+def test_diff_options_reach_the_diff_hook_only(nix, quote_always):
+    package = "/nix/store/11111111111111111111111111111111-diffoscope-250"
+    hooks = hook_texts(evaluate(nix, ORIGINAL_SNIPPET.replace(
+        "};", f'diffTimeout = 7; diffMemoryMiB = 512; diffOutputMiB = 1; diffoscope.package = "{package}"; }};'),
+        quote_always))
+    diff_exports = exports_of(hooks["diff-hook"])
+    assert {name: diff_exports[name] for name in DIFF_VARIABLES} == {
+        "HASH_COLLECTION_DIFF_TIMEOUT": "7", "HASH_COLLECTION_DIFF_MEMORY_MIB": "512",
+        "HASH_COLLECTION_DIFF_OUTPUT_MIB": "1", "HASH_COLLECTION_DIFFOSCOPE": f"{package}/bin/diffoscope"}
+    for name in ("post-build-hook", "flush"):
+        assert not DIFF_VARIABLES & set(exports_of(hooks[name])), name
+
+
+def test_diffoscope_disabled_runs_none_even_with_one_on_the_path(nix):
+    diff_hook = hook_texts(evaluate(nix, ORIGINAL_SNIPPET.replace("};", "diffoscope.enable = false; };")))["diff-hook"]
+    assert exports_of(diff_hook)["HASH_COLLECTION_DIFFOSCOPE"] == "none"
+
+
+@pytest.mark.parametrize("option", ["diffTimeout", "diffMemoryMiB", "diffOutputMiB"])
+def test_a_diff_limit_of_zero_is_rejected(nix, option):
+    error = evaluation_error(nix, ORIGINAL_SNIPPET.replace("};", f"{option} = 0; }};"))
+    assert f"services.hash-collection.{option}' is not of type `positive integer, meaning >0'" in error
+
+
+# ---------------------------------------------------------------- the transparency log: audit and witness (issue 14)
+
+def test_log_options_default_to_no_audit_and_no_witness(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET)
+    values = evaluated["values"]["hash-collection"]
+    assert (values["logKey"], values["witnessKeyFile"]) == (None, None)
+    assert values["audit"] == {"interval": "1h", "witnesses": [], "minWitnesses": 0}
+    systemd = evaluated["config"]["systemd"]
+    for unit in ("hash-collection-audit", "hash-collection-witness"):
+        assert unit not in systemd["services"] and unit not in systemd["timers"]
+
+
+@BOTH_QUOTINGS
+def test_a_log_key_runs_audit_hourly_with_the_log_key(nix, quote_always):
+    evaluated = evaluate(nix, WITH_LOG_KEY, quote_always)
+    audit = unit_script(evaluated, "hash-collection-audit")
+    exports = exports_of(audit)
+    assert exports["HASH_COLLECTION_LOG_KEY"] == LOG_KEY
+    assert exports["HASH_COLLECTION_SERVER"] == "server url"
+    assert exports["HASH_COLLECTION_SPOOL"] == "/var/lib/hash-collection/spool"
+    assert "HASH_COLLECTION_SECRET_KEY_FILE" not in exports
+    assert exec_words(audit)[2:] == ["audit", "--min-witnesses", "0", "$@"]
+    timer = evaluated["config"]["systemd"]["timers"]["hash-collection-audit"]
+    assert (timer["timerConfig"]["OnUnitActiveSec"], timer["wantedBy"]) == ("1h", ["timers.target"])
+    assert "hash-collection-witness" not in evaluated["config"]["systemd"]["services"]
+
+
+@BOTH_QUOTINGS
+def test_audit_witnesses_and_interval_reach_the_audit_command(nix, quote_always):
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace(
+        "};", f'audit = {{ interval = "15min"; witnesses = [ "{WITNESS_KEY}" ]; minWitnesses = 1; }}; }};'),
+        quote_always)
+    assert exec_words(unit_script(evaluated, "hash-collection-audit"))[2:] == [
+        "audit", "--witness", WITNESS_KEY, "--min-witnesses", "1", "$@"]
+    assert evaluated["config"]["systemd"]["timers"]["hash-collection-audit"]["timerConfig"]["OnUnitActiveSec"] == "15min"
+
+
+@BOTH_QUOTINGS
+def test_a_witness_key_file_runs_witness_with_its_secrets_as_file_paths(nix, quote_always):
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace(
+        "};", 'witnessKeyFile = "/var/lib/hash-collection/witness.key"; audit.interval = "30min"; };'), quote_always)
+    witness = unit_script(evaluated, "hash-collection-witness")
+    exports = exports_of(witness)
+    assert exports["HASH_COLLECTION_WITNESS_KEY_FILE"] == "/var/lib/hash-collection/witness.key"
+    assert exports["HASH_COLLECTION_TOKEN_FILE"] == "/token/path"
+    assert exports["HASH_COLLECTION_LOG_KEY"] == LOG_KEY
+    assert not {"HASH_COLLECTION_WITNESS_KEY", "HASH_COLLECTION_TOKEN", "HASH_COLLECTION_SECRET_KEY_FILE"} & set(exports)
+    assert exec_words(witness)[2:] == ["witness", "$@"]
+    assert "cat " not in witness
+    timers = evaluated["config"]["systemd"]["timers"]
+    assert timers["hash-collection-witness"]["timerConfig"]["OnUnitActiveSec"] == "30min"
+    assert timers["hash-collection-witness"]["wantedBy"] == ["timers.target"]
+
+
+@pytest.mark.parametrize("unit", ["hash-collection-audit", "hash-collection-witness"])
+def test_log_jobs_write_only_roots_spool(nix, unit):
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace(
+        "};", 'witnessKeyFile = "/var/lib/hash-collection/witness.key"; spoolDir = "/srv/root-spool"; };'))
+    service = evaluated["config"]["systemd"]["services"][unit]["serviceConfig"]
+    assert (service["ProtectSystem"], service["ReadWritePaths"]) == ("strict", ["/srv/root-spool"])
+    assert (service["ProtectHome"], service["NoNewPrivileges"], service["Type"]) == ("read-only", True, "oneshot")
+    assert exports_of(unit_script(evaluated, unit))["HASH_COLLECTION_SPOOL"] == "/srv/root-spool"
+
+
+def test_a_witness_key_file_without_a_log_key_fails_an_assertion(nix):
+    evaluated = evaluate(nix, ORIGINAL_SNIPPET.replace("};", 'witnessKeyFile = "/var/lib/hash-collection/w.key"; };'))
+    assert any("witnessKeyFile" in message and "logKey" in message for message in evaluated["failedAssertions"])
+
+
+def test_more_required_witnesses_than_listed_fails_an_assertion(nix):
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace("};", "audit.minWitnesses = 1; };"))
+    assert any("audit.minWitnesses" in message for message in evaluated["failedAssertions"])
+
+
+def test_a_witness_key_copied_into_the_store_fails_an_assertion(nix):
+    in_store = '"${builtins.toFile "hash-collection-test-witness" "not a secret"}"'
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace("};", f"witnessKeyFile = {in_store}; }};"))
+    messages = [message for message in evaluated["failedAssertions"] if "witnessKeyFile" in message]
+    assert len(messages) == 1
+    assert "Nix store, which every user can read" in messages[0]
+
+
+def test_a_misspelt_grouped_option_is_rejected(nix):
+    error = evaluation_error(nix, WITH_LOG_KEY.replace("};", "audit.witness = [ ]; };"))
+    assert "services.hash-collection.audit.witness' does not exist" in error
+
+
+def test_server_log_options_default_to_web_pys_own(nix):
+    evaluated = evaluate(nix, "services.hash-collection-server.enable = true;")
+    assert (evaluated["values"]["hash-collection-server"]["logOrigin"],
+            evaluated["values"]["hash-collection-server"]["logKeyFile"]) == (None, None)
+    service = server_service(evaluated)
+    assert service["LoadCredential"] == []
+    assert not {"--log-origin", "--log-key"} & set(shlex.split(service["ExecStart"]))
+
+
+@BOTH_QUOTINGS
+def test_server_log_origin_and_key_file_reach_web_py(nix, quote_always):
+    evaluated = evaluate(nix, 'services.hash-collection-server = { enable = true; logOrigin = "hashes.example.org";'
+                              ' logKeyFile = "/run/secrets/log-key"; };', quote_always)
+    service = server_service(evaluated)
+    # The dynamic user reads root's file through systemd's credentials directory (%d).
+    assert service["LoadCredential"] == ["log-key:/run/secrets/log-key"]
+    assert shlex.split(service["ExecStart"])[-4:] == ["--log-origin", "hashes.example.org", "--log-key", "%d/log-key"]
+    assert evaluated["failedAssertions"] == []
+
+
+def test_a_server_log_key_in_the_store_fails_an_assertion(nix):
+    in_store = '"${builtins.toFile "hash-collection-test-log-key" "not a secret"}"'
+    evaluated = evaluate(nix, f"services.hash-collection-server = {{ enable = true; logKeyFile = {in_store}; }};")
+    assert any("logKeyFile" in message for message in evaluated["failedAssertions"])
+
 # ---------------------------------------------------------------- tests/vm.nix, evaluated in the structural check
 
 VM_NODES = """
@@ -601,6 +775,19 @@ def test_wrapper_uses_the_configured_client(tmp_path):
     completed = run_wrapper("flush", HASH_COLLECTION_CLIENT=str(client), HASH_COLLECTION_PYTHON=sys.executable,
                             HASH_COLLECTION_TOKEN_FILE="/token/path", HASH_COLLECTION_TOKEN="secret")
     assert completed.stdout.strip() == "['flush'] None /token/path"
+
+
+@pytest.mark.parametrize("unit", ["hash-collection-audit", "hash-collection-witness"])
+def test_wrapper_runs_the_log_jobs_with_the_environment_the_module_gives_them(nix, tmp_path, unit):
+    # The wrapper refuses to run without HASH_COLLECTION_TOKEN_FILE: the audit script must set it too.
+    evaluated = evaluate(nix, WITH_LOG_KEY.replace("};", 'witnessKeyFile = "/var/lib/hash-collection/w.key"; };'))
+    script = unit_script(evaluated, unit)
+    client = tmp_path / "client.py"
+    client.write_text("import os, sys\nprint(sys.argv[1:], os.environ['HASH_COLLECTION_LOG_KEY'])\n")
+    completed = run_wrapper(*exec_words(script)[2:-1], **exports_of(script),
+                            HASH_COLLECTION_CLIENT=str(client), HASH_COLLECTION_PYTHON=sys.executable)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == f"{exec_words(script)[2:-1]!r} {LOG_KEY}"
 
 
 def test_wrapper_passes_shellcheck():

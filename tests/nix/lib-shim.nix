@@ -9,7 +9,7 @@
 # then it quotes only a string outside [[:alnum:],._+:@%/-]+.
 { quoteAlways ? false }:
 let
-  inherit (builtins) isBool isInt isString match replaceStrings substring stringLength concatStringsSep attrNames;
+  inherit (builtins) all isBool isInt isList isString match replaceStrings substring stringLength concatStringsSep attrNames;
 
   hasPrefix = prefix: text: substring 0 (stringLength prefix) text == prefix;
 
@@ -41,6 +41,9 @@ rec {
   hiPrio = package: package // { meta = (package.meta or { }) // { priority = -10; }; };
 
   optional = condition: value: if condition then [ value ] else [ ];
+  optionals = condition: values: if condition then values else [ ];
+  optionalAttrs = condition: attrs: if condition then attrs else { };
+  concatMap = builtins.concatMap;
   optionalString = condition: text: if condition then text else "";
 
   escapeShellArg = arg:
@@ -62,6 +65,16 @@ rec {
       name = "positiveInt";
       description = "positive integer, meaning >0";
       check = v: isInt v && v > 0;
+    };
+    ints.unsigned = mkOptionType {
+      name = "unsignedInt";
+      description = "unsigned integer, meaning >=0";
+      check = v: isInt v && v >= 0;
+    };
+    listOf = type: mkOptionType {
+      name = "listOf";
+      description = "list of ${type.description}";
+      check = v: isList v && all type.check v;
     };
     # A derivation, or a string naming a top-level store path.
     package = mkOptionType {

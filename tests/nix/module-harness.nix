@@ -1,10 +1,11 @@
 # Structural check of module.nix, for tests/test_nixos_module.py. NOT a NixOS evaluation.
 #
 # It imports module.nix with lib-shim.nix and stub pkgs, gives each declared option
-# its value from `configuration` (type-checked by the shim) or its default, and
-# resolves the mkIf/mkMerge markers of the module's `config`. No other NixOS module
-# exists here, so what module.nix sets outside its own options (nix.settings,
-# systemd.*, assertions, warnings) is returned as written, unchecked against NixOS.
+# (options grouped in attribute sets too) its value from `configuration` (type-checked
+# by the shim) or its default, and resolves the mkIf/mkMerge markers of the module's
+# `config`. No other NixOS module exists here, so what module.nix sets outside its
+# own options (nix.settings, systemd.*, assertions, warnings) is returned as written,
+# unchecked against NixOS.
 # Besides services.*, `configuration` may hold nix.settings, which the module reads.
 #
 # usage: nix-instantiate --eval --strict --json tests/nix/module-harness.nix \
@@ -26,30 +27,39 @@ let
     writeShellScript = name: text: stub name { inherit text; } // { outPath = builtins.toFile name text; };
     writeShellScriptBin = name: text: stub name { inherit text; };
     systemd = stub "systemd" { };
+    diffoscopeMinimal = stub "diffoscope-minimal" { };
   };
 
   module = import ../../module.nix;
   evaluated = module { inherit lib pkgs; config = moduleConfig; };
   declared = evaluated.options.services;
 
-  valueOf = namespace: definitions: name: option:
-    let where = "services.${namespace}.${name}"; in
+  # An attribute set of options that is not itself an option (`diffoscope.enable`) is a group.
+  isOption = value: isAttrs value && (value._type or null) == "option";
+
+  valueOf = where: definitions: name: option:
     if hasAttr name definitions then
       (if option.type.check definitions.${name} then definitions.${name}
        else throw "The option `${where}' is not of type `${option.type.description}'.")
     else if option ? default then option.default
     else throw "The option `${where}' is used but not defined.";
 
-  valuesOf = namespace: definitions:
-    let unknown = filter (name: !(hasAttr name declared.${namespace})) (attrNames definitions); in
-    if unknown != [ ] then throw "The option `services.${namespace}.${head unknown}' does not exist."
-    else mapAttrs (valueOf namespace definitions) declared.${namespace};
+  valuesOf = prefix: options: definitions:
+    let unknown = filter (name: !(hasAttr name options)) (attrNames definitions); in
+    if unknown != [ ] then throw "The option `${prefix}.${head unknown}' does not exist."
+    else mapAttrs (name: option:
+      if isOption option then valueOf "${prefix}.${name}" definitions name option
+      else valuesOf "${prefix}.${name}" option (definitions.${name} or { })) options;
+
+  describeOptions = mapAttrs (_: option:
+    if isOption option then { type = option.type.description; hasDefault = option ? default; }
+    else describeOptions option);
 
   userServices = configuration.services or { };
   unknownTopLevel = filter (name: name != "services" && name != "nix") (attrNames configuration);
   unknownServices = filter (name: !(hasAttr name declared)) (attrNames userServices);
   moduleConfig = {
-    services = mapAttrs (namespace: _: valuesOf namespace (userServices.${namespace} or { })) declared;
+    services = mapAttrs (namespace: options: valuesOf "services.${namespace}" options (userServices.${namespace} or { })) declared;
     nix.settings = configuration.nix.settings or { };
   };
 
@@ -88,7 +98,7 @@ in
 if unknownTopLevel != [ ] then throw "this harness only takes services.* and nix.settings, got `${head unknownTopLevel}'"
 else if unknownServices != [ ] then throw "The option `services.${head unknownServices}' does not exist."
 else {
-  options = mapAttrs (_: mapAttrs (_: option: { type = option.type.description; hasDefault = option ? default; })) declared;
+  options = mapAttrs (_: describeOptions) declared;
   values = describe moduleConfig.services;
   config = describe config;
   failedAssertions = map (assertion: assertion.message) (filter (assertion: !assertion.assertion) (config.assertions or [ ]));
