@@ -154,6 +154,15 @@ def parse_key(text, size):
     return name, raw
 
 
+def is_public_key(text):
+    """Whether text is a public key in the one spelling parse_key accepts."""
+    try:
+        parse_key(text, 32)
+    except ValueError:
+        return False
+    return True
+
+
 def is_signature(text):
     """Whether text is a signature in the one spelling parse_key accepts."""
     try:
@@ -256,6 +265,7 @@ DEFAULT_BUILD_USERS_GROUP = "nixbld"
 NIX_QUERY_TIMEOUT = 60
 FINISHING_TIME = 0.1  # of the time budget, kept back to spool the submission and exit
 PREFIX = "hash-collection:"
+SECRET_FILE_CAP = 64 << 10  # bytes; a token or a Nix secret key is about a hundred
 
 
 def say(message):
@@ -304,15 +314,30 @@ def load_config(env):
 
 
 def read_secret(env, name):
-    """The secret from NAME_FILE (recommended) or NAME (the original's interface), or None."""
+    """The secret from NAME_FILE (recommended) or NAME (the original's interface), or None when neither is set."""
     path = env.get(name + "_FILE")
     if path:
-        try:
-            with open(path) as handle:
-                return handle.read().strip() or None
-        except OSError as error:
-            raise ConfigError(f"cannot read {name}_FILE={path}: {error.strerror} ({running_as()})") from None
+        return read_secret_file(f"{name}_FILE={path}", path)
     return env.get(name, "").strip() or None
+
+
+def read_secret_file(setting, path):
+    """The file's text; a file that is set but unusable is a ConfigError naming it, never 'not set'."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(SECRET_FILE_CAP + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read {setting}: {error.strerror} ({running_as()})") from None
+    if len(raw) > SECRET_FILE_CAP:
+        raise ConfigError(f"{setting} is larger than {SECRET_FILE_CAP} bytes: not a token or key file")
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{setting} is not text: not a token or key file") from None
+    if not text:
+        # What a shell leaves behind when the command redirected into the file failed.
+        raise ConfigError(f"{setting} is empty; did the command that wrote it fail?")
+    return text
 
 
 def load_secret_key(env):
@@ -323,11 +348,27 @@ def load_secret_key(env):
         return None, str(error)
     if not secret_key:
         return None, "neither HASH_COLLECTION_SECRET_KEY_FILE nor HASH_COLLECTION_SECRET_KEY is set"
-    try:
-        parse_key(secret_key, 64)
-    except ValueError as error:
-        return None, f"the secret key is not the output of `nix key generate-secret`: {error}"
-    return secret_key, None
+    return secret_key_problem(env, secret_key)
+
+
+def secret_key_problem(env, secret_key):
+    """(key, None) when it is a Nix secret key, else (None, what is wrong and where the key came from).
+
+    The problem never quotes the text: it may be a secret that only looks wrong."""
+    path = env.get("HASH_COLLECTION_SECRET_KEY_FILE")
+    setting = f"HASH_COLLECTION_SECRET_KEY_FILE={path}" if path else "HASH_COLLECTION_SECRET_KEY"
+    name, sep, _encoded = secret_key.partition(":")
+    if not sep or not KEY_NAME_RE.fullmatch(name):
+        problem = "expected NAME:BASE64 on one line"
+    else:
+        try:
+            parse_key(secret_key, 64)
+            return secret_key, None
+        except ValueError as error:
+            problem = str(error)
+        if is_public_key(secret_key):
+            problem = f"key {name!r} is a public key; the hook needs the secret key it was made from"
+    return None, f"{setting} is not a secret key from `nix key generate-secret`: {problem}"
 
 
 def running_as():
