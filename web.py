@@ -28,8 +28,8 @@ from werkzeug.exceptions import HTTPException
 
 import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
-                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, shorten,
-                             verify_signature)
+                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
+                             shorten, verify_signature)
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -1373,6 +1373,51 @@ def release_freed_memory(response):
     return response
 
 
+# ---------------------------------------------------------------- start-up
+# What stops the server or create_user from starting is one line naming the path or
+# port and exit status 1, not a traceback.
+
+def app_or_exit(config, program="web.py"):
+    path = config["DATABASE"]
+    problem = database_file_problem(path)
+    if problem is None:
+        try:
+            return create_app(config)
+        except sqlite3.Error as error:
+            problem = f"cannot use database {path}: {error}"
+        except RuntimeError as error:  # init_db's unknown schema version, which names the path
+            problem = str(error)
+    sys.exit(f"{program}: {problem}")
+
+
+def database_file_problem(path):
+    """What about the file or its directory keeps SQLite from using path, or None.
+
+    Checked before SQLite, whose own message ("unable to open database file") names neither.
+    """
+    path = Path(path)
+    directory = path.parent
+    if path.is_dir():
+        return f"database {path} is a directory; --db takes a file, e.g. {path / 'hashes.db'}"
+    if not directory.is_dir():
+        return f"cannot create database {path}: directory {directory} does not exist"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"cannot open database {path}: not readable and writable ({running_as()}; the file's owner is uid {path.stat().st_uid})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        # Even an existing database needs its directory: SQLite makes its -wal and -shm files there.
+        return f"cannot use database {path}: directory {directory} is not writable ({running_as()})"
+    return None
+
+
+def bound_server_or_exit(app, host, port, **options):
+    """A waitress server already listening: 'serving on' is only printed once the port is ours."""
+    from waitress import create_server
+    try:
+        return create_server(app, host=host, port=port, **options)
+    except OSError as error:
+        sys.exit(f"web.py: cannot listen on {host}:{port}: {error.strerror or error}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve the nix-hash-collection with waitress.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -1384,11 +1429,12 @@ def main(argv=None):
                         help="count only attestations whose signature was verified")
     parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
     args = parser.parse_args(argv)
-    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
+    app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures})
     limit_malloc_arenas()
-    from waitress import serve
-    print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
-    serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)
+    server = bound_server_or_exit(app, args.host, args.port, threads=args.threads,
+                                  max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)
+    print(f"serving on http://{args.host}:{server.effective_port} with database {args.db}", flush=True)
+    server.run()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import concurrent.futures
 import functools
 import json
 import re
+import sqlite3
 
 import pytest
 import requests
@@ -66,9 +67,15 @@ def public_key(name):
 
 
 def populate(url_or_client, db, create_user):
-    """Everything hostile, stored through the public interfaces; returns (token, closure, odd path)."""
+    """Everything hostile, stored through the public interfaces; returns (token, closure, odd path).
+
+    The hostile builder name is written into the database: create_user refuses it now, but
+    builders named before the name rule keep their names.
+    """
     token = create_user(db, "alice")
-    hostile_token = create_user(db, HOSTILE_BUILDER, "--public-key", public_key("hostile-builder-1"))
+    hostile_token = create_user(db, "hostile", "--public-key", public_key("hostile-builder-1"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE builders SET name = ? WHERE name = 'hostile'", (HOSTILE_BUILDER,))
     closure = hostile_closure()
     odd_path = closure.out(ODD_BUT_VALID_NAME)
     send = HttpSender(url_or_client) if isinstance(url_or_client, str) else url_or_client
