@@ -1293,6 +1293,16 @@ def positive_jobs(text, usage_line):
     return int(text)
 
 
+def counted(count, noun):
+    """'1 path', '2 paths'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def program_name(env, command):
+    """What the user typed: the wrapper's name (fetch-from-cache.sh, rebuilder.sh) when run through one."""
+    return env.get("HASH_COLLECTION_PROGRAM", "").strip() or f"post_build_hook.py {command}"
+
+
 def short_path(out_path):
     """'5mz92n6…-glibc-2.40': enough of the hash to tell paths apart, and the name."""
     digest, name = parse_store_path(out_path)
@@ -1422,7 +1432,7 @@ class Progress:
         print(f"{line}: {detail}" if detail else line, flush=True)
 
     def summary(self):
-        return f"{self.total} paths: " + ", ".join(f"{count} {outcome}" for outcome, count in self.counts.items())
+        return f"{counted(self.total, 'path')}: " + ", ".join(f"{count} {outcome}" for outcome, count in self.counts.items())
 
 
 # ---------------------------------------------------------------- fetch-from-cache
@@ -1558,7 +1568,7 @@ class Importer:
 def fetch_from_cache(args, env):
     """Import what a binary cache vouches for, with its signatures, for every open path of a report."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    report, jobs = parse_report_arguments("fetch-from-cache", args, DEFAULT_FETCH_JOBS)
+    report, jobs = parse_report_arguments(program_name(env, "fetch-from-cache"), args, DEFAULT_FETCH_JOBS)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
         raise ConfigError("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set; "
@@ -1685,11 +1695,12 @@ def paths_by_derivation(open_paths, env):
 def rebuild(args, env):
     """Rebuild every open path of a report once, with `--check`; the hooks report the results."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    report, jobs = parse_report_arguments("rebuild", args, default_rebuild_jobs(env))
+    report, jobs = parse_report_arguments(program_name(env, "rebuild"), args, default_rebuild_jobs(env))
     require_hooks(env)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
-        say("HASH_COLLECTION_TOKEN is not set: paths you attested before are rebuilt again")
+        say("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set: "
+            "paths you attested before are rebuilt again")
     server = Server(server_url(env), token, timeout_of(env))
     groups = paths_by_derivation(list(server.pending(report)), env)
     progress = Progress(sum(map(len, groups.values())), (REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING))
@@ -1795,7 +1806,7 @@ def challenge(args, env):
             errors += 1
     if reports:
         present = len({path for path in report_paths if path in local_hashes})
-        say(f"{present} of {len(set(report_paths))} report paths are in the local store")
+        say(f"{present} of {counted(len(set(report_paths)), 'report path')} in the local store")
     counts = dict.fromkeys((IDENTICAL, DIFFER, NO_DATA), 0)
     with ThreadPoolExecutor(max_workers=8) as pool:
         lookups = pool.map(lambda out_path: attestations_or_none(server, out_path), local_hashes)
@@ -1806,7 +1817,7 @@ def challenge(args, env):
             outcome, builders_by_hash = comparison(local_hashes[out_path], attestations)
             print("\n".join(comparison_lines(out_path, local_hashes[out_path], outcome, builders_by_hash)), flush=True)
             counts[outcome] += 1
-    print(f"{sum(counts.values())} paths: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
+    print(f"{counted(sum(counts.values()), 'path')}: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
           f"{counts[NO_DATA]} without data", flush=True)
     if counts[DIFFER]:
         return 2

@@ -19,6 +19,7 @@ install_system_packages() {
         echo "run-tests.sh: please install as root: apt-get install ${missing[*]}" >&2
         exit 1
     fi
+    echo "run-tests.sh: installing ${missing[*]} with apt-get (about half a minute, once)" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }

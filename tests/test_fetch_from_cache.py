@@ -289,3 +289,9 @@ def test_wrong_arguments_are_a_usage_error(args):
     from post_build_hook import ConfigError
     with pytest.raises(ConfigError, match="usage:"):
         parse_report_arguments("fetch-from-cache", args, 8)
+
+
+def test_bad_jobs_names_the_script_not_the_python_subcommand():
+    ran = run_script(SCRIPT, [REPORT, "-j", "x"], {})
+    assert ran.returncode != 0
+    assert "usage: fetch-from-cache.sh REPORT [-j N]: -j expects a positive number of jobs, got 'x'" in ran.stderr
