@@ -548,8 +548,27 @@ def http_request(method, url, seconds, max_bytes, **kwargs):
     except requests.RequestException as error:
         if watchdog.expired:
             raise HttpError(f"no complete answer from {url} within {seconds:g} s") from None
-        raise HttpError(f"{error.__class__.__name__} from {url}") from None
+        raise HttpError(f"cannot reach {url}: {failure_in_words(error)}") from None
     return Answer(response.status_code, response.reason, response.headers, body)
+
+
+def failure_in_words(error):
+    """'connection refused', 'name or service not known': the operating system's reason at the
+    bottom of requests' and urllib3's exception chain, else requests' own message."""
+    for cause in exception_chain(error):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+    return shorten(str(error), 200)
+
+
+def exception_chain(error):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        reason = getattr(error, "reason", None)
+        wrapped = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
+        error = error.__cause__ or error.__context__ or (reason if isinstance(reason, BaseException) else wrapped)
 
 
 def capped_body(response, max_bytes, watchdog):
@@ -1588,6 +1607,15 @@ def fetch_from_cache(args, env):
                 progress.record(outcome, lookups[lookup]["out_path"], detail)
     importer.flush()
     print(progress.summary(), flush=True)
+    return fetch_exit_status(progress)
+
+
+def fetch_exit_status(progress):
+    """1 when there was something to import and nothing was, or when any path failed for a reason
+    other than not being in the cache; the lines above say which and why."""
+    counts = progress.counts
+    if counts[FAILED] or counts[BAD_SIGNATURE] or (progress.total and not counts[IMPORTED]):
+        return 1
     return 0
 
 
