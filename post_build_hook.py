@@ -702,11 +702,12 @@ SUBMISSION_CAP = 1 << 20  # bytes of one spooled submission file
 SUBMISSION_FIELDS = ("drv_ident", "attestations")
 
 
-def attestation(info, secret_key):
-    """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint."""
+def attestation(info, secret_key, source):
+    """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint,
+    and where the hash came from ("build" or "check"; servers before schema version 3 ignore it)."""
     digest, name = parse_store_path(info.out_path)
     entry = {"output_digest": digest, "output_name": name, "output_hash": info.nar_hash,
-             "output_sig": "", "nar_size": info.nar_size}
+             "output_sig": "", "nar_size": info.nar_size, "source": source}
     if info.references is None:
         return entry
     entry["references"] = sorted(info.references)
@@ -1148,8 +1149,11 @@ def post_build_hook(args, env):
     out_paths = env.get("OUT_PATHS", "").split() or derivation_outputs(drv_path, env)
     infos = path_infos(out_paths, env)
     warn_if_unsigned(config)
-    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key) for info in infos]),
-                       delivery)
+    # "build" also for a `nix-build --check` whose output matched: Nix tells the post-build hook
+    # only DRV_PATH and OUT_PATHS, nothing that tells a check from a build. A check that
+    # differs reaches the diff hook, which says "check".
+    attestations = [attestation(info, config.secret_key, "build") for info in infos]
+    deliver_submission(config, new_submission(drv_path, attestations), delivery)
     return 0
 
 
@@ -1170,7 +1174,7 @@ def diff_hook(args, env):
     config.key_problem = config.key_problem or problem
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
-    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key)]), delivery)
+    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key, "check")]), delivery)
     return 0
 
 
@@ -1530,7 +1534,7 @@ def narinfo_attestation(cache, pending, narinfo):
         if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
             return VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
-                              "references": references}
+                              "references": references, "source": "cache"}
     return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
 
 

@@ -53,6 +53,8 @@ LARGE_BATCH = 1_000
 LARGE_BATCH_CACHE_KIB = 32 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
+# An attestation's optional "source": a build, a `--check` rebuild (the diff hook), an import from a binary cache.
+ATTESTATION_SOURCES = ("build", "check", "cache")
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_LINK_PATTERNS = 100  # per builder
 MAX_PATTERN_LENGTH = 200
@@ -275,9 +277,14 @@ def version_1_public_key(key_text):
     return name, raw
 
 
+def migrate_attestation_source(conn):
+    """Attestations say where their hash came from; those made before have no source (NULL, shown as unknown)."""
+    conn.execute("ALTER TABLE attestations ADD COLUMN source TEXT CHECK (source IN ('build', 'check', 'cache'))")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
-MIGRATIONS = [(2, migrate_to_2)]
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_attestation_source)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -417,7 +424,17 @@ def parse_attestation(item, where, drv_ident):
             checked(f"{where}.references[{position}]", parse_store_path, reference)
         references = sorted(set(references))
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
-            "output_sig": output_sig, "nar_size": nar_size, "references": references}
+            "output_sig": output_sig, "nar_size": nar_size, "references": references,
+            "source": attestation_source(item, where)}
+
+
+def attestation_source(item, where):
+    """Where the hash came from, or None: older clients send no source."""
+    source = field(item, "source", where, required=False)
+    if source is not None and source not in ATTESTATION_SOURCES:
+        raise BadInput(f"{where}.source: expected one of {', '.join(map(repr, ATTESTATION_SOURCES))} or no source, "
+                       f"got {shorten(source)!r}")
+    return source
 
 
 def attested_output_path(item, where):
@@ -481,15 +498,16 @@ def store_attestations(conn, builder, attestations):
         verified = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
         references = None if attestation["references"] is None else json.dumps(attestation["references"])
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
-                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
+                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at,
+                     attestation["source"]))
     rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
     with transaction(conn), cache_for(conn, len(rows)):
         conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
                          sorted({(row[1],) for row in rows if row[1] is not None}))
         conn.executemany(
             "INSERT INTO attestations (builder_id, derivation_id, output_path, output_hash, output_sig,"
-            " nar_size, refs, verified, created_at)"
-            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?)"
+            " nar_size, refs, verified, created_at, source)"
+            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
             " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
@@ -498,7 +516,8 @@ def store_attestations(conn, builder, attestations):
 
 ATTESTATION_COLUMNS = (
     "SELECT builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
-    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at"
+    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at,"
+    " attestations.source"
     " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
     " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
 
@@ -514,6 +533,7 @@ def attestation_object(row):
         "references": json.loads(row["refs"]) if row["refs"] is not None else None,
         "created_at": row["created_at"],
         "verified": bool(row["verified"]),
+        "source": row["source"],
     }
 
 

@@ -67,6 +67,7 @@ def test_imports_every_path_with_the_caches_signature_and_it_verifies(nix, serve
         [attestation] = attestations
         assert attestation["builder"] == "cache"
         assert attestation["verified"] is True
+        assert attestation["source"] == "cache"
         assert attestation["output_hash"] == nar_hash(nix, out_path)
         assert attestation["references"] == sorted(query(nix, "--references", out_path))
         message = fingerprint(out_path, attestation["output_hash"], attestation["nar_size"], attestation["references"])

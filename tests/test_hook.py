@@ -167,6 +167,22 @@ def test_hook_with_out_paths_given_reports_them(server, builder, prebuilt):
     assert len(attestations_of(server, drv_path)) == 1
 
 
+def test_post_build_hook_says_its_hash_comes_from_a_build(server, builder, prebuilt):
+    drv_path, out_path = prebuilt
+    assert run_client(builder, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}).returncode == 0
+    assert [attestation["source"] for attestation in attestations_of(server, drv_path)] == ["build"]
+
+
+def test_diff_hook_says_its_hash_comes_from_a_check(server, builder, prebuilt, tmp_path):
+    drv_path, out_path = prebuilt
+    check_path = tmp_path / "rebuilt.check"
+    check_path.write_text("checked\n")
+    assert run_client(builder, "diff-hook", out_path, str(check_path), drv_path).returncode == 0
+    [checked] = [attestation for attestation in attestations_of(server, drv_path)
+                 if attestation["output_hash"] == post_build_hook.nar_hash_and_size(str(check_path))[0]]
+    assert checked["source"] == "check"
+
+
 def test_hook_outside_nix_says_it_needs_drv_path(builder):
     ran = run_client(builder, drop=("DRV_PATH",))
     assert ran.returncode == 0
