@@ -1421,11 +1421,13 @@ def database_file_problem(path):
         return f"database {path} is a directory; --db takes a file, e.g. {path / 'hashes.db'}"
     if not directory.is_dir():
         return f"cannot create database {path}: directory {directory} does not exist"
-    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        return f"cannot open database {path}: not readable and writable ({running_as()}; the file's owner is uid {path.stat().st_uid})"
+    if path.exists():
+        # Only readable: a database that cannot be written still serves reads (writes get 503).
+        if not os.access(path, os.R_OK):
+            return f"cannot read database {path} ({running_as()}; the file's owner is uid {path.stat().st_uid})"
+        return None
     if not os.access(directory, os.W_OK | os.X_OK):
-        # Even an existing database needs its directory: SQLite makes its -wal and -shm files there.
-        return f"cannot use database {path}: directory {directory} is not writable ({running_as()})"
+        return f"cannot create database {path}: directory {directory} is not writable ({running_as()})"
     return None
 
 
@@ -1453,7 +1455,7 @@ def main(argv=None):
     limit_malloc_arenas()
     server = bound_server_or_exit(app, args.host, args.port, threads=args.threads,
                                   max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB)
-    print(f"serving on http://{args.host}:{server.effective_port} with database {args.db}", flush=True)
+    print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
     server.run()
 
 

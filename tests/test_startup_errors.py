@@ -71,7 +71,7 @@ def test_db_that_is_not_a_database_is_named(tmp_path):
 def test_db_in_a_directory_the_user_cannot_write_is_named(shared_directory):
     db = shared_directory / "hashes.db"
     line = one_line_failure(start_web("--port", free_port(), "--db", db, as_nobody=True))
-    assert f"directory {shared_directory} is not writable (running as nobody)" in line
+    assert f"cannot create database {db}: directory {shared_directory} is not writable (running as nobody)" in line
     assert not db.exists()
 
 
@@ -80,7 +80,7 @@ def test_db_owned_by_another_user_is_named(shared_directory):
     db.touch(mode=0o600)  # root's
     os.chown(shared_directory, pwd.getpwnam("nobody").pw_uid, -1)
     line = one_line_failure(start_web("--port", free_port(), "--db", db, as_nobody=True))
-    assert f"cannot open database {db}: not readable and writable (running as nobody" in line
+    assert f"cannot read database {db} (running as nobody; the file's owner is uid 0)" in line
 
 
 def test_create_user_with_a_directory_as_db_says_so(tmp_path):
