@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Manage builders and their tokens: ./create_user NAME [TOKEN], --revoke TOKEN, --list.
 
-The last word printed by `create_user NAME` is the new token, so scripts can capture it.
+A new token is made when the builder is new, when TOKEN or --new-token is given, or when
+nothing else is asked (no --public-key, no --admin); it is printed last, so the last word
+printed is the token and scripts can capture it. A builder's name is letters, digits and
++ . _ - (not starting with '.'), so it can appear in a URL as it is.
 """
 import argparse
+import re
 import secrets
 import sys
 
 import web
 from post_build_hook import COSIGNATURE_KEY_TYPE, parse_key, parse_verifier_key
 
+# Nix's store-name characters without '?' and '=': a name that is safe in /signatures/<builder>/ as it is.
+BUILDER_NAME_RE = re.compile(r"[A-Za-z0-9+_-][A-Za-z0-9+._-]{0,99}")
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="create_user", description=__doc__,
@@ -24,6 +30,8 @@ def parse_arguments(argv):
                         help="register a Nix public key for the builder (repeatable)")
     parser.add_argument("--witness-key", action="append", default=[], metavar="VKEY",
                         help="register a transparency-log witness key (C2SP verifier key) for the builder (repeatable)")
+    parser.add_argument("--new-token", action="store_true",
+                        help="also make a new token for a builder that exists (with --public-key, --witness-key or --admin)")
     parser.add_argument("--revoke", metavar="TOKEN", help="revoke this token")
     parser.add_argument("--list", action="store_true", help="list builders, their keys and token counts")
     args = parser.parse_args(argv)
@@ -43,18 +51,44 @@ def parse_arguments(argv):
     return args
 
 
-def create_builder_token(conn, name, token, admin, public_keys, witness_keys=()):
-    """All or nothing: a key whose bytes another builder holds leaves the database as it was."""
+def check_new_builder_name(name):
+    if not BUILDER_NAME_RE.fullmatch(name):
+        raise web.BadInput(f"builder name {name!r}: use 1 to 100 of A-Z a-z 0-9 + . _ -, not starting with '.'"
+                           " (builders made before this rule keep their names)")
+
+
+def wants_token(args, is_new):
+    return is_new or args.new_token or bool(args.token) or not (args.public_key or args.witness_key or args.admin)
+
+
+def update_builder(conn, args, token):
+    """All or nothing: a key whose bytes another builder holds leaves the database as it was.
+
+    Returns what to print: a line per key, then the token's line when one was made.
+    """
+    lines = []
     with web.transaction(conn):
-        conn.execute("INSERT OR IGNORE INTO builders (name) VALUES (?)", (name,))
-        builder_id = conn.execute("SELECT id FROM builders WHERE name = ?", (name,)).fetchone()[0]
-        if admin:
+        row = conn.execute("SELECT id FROM builders WHERE name = ?", (args.name,)).fetchone()
+        if row is None:
+            check_new_builder_name(args.name)
+        builder_id = row[0] if row else conn.execute("INSERT INTO builders (name) VALUES (?)", (args.name,)).lastrowid
+        if args.admin:
             conn.execute("UPDATE builders SET is_admin = 1 WHERE id = ?", (builder_id,))
-        for key in public_keys:
-            web.register_public_key(conn, builder_id, key.strip())
+        for key in args.public_key:
+            lines.append(add_key(conn, builder_id, args.name, key.strip()))
         conn.executemany("INSERT OR IGNORE INTO witness_keys (builder_id, verifier_key) VALUES (?, ?)",
-                         [(builder_id, key.strip()) for key in witness_keys])
-        conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)", (builder_id, web.token_digest(token)))
+                         [(builder_id, key.strip()) for key in args.witness_key])
+        if wants_token(args, is_new=row is None):
+            conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)", (builder_id, web.token_digest(token)))
+            lines.append(f"builder {args.name}: new token {token}")
+    return lines
+
+
+def add_key(conn, builder_id, name, key):
+    if conn.execute("SELECT 1 FROM public_keys WHERE builder_id = ? AND public_key = ?", (builder_id, key)).fetchone():
+        return f"{name} already has key {key}"
+    web.register_public_key(conn, builder_id, key)
+    return f"added key {key} to {name}"
 
 
 def revoke_token(conn, token):
@@ -75,7 +109,7 @@ def list_builders(conn):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    app = web.create_app({"DATABASE": args.db})
+    app = web.app_or_exit({"DATABASE": args.db}, program="create_user")
     with app.app_context():
         conn = web.get_db()
         if args.list:
@@ -88,14 +122,14 @@ def main(argv=None):
         else:
             token = args.token or secrets.token_urlsafe(32)
             try:
-                create_builder_token(conn, args.name, token, args.admin, args.public_key, args.witness_key)
+                lines = update_builder(conn, args, token)
             except web.sqlite3.IntegrityError:
                 print("create_user: that token is already in use", file=sys.stderr)
                 return 1
             except web.BadInput as error:
                 print(f"create_user: {error}", file=sys.stderr)
                 return 1
-            print(f"builder {args.name}: new token {token}")
+            print("\n".join(lines))
     return 0
 
 

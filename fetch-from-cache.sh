@@ -12,6 +12,9 @@ cache's signature and imports the verified hashes as the token's builder.
 
   -j N   fetch N narinfos at a time (default 8)
 
+Exits 1 when paths were open and none was imported, or when any path failed
+or had a bad signature; "not in cache" alone is not a failure.
+
 Environment:
   HASH_COLLECTION_TOKEN_FILE or HASH_COLLECTION_TOKEN   token of the builder that stands for the cache
   HASH_COLLECTION_SERVER      default http://localhost:8000

@@ -155,6 +155,15 @@ def parse_key(text, size):
     return name, raw
 
 
+def is_public_key(text):
+    """Whether text is a public key in the one spelling parse_key accepts."""
+    try:
+        parse_key(text, 32)
+    except ValueError:
+        return False
+    return True
+
+
 def is_signature(text):
     """Whether text is a signature in the one spelling parse_key accepts."""
     try:
@@ -625,6 +634,7 @@ DEFAULT_BUILD_USERS_GROUP = "nixbld"
 NIX_QUERY_TIMEOUT = 60
 FINISHING_TIME = 0.1  # of the time budget, kept back to spool the submission and exit
 PREFIX = "hash-collection:"
+SECRET_FILE_CAP = 64 << 10  # bytes; a token or a Nix secret key is about a hundred
 
 
 def say(message):
@@ -673,15 +683,30 @@ def load_config(env):
 
 
 def read_secret(env, name):
-    """The secret from NAME_FILE (recommended) or NAME (the original's interface), or None."""
+    """The secret from NAME_FILE (recommended) or NAME (the original's interface), or None when neither is set."""
     path = env.get(name + "_FILE")
     if path:
-        try:
-            with open(path) as handle:
-                return handle.read().strip() or None
-        except OSError as error:
-            raise ConfigError(f"cannot read {name}_FILE={path}: {error.strerror} ({running_as()})") from None
+        return read_secret_file(f"{name}_FILE={path}", path)
     return env.get(name, "").strip() or None
+
+
+def read_secret_file(setting, path):
+    """The file's text; a file that is set but unusable is a ConfigError naming it, never 'not set'."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(SECRET_FILE_CAP + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read {setting}: {error.strerror} ({running_as()})") from None
+    if len(raw) > SECRET_FILE_CAP:
+        raise ConfigError(f"{setting} is larger than {SECRET_FILE_CAP} bytes: not a token or key file")
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{setting} is not text: not a token or key file") from None
+    if not text:
+        # What a shell leaves behind when the command redirected into the file failed.
+        raise ConfigError(f"{setting} is empty; did the command that wrote it fail?")
+    return text
 
 
 def load_secret_key(env):
@@ -692,11 +717,27 @@ def load_secret_key(env):
         return None, str(error)
     if not secret_key:
         return None, "neither HASH_COLLECTION_SECRET_KEY_FILE nor HASH_COLLECTION_SECRET_KEY is set"
-    try:
-        parse_key(secret_key, 64)
-    except ValueError as error:
-        return None, f"the secret key is not the output of `nix key generate-secret`: {error}"
-    return secret_key, None
+    return secret_key_problem(env, secret_key)
+
+
+def secret_key_problem(env, secret_key):
+    """(key, None) when it is a Nix secret key, else (None, what is wrong and where the key came from).
+
+    The problem never quotes the text: it may be a secret that only looks wrong."""
+    path = env.get("HASH_COLLECTION_SECRET_KEY_FILE")
+    setting = f"HASH_COLLECTION_SECRET_KEY_FILE={path}" if path else "HASH_COLLECTION_SECRET_KEY"
+    name, sep, _encoded = secret_key.partition(":")
+    if not sep or not KEY_NAME_RE.fullmatch(name):
+        problem = "expected NAME:BASE64 on one line"
+    else:
+        try:
+            parse_key(secret_key, 64)
+            return secret_key, None
+        except ValueError as error:
+            problem = str(error)
+        if is_public_key(secret_key):
+            problem = f"key {name!r} is a public key; the hook needs the secret key it was made from"
+    return None, f"{setting} is not a secret key from `nix key generate-secret`: {problem}"
 
 
 def running_as():
@@ -1195,8 +1236,27 @@ def http_request(method, url, seconds, max_bytes, **kwargs):
     except requests.RequestException as error:
         if watchdog.expired:
             raise HttpError(f"no complete answer from {url} within {seconds:g} s") from None
-        raise HttpError(f"{error.__class__.__name__} from {url}") from None
+        raise HttpError(f"cannot reach {url}: {failure_in_words(error)}") from None
     return Answer(response.status_code, response.reason, response.headers, body)
+
+
+def failure_in_words(error):
+    """'connection refused', 'name or service not known': the operating system's reason at the
+    bottom of requests' and urllib3's exception chain, else requests' own message."""
+    for cause in exception_chain(error):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+    return shorten(str(error), 200)
+
+
+def exception_chain(error):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        reason = getattr(error, "reason", None)
+        wrapped = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
+        error = error.__cause__ or error.__context__ or (reason if isinstance(reason, BaseException) else wrapped)
 
 
 def capped_body(response, max_bytes, watchdog):
@@ -1332,11 +1392,12 @@ DIFF_SUBMISSION_CAP = 8 << 20  # bytes of one spooled diff
 SUBMISSION_FIELDS = ("drv_ident", "attestations")
 
 
-def attestation(info, secret_key):
-    """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint."""
+def attestation(info, secret_key, source):
+    """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint,
+    and where the hash came from ("build" or "check"; servers before schema version 3 ignore it)."""
     digest, name = parse_store_path(info.out_path)
     entry = {"output_digest": digest, "output_name": name, "output_hash": info.nar_hash,
-             "output_sig": "", "nar_size": info.nar_size}
+             "output_sig": "", "nar_size": info.nar_size, "source": source}
     if info.references is None:
         return entry
     entry["references"] = sorted(info.references)
@@ -1820,8 +1881,11 @@ def post_build_hook(args, env):
     out_paths = env.get("OUT_PATHS", "").split() or derivation_outputs(drv_path, env)
     infos = path_infos(out_paths, env)
     warn_if_unsigned(config)
-    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key) for info in infos]),
-                       delivery)
+    # "build" also for a `nix-build --check` whose output matched: Nix tells the post-build hook
+    # only DRV_PATH and OUT_PATHS, nothing that tells a check from a build. A check that
+    # differs reaches the diff hook, which says "check".
+    attestations = [attestation(info, config.secret_key, "build") for info in infos]
+    deliver_submission(config, new_submission(drv_path, attestations), delivery)
     return 0
 
 
@@ -1842,7 +1906,7 @@ def diff_hook(args, env):
     config.key_problem = config.key_problem or problem
     warn_if_unsigned(config)
     info = PathInfo(out_path, nar_hash, nar_size, references)
-    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key)]), delivery)
+    deliver_submission(config, new_submission(drv_path, [attestation(info, config.secret_key, "check")]), delivery)
     deliver_diff(config, env, delivery, out_path, check_path, nar_hash, started)
     return 0
 
@@ -1984,6 +2048,16 @@ def positive_jobs(text, usage_line):
     return int(text)
 
 
+def counted(count, noun):
+    """'1 path', '2 paths'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def program_name(env, command):
+    """What the user typed: the wrapper's name (fetch-from-cache.sh, rebuilder.sh) when run through one."""
+    return env.get("HASH_COLLECTION_PROGRAM", "").strip() or f"post_build_hook.py {command}"
+
+
 def short_path(out_path):
     """'5mz92n6…-glibc-2.40': enough of the hash to tell paths apart, and the name."""
     digest, name = parse_store_path(out_path)
@@ -2111,7 +2185,7 @@ class Progress:
         print(f"{line}: {detail}" if detail else line, flush=True)
 
     def summary(self):
-        return f"{self.total} paths: " + ", ".join(f"{count} {outcome}" for outcome, count in self.counts.items())
+        return f"{counted(self.total, 'path')}: " + ", ".join(f"{count} {outcome}" for outcome, count in self.counts.items())
 
 
 # ---------------------------------------------------------------- fetch-from-cache
@@ -2190,7 +2264,7 @@ def narinfo_attestation(cache, pending, narinfo):
         if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
             return VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
-                              "references": references}
+                              "references": references, "source": "cache"}
     return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
 
 
@@ -2247,7 +2321,7 @@ class Importer:
 def fetch_from_cache(args, env):
     """Import what a binary cache vouches for, with its signatures, for every open path of a report."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    report, jobs = parse_report_arguments("fetch-from-cache", args, DEFAULT_FETCH_JOBS)
+    report, jobs = parse_report_arguments(program_name(env, "fetch-from-cache"), args, DEFAULT_FETCH_JOBS)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
         raise ConfigError("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set; "
@@ -2267,6 +2341,15 @@ def fetch_from_cache(args, env):
                 progress.record(outcome, lookups[lookup]["out_path"], detail)
     importer.flush()
     print(progress.summary(), flush=True)
+    return fetch_exit_status(progress)
+
+
+def fetch_exit_status(progress):
+    """1 when there was something to import and nothing was, or when any path failed for a reason
+    other than not being in the cache; the lines above say which and why."""
+    counts = progress.counts
+    if counts[FAILED] or counts[BAD_SIGNATURE] or (progress.total and not counts[IMPORTED]):
+        return 1
     return 0
 
 
@@ -2374,11 +2457,12 @@ def paths_by_derivation(open_paths, env):
 def rebuild(args, env):
     """Rebuild every open path of a report once, with `--check`; the hooks report the results."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    report, jobs = parse_report_arguments("rebuild", args, default_rebuild_jobs(env))
+    report, jobs = parse_report_arguments(program_name(env, "rebuild"), args, default_rebuild_jobs(env))
     require_hooks(env)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
-        say("HASH_COLLECTION_TOKEN is not set: paths you attested before are rebuilt again")
+        say("neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set: "
+            "paths you attested before are rebuilt again")
     server = Server(server_url(env), token, timeout_of(env))
     groups = paths_by_derivation(list(server.pending(report)), env)
     progress = Progress(sum(map(len, groups.values())), (REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING))
@@ -2484,7 +2568,7 @@ def challenge(args, env):
             errors += 1
     if reports:
         present = len({path for path in report_paths if path in local_hashes})
-        say(f"{present} of {len(set(report_paths))} report paths are in the local store")
+        say(f"{present} of {counted(len(set(report_paths)), 'report path')} in the local store")
     counts = dict.fromkeys((IDENTICAL, DIFFER, NO_DATA), 0)
     with ThreadPoolExecutor(max_workers=8) as pool:
         lookups = pool.map(lambda out_path: attestations_or_none(server, out_path), local_hashes)
@@ -2495,7 +2579,7 @@ def challenge(args, env):
             outcome, builders_by_hash = comparison(local_hashes[out_path], attestations)
             print("\n".join(comparison_lines(out_path, local_hashes[out_path], outcome, builders_by_hash)), flush=True)
             counts[outcome] += 1
-    print(f"{sum(counts.values())} paths: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
+    print(f"{counted(sum(counts.values()), 'path')}: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
           f"{counts[NO_DATA]} without data", flush=True)
     if counts[DIFFER]:
         return 2

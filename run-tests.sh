@@ -25,6 +25,7 @@ install_system_packages() {
         echo "run-tests.sh: please install as root: apt-get install ${missing[*]} ${without_recommends[*]}" >&2
         exit 1
     fi
+    echo "run-tests.sh: installing ${missing[*]} with apt-get (about half a minute, once)" >&2
     apt-get update -qq
     if [ "${#missing[@]}" -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

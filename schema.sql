@@ -50,6 +50,9 @@ CREATE TABLE attestations (
     refs TEXT,
     verified INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
+    -- Where the hash came from: 'build', 'check' (a --check rebuild), 'cache' (a binary cache's
+    -- signed narinfo); NULL when the client did not say (clients before schema version 3).
+    source TEXT CHECK (source IN ('build', 'check', 'cache')),
     UNIQUE (output_path, builder_id, output_hash)
 );
 CREATE INDEX attestations_by_derivation ON attestations(derivation_id);

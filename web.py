@@ -34,8 +34,8 @@ from werkzeug.exceptions import HTTPException
 
 import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
-                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, shorten,
-                             verify_signature)
+                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
+                             shorten, verify_signature)
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, verdict  # noqa: F401
 from post_build_hook import SUCCESSFULLY_REPRODUCED as REPRODUCED
@@ -61,6 +61,8 @@ LARGE_BATCH = 1_000
 LARGE_BATCH_CACHE_KIB = 32 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
+# An attestation's optional "source": a build, a `--check` rebuild (the diff hook), an import from a binary cache.
+ATTESTATION_SOURCES = ("build", "check", "cache")
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_LINK_PATTERNS = 100  # per builder
 MAX_PATTERN_LENGTH = 200
@@ -362,8 +364,11 @@ def version_1_public_key(key_text):
     return name, raw
 
 
-# (version, function) pairs: the function brings a database from the version before to this one.
-# Append, never edit; the last version is the schema this code speaks.
+def migrate_to_6(conn):
+    """Attestations say where their hash came from; those made before have no source (NULL, shown as unknown)."""
+    conn.execute("ALTER TABLE attestations ADD COLUMN source TEXT CHECK (source IN ('build', 'check', 'cache'))")
+
+
 def migrate_to_3(conn):
     """Builder-supplied diffs between two outputs of one path."""
     conn.execute("""CREATE TABLE diffs (
@@ -431,7 +436,9 @@ def migrate_to_5(conn):
     conn.execute("""ALTER TABLE reports DROP COLUMN sbom""")
 
 
-MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5)]
+# (version, function) pairs: the function brings a database from the version before to this one.
+# Append, never edit; the last version is the schema this code speaks.
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -577,7 +584,17 @@ def parse_attestation(item, where, drv_ident):
             checked(f"{where}.references[{position}]", parse_store_path, reference)
         references = sorted(set(references))
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
-            "output_sig": output_sig, "nar_size": nar_size, "references": references}
+            "output_sig": output_sig, "nar_size": nar_size, "references": references,
+            "source": attestation_source(item, where)}
+
+
+def attestation_source(item, where):
+    """Where the hash came from, or None: older clients send no source."""
+    source = field(item, "source", where, required=False)
+    if source is not None and source not in ATTESTATION_SOURCES:
+        raise BadInput(f"{where}.source: expected one of {', '.join(map(repr, ATTESTATION_SOURCES))} or no source, "
+                       f"got {shorten(source)!r}")
+    return source
 
 
 def attested_output_path(item, where):
@@ -642,7 +659,8 @@ def store_attestations(conn, builder, attestations):
         verified = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
         references = None if attestation["references"] is None else json.dumps(attestation["references"])
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
-                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at))
+                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at,
+                     attestation["source"]))
     rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
     with transaction(conn), cache_for(conn, len(rows)):
         first_new_id = (conn.execute("SELECT MAX(id) FROM attestations").fetchone()[0] or 0) + 1
@@ -652,8 +670,8 @@ def store_attestations(conn, builder, attestations):
                          sorted({(row[1],) for row in rows if row[1] is not None}))
         conn.executemany(
             "INSERT INTO attestations (builder_id, derivation_id, output_path, output_hash, output_sig,"
-            " nar_size, refs, verified, created_at)"
-            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?)"
+            " nar_size, refs, verified, created_at, source)"
+            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
             " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
@@ -665,7 +683,8 @@ def store_attestations(conn, builder, attestations):
 
 ATTESTATION_COLUMNS = (
     "SELECT builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
-    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at"
+    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at,"
+    " attestations.source"
     " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
     " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
 
@@ -681,6 +700,7 @@ def attestation_object(row):
         "references": json.loads(row["refs"]) if row["refs"] is not None else None,
         "created_at": row["created_at"],
         "verified": bool(row["verified"]),
+        "source": row["source"],
     }
 
 
@@ -2434,12 +2454,59 @@ def release_freed_memory(response):
     return response
 
 
+# ---------------------------------------------------------------- start-up
+# What stops the server or create_user from starting is one line naming the path or
+# port and exit status 1, not a traceback.
+
+def app_or_exit(config, program="web.py"):
+    path = config["DATABASE"]
+    problem = database_file_problem(path)
+    if problem is None:
+        try:
+            return create_app(config)
+        except sqlite3.Error as error:
+            problem = f"cannot use database {path}: {error}"
+        except RuntimeError as error:  # init_db's unknown schema version, which names the path
+            problem = str(error)
+    sys.exit(f"{program}: {problem}")
+
+
+def database_file_problem(path):
+    """What about the file or its directory keeps SQLite from using path, or None.
+
+    Checked before SQLite, whose own message ("unable to open database file") names neither.
+    """
+    path = Path(path)
+    directory = path.parent
+    if path.is_dir():
+        return f"database {path} is a directory; --db takes a file, e.g. {path / 'hashes.db'}"
+    if not directory.is_dir():
+        return f"cannot create database {path}: directory {directory} does not exist"
+    if path.exists():
+        # Only readable: a database that cannot be written still serves reads (writes get 503).
+        if not os.access(path, os.R_OK):
+            return f"cannot read database {path} ({running_as()}; the file's owner is uid {path.stat().st_uid})"
+        return None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create database {path}: directory {directory} is not writable ({running_as()})"
+    return None
+
+
+def bound_server_or_exit(app, host, port, **options):
+    """A waitress server already listening: 'serving on' is only printed once the port is ours."""
+    from waitress import create_server
+    try:
+        return create_server(app, host=host, port=port, **options)
+    except OSError as error:
+        sys.exit(f"web.py: cannot listen on {host}:{port}: {error.strerror or error}")
+
+
 def main(argv=None):
     args = parse_arguments(argv)
-    app = create_app({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
-                      "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
-                      "CHECKPOINT_INTERVAL": args.checkpoint_interval,
-                      **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
+    app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
+                       "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
+                       "CHECKPOINT_INTERVAL": args.checkpoint_interval,
+                       **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
     check_file_descriptors(args.connection_limit)
     with app.app_context():
         # No upload is under way in a server that is just starting: whatever is unpublished was abandoned.
@@ -2447,10 +2514,11 @@ def main(argv=None):
         print(f"transparency log key {app.config['LOG_KEY_FILE']}; give builders its verifier key:"
               f" {log_verifier_key()}", flush=True)
     limit_malloc_arenas()
-    from waitress import serve
+    server = bound_server_or_exit(app, args.host, args.port, threads=args.threads,
+                                  max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB,
+                                  connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
     print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
-    serve(app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB,
-          connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
+    server.run()
 
 
 def parse_arguments(argv):

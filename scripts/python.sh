@@ -26,5 +26,8 @@ run_client() {
         usage >&2
         exit 2
     fi
+    # So that usage errors name the command the user typed, not the Python subcommand.
+    HASH_COLLECTION_PROGRAM=$(basename "$0")
+    export HASH_COLLECTION_PROGRAM
     exec "$(project_python "$here")" "$here/post_build_hook.py" "$subcommand" "$@"
 }

@@ -386,3 +386,59 @@ def test_server_unknown_route_is_404_json(server):
     response = requests.get(f"{server.url}/no-such-thing", timeout=10)
     assert response.status_code == 404
     assert "error" in response.json()
+
+
+# ---------------------------------------------------------------- source
+
+@pytest.mark.parametrize("source", ["build", "check", "cache"])
+def test_source_is_stored_and_returned_in_every_attestation_json(client, token_of, source):
+    ident, path = drv_ident(), out_path()
+    post_attestation(client, token_of("alice"), ident,
+                     [first_generation(path, base32_form(nar_hash_bytes()), source=source)])
+    [by_path] = by_output(client, path)
+    [by_derivation] = client.get(f"/derivations/{ident}?full=true").get_json()
+    [on_output_page] = client.get(f"/outputs/{basename_of(path)}").get_json()
+    assert by_path["source"] == by_derivation["source"] == on_output_page["source"] == source
+
+
+def test_attestation_without_a_source_has_source_null(client, token_of):
+    path = out_path()
+    post_attestation(client, token_of("alice"), drv_ident(), [lila_generation(path, base32_form(nar_hash_bytes()))])
+    [attestation] = by_output(client, path)
+    assert attestation["source"] is None
+
+
+def test_batch_item_keeps_its_source(client, token_of):
+    path = out_path()
+    assert post_batch(client, token_of("importer"),
+                      [batch_item(path, hex_form(nar_hash_bytes()), source="cache")]).status_code == 200
+    assert by_output(client, path)[0]["source"] == "cache"
+
+
+@pytest.mark.parametrize("source", ["rebuild", "", "BUILD", 1, ["build"]])
+def test_unknown_source_is_400_naming_the_field_and_stores_nothing(client, token_of, source):
+    path = out_path()
+    response = post_attestation(client, token_of("alice"), drv_ident(),
+                                [first_generation(path, base32_form(nar_hash_bytes()), source=source)])
+    assert response.status_code == 400
+    assert response.get_json()["error"].startswith("[0].source: expected")
+    assert by_output(client, path) == []
+
+
+def test_output_page_shows_each_attestations_source_and_unknown_for_none(client, token_of):
+    path = out_path("hello-2.12")
+    post_attestation(client, token_of("alice"), drv_ident(),
+                     [first_generation(path, base32_form(nar_hash_bytes()), source="check")])
+    post_attestation(client, token_of("bob"), drv_ident(), [first_generation(path, base32_form(nar_hash_bytes()))])
+    page = client.get(f"/outputs/{basename_of(path)}", headers={"Accept": "text/html"}).get_data(as_text=True)
+    rows = re.findall(r"<tr><td>(\w+)</td>.*?</tr>", page, re.S)
+    assert rows == ["alice", "bob"]
+    cells = [re.sub(r"<[^>]+>|\s+", " ", row).split() for row in re.findall(r"<tr><td>.*?</tr>", page, re.S)]
+    assert [row[-2] for row in cells] == ["check", "unknown"]
+
+
+def test_output_page_heading_is_the_name_with_the_full_path_below(client, token_of):
+    path = out_path("hello-2.12")
+    page = client.get(f"/outputs/{basename_of(path)}", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert re.search(r"<h1>(.*?)</h1>", page).group(1) == "hello-2.12"
+    assert path in page.split("</h1>", 1)[1]

@@ -45,7 +45,7 @@ def test_identical_when_every_builder_has_the_local_hash(nix, server, built):
     ran = challenge(server, first.out)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines() == [f"{first.out}: identical (alice, bob)",
-                                       "1 paths: 1 identical, 0 differ, 0 without data"]
+                                       "1 path: 1 identical, 0 differ, 0 without data"]
 
 
 def test_differs_names_which_builders_have_which_hash(nix, server, built):
@@ -59,7 +59,7 @@ def test_differs_names_which_builders_have_which_hash(nix, server, built):
                                        f"  local hash: {local_hash}",
                                        f"  alice: {local_hash} (same as local)",
                                        f"  mallory: {OTHER_HASH}",
-                                       "1 paths: 0 identical, 1 differ, 0 without data"]
+                                       "1 path: 0 identical, 1 differ, 0 without data"]
 
 
 def test_one_difference_among_identical_paths_still_exits_2(nix, server, built):
@@ -74,7 +74,7 @@ def test_no_data_at_all_exits_1(server, built):
     ran = challenge(server, built["second"].out)
     assert ran.returncode == 1
     assert ran.stdout.splitlines() == [f"{built['second'].out}: no data",
-                                       "1 paths: 0 identical, 0 differ, 1 without data"]
+                                       "1 path: 0 identical, 0 differ, 1 without data"]
 
 
 def test_some_paths_without_data_do_not_fail_an_identical_run(nix, server, built):
@@ -108,7 +108,7 @@ def test_report_checks_every_report_path_present_locally(nix, server, built):
     ran = challenge(server, "--report", "challenged")
     assert ran.returncode == 2
     assert ran.stdout.splitlines()[-1] == "2 paths: 1 identical, 1 differ, 0 without data"
-    assert "2 of 3 report paths are in the local store" in ran.stderr
+    assert "2 of 3 report paths in the local store" in ran.stderr
 
 
 def test_unknown_report_is_an_error(server):

@@ -6,6 +6,7 @@ import string
 import subprocess
 import sys
 
+import pytest
 import requests
 
 import web
@@ -239,3 +240,71 @@ def dump(db):
 def test_every_schema_version_after_the_first_has_a_migration():
     # Version 1 is schema.sql itself; every later version is reached through MIGRATIONS.
     assert [target for target, _sql in web.MIGRATIONS] == list(range(2, web.SCHEMA_VERSION + 1))
+
+
+# ---------------------------------------------------------------- builder names
+
+PUBLIC_KEY = "alice-1:" + "A" * 43 + "="
+
+
+def active_tokens(db, name):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM tokens JOIN builders ON builders.id = tokens.builder_id"
+                            " WHERE builders.name = ? AND revoked = 0", (name,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("name", ["a b/c", ".hidden", "a/b", "alice?x=1", "名前", "a" * 101, "tab\tname"])
+def test_a_new_builder_name_outside_the_store_name_rule_is_refused(tmp_path, name):
+    db = tmp_path / "hashes.db"
+    completed = run_create_user(name, "--db", str(db))
+    assert completed.returncode != 0
+    assert f"builder name {name!r}: use 1 to 100 of A-Z a-z 0-9 + . _ -" in completed.stderr
+    assert completed.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["alice", "cache.nixos.org", "x86_64-builder+2", "_", "a" * 100])
+def test_builder_names_of_the_store_name_rule_are_accepted(tmp_path, name):
+    assert run_create_user(name, "--db", str(tmp_path / "hashes.db")).returncode == 0
+
+
+def test_a_builder_made_before_the_name_rule_keeps_working(tmp_path, server):
+    create_user(server.db, "renamed-later")
+    with sqlite3.connect(server.db) as conn:
+        conn.execute("UPDATE builders SET name = 'old name/with slash' WHERE name = 'renamed-later'")
+    token = create_user(server.db, "old name/with slash")
+    assert post_one(server, token).status_code == 200
+    assert "old name/with slash" in create_user_output(server.db, "--list")
+
+
+# ---------------------------------------------------------------- adding keys
+
+def test_adding_a_key_to_a_builder_says_so_and_makes_no_token(tmp_path):
+    db = tmp_path / "hashes.db"
+    create_user(db, "alice")
+    completed = run_create_user("alice", "--public-key", PUBLIC_KEY, "--db", str(db))
+    assert completed.returncode == 0
+    assert completed.stdout == f"added key {PUBLIC_KEY} to alice\n"
+    assert active_tokens(db, "alice") == 1
+
+
+def test_a_new_builder_with_a_key_gets_the_key_and_a_token(tmp_path):
+    db = tmp_path / "hashes.db"
+    completed = run_create_user("alice", "--public-key", PUBLIC_KEY, "--db", str(db))
+    key_line, token_line = completed.stdout.splitlines()
+    assert key_line == f"added key {PUBLIC_KEY} to alice"
+    assert token_line.startswith("builder alice: new token ")
+    assert active_tokens(db, "alice") == 1
+
+
+def test_new_token_with_a_key_makes_a_token_for_a_builder_that_exists(tmp_path):
+    db = tmp_path / "hashes.db"
+    create_user(db, "alice")
+    token = create_user(db, "alice", "--public-key", PUBLIC_KEY, "--new-token")
+    assert active_tokens(db, "alice") == 2 and token != PUBLIC_KEY
+
+
+def test_adding_a_key_twice_says_the_builder_already_has_it(tmp_path):
+    db = tmp_path / "hashes.db"
+    create_user(db, "alice", "--public-key", PUBLIC_KEY)
+    completed = run_create_user("alice", "--public-key", PUBLIC_KEY, "--db", str(db))
+    assert completed.returncode == 0 and completed.stdout == f"alice already has key {PUBLIC_KEY}\n"

@@ -67,6 +67,7 @@ def test_imports_every_path_with_the_caches_signature_and_it_verifies(nix, serve
         [attestation] = attestations
         assert attestation["builder"] == "cache"
         assert attestation["verified"] is True
+        assert attestation["source"] == "cache"
         assert attestation["output_hash"] == nar_hash(nix, out_path)
         assert attestation["references"] == sorted(query(nix, "--references", out_path))
         message = fingerprint(out_path, attestation["output_hash"], attestation["nar_size"], attestation["references"])
@@ -113,7 +114,7 @@ def test_tampered_nar_hash_counts_as_bad_signature_and_is_not_imported(nix, serv
     cache_dir, cache_url, public = cache
     edit_narinfo(cache_dir, closure["mid"].out, "NarHash", nar_hash(nix, closure["leaf"].out))
     ran = fetch(server, setup_server(server, nix, closure, public), cache_url, public)
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 1, ran.stderr  # a bad signature is a failure, not an absence
     assert summary_line(ran.stdout) == "6 paths: 5 imported, 0 not in cache, 1 bad signature, 0 failed"
     assert attestations_of_output(server, closure["mid"].out) == []
     assert f"bad signature {Path(closure['mid'].out).name[:7]}…-mid" in ran.stdout
@@ -156,7 +157,7 @@ def test_second_run_tries_what_the_cache_lacked_once_more_and_stops(nix, server,
     token = setup_server(server, nix, closure, public)
     fetch(server, token, cache_url, public)
     again = fetch(server, token, cache_url, public)
-    assert summary_line(again.stdout) == "1 paths: 0 imported, 1 not in cache, 0 bad signature, 0 failed"
+    assert summary_line(again.stdout) == "1 path: 0 imported, 1 not in cache, 0 bad signature, 0 failed"
 
 
 def test_two_jobs_give_the_same_outcome_as_one(nix, start_server, closure, cache):
@@ -233,7 +234,7 @@ def test_cache_that_keeps_failing_counts_as_failed_and_the_run_ends(nix, server,
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 1, ran.stderr
     assert summary_line(ran.stdout) == "6 paths: 0 imported, 0 not in cache, 0 bad signature, 6 failed"
     assert "HTTP 502" in ran.stdout
 
@@ -289,3 +290,35 @@ def test_wrong_arguments_are_a_usage_error(args):
     from post_build_hook import ConfigError
     with pytest.raises(ConfigError, match="usage:"):
         parse_report_arguments("fetch-from-cache", args, 8)
+
+
+def test_bad_jobs_names_the_script_not_the_python_subcommand():
+    ran = run_script(SCRIPT, [REPORT, "-j", "x"], {})
+    assert ran.returncode != 0
+    assert "usage: fetch-from-cache.sh REPORT [-j N]: -j expects a positive number of jobs, got 'x'" in ran.stderr
+
+
+def test_unreachable_cache_fails_the_run_and_says_why_in_words(nix, server, closure, cache):
+    _cache_dir, _cache_url, public = cache
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    ran = fetch(server, setup_server(server, nix, closure, public), unreachable, public)
+    assert ran.returncode == 1
+    assert summary_line(ran.stdout) == "6 paths: 0 imported, 0 not in cache, 0 bad signature, 6 failed"
+    failed = [line for line in ran.stdout.splitlines() if " failed " in line]
+    assert len(failed) == 6 and all(f"cannot reach {unreachable}/" in line for line in failed)
+    assert all(": connection refused" in line for line in failed)
+    assert "Error" not in ran.stdout + ran.stderr
+
+
+def test_a_run_that_finds_nothing_in_the_cache_exits_1(nix, server, closure, cache, tmp_path):
+    _cache_dir, _cache_url, public = cache
+    empty_cache = tmp_path / "empty-cache"
+    empty_cache.mkdir()
+    httpd, url = serve_in_thread(http.server.SimpleHTTPRequestHandler, empty_cache)
+    try:
+        ran = fetch(server, setup_server(server, nix, closure, public), url, public)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert ran.returncode == 1
+    assert summary_line(ran.stdout) == "6 paths: 0 imported, 6 not in cache, 0 bad signature, 0 failed"

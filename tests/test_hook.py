@@ -167,6 +167,22 @@ def test_hook_with_out_paths_given_reports_them(server, builder, prebuilt):
     assert len(attestations_of(server, drv_path)) == 1
 
 
+def test_post_build_hook_says_its_hash_comes_from_a_build(server, builder, prebuilt):
+    drv_path, out_path = prebuilt
+    assert run_client(builder, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}).returncode == 0
+    assert [attestation["source"] for attestation in attestations_of(server, drv_path)] == ["build"]
+
+
+def test_diff_hook_says_its_hash_comes_from_a_check(server, builder, prebuilt, tmp_path):
+    drv_path, out_path = prebuilt
+    check_path = tmp_path / "rebuilt.check"
+    check_path.write_text("checked\n")
+    assert run_client(builder, "diff-hook", out_path, str(check_path), drv_path).returncode == 0
+    [checked] = [attestation for attestation in attestations_of(server, drv_path)
+                 if attestation["output_hash"] == post_build_hook.nar_hash_and_size(str(check_path))[0]]
+    assert checked["source"] == "check"
+
+
 def test_hook_outside_nix_says_it_needs_drv_path(builder):
     ran = run_client(builder, drop=("DRV_PATH",))
     assert ran.returncode == 0
@@ -380,3 +396,43 @@ def test_token_file_wins_over_the_variable(tmp_path):
 def test_secret_key_that_is_not_a_nix_key_is_reported_not_used():
     secret_key, problem = post_build_hook.load_secret_key({"HASH_COLLECTION_SECRET_KEY": "just-a-password"})
     assert secret_key is None and "nix key generate-secret" in problem
+
+
+def key_problem_of_file(tmp_path, content):
+    key_file = tmp_path / "secret.key"
+    key_file.write_bytes(content)
+    secret_key, problem = post_build_hook.load_secret_key({"HASH_COLLECTION_SECRET_KEY_FILE": str(key_file)})
+    assert secret_key is None
+    assert f"HASH_COLLECTION_SECRET_KEY_FILE={key_file}" in problem and "neither" not in problem
+    return problem
+
+
+def test_empty_secret_key_file_is_named_and_called_empty(tmp_path):
+    assert "is empty" in key_problem_of_file(tmp_path, b"")
+
+
+def test_secret_key_file_that_is_not_text_is_named(tmp_path):
+    assert "not text" in key_problem_of_file(tmp_path, b"\xff\xfe\x00")
+
+
+def test_secret_key_file_holding_a_public_key_says_so(tmp_path, nix_key):
+    assert "is a public key" in key_problem_of_file(tmp_path, nix_key["public"].encode() + b"\n")
+
+
+def test_secret_key_file_holding_a_password_is_named_without_quoting_it(tmp_path):
+    problem = key_problem_of_file(tmp_path, b"hunter2\n")
+    assert "nix key generate-secret" in problem and "hunter2" not in problem
+
+
+def test_unreadable_secret_key_file_is_named(tmp_path):
+    key_dir = tmp_path / "key-dir"
+    key_dir.mkdir()
+    secret_key, problem = post_build_hook.load_secret_key({"HASH_COLLECTION_SECRET_KEY_FILE": str(key_dir)})
+    assert secret_key is None and f"cannot read HASH_COLLECTION_SECRET_KEY_FILE={key_dir}" in problem
+
+
+def test_empty_token_file_is_named_not_called_unset(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    with pytest.raises(post_build_hook.ConfigError, match=f"HASH_COLLECTION_TOKEN_FILE={token_file} is empty"):
+        post_build_hook.read_secret({"HASH_COLLECTION_TOKEN_FILE": str(token_file)}, "HASH_COLLECTION_TOKEN")

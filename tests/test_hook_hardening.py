@@ -457,7 +457,7 @@ def test_challenge_report_passes_no_server_string_to_nix_as_an_option(loopback, 
     ran = run_client({"HASH_COLLECTION_SERVER": server.url}, "challenge", "--report", "evil")
     for bad in ("--store", "ssh://attacker", "/nix/store/../etc/passwd"):
         assert f"{bad!r}, which is not a store path" in ran.stderr
-    assert ran.stdout.splitlines() == [f"{out_path}: no data", "1 paths: 0 identical, 0 differ, 1 without data"]
+    assert ran.stdout.splitlines() == [f"{out_path}: no data", "1 path: 0 identical, 0 differ, 1 without data"]
 
 
 def test_drv_ident_with_a_question_mark_is_quoted_in_the_url():

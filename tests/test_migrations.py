@@ -170,6 +170,15 @@ def test_link_patterns_made_before_have_no_owner_and_only_admins_change_them(mig
     assert delete(TOKENS["root"]).status_code == 200
 
 
+def test_attestations_made_before_have_no_source_and_new_ones_keep_theirs(migrated):
+    server, rows = migrated
+    assert {row["source"] for row in stored(server, rows["signed"]["output_path"])} == {None}
+    attestation = {"output_path": out_path(), "output_hash": base32_form(nar_hash_bytes()), "source": "check"}
+    assert requests.post(f"{server.url}/attestation/{out_path()[11:]}", json=[attestation],
+                         headers=bearer(TOKENS["bob"]), timeout=TIMEOUT).status_code == 200
+    assert [row["source"] for row in stored(server, attestation["output_path"])] == ["check"]
+
+
 def test_restarting_a_migrated_server_changes_nothing(migrated):
     server, _rows = migrated
     with sqlite3.connect(server.db) as conn:

@@ -159,3 +159,15 @@ def test_default_jobs_come_from_max_cores():
     from post_build_hook import default_rebuild_jobs
     assert default_rebuild_jobs({"MAX_CORES": "3"}) == 3
     assert default_rebuild_jobs({}) >= 1
+
+
+def test_bad_jobs_names_the_script_not_the_python_subcommand():
+    ran = run_script(SCRIPT, [REPORT, "-j", "0"], {})
+    assert ran.returncode != 0
+    assert "usage: rebuilder.sh REPORT [-j N]: -j expects a positive number of jobs, got '0'" in ran.stderr
+
+
+def test_without_a_token_the_warning_names_both_ways_to_give_one(server, local_builder):
+    _settings, nix_config = local_builder
+    ran = rebuild({"HASH_COLLECTION_SERVER": server.url}, nix_config, "no-such-report")
+    assert "neither HASH_COLLECTION_TOKEN_FILE nor HASH_COLLECTION_TOKEN is set" in ran.stderr
