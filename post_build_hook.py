@@ -2,7 +2,8 @@
 """nix-hash-collection client: Nix post-build-hook, diff-hook and tools.
 
 This file also holds the Nix format rules (store paths, hash encodings,
-fingerprints, signatures, NAR) that web.py imports, so each rule has one home.
+fingerprints, signatures, NAR) and the transparency-log formats that web.py
+and create_user.py import, so each rule has one home.
 """
 import base64
 import contextlib
@@ -14,6 +15,12 @@ import stat
 import sys
 import time
 
+# ================================================================ shared Nix formats
+# Imported by web.py and create_user.py as well as used by the client below. This part and the
+# transparency-log formats need only the standard library at import time: pynacl and requests
+# are imported inside the functions that use them, because the hook runs after every build and
+# importing them costs a tenth of a second that a run which does not sign or send should not pay.
+
 STORE_DIR = "/nix/store"
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 SHA256_BYTES = 32
@@ -23,6 +30,14 @@ DIGEST_RE = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}")
 NAME_RE = re.compile(r"[A-Za-z0-9+_?=-][A-Za-z0-9+._?=-]{0,210}")
 STORE_BASENAME_RE = re.compile(r"([0123456789abcdfghijklmnpqrsvwxyz]{32})-(" + NAME_RE.pattern + r")")
 STORE_PATH_RE = re.compile(re.escape(STORE_DIR) + "/" + STORE_BASENAME_RE.pattern)
+
+
+# ---------------------------------------------------------------- messages
+
+def shorten(value, limit=80):
+    """A value for an error message, cut to a readable length: it may come from anyone."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # ---------------------------------------------------------------- nix base32
@@ -70,9 +85,24 @@ def parse_store_path(path):
     if not isinstance(path, str) or not path.startswith(STORE_DIR + "/"):
         raise ValueError(f"expected a store path /nix/store/<32 nix-base32 chars>-<name>, got {shorten(path)!r}")
     try:
-        return parse_store_basename(path[len(STORE_DIR) + 1:])
+        return parse_store_basename(basename_of(path))
     except ValueError:
         raise ValueError(f"expected a store path /nix/store/<32 nix-base32 chars>-<name>, got {shorten(path)!r}") from None
+
+
+def store_path(basename):
+    """'<hash>-<name>' -> '/nix/store/<hash>-<name>'."""
+    return f"{STORE_DIR}/{basename}"
+
+
+def basename_of(path):
+    """'/nix/store/<hash>-<name>' -> '<hash>-<name>'."""
+    return path[len(STORE_DIR) + 1:]
+
+
+def name_of(path):
+    """'/nix/store/<hash>-<name>' -> '<name>': what a person reads."""
+    return path[len(STORE_DIR) + 1 + 32 + 1:]
 
 
 def drv_ident_of(drv_path):
@@ -80,12 +110,7 @@ def drv_ident_of(drv_path):
     parse_store_path(drv_path)
     if not drv_path.endswith(".drv"):
         raise ValueError(f"expected a .drv store path, got {shorten(drv_path)!r}")
-    return drv_path[len(STORE_DIR) + 1:-len(".drv")]
-
-
-def shorten(value, limit=80):
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+    return basename_of(drv_path)[:-len(".drv")]
 
 
 # ---------------------------------------------------------------- NAR hashes
@@ -831,7 +856,7 @@ def output_paths_in(shown, drv_path):
     if derivation is None and len(derivations) == 1:
         derivation = next(iter(derivations.values()))
     paths = [output.get("path") for output in derivation["outputs"].values()]
-    return [path if path.startswith("/") else f"{STORE_DIR}/{path}" for path in paths if path]
+    return [path if path.startswith("/") else store_path(path) for path in paths if path]
 
 
 class PathInfo:
@@ -1691,7 +1716,7 @@ def submission_request(server, submission):
     """(method, URL, JSON body) that delivers a submission."""
     # A diff answered 403 is kept, not set aside: the attestation that allows it may still wait in a spool.
     if "diff" in submission:
-        segments = (submission["out_path"][len(STORE_DIR) + 1:], submission["hash_a"], submission["hash_b"])
+        segments = (basename_of(submission["out_path"]), submission["hash_a"], submission["hash_b"])
         return "PUT", "/".join([server, "diffs", *map(quoted, segments)]), submission["diff"]
     return "POST", attestation_url(server, submission["drv_ident"]), submission["attestations"]
 
@@ -2190,8 +2215,10 @@ class Progress:
 
 # ---------------------------------------------------------------- fetch-from-cache
 
-IMPORTED, NOT_IN_CACHE, BAD_SIGNATURE, FAILED = "imported", "not in cache", "bad signature", "failed"
-VERIFIED = "verified"  # a narinfo whose signature checks out, not yet imported
+# What fetch-from-cache found for a path, and what rebuild got: each outcome named by what produced it.
+CACHE_IMPORTED, CACHE_NOT_FOUND = "imported", "not in cache"
+CACHE_BAD_SIGNATURE, CACHE_FAILED = "bad signature", "failed"
+CACHE_VERIFIED = "verified"  # a narinfo whose signature checks out, not yet imported
 
 
 class Cache:
@@ -2230,27 +2257,27 @@ def parse_narinfo(text):
 
 
 def cache_outcome(cache, pending):
-    """(VERIFIED, attestation) or (NOT_IN_CACHE | BAD_SIGNATURE | FAILED, why) for one open path."""
+    """(CACHE_VERIFIED, attestation) or (CACHE_NOT_FOUND | CACHE_BAD_SIGNATURE | CACHE_FAILED, why) for one path."""
     out_path = pending["out_path"]
     digest, _name = parse_store_path(out_path)
     try:
         response = request_with_retries("GET", f"{cache.url}/{digest}.narinfo", cache.timeout, NARINFO_CAP)
     except TransientError as error:
-        return FAILED, str(error)
+        return CACHE_FAILED, str(error)
     if response.status_code in (404, 410):
-        return NOT_IN_CACHE, None
+        return CACHE_NOT_FOUND, None
     if response.status_code != 200:
-        return FAILED, f"HTTP {response.status_code} from {cache.url}/{digest}.narinfo"
+        return CACHE_FAILED, f"HTTP {response.status_code} from {cache.url}/{digest}.narinfo"
     try:
         return narinfo_attestation(cache, pending, parse_narinfo(response.text))
     except (KeyError, ValueError) as error:
-        return FAILED, f"unusable narinfo: {error}"
+        return CACHE_FAILED, f"unusable narinfo: {error}"
 
 
 def narinfo_attestation(cache, pending, narinfo):
     out_path = pending["out_path"]
     if narinfo["StorePath"] != out_path:
-        return BAD_SIGNATURE, f"the narinfo is for {narinfo['StorePath']}"
+        return CACHE_BAD_SIGNATURE, f"the narinfo is for {narinfo['StorePath']}"
     nar_hash = normalize_nar_hash(narinfo["NarHash"])
     nar_size = int(narinfo["NarSize"])
     references = [STORE_DIR + "/" + reference for reference in narinfo.get("References", "").split()]
@@ -2259,19 +2286,19 @@ def narinfo_attestation(cache, pending, narinfo):
     message = fingerprint(out_path, nar_hash, nar_size, references)
     trusted = [sig for sig in narinfo["Sig"] if sig.partition(":")[0] in cache.trusted_keys]
     if not trusted:
-        return BAD_SIGNATURE, "no signature by " + ", ".join(sorted(cache.trusted_keys))
+        return CACHE_BAD_SIGNATURE, "no signature by " + ", ".join(sorted(cache.trusted_keys))
     for sig in trusted:
         if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
-            return VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
+            return CACHE_VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
                               "references": references, "source": "cache"}
-    return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
+    return CACHE_BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
 
 
 def deriver_of(narinfo, pending):
     """The narinfo's Deriver, else the report's drv path: cache.nixos.org often leaves Deriver out."""
     deriver = narinfo.get("Deriver", "")
-    candidates = [] if deriver in ("", "unknown-deriver") else [f"{STORE_DIR}/{deriver}"]
+    candidates = [] if deriver in ("", "unknown-deriver") else [store_path(deriver)]
     for drv_path in candidates + [pending.get("drv_path")]:
         try:
             drv_ident_of(drv_path)
@@ -2285,7 +2312,7 @@ def safe_cache_outcome(cache, pending):
     try:
         return cache_outcome(cache, pending)
     except Exception as error:  # noqa: BLE001 - one odd path must not end the run
-        return FAILED, f"{error.__class__.__name__}: {error}"
+        return CACHE_FAILED, f"{error.__class__.__name__}: {error}"
 
 
 class Importer:
@@ -2310,12 +2337,12 @@ class Importer:
         reason = self.server.post_attestations(batch)
         if reason is None:
             for attestation in batch:
-                self.progress.record(IMPORTED, attestation["output_path"])
+                self.progress.record(CACHE_IMPORTED, attestation["output_path"])
         elif len(batch) > 1:
             for attestation in batch:
                 self.post([attestation])
         else:
-            self.progress.record(FAILED, batch[0]["output_path"], f"the server refused it: {reason}")
+            self.progress.record(CACHE_FAILED, batch[0]["output_path"], f"the server refused it: {reason}")
 
 
 def fetch_from_cache(args, env):
@@ -2329,13 +2356,13 @@ def fetch_from_cache(args, env):
     cache = load_cache(env)
     server = Server(server_url(env), token, timeout_of(env))
     open_paths = list(server.pending(report))
-    progress = Progress(len(open_paths), (IMPORTED, NOT_IN_CACHE, BAD_SIGNATURE, FAILED))
+    progress = Progress(len(open_paths), (CACHE_IMPORTED, CACHE_NOT_FOUND, CACHE_BAD_SIGNATURE, CACHE_FAILED))
     importer = Importer(server, progress)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         lookups = {pool.submit(safe_cache_outcome, cache, pending): pending for pending in open_paths}
         for lookup in as_completed(lookups):
             outcome, detail = lookup.result()
-            if outcome == VERIFIED:
+            if outcome == CACHE_VERIFIED:
                 importer.add(detail)
             else:
                 progress.record(outcome, lookups[lookup]["out_path"], detail)
@@ -2348,14 +2375,15 @@ def fetch_exit_status(progress):
     """1 when there was something to import and nothing was, or when any path failed for a reason
     other than not being in the cache; the lines above say which and why."""
     counts = progress.counts
-    if counts[FAILED] or counts[BAD_SIGNATURE] or (progress.total and not counts[IMPORTED]):
+    if counts[CACHE_FAILED] or counts[CACHE_BAD_SIGNATURE] or (progress.total and not counts[CACHE_IMPORTED]):
         return 1
     return 0
 
 
 # ---------------------------------------------------------------- rebuild
 
-REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING = "reproduced", "differs", "build failed", "drv missing"
+REBUILD_REPRODUCED, REBUILD_DIFFERS = "reproduced", "differs"
+REBUILD_FAILED, REBUILD_DRV_MISSING = "build failed", "drv missing"
 
 
 def default_rebuild_jobs(env):
@@ -2424,25 +2452,25 @@ def run_build(args, env):
 def rebuild_derivation(drv_path, out_paths, env):
     """(outcome, detail) of building drv_path if needed, then checking it once."""
     if drv_path is None or not store_path_is_valid(drv_path, env):
-        return DRV_MISSING, f"{drv_path} is not in the local store (nix-instantiate it first)" if drv_path \
+        return REBUILD_DRV_MISSING, f"{drv_path} is not in the local store (nix-instantiate it first)" if drv_path \
             else "no drv path in the report and the store knows no deriver"
     if not all(store_path_is_valid(out_path, env) for out_path in out_paths):
         status, last_line = run_build(["nix-store", "--realise", "--", drv_path], env)
         if status != 0:
-            return BUILD_FAILED, last_line
+            return REBUILD_FAILED, last_line
     status, last_line = run_build(["nix-store", "--realise", "--check", "--", drv_path], env)
     if status == 0:
-        return REPRODUCED, None
+        return REBUILD_REPRODUCED, None
     if status == NOT_DETERMINISTIC_STATUS:
-        return DIFFERS, None
-    return BUILD_FAILED, f"--check: {last_line}"
+        return REBUILD_DIFFERS, None
+    return REBUILD_FAILED, f"--check: {last_line}"
 
 
 def safe_rebuild(drv_path, out_paths, env):
     try:
         return rebuild_derivation(drv_path, out_paths, env)
     except Exception as error:  # noqa: BLE001 - one odd derivation must not end the run
-        return BUILD_FAILED, f"{error.__class__.__name__}: {error}"
+        return REBUILD_FAILED, f"{error.__class__.__name__}: {error}"
 
 
 def paths_by_derivation(open_paths, env):
@@ -2465,7 +2493,8 @@ def rebuild(args, env):
             "paths you attested before are rebuilt again")
     server = Server(server_url(env), token, timeout_of(env))
     groups = paths_by_derivation(list(server.pending(report)), env)
-    progress = Progress(sum(map(len, groups.values())), (REPRODUCED, DIFFERS, BUILD_FAILED, DRV_MISSING))
+    progress = Progress(sum(map(len, groups.values())),
+                        (REBUILD_REPRODUCED, REBUILD_DIFFERS, REBUILD_FAILED, REBUILD_DRV_MISSING))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         checks = {pool.submit(safe_rebuild, drv_path, out_paths, env): out_paths
                   for drv_path, out_paths in groups.items()}
@@ -2639,7 +2668,7 @@ def record_log_indexes(spool, attestations, response):
 
 def attested_path(attestation):
     """The output path of an attestation in either generation of field names."""
-    return attestation.get("output_path") or f"{STORE_DIR}/{attestation['output_digest']}-{attestation['output_name']}"
+    return attestation.get("output_path") or store_path(f"{attestation['output_digest']}-{attestation['output_name']}")
 
 
 def log_verifier(env):
