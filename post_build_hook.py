@@ -2078,6 +2078,49 @@ def counted(count, noun):
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+REPORT_COMMAND_HELP = {
+    "fetch-from-cache": f"""usage: {{program}} REPORT [-j N]
+
+Fetches <cache>/<hash>.narinfo for every open path of REPORT, verifies the
+cache's signature and imports the verified hashes as the token's builder.
+
+  -j N   fetch N narinfos at a time (default {DEFAULT_FETCH_JOBS})
+
+Exits 1 when paths were open and none was imported, or when any path failed
+or had a bad signature; "not in cache" alone is not a failure.
+
+Environment:
+  HASH_COLLECTION_TOKEN_FILE or HASH_COLLECTION_TOKEN   token of the builder that stands for the cache
+  HASH_COLLECTION_SERVER      default {DEFAULT_SERVER}
+  HASH_COLLECTION_CACHE       default {DEFAULT_CACHE}
+  HASH_COLLECTION_CACHE_KEY   default {DEFAULT_CACHE_KEY}
+""",
+    "rebuild": f"""usage: {{program}} REPORT [-j N]
+
+For every open path of REPORT: needs its .drv in the local store (nix-instantiate
+the closure first), builds it if the output is missing, then runs
+`nix-store --realise --check`. Refuses to start unless post-build-hook,
+diff-hook and run-diff-hook = true are configured (see `nix show-config`).
+
+  -j N   rebuild N derivations at a time (default: MAX_CORES, else the number of CPUs)
+
+Environment:
+  HASH_COLLECTION_TOKEN_FILE or HASH_COLLECTION_TOKEN   your builder's token (leaves out what you attested)
+  HASH_COLLECTION_SERVER      default {DEFAULT_SERVER}
+  MAX_CORES                   default for -j
+""",
+}
+
+
+def wants_help(args):
+    return any(argument in ("-h", "--help") for argument in args)
+
+
+def report_command_help(env, command):
+    """The usage of fetch-from-cache or rebuild, with the defaults this file uses."""
+    return REPORT_COMMAND_HELP[command].format(program=program_name(env, command))
+
+
 def program_name(env, command):
     """What the user typed: the wrapper's name (fetch-from-cache.sh, rebuilder.sh) when run through one."""
     return env.get("HASH_COLLECTION_PROGRAM", "").strip() or f"post_build_hook.py {command}"
@@ -2348,6 +2391,9 @@ class Importer:
 def fetch_from_cache(args, env):
     """Import what a binary cache vouches for, with its signatures, for every open path of a report."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
+    if wants_help(args):
+        print(report_command_help(env, "fetch-from-cache"), end="")
+        return 0
     report, jobs = parse_report_arguments(program_name(env, "fetch-from-cache"), args, DEFAULT_FETCH_JOBS)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
@@ -2485,6 +2531,9 @@ def paths_by_derivation(open_paths, env):
 def rebuild(args, env):
     """Rebuild every open path of a report once, with `--check`; the hooks report the results."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
+    if wants_help(args):
+        print(report_command_help(env, "rebuild"), end="")
+        return 0
     report, jobs = parse_report_arguments(program_name(env, "rebuild"), args, default_rebuild_jobs(env))
     require_hooks(env)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")

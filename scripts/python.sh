@@ -11,23 +11,19 @@ project_python() {
     fi
 }
 
-# Runs `post_build_hook.py SUBCOMMAND ARGS...` after the wrappers' shared checks:
-# --help anywhere prints the caller's usage(), no arguments at all is a usage error.
+# Runs `post_build_hook.py SUBCOMMAND ARGS...`, whose --help prints the usage with the defaults it
+# uses; no arguments at all is a usage error.
 run_client() {
     local here="$1" subcommand="$2"
     shift 2
-    local argument
-    for argument in "$@"; do
-        case "$argument" in
-            -h | --help) usage; exit 0 ;;
-        esac
-    done
-    if [ "$#" -eq 0 ]; then
-        usage >&2
-        exit 2
-    fi
-    # So that usage errors name the command the user typed, not the Python subcommand.
+    # So that usage and errors name the command the user typed, not the Python subcommand.
     HASH_COLLECTION_PROGRAM=$(basename "$0")
     export HASH_COLLECTION_PROGRAM
-    exec "$(project_python "$here")" "$here/post_build_hook.py" "$subcommand" "$@"
+    local python
+    python=$(project_python "$here")
+    if [ "$#" -eq 0 ]; then
+        "$python" "$here/post_build_hook.py" "$subcommand" --help >&2
+        exit 2
+    fi
+    exec "$python" "$here/post_build_hook.py" "$subcommand" "$@"
 }
