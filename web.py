@@ -1576,7 +1576,14 @@ def side_text(side):
 # The log stores each leaf hash and the hash of every complete subtree of 256^L leaves:
 # those are the C2SP tiles, and any proof is built from O(log n) of them.
 
-LOGGED_COLUMNS = "SELECT attestations.id AS attestation_id, " + ATTESTATION_COLUMNS.removeprefix("SELECT ")
+# What a log entry is made of, and no more: the log's migration (4) runs this on databases
+# that later migrations have not reached yet, so it names only columns that version 4 has.
+LOGGED_COLUMNS = (
+    "SELECT attestations.id AS attestation_id, builders.name AS builder, derivations.drv_ident,"
+    " attestations.output_path, attestations.output_hash, attestations.output_sig, attestations.nar_size,"
+    " attestations.refs, attestations.verified, attestations.created_at"
+    " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
+    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
 FULL_TILE_CACHE = "public, max-age=31536000, immutable"
 PARTIAL_TILE_CACHE = "public, max-age=5"
 TILE_RE = re.compile(r"(0|[1-9][0-9]?|entries)/((?:x[0-9]{3}/)*[0-9]{3})(?:\.p/([1-9][0-9]{0,2}))?")
