@@ -88,6 +88,65 @@ def shorten(value, limit=80):
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+# ---------------------------------------------------------------- fixed-output content addresses
+# A fixed-output path (a source fetched by hash) has `ca` "fixed:[r:]<algo>:<nix base32 hash>", and its
+# store path is computed from that hash: checking the path against the ca means nobody can call an
+# ordinary build output fixed-output, and so take it out of a report's reproducibility count.
+
+FIXED_CA_RE = re.compile(r"fixed:(r:)?(md5|sha1|sha256|sha512):([0123456789abcdfghijklmnpqrsvwxyz]+)")
+CA_HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
+
+
+def make_store_path(path_type, inner_hash_hex, name):
+    """Nix's makeStorePath: the digest is sha256 of '<type>:sha256:<hex>:<store>:<name>' folded to 20 bytes."""
+    full = hashlib.sha256(f"{path_type}:sha256:{inner_hash_hex}:{STORE_DIR}:{name}".encode()).digest()
+    folded = bytearray(20)
+    for position, byte in enumerate(full):
+        folded[position % 20] ^= byte
+    return f"{STORE_DIR}/{nix_base32_encode(bytes(folded))}-{name}"
+
+
+def fixed_output_path(ca, name):
+    """The store path Nix gives a fixed-output path named `name` with content address `ca`, or ValueError."""
+    match = FIXED_CA_RE.fullmatch(ca) if isinstance(ca, str) else None
+    if not match:
+        raise ValueError(f"expected a fixed-output content address fixed:[r:]<sha256|sha512|sha1|md5>:<nix base32>,"
+                         f" got {shorten(ca)!r}")
+    recursive, algorithm, encoded = match.groups()
+    hex_hash = nix_base32_decode(encoded, CA_HASH_BYTES[algorithm]).hex()
+    if recursive and algorithm == "sha256":
+        return make_store_path("source", hex_hash, name)
+    inner = hashlib.sha256(f"fixed:out:{recursive or ''}{algorithm}:{hex_hash}:".encode()).hexdigest()
+    return make_store_path("output:out", inner, name)
+
+
+def fixed_content_address(ca):
+    """A path-info `ca` as "fixed:…" text when it marks a fixed-output path, else None (text:…, absent).
+
+    Nix before 2.33 writes ca as text; later versions as {"method": "flat"|"nar"|"text"|"git", "hash": SRI}.
+    """
+    if isinstance(ca, str):
+        return ca if ca.startswith("fixed:") else None
+    if not isinstance(ca, dict) or ca.get("method") not in ("flat", "nar"):
+        return None
+    algorithm, _dash, encoded = str(ca.get("hash", "")).partition("-")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raw = b""
+    if CA_HASH_BYTES.get(algorithm) != len(raw):
+        raise ValueError(f"ca.hash: expected an SRI hash such as sha256-<base64>, got {shorten(ca.get('hash'))!r}")
+    return f"fixed:{'r:' if ca['method'] == 'nar' else ''}{algorithm}:{nix_base32_encode(raw)}"
+
+
+def check_fixed_output(out_path, ca):
+    """ca itself when out_path is the fixed-output path of ca; else ValueError saying why not."""
+    _digest, name = parse_store_path(out_path)
+    if fixed_output_path(ca, name) != out_path:
+        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)}: the store path differs")
+    return ca
+
+
 # ---------------------------------------------------------------- NAR hashes
 
 CANONICAL_SHA256_RE = re.compile(r"sha256:[01][0123456789abcdfghijklmnpqrsvwxyz]{51}")
