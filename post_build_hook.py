@@ -862,11 +862,12 @@ def output_paths_in(shown, drv_path):
 
 
 class PathInfo:
-    def __init__(self, out_path, nar_hash, nar_size, references):
+    def __init__(self, out_path, nar_hash, nar_size, references, ca=None):
         self.out_path = out_path
         self.nar_hash = nar_hash
         self.nar_size = nar_size
         self.references = references
+        self.ca = ca  # "fixed:…" for a fixed-output path
 
 
 def path_infos(out_paths, env):
@@ -884,7 +885,31 @@ def path_infos(out_paths, env):
     missing = [path for path in out_paths if path not in infos]
     if missing:
         raise StoreQueryError(f"nix-store --dump-db did not describe {missing[0]}")
+    for out_path, ca in fixed_content_addresses(out_paths, env).items():
+        infos[out_path].ca = ca
     return [infos[path] for path in out_paths]
+
+
+def fixed_content_addresses(out_paths, env):
+    """{out_path: "fixed:…"} of the fixed-output paths among out_paths. --dump-db has no ca, so this asks
+    `nix path-info --json`; without it (a Nix that lacks the command) the outputs are simply not marked."""
+    try:
+        shown = json.loads(run_nix(["nix", "--extra-experimental-features", "nix-command", "path-info", "--json",
+                                    "--", *out_paths], env))
+    except (StoreQueryError, ValueError):
+        return {}
+    entries = shown.items() if isinstance(shown, dict) else ((info.get("path"), info) for info in shown
+                                                              if isinstance(info, dict))
+    addresses = {}
+    for path, info in entries:
+        path = path if isinstance(path, str) and path.startswith("/") else f"{STORE_DIR}/{path}"
+        try:
+            ca = fixed_content_address(info.get("ca")) if isinstance(info, dict) else None
+            if ca is not None and path in out_paths:
+                addresses[path] = check_fixed_output(path, ca)
+        except ValueError:
+            continue
+    return addresses
 
 
 def references_of(out_path, env):
@@ -1407,6 +1432,8 @@ def attestation(info, secret_key):
     if info.references is None:
         return entry
     entry["references"] = sorted(info.references)
+    if info.ca:
+        entry["ca"] = info.ca
     if secret_key:
         entry["output_sig"] = sign_fingerprint(
             secret_key, fingerprint(info.out_path, info.nar_hash, info.nar_size, info.references))
@@ -2249,6 +2276,11 @@ def narinfo_attestation(cache, pending, narinfo):
     references = [STORE_DIR + "/" + reference for reference in narinfo.get("References", "").split()]
     for reference in references:
         parse_store_path(reference)
+    ca = narinfo.get("CA") or None
+    if ca is not None and not ca.startswith("fixed:"):
+        ca = None
+    if ca is not None:
+        check_fixed_output(out_path, ca)
     message = fingerprint(out_path, nar_hash, nar_size, references)
     trusted = [sig for sig in narinfo["Sig"] if sig.partition(":")[0] in cache.trusted_keys]
     if not trusted:
@@ -2257,7 +2289,7 @@ def narinfo_attestation(cache, pending, narinfo):
         if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
             return VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
-                              "references": references}
+                              "references": references, **({"ca": ca} if ca else {})}
     return BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
 
 
