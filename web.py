@@ -1125,9 +1125,9 @@ def closure_children(items, index_of, max_edges):
 
 
 def looks_like_path_info(document):
-    """Nix 2.8's list (a CycloneDX SBOM is never a list), or newer Nix's object keyed by store path."""
+    """Nix 2.8's list of objects with path and references, or newer Nix's object keyed by store path."""
     if isinstance(document, list):
-        return True
+        return bool(document) and isinstance(document[0], dict) and bool({"path", "references"} & document[0].keys())
     return (isinstance(document, dict) and "bomFormat" not in document and bool(document)
             and all(isinstance(key, str) and (key.startswith(STORE_DIR + "/") or DIGEST_RE.match(key))
                     for key in itertools.islice(document, 10)))
