@@ -113,6 +113,65 @@ def drv_ident_of(drv_path):
     return basename_of(drv_path)[:-len(".drv")]
 
 
+# ---------------------------------------------------------------- fixed-output content addresses
+# A fixed-output path (a source fetched by hash) has `ca` "fixed:[r:]<algo>:<nix base32 hash>", and its
+# store path is computed from that hash: checking the path against the ca means nobody can call an
+# ordinary build output fixed-output, and so take it out of a report's reproducibility count.
+
+FIXED_CA_RE = re.compile(r"fixed:(r:)?(md5|sha1|sha256|sha512):([0123456789abcdfghijklmnpqrsvwxyz]+)")
+CA_HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
+
+
+def make_store_path(path_type, inner_hash_hex, name):
+    """Nix's makeStorePath: the digest is sha256 of '<type>:sha256:<hex>:<store>:<name>' folded to 20 bytes."""
+    full = hashlib.sha256(f"{path_type}:sha256:{inner_hash_hex}:{STORE_DIR}:{name}".encode()).digest()
+    folded = bytearray(20)
+    for position, byte in enumerate(full):
+        folded[position % 20] ^= byte
+    return f"{STORE_DIR}/{nix_base32_encode(bytes(folded))}-{name}"
+
+
+def fixed_output_path(ca, name):
+    """The store path Nix gives a fixed-output path named `name` with content address `ca`, or ValueError."""
+    match = FIXED_CA_RE.fullmatch(ca) if isinstance(ca, str) else None
+    if not match:
+        raise ValueError(f"expected a fixed-output content address fixed:[r:]<sha256|sha512|sha1|md5>:<nix base32>,"
+                         f" got {shorten(ca)!r}")
+    recursive, algorithm, encoded = match.groups()
+    hex_hash = nix_base32_decode(encoded, CA_HASH_BYTES[algorithm]).hex()
+    if recursive and algorithm == "sha256":
+        return make_store_path("source", hex_hash, name)
+    inner = hashlib.sha256(f"fixed:out:{recursive or ''}{algorithm}:{hex_hash}:".encode()).hexdigest()
+    return make_store_path("output:out", inner, name)
+
+
+def fixed_content_address(ca):
+    """A path-info `ca` as "fixed:…" text when it marks a fixed-output path, else None (text:…, absent).
+
+    Nix before 2.33 writes ca as text; later versions as {"method": "flat"|"nar"|"text"|"git", "hash": SRI}.
+    """
+    if isinstance(ca, str):
+        return ca if ca.startswith("fixed:") else None
+    if not isinstance(ca, dict) or ca.get("method") not in ("flat", "nar"):
+        return None
+    algorithm, _dash, encoded = str(ca.get("hash", "")).partition("-")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raw = b""
+    if CA_HASH_BYTES.get(algorithm) != len(raw):
+        raise ValueError(f"ca.hash: expected an SRI hash such as sha256-<base64>, got {shorten(ca.get('hash'))!r}")
+    return f"fixed:{'r:' if ca['method'] == 'nar' else ''}{algorithm}:{nix_base32_encode(raw)}"
+
+
+def check_fixed_output(out_path, ca):
+    """ca itself when out_path is the fixed-output path of ca; else ValueError saying why not."""
+    _digest, name = parse_store_path(out_path)
+    if fixed_output_path(ca, name) != out_path:
+        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)}: the store path differs")
+    return ca
+
+
 # ---------------------------------------------------------------- NAR hashes
 
 CANONICAL_SHA256_RE = re.compile(r"sha256:[01][0123456789abcdfghijklmnpqrsvwxyz]{51}")
@@ -860,11 +919,12 @@ def output_paths_in(shown, drv_path):
 
 
 class PathInfo:
-    def __init__(self, out_path, nar_hash, nar_size, references):
+    def __init__(self, out_path, nar_hash, nar_size, references, ca=None):
         self.out_path = out_path
         self.nar_hash = nar_hash
         self.nar_size = nar_size
         self.references = references
+        self.ca = ca  # "fixed:…" for a fixed-output path
 
 
 def path_infos(out_paths, env):
@@ -882,7 +942,31 @@ def path_infos(out_paths, env):
     missing = [path for path in out_paths if path not in infos]
     if missing:
         raise StoreQueryError(f"nix-store --dump-db did not describe {missing[0]}")
+    for out_path, ca in fixed_content_addresses(out_paths, env).items():
+        infos[out_path].ca = ca
     return [infos[path] for path in out_paths]
+
+
+def fixed_content_addresses(out_paths, env):
+    """{out_path: "fixed:…"} of the fixed-output paths among out_paths. --dump-db has no ca, so this asks
+    `nix path-info --json`; without it (a Nix that lacks the command) the outputs are simply not marked."""
+    try:
+        shown = json.loads(run_nix(["nix", "--extra-experimental-features", "nix-command", "path-info", "--json",
+                                    "--", *out_paths], env))
+    except (StoreQueryError, ValueError):
+        return {}
+    entries = shown.items() if isinstance(shown, dict) else ((info.get("path"), info) for info in shown
+                                                              if isinstance(info, dict))
+    addresses = {}
+    for path, info in entries:
+        path = path if isinstance(path, str) and path.startswith("/") else f"{STORE_DIR}/{path}"
+        try:
+            ca = fixed_content_address(info.get("ca")) if isinstance(info, dict) else None
+            if ca is not None and path in out_paths:
+                addresses[path] = check_fixed_output(path, ca)
+        except ValueError:
+            continue
+    return addresses
 
 
 def references_of(out_path, env):
@@ -1419,13 +1503,15 @@ SUBMISSION_FIELDS = ("drv_ident", "attestations")
 
 def attestation(info, secret_key, source):
     """One output in lila's field names, plus what a verifier needs to rebuild the fingerprint,
-    and where the hash came from ("build" or "check"; servers before schema version 3 ignore it)."""
+    and where the hash came from ("build" or "check"; older servers ignore it)."""
     digest, name = parse_store_path(info.out_path)
     entry = {"output_digest": digest, "output_name": name, "output_hash": info.nar_hash,
              "output_sig": "", "nar_size": info.nar_size, "source": source}
     if info.references is None:
         return entry
     entry["references"] = sorted(info.references)
+    if info.ca:
+        entry["ca"] = info.ca
     if secret_key:
         entry["output_sig"] = sign_fingerprint(
             secret_key, fingerprint(info.out_path, info.nar_hash, info.nar_size, info.references))
@@ -2326,6 +2412,11 @@ def narinfo_attestation(cache, pending, narinfo):
     references = [STORE_DIR + "/" + reference for reference in narinfo.get("References", "").split()]
     for reference in references:
         parse_store_path(reference)
+    ca = narinfo.get("CA") or None
+    if ca is not None and not ca.startswith("fixed:"):
+        ca = None
+    if ca is not None:
+        check_fixed_output(out_path, ca)
     message = fingerprint(out_path, nar_hash, nar_size, references)
     trusted = [sig for sig in narinfo["Sig"] if sig.partition(":")[0] in cache.trusted_keys]
     if not trusted:
@@ -2334,7 +2425,7 @@ def narinfo_attestation(cache, pending, narinfo):
         if signature_is_good(cache.trusted_keys[sig.partition(":")[0]], message, sig):
             return CACHE_VERIFIED, {"drv_path": deriver_of(narinfo, pending), "output_path": out_path,
                               "output_hash": nar_hash, "output_sig": sig, "nar_size": nar_size,
-                              "references": references, "source": "cache"}
+                              "references": references, "source": "cache", **({"ca": ca} if ca else {})}
     return CACHE_BAD_SIGNATURE, f"the signature by {trusted[0].partition(':')[0]} does not match NarHash, NarSize and References"
 
 

@@ -51,8 +51,10 @@ CREATE TABLE attestations (
     verified INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     -- Where the hash came from: 'build', 'check' (a --check rebuild), 'cache' (a binary cache's
-    -- signed narinfo); NULL when the client did not say (clients before schema version 3).
+    -- signed narinfo); NULL when the client did not say (clients before schema version 6).
     source TEXT CHECK (source IN ('build', 'check', 'cache')),
+    -- "fixed:…" when the output is fixed-output; web.py has checked that the path is made from it.
+    ca TEXT,
     UNIQUE (output_path, builder_id, output_hash)
 );
 CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
@@ -65,7 +67,9 @@ CREATE TABLE reports (
     root TEXT NOT NULL,
     -- The dependency tree in display order, as compact JSON rows, so views never re-parse the SBOM.
     tree TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    -- The Content-Type of the upload kept in report_sbom_pieces: CycloneDX, or Nix's own closure output.
+    source_type TEXT NOT NULL DEFAULT 'application/vnd.cyclonedx+json'
 );
 
 -- One row per SBOM component; a component may have several output paths.
@@ -82,6 +86,7 @@ CREATE TABLE report_paths (
     out_path TEXT NOT NULL,
     component_idx INTEGER NOT NULL,
     output TEXT,
+    ca TEXT,  -- "fixed:…" when the upload marks the path fixed-output (path-info's ca)
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
 

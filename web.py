@@ -36,7 +36,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import CANONICAL_SHA256_RE, changed_aspects
+from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, verdict  # noqa: F401
 from post_build_hook import SUCCESSFULLY_REPRODUCED as REPRODUCED
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -48,12 +48,16 @@ HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 
 VERDICTS = [REPRODUCED, PARTIALLY, NONDETERMINISTIC, ONE_BUILD, NO_BUILDS]
+# A fixed-output path (a source fetched by hash) is identical by construction: it is labelled apart,
+# never counted in the reproducibility share, and never suggested for building.
+FIXED_OUTPUT = "Fixed-output, checked by hash"
+REPORT_LABELS = VERDICTS + [FIXED_OUTPUT]
 VERDICT_COLOURS = {REPRODUCED: "#2e9d3a", PARTIALLY: "#e0a000", NONDETERMINISTIC: "#d3302f",
-                   ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9"}
+                   ONE_BUILD: "#8fa3b8", NO_BUILDS: "#d9d9d9", FIXED_OUTPUT: "#6a8caf"}
 # Each verdict's badge: a CSS class and one ASCII character. Not emoji, which a machine
 # without an emoji font shows as empty boxes; the label itself is the badge's accessible name.
 VERDICT_BADGES = {REPRODUCED: ("reproduced", "R"), PARTIALLY: ("partial", "P"), NONDETERMINISTIC: ("nondeterministic", "N"),
-                  ONE_BUILD: ("one-build", "1"), NO_BUILDS: ("no-builds", "0")}
+                  ONE_BUILD: ("one-build", "1"), NO_BUILDS: ("no-builds", "0"), FIXED_OUTPUT: ("fixed-output", "F")}
 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
 MAX_BATCH = 10_000
@@ -150,7 +154,7 @@ def create_app(config=None):
     app.after_request(release_freed_memory)
     app.jinja_env.filters["output_href"] = output_href
     app.jinja_env.filters["badge"] = verdict_badge
-    app.jinja_env.globals["badge_colours"] = [(VERDICT_BADGES[label][0], VERDICT_COLOURS[label]) for label in VERDICTS]
+    app.jinja_env.globals["badge_colours"] = [(VERDICT_BADGES[label][0], VERDICT_COLOURS[label]) for label in REPORT_LABELS]
     app.register_blueprint(routes)
     with app.app_context():
         init_db()
@@ -436,9 +440,17 @@ def migrate_to_5(conn):
     conn.execute("""ALTER TABLE reports DROP COLUMN sbom""")
 
 
+def migrate_to_7(conn):
+    """Fixed-output paths, from a report (path-info's ca) or an attestation; a report's upload format."""
+    conn.execute("ALTER TABLE attestations ADD COLUMN ca TEXT")
+    conn.execute("ALTER TABLE report_paths ADD COLUMN ca TEXT")
+    conn.execute(f"ALTER TABLE reports ADD COLUMN source_type TEXT NOT NULL DEFAULT '{CYCLONEDX_TYPE}'")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
-MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6)]
+MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
+              (7, migrate_to_7)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -583,9 +595,12 @@ def parse_attestation(item, where, drv_ident):
         for position, reference in enumerate(references):
             checked(f"{where}.references[{position}]", parse_store_path, reference)
         references = sorted(set(references))
+    ca = field(item, "ca", where, required=False)
+    if ca is not None:
+        checked(f"{where}.ca", lambda value: check_fixed_output(output_path, value), ca)
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
             "output_sig": output_sig, "nar_size": nar_size, "references": references,
-            "source": attestation_source(item, where)}
+            "source": attestation_source(item, where), "ca": ca}
 
 
 def attestation_source(item, where):
@@ -660,7 +675,7 @@ def store_attestations(conn, builder, attestations):
         references = None if attestation["references"] is None else json.dumps(attestation["references"])
         rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
                      attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at,
-                     attestation["source"]))
+                     attestation["source"], attestation.get("ca")))
     rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
     with transaction(conn), cache_for(conn, len(rows)):
         first_new_id = (conn.execute("SELECT MAX(id) FROM attestations").fetchone()[0] or 0) + 1
@@ -670,8 +685,8 @@ def store_attestations(conn, builder, attestations):
                          sorted({(row[1],) for row in rows if row[1] is not None}))
         conn.executemany(
             "INSERT INTO attestations (builder_id, derivation_id, output_path, output_hash, output_sig,"
-            " nar_size, refs, verified, created_at, source)"
-            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?, ?)"
+            " nar_size, refs, verified, created_at, source, ca)"
+            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
             " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
@@ -681,12 +696,13 @@ def store_attestations(conn, builder, attestations):
     return indexes
 
 
-ATTESTATION_COLUMNS = (
-    "SELECT builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
-    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at,"
-    " attestations.source"
-    " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
-    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
+# What a log entry holds; migration 4 logs old attestations with it, before later columns (ca) exist.
+LOGGED_FIELDS = (
+    "builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
+    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at")
+ATTESTATION_FROM = (" FROM attestations JOIN builders ON builders.id = attestations.builder_id"
+                    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
+ATTESTATION_COLUMNS = "SELECT " + LOGGED_FIELDS + ", attestations.source, attestations.ca" + ATTESTATION_FROM
 
 
 def attestation_object(row):
@@ -701,6 +717,7 @@ def attestation_object(row):
         "created_at": row["created_at"],
         "verified": bool(row["verified"]),
         "source": row["source"],
+        "ca": row["ca"],
     }
 
 
@@ -744,9 +761,42 @@ def report_verdicts(conn, report_id):
     return {path: verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
 
 
-def verdict_counts(verdicts):
-    counts = Counter(verdicts.values())
-    return {label: counts.get(label, 0) for label in VERDICTS}
+def fixed_output_condition():
+    """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says."""
+    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM attestations WHERE attestations.output_path ="
+            " report_paths.out_path AND attestations.ca IS NOT NULL" + counted_attestations_clause() + "))")
+
+
+def fixed_output_paths(conn, report_id):
+    return {row[0] for row in conn.execute(
+        "SELECT out_path FROM report_paths WHERE report_id = ? AND " + fixed_output_condition(), (report_id,))}
+
+
+def report_labels(conn, report_id):
+    """{out_path: label} that every view of a report shows: the path's verdict, or FIXED_OUTPUT."""
+    labels = report_verdicts(conn, report_id)
+    for out_path in fixed_output_paths(conn, report_id):
+        labels[out_path] = FIXED_OUTPUT
+    return labels
+
+
+def verdict_counts(labels):
+    counts = Counter(labels.values())
+    return {label: counts.get(label, 0) for label in REPORT_LABELS}
+
+
+def headline(counts):
+    """r13y's headline: paths reproduced among those that are not fixed-output."""
+    total = sum(counts[label] for label in VERDICTS)
+    reproduced = counts[REPRODUCED]
+    return {"reproduced": reproduced, "total": total, "percent": round(100 * reproduced / total, 2) if total else None,
+            "fixed_output": counts[FIXED_OUTPUT]}
+
+
+def headline_sentence(numbers):
+    if not numbers["total"]:
+        return "0 of 0 paths reproduced"
+    return f"{numbers['reproduced']} of {numbers['total']} paths reproduced ({numbers['percent']:.2f}%)"
 
 
 # ---------------------------------------------------------------- SBOM parsing
@@ -763,6 +813,7 @@ class SbomContents(NamedTuple):
     drv_paths: list
     paths: list  # (out_path, component index, output name)
     tree_json: str
+    fixed_output: dict = {}  # {out_path: "fixed:…" ca} of paths the upload marks fixed-output
 
 
 def parse_sbom(sbom, max_paths, max_edges):
@@ -935,6 +986,189 @@ def tree_json(rows, rows_per_piece=10_000):
     return "[" + ",".join(pieces) + "]"
 
 
+# ---------------------------------------------------------------- reports from Nix's own output
+# `nix path-info --json -r`, `nix-store -q --tree` and `nix-store -qR [--include-outputs]` describe a
+# closure directly. Each is read into ClosureItems, and closure_contents turns those into the same
+# SbomContents a CycloneDX SBOM gives, so storage, limits and views are shared.
+
+PATH_INFO_TYPE = "application/x-nix-path-info+json"
+NIX_TREE_TYPE = "text/x-nix-tree"
+NIX_PATHS_TYPE = "text/x-nix-paths"
+REPORT_TYPES = (CYCLONEDX_TYPE, PATH_INFO_TYPE, NIX_TREE_TYPE, NIX_PATHS_TYPE)
+# One level of `nix-store -q --tree`: "├───" or "└───" before a path, "│   " or four spaces above it.
+TREE_LINE_RE = re.compile(r"((?:\u2502   |    )*)([\u251c\u2514]\u2500\u2500\u2500)?(\S+?)( \[\.\.\.\])?")
+
+
+class ClosureItem(NamedTuple):
+    path: str
+    references: list  # store paths
+    deriver: str | None
+    ca: str | None  # "fixed:…" for a fixed-output path
+    where: str  # where the item is in the upload, for error messages
+
+
+def full_store_path(text, where):
+    """A store path, from the full path or the basename newer Nix writes in path-info JSON."""
+    path = text if isinstance(text, str) and text.startswith("/") else f"{STORE_DIR}/{text}"
+    return checked(where, lambda value: parse_store_path(value) and value, path if isinstance(text, str) else text)
+
+
+def path_info_entries(document):
+    """(path text, info object, where) from Nix 2.8's list or the object keyed by path of Nix 2.19 and later."""
+    if isinstance(document, list):
+        for position, info in enumerate(released(document)):
+            if not isinstance(info, dict):
+                raise BadInput(f"path-info [{position}]: expected an object, got {type(info).__name__}")
+            yield field(info, "path", f"path-info [{position}]"), info, f"path-info [{position}]"
+    elif isinstance(document, dict):
+        for path, info in document.items():
+            where = f"path-info {shorten(path)!r}"
+            if not isinstance(info, dict):
+                raise BadInput(f"{where}: expected an object, got {'null: not a valid path' if info is None else type(info).__name__}")
+            yield path, info, where
+    else:
+        raise BadInput(f"path-info: expected a JSON list or object, got {type(document).__name__}")
+
+
+def path_info_items(document):
+    for path_text, info, where in path_info_entries(document):
+        path = full_store_path(path_text, f"{where}.path")
+        references = [full_store_path(reference, f"{where}.references[{position}]")
+                      for position, reference in enumerate(field(info, "references", where, kind=list, required=False) or [])]
+        deriver = info.get("deriver")
+        deriver = full_store_path(deriver, f"{where}.deriver") if deriver is not None else None
+        ca = checked(f"{where}.ca", fixed_content_address, info.get("ca"))
+        if ca is not None:
+            checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
+        yield ClosureItem(path, references, deriver, ca, where)
+
+
+def nix_tree_items(text):
+    """Items of `nix-store -q --tree` output: a line's parent is the nearest line above it one level up."""
+    references, where_of, parents = {}, {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        depth, path = tree_line(line, number)
+        if depth > len(parents):
+            raise BadInput(f"tree line {number}: indented deeper than the line above it allows, in {shorten(line)!r}")
+        del parents[depth:]
+        if parents and path not in references[parents[-1]]:
+            references[parents[-1]].append(path)
+        references.setdefault(path, [])
+        where_of.setdefault(path, f"tree line {number}")
+        parents.append(path)
+    return [ClosureItem(path, refs, None, None, where_of[path]) for path, refs in references.items()]
+
+
+def tree_line(line, number):
+    """(depth, store path) of one line of `nix-store -q --tree`; a path marked [...] was shown above."""
+    match = TREE_LINE_RE.fullmatch(line)
+    if not match or (match.group(1) and not match.group(2)):
+        raise BadInput(f"tree line {number}: expected a store path indented by `nix-store -q --tree`"
+                       f" (├───, └───, │), got {shorten(line)!r}")
+    path = checked(f"tree line {number}", lambda value: parse_store_path(value) and value, match.group(3))
+    return len(match.group(1)) // 4 + bool(match.group(2)), path
+
+
+def nix_paths_items(text):
+    """Items of `nix-store -qR [--include-outputs]` output, one path a line; each output is linked to the
+    listed .drv of its name, when exactly one matches. The path asked for is the last line."""
+    listed = [(number, checked(f"line {number}", lambda value: parse_store_path(value) and value, line.strip()))
+              for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    drvs_by_name = defaultdict(list)
+    for _number, path in listed:
+        if path.endswith(".drv"):
+            drvs_by_name[parse_store_path(path)[1][:-len(".drv")]].append(path)
+    items = [ClosureItem(path, [], deriver_by_name(path, drvs_by_name), None, f"line {number}") for number, path in listed]
+    return items[-1:] + items[:-1]
+
+
+def deriver_by_name(out_path, drvs_by_name):
+    """The one .drv whose outputs Nix would name like out_path (<name> or <name>-<output>), else None."""
+    if out_path.endswith(".drv"):
+        return None
+    name = parse_store_path(out_path)[1]
+    candidates = [drv for cut in [len(name)] + [i for i, char in enumerate(name) if char == "-"]
+                  for drv in drvs_by_name.get(name[:cut], ())]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def closure_contents(items, root, max_paths, max_edges):
+    """SbomContents of a closure's items, the root first; fixed_output maps each fixed-output path to its ca."""
+    items = list(items)
+    if root is not None:
+        position = next((position for position, item in enumerate(items) if item.path == root), None)
+        if position is None:
+            raise BadInput(f"root: {shorten(root)} is not in the closure")
+        items.insert(0, items.pop(position))
+    index_of, names, drv_paths, paths, fixed_output = {}, [], [], [], {}
+    for item in items:
+        if item.path in index_of:
+            raise BadInput(f"{item.where}: {item.path} is listed twice")
+        if len(names) == max_paths:
+            raise ReportTooLarge(f"closure: more than {max_paths} store paths; this server's limit is {max_paths}"
+                                 " components and store paths per report (--max-report-paths)")
+        index_of[item.path] = len(names)
+        drv_path = item.path if item.path.endswith(".drv") else item.deriver
+        names.append(parse_store_path(item.path)[1])
+        drv_paths.append(drv_path)
+        if not item.path.endswith(".drv"):
+            paths.append((item.path, len(names) - 1, output_name(item.path, drv_path)))
+        if item.ca is not None:
+            fixed_output[item.path] = item.ca
+    if not paths:
+        raise BadInput("closure yields no output path: it lists only .drv files")
+    children = closure_children(items, index_of, max_edges)
+    return SbomContents(items[0].path, names, drv_paths, paths, tree_json(display_tree(len(names), children)), fixed_output)
+
+
+def closure_children(items, index_of, max_edges):
+    """{index: {child index: None}} from references; a reference outside the closure is refused, as a
+    report of part of a closure would count and suggest paths without what they depend on."""
+    children, edges = {}, 0
+    for index, item in enumerate(items):
+        kids = children.setdefault(index, {})
+        for reference in item.references:
+            child = index_of.get(reference)
+            if child is None:
+                raise BadInput(f"{item.where}: references {shorten(reference)}, which the closure does not list;"
+                               " send the whole closure (nix path-info --json -r)")
+            if child != index and child not in kids:
+                kids[child] = None
+                edges += 1
+                if edges > max_edges:
+                    raise ReportTooLarge(f"closure: more than {max_edges} distinct references; this server's limit"
+                                         f" is {max_edges} per report (--max-report-edges)")
+    return children
+
+
+def looks_like_path_info(document):
+    """Nix 2.8's list of objects with path and references, or newer Nix's object keyed by store path."""
+    if isinstance(document, list):
+        return bool(document) and isinstance(document[0], dict) and bool({"path", "references"} & document[0].keys())
+    return (isinstance(document, dict) and "bomFormat" not in document and bool(document)
+            and all(isinstance(key, str) and (key.startswith(STORE_DIR + "/") or DIGEST_RE.match(key))
+                    for key in itertools.islice(document, 10)))
+
+
+def report_contents(content_type, text, root, max_paths, max_edges):
+    """(the upload's format, its SbomContents) by Content-Type; JSON that is path-info is detected."""
+    if content_type == NIX_TREE_TYPE:
+        return NIX_TREE_TYPE, closure_contents(nix_tree_items(text), root, max_paths, max_edges)
+    if content_type == NIX_PATHS_TYPE:
+        return NIX_PATHS_TYPE, closure_contents(nix_paths_items(text), root, max_paths, max_edges)
+    if content_type not in (PATH_INFO_TYPE, CYCLONEDX_TYPE, "application/json", ""):
+        raise BadInput(f"Content-Type: expected one of {', '.join(REPORT_TYPES)} or application/json,"
+                       f" got {shorten(content_type)!r}")
+    document = parsed_json(text)
+    if content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and looks_like_path_info(document)):
+        return PATH_INFO_TYPE, closure_contents(path_info_items(document), root, max_paths, max_edges)
+    if root is not None:
+        raise BadInput("root: a CycloneDX SBOM names its own root (metadata.component)")
+    return CYCLONEDX_TYPE, parse_sbom(document, max_paths, max_edges)
+
+
 # ---------------------------------------------------------------- reports
 # A report is written under an unpublished name, a chunk of rows per transaction, and published by
 # renaming it in one short transaction: attestation writers wait for one chunk at most, never for a
@@ -952,7 +1186,8 @@ UPLOAD_RETRY_AFTER_S = 10
 def find_report(conn, name):
     report = None
     if not name.startswith(UNPUBLISHED_PREFIX):
-        report = conn.execute("SELECT id, name, owner_id, root, created_at FROM reports WHERE name = ?", (name,)).fetchone()
+        report = conn.execute("SELECT id, name, owner_id, root, source_type, created_at FROM reports WHERE name = ?",
+                              (name,)).fetchone()
     if report is None:
         abort(404, f"no report named {shorten(name)!r}")
     return report
@@ -1027,12 +1262,12 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom_text, contents):
+def define_report(conn, name, owner, sbom_text, source_type, contents):
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     with unpublished.using(staging, replaced):
         try:
-            write_unpublished_report(conn, staging, owner, sbom_text, contents)
+            write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents)
             publish_report(conn, staging, name, owner, replaced)
         except BaseException:
             remove_report_if_possible(conn, staging)
@@ -1040,17 +1275,20 @@ def define_report(conn, name, owner, sbom_text, contents):
         remove_report(conn, replaced)
 
 
-def write_unpublished_report(conn, staging, owner, sbom_text, contents):
+def write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents):
     with transaction(conn):
-        report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, created_at) VALUES (?, ?, ?, ?, ?)",
-                                 (staging, owner["id"], contents.root, contents.tree_json, now_iso())).lastrowid
+        report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, source_type, created_at)"
+                                 " VALUES (?, ?, ?, ?, ?, ?)", (staging, owner["id"], contents.root, contents.tree_json,
+                                                               source_type, now_iso())).lastrowid
     write_sbom(conn, report_id, sbom_text)
     with cache_for(conn, len(contents.paths)):
         insert_in_chunks(conn, "INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, ?)",
                          ((report_id, index, name, drv_path)
                           for index, (name, drv_path) in enumerate(zip(contents.names, contents.drv_paths))))
-        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output)"
-                         " VALUES (?, ?, ?, ?)", ((report_id, *row) for row in sorted_in_runs(contents.paths)))
+        fixed_output = contents.fixed_output.get
+        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca)"
+                         " VALUES (?, ?, ?, ?, ?)",
+                         ((report_id, *row, fixed_output(row[0])) for row in sorted_in_runs(contents.paths)))
 
 
 def write_sbom(conn, report_id, sbom_text):
@@ -1158,7 +1396,7 @@ class IndexCounts:
             self.counts = {report_id: self.counts[report_id] for report_id in cached - stale}
             for report_id in report_ids:
                 if report_id not in self.counts:
-                    self.counts[report_id] = verdict_counts(report_verdicts(conn, report_id))
+                    self.counts[report_id] = verdict_counts(report_labels(conn, report_id))
             return dict(self.counts)
 
 
@@ -1215,7 +1453,8 @@ def open_questions(conn, report_id, builder, after=None, limit=None):
     sql = ("SELECT report_paths.out_path, COUNT(DISTINCT attestations.builder_id) AS builders,"
            " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
            " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
-           " WHERE report_paths.report_id = ?" + (" AND report_paths.out_path > ?" if after else "") +
+           " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
+           (" AND report_paths.out_path > ?" if after else "") +
            " GROUP BY report_paths.out_path HAVING builders < 2 AND mine = 0 ORDER BY report_paths.out_path")
     parameters = [caller, report_id] + ([after] if after else [])
     if limit is not None:
@@ -1358,6 +1597,8 @@ def narinfo_text(attestation):
     ]
     if attestation["drv_path"]:
         lines.append(f"Deriver: {attestation['drv_path'][len(STORE_DIR) + 1:]}")
+    if attestation["ca"]:
+        lines.append(f"CA: {attestation['ca']}")
     # is_signature: a signature stored before version 2 may hold a line break.
     if is_signature(attestation["output_sig"]):
         lines.append(f"Sig: {attestation['output_sig']}")
@@ -1576,14 +1817,7 @@ def side_text(side):
 # The log stores each leaf hash and the hash of every complete subtree of 256^L leaves:
 # those are the C2SP tiles, and any proof is built from O(log n) of them.
 
-# What a log entry is made of, and no more: the log's migration (4) runs this on databases
-# that later migrations have not reached yet, so it names only columns that version 4 has.
-LOGGED_COLUMNS = (
-    "SELECT attestations.id AS attestation_id, builders.name AS builder, derivations.drv_ident,"
-    " attestations.output_path, attestations.output_hash, attestations.output_sig, attestations.nar_size,"
-    " attestations.refs, attestations.verified, attestations.created_at"
-    " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
-    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
+LOGGED_COLUMNS = "SELECT attestations.id AS attestation_id, " + LOGGED_FIELDS + ATTESTATION_FROM
 FULL_TILE_CACHE = "public, max-age=31536000, immutable"
 PARTIAL_TILE_CACHE = "public, max-age=5"
 TILE_RE = re.compile(r"(0|[1-9][0-9]?|entries)/((?:x[0-9]{3}/)*[0-9]{3})(?:\.p/([1-9][0-9]{0,2}))?")
@@ -1881,8 +2115,17 @@ def wants_html():
 def report_format():
     """The first of these that the client names explicitly; anything else gets the text tree."""
     named = set(request.accept_mimetypes.values())
-    return next((mimetype for mimetype in (CYCLONEDX_TYPE, "application/json", "text/html") if mimetype in named),
+    return next((mimetype for mimetype in (*REPORT_TYPES, "application/json", "text/html") if mimetype in named),
                 "text/plain")
+
+
+def uploaded_document(conn, report, wanted):
+    """The report as uploaded, in the format it was uploaded in. A report made from Nix's output has no
+    CycloneDX SBOM to give, and a converted one would be ours, not the uploader's: that is a 406."""
+    source_type = report["source_type"]
+    if source_type not in set(request.accept_mimetypes.values()):
+        abort(406, f"this report was uploaded as {source_type}, not {wanted}; ask for Accept: {source_type}")
+    return Response(sbom_pieces(conn, report["id"]), mimetype=source_type)
 
 
 # ---------------------------------------------------------------- routes
@@ -1902,6 +2145,7 @@ def report_format():
 #   PUT    /reports/<name>                            put_report
 #   DELETE /reports/<name>                            delete_report
 #   GET    /reports/<name>                            show_report
+#   GET    /reports/<name>/badge.svg                  report_badge
 #   GET    /reports/<name>/suggested                  suggested
 #   GET    /reports/<name>/suggest                    suggest
 #   GET    /reports/<name>/pending                    pending
@@ -2100,10 +2344,10 @@ def list_reports():
     counts_of = current_app.extensions["index_counts"].of_reports(conn, [row["id"] for row in rows])
     reports = []
     for row in rows:
-        counts = counts_of[row["id"]]
-        total = sum(counts.values())
-        reports.append({"name": row["name"], "root": row["root"], "total": total,
-                        "reproduced": counts[REPRODUCED], "share": counts[REPRODUCED] / total if total else 0})
+        numbers = headline(counts_of[row["id"]])
+        reports.append({"name": row["name"], "root": row["root"], "total": numbers["total"],
+                        "reproduced": numbers["reproduced"], "share": (numbers["percent"] or 0) / 100,
+                        "fixed_output": numbers["fixed_output"]})
     return render_template("reports.html", reports=reports)
 
 
@@ -2117,12 +2361,13 @@ def put_report(name):
         remove_abandoned_reports(conn)
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
-        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM")
+        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
         with cyclic_gc_paused():
-            contents = parse_sbom(parsed_json(text), current_app.config["MAX_REPORT_PATHS"],
-                                  current_app.config["MAX_REPORT_EDGES"])
+            source_type, contents = report_contents(request.mimetype, text, request.args.get("root"),
+                                                    current_app.config["MAX_REPORT_PATHS"],
+                                                    current_app.config["MAX_REPORT_EDGES"])
             try:
-                define_report(conn, name, builder, text, contents)
+                define_report(conn, name, builder, text, source_type, contents)
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
             finally:
@@ -2151,18 +2396,32 @@ def show_report(name):
     wanted = report_format()
     with read_snapshot(conn):
         report = find_report(conn, name)
-        if wanted == CYCLONEDX_TYPE:
-            return Response(sbom_pieces(conn, report["id"]), mimetype=CYCLONEDX_TYPE)
+        if wanted in REPORT_TYPES:
+            return uploaded_document(conn, report, wanted)
         with cyclic_gc_paused():
-            verdicts = report_verdicts(conn, report["id"])
+            verdicts = report_labels(conn, report["id"])
             if wanted == "application/json":
-                return jsonify(name=report["name"], root=report["root"], counts=verdict_counts(verdicts), paths=verdicts,
-                               diffs=report_diffs(conn, report["id"]))
+                counts = verdict_counts(verdicts)
+                return jsonify(name=report["name"], root=report["root"], counts=counts, headline=headline(counts),
+                               paths=verdicts, diffs=report_diffs(conn, report["id"]))
             components = report_components(conn, report["id"])
             tree = report_tree(conn, report["id"])
         if wanted == "text/plain":
             return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
         return report_page(conn, report, components, tree, verdicts)
+
+
+@routes.get("/reports/<name>/badge.svg")
+def report_badge(name):
+    conn = get_db()
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        numbers = headline(verdict_counts(report_labels(conn, report["id"])))
+    response = Response(render_template("badge.svg", **badge_parts(report["name"], numbers)), mimetype="image/svg+xml")
+    # The ETag is the badge's own bytes: it changes exactly when the headline does.
+    response.add_etag()
+    response.headers["Cache-Control"] = "public, max-age=60"
+    return response.make_conditional(request)
 
 
 @routes.get("/reports/<name>/suggested")
@@ -2341,8 +2600,10 @@ def report_page(conn, report, components, tree, verdicts):
     links_of = link_matcher(conn)
     listed = lambda labels: [(path, names.get(path), label, links_of(path))
                              for path, label in verdicts.items() if label in labels]
+    numbers = headline(counts)
     return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
-        bar=verdict_bar(counts, total), colours=VERDICT_COLOURS,
+        headline=numbers, headline_sentence=headline_sentence(numbers),
+        bar=verdict_bar(counts, total), colours=VERDICT_COLOURS, fixed_output=listed({FIXED_OUTPUT}),
         not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
         tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"],
         diff_links=report_diff_links(conn, report["id"]))
@@ -2358,7 +2619,7 @@ def streamed_page(template_name, **context):
 def verdict_bar(counts, total):
     """Segments of the SVG share bar: [{label, x, width, colour}] in percent."""
     segments, x = [], 0.0
-    for label in VERDICTS:
+    for label in REPORT_LABELS:
         width = 100.0 * counts[label] / total if total else 0.0
         if width:
             segments.append({"label": label, "x": x, "width": width, "colour": VERDICT_COLOURS[label],
@@ -2414,6 +2675,17 @@ def rendered_nodes(components, verdicts):
         node = f'{badge}<a href="{escape_html(output_href(path))}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append((node, f'<a href="#n{index}">{name}</a>'))
     return nodes
+
+
+def badge_parts(report_name, numbers):
+    """What templates/badge.svg draws: shields.io's layout, widths from a rough 7 px per character."""
+    percent = numbers["percent"]
+    value = "no paths" if percent is None else f"{percent:.2f}%"
+    colour = (VERDICT_COLOURS[NO_BUILDS] if percent is None else VERDICT_COLOURS[REPRODUCED] if percent >= 99
+              else VERDICT_COLOURS[PARTIALLY] if percent >= 90 else VERDICT_COLOURS[NONDETERMINISTIC])
+    label = "reproduced"
+    return {"label": label, "value": value, "colour": colour, "label_width": 10 + 7 * len(label),
+            "value_width": 10 + 7 * len(value), "title": f"{report_name}: {headline_sentence(numbers)}"}
 
 
 def verdict_badge(label, element_id=None):

@@ -8,6 +8,7 @@ as in a real closure. The same seed always gives the same closure.
 usage: python bench/closure.py PATHS [--seed S] > sbom.json
 """
 import argparse
+import base64
 import json
 import random
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from post_build_hook import NIX_BASE32, STORE_DIR  # noqa: E402
+from post_build_hook import NIX_BASE32, STORE_DIR, fixed_output_path, nix_base32_encode  # noqa: E402
 
 PACKAGES = ("glibc", "bash", "coreutils", "zlib", "openssl", "python3", "perl", "systemd", "glib", "gtk+3",
             "mesa", "libffi", "ncurses", "sqlite", "curl", "expat", "freetype", "harfbuzz", "icu", "llvm")
@@ -35,6 +36,28 @@ def generate_sbom(paths, seed=1, edges=6):
     return {"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
             "metadata": {"component": sbom_component(nodes[0], "application")},
             "components": [sbom_component(node, "library") for node in nodes[1:]], "dependencies": dependencies}
+
+
+def generate_path_info(paths, seed=1, edges=6, fixed_share=0.05):
+    """The same shape of closure as `nix path-info --json -r` prints it in Nix 2.8: a list of objects with
+    path, narHash, narSize, references, deriver, and ca for the fixed-output share of them."""
+    rng = random.Random(seed)
+    nodes = [closure_node(rng, number) for number in range(paths)]
+    for node in nodes[1:]:
+        if rng.random() < fixed_share:
+            node["ca"] = "fixed:r:sha256:" + nix_base32_encode(rng.randbytes(32))
+            node["out"] = fixed_output_path(node["ca"], node["out"].partition("-")[2])
+    infos = []
+    for number, node in enumerate(nodes):
+        later = range(number + 1, paths)
+        count = min(len(later), rng.randint(0, 2 * edges) if number else 3 * edges)
+        info = {"path": node["out"], "narHash": "sha256-" + base64.b64encode(rng.randbytes(32)).decode(),
+                "narSize": rng.randint(100, 10**8), "references": [nodes[other]["out"] for other in sorted(rng.sample(later, count))],
+                "deriver": node["drv"], "registrationTime": 1700000000, "ultimate": True}
+        if "ca" in node:
+            info["ca"] = node["ca"]
+        infos.append(info)
+    return infos
 
 
 def closure_node(rng, number):

@@ -6,10 +6,12 @@ some of them disagreeing. Then, in one run, it times
   json.load of the SBOM file, PUT /reports/<name>, GET /reports/<name> as HTML,
   text and JSON, and GET /reports/<name>/suggest,
 
-prints each time and its ratio to json.load, and reads the server's peak resident
+prints each time and its ratio to json.load; then json.load and PUT of the same closure as
+`nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); and reads the server's peak resident
 memory (VmHWM) from /proc/<pid>/status at the end.
 
 Targets (issue 4): PUT and each GET <= 5x json.load, /suggest <= 0.5x, peak RSS <= 200 MB.
+Issue 19: the path-info PUT <= 3x json.load of the path-info file.
 Each time is the median of --repeat runs (default 3). Exit status 1 when a target is missed.
 usage: python bench/report.py [--paths N] [--repeat R]
 """
@@ -28,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from post_build_hook import nix_base32_encode  # noqa: E402
-from closure import generate_sbom  # noqa: E402
+from closure import generate_path_info, generate_sbom  # noqa: E402
 from served import create_builder, memory_kib, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
@@ -36,6 +38,7 @@ BUILDERS = ("bench-a", "bench-b", "bench-c")
 REPORT = "bench-closure"
 PUT_TARGET = GET_TARGET = 5.0
 SUGGEST_TARGET = 0.5
+PATH_INFO_TARGET = 3.0  # issue 19: a `nix path-info --json -r` PUT, against json.load of that file
 RSS_TARGET_MB = 200
 
 
@@ -128,7 +131,20 @@ def run(args, directory):
             def suggest():
                 checked_response(session.get(report_url + "/suggest", headers=owner)).content
 
+            path_info_file = directory / "path-info.json"
+            path_info_file.write_text(json.dumps(generate_path_info(args.paths)))
+            raw_path_info = path_info_file.read_bytes()
+
+            def load_path_info():
+                with open(path_info_file, "rb") as path_info_stream:
+                    json.load(path_info_stream)
+
+            def put_path_info():
+                checked_response(session.put(report_url + "-path-info", data=raw_path_info,
+                                             headers={**owner, "Content-Type": "application/x-nix-path-info+json"}))
+
             baseline = median_time(args.repeat, load)
+            path_info_baseline = median_time(args.repeat, load_path_info)
             put()  # the report must exist before the GETs; the timed PUTs below redefine it
             rows = [("json.load", baseline, None),
                     ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET),
@@ -136,6 +152,9 @@ def run(args, directory):
                     ("GET as text/plain", median_time(args.repeat, get_as("text/plain")), GET_TARGET),
                     ("GET as application/json", median_time(args.repeat, get_as("application/json")), GET_TARGET),
                     ("GET /suggest", median_time(args.repeat, suggest), SUGGEST_TARGET)]
+            rows = [(*row, baseline) for row in rows] + [
+                ("json.load of path-info", path_info_baseline, None, path_info_baseline),
+                ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline)]
         rss = memory_kib(process.pid, "VmHWM") / 1024
     finally:
         process.terminate()
@@ -151,8 +170,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="hash-collection-bench-") as directory:
         rows, rss = run(args, Path(directory))
     missed = []
-    baseline = rows[0][1]
-    for what, seconds, target in rows:
+    for what, seconds, target, baseline in rows:
         ratio = seconds / baseline
         verdict = "" if target is None else f"target <= {target:g}x  {'ok' if ratio <= target else 'MISSED'}"
         if target is not None and ratio > target:

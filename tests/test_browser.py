@@ -121,3 +121,19 @@ def test_verdicts_are_readable_badges_without_an_emoji_font(browser_page, report
         assert background not in ("rgba(0, 0, 0, 0)", "transparent")
     reproduced = browser_page.get_by_role("img", name=REPRODUCED)
     assert reproduced.count() >= 2  # in the counts table and on browser-lib's tree node
+
+
+HOSTILE_REPORT_NAME = "-_.x--._"  # every kind of character a report name may hold, a leading '-' too
+
+
+def test_badge_renders_as_svg_for_a_hostile_report_name(browser_page, server):
+    owner = server.create_user("owner")
+    closure = samples.nix_build_sbom(CLOSURE)
+    assert requests.put(f"{server.url}/reports/{HOSTILE_REPORT_NAME}", json=closure.sbom, headers=bearer(owner),
+                        timeout=10).status_code == 200
+    response = browser_page.goto(f"{server.url}/reports/{HOSTILE_REPORT_NAME}/badge.svg")
+    assert response.status == 200 and response.headers["content-type"].startswith("image/svg+xml")
+    assert browser_page.evaluate("document.documentElement.namespaceURI") == "http://www.w3.org/2000/svg"
+    assert browser_page.locator("text").all_text_contents() == ["reproduced", "0.00%"]
+    assert HOSTILE_REPORT_NAME in browser_page.evaluate("document.querySelector('title').textContent")
+    assert [error for error in browser_page.console_errors if "favicon.ico" not in error] == []

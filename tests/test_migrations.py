@@ -204,3 +204,11 @@ def test_a_report_keeps_its_sbom_byte_for_byte(migrated):
     server, _rows = migrated
     sbom = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/vnd.cyclonedx+json"}, timeout=TIMEOUT)
     assert sbom.content == b'{"bomFormat": "CycloneDX"}'
+
+
+def test_a_report_made_before_version_7_is_cyclonedx_with_no_fixed_output_path(migrated):
+    server, _rows = migrated
+    report = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/json"}, timeout=TIMEOUT).json()
+    assert report["headline"] == {"reproduced": 0, "total": 2, "percent": 0.0, "fixed_output": 0}
+    sbom = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/vnd.cyclonedx+json"}, timeout=TIMEOUT)
+    assert sbom.headers["Content-Type"] == "application/vnd.cyclonedx+json"

@@ -63,7 +63,7 @@ def test_verdict_counts_match_paths(server, report, posts, expected):
     for builder, result in posts:
         post_as(server, tokens, builder, report.out("verdict-lib"), result)
     summary = verdicts_of(server)
-    expected_counts = {label: 0 for label in web.VERDICTS}
+    expected_counts = {label: 0 for label in web.REPORT_LABELS}
     expected_counts[web.NO_BUILDS] += 1  # the root, never attested here
     expected_counts[expected] += 1
     assert summary["counts"] == expected_counts

@@ -222,7 +222,7 @@ def test_text_view_prints_names_verbatim(client, tokens):
 
 def test_json_summary_has_name_root_counts_paths(client, report):
     summary = client.get("/reports/views", headers=JSON).get_json()
-    assert set(summary) == {"name", "root", "counts", "paths", "diffs"}
+    assert set(summary) == {"name", "root", "counts", "headline", "paths", "diffs"}
     assert (summary["name"], summary["root"]) == ("views", report.root)
 
 
@@ -239,7 +239,8 @@ def test_json_summary_paths_carry_verdicts(client, report):
 
 def test_json_summary_counts_every_label(client, report):
     counts = client.get("/reports/views", headers=JSON).get_json()["counts"]
-    assert counts == {web.REPRODUCED: 1, web.PARTIALLY: 0, web.NONDETERMINISTIC: 1, web.ONE_BUILD: 0, web.NO_BUILDS: 3}
+    assert counts == {web.REPRODUCED: 1, web.PARTIALLY: 0, web.NONDETERMINISTIC: 1, web.ONE_BUILD: 0, web.NO_BUILDS: 3,
+                      web.FIXED_OUTPUT: 0}
 
 
 def test_cyclonedx_round_trip_is_byte_identical(client, tokens, closure):
@@ -266,7 +267,7 @@ def test_root_is_the_html_index(client, report):
 def test_reports_index_as_html_shows_share_reproduced(client, report):
     html = client.get("/reports", headers=HTML).get_data(as_text=True)
     assert 'href="/reports/views"' in html
-    assert "20.0%" in html
+    assert "20.00%" in html
 
 
 def test_reports_without_html_accept_is_json_list_of_names(client, report):

@@ -1,0 +1,242 @@
+"""Reports from Nix's own output (path-info JSON, --tree text, path lists), fixed-output paths, the headline and badge."""
+import json
+import subprocess
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import requests
+
+import post_build_hook as hook
+import sbom_samples as samples
+import web
+from support import REPO, bearer, write_derivation
+
+DATA = REPO / "tests" / "data"
+JSON = {"Accept": "application/json"}
+TOP = "/nix/store/12rw54nxyrf1zbx74clsvjpyjhl04hik-top"
+SRC = "/nix/store/svf8sc2h744f55dn5kpbggmq16zvc0bz-src.txt"  # fixed-output: "echo hello" by sha256
+DEP = "/nix/store/zrvnb2xzslqxq45xga6zd8q9imrz48gd-dep"
+TOP_DRV = "/nix/store/wj07b91zxhy0ymb6l9f4hxc49076b7g9-top.drv"
+SRC_CA = "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
+
+
+def nix_28_path_info():
+    """What Nix 2.8's `nix path-info --json -r TOP` prints for that closure: a list."""
+    keyed = json.loads((DATA / "path-info-keyed.json").read_text())
+    return [{"path": path, **info} for path, info in keyed.items()]
+
+
+def put(client, token, name, body, content_type, query=""):
+    data = body if isinstance(body, str) else json.dumps(body)
+    return client.put(f"/reports/{name}{query}", data=data, content_type=content_type, headers=bearer(token))
+
+
+def summary(client, name):
+    response = client.get(f"/reports/{name}", headers=JSON)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def text_tree(client, name):
+    return client.get(f"/reports/{name}", headers={"Accept": "text/plain"}).get_data(as_text=True)
+
+
+def attest(client, token, path, result="good", **extra):
+    response = client.post("/attestations", json=[{**samples.attestation(path, result), **extra}], headers=bearer(token))
+    assert response.status_code == 200, response.get_json()
+
+
+# ---------------------------------------------------------------- the three formats
+
+@pytest.mark.parametrize("content_type", ["application/x-nix-path-info+json", "application/json"])
+def test_nix_28_path_info_list_gives_paths_edges_and_drv_links(client, tokens, content_type):
+    assert put(client, tokens("owner"), "pi", nix_28_path_info(), content_type).status_code == 200
+    assert summary(client, "pi")["root"] == TOP
+    assert set(summary(client, "pi")["paths"]) == {TOP, SRC, DEP}
+    lines = text_tree(client, "pi").splitlines()
+    assert lines[0].startswith(TOP) and {line.strip().split()[0] for line in lines[1:]} == {SRC, DEP}
+    assert all(line.startswith("  ") for line in lines[1:])
+    suggested = client.get("/reports/pi/suggest?limit=10").get_json()
+    assert {"out_path": TOP, "drv_path": TOP_DRV, "output": "out"} in suggested
+
+
+@pytest.mark.parametrize("fixture", ["path-info-keyed.json", "path-info-v2.json"])
+def test_path_info_keyed_by_path_as_newer_nix_prints_it_is_parsed(client, tokens, fixture):
+    body = (DATA / fixture).read_text()
+    assert put(client, tokens("owner"), "keyed", body, "application/json", f"?root={TOP}").status_code == 200
+    report = summary(client, "keyed")
+    assert set(report["paths"]) == {TOP, SRC, DEP}
+    assert report["paths"][SRC] == web.FIXED_OUTPUT
+    assert report["headline"] == {"reproduced": 0, "total": 2, "percent": 0.0, "fixed_output": 1}
+
+
+def test_nix_tree_text_gives_edges_and_repeats(client, tokens):
+    tree = (f"{TOP}\n├───{DEP}\n│   └───{SRC}\n└───{SRC} [...]\n")
+    assert put(client, tokens("owner"), "tree", tree, "text/x-nix-tree").status_code == 200
+    lines = text_tree(client, "tree").splitlines()
+    assert lines[0].startswith(TOP) and lines[1].startswith(f"  {DEP}") and lines[2].startswith(f"    {SRC}")
+    assert lines[3] == f"  {SRC} (shown above)"
+
+
+def test_path_list_links_outputs_to_the_drv_of_their_name_and_ends_with_the_root(client, tokens):
+    listed = f"{SRC}\n{DEP}\n{TOP}\n{TOP_DRV}\n"
+    assert put(client, tokens("owner"), "list", listed, "text/x-nix-paths").status_code == 200
+    assert summary(client, "list")["root"] == TOP_DRV
+    suggested = client.get("/reports/list/suggest?limit=10").get_json()
+    assert {"out_path": TOP, "drv_path": TOP_DRV, "output": "out"} in suggested
+    assert {"out_path": DEP} in suggested  # its .drv is not listed
+
+
+def test_a_report_from_nix_is_given_back_as_uploaded_and_not_as_cyclonedx(client, tokens):
+    tree = f"{TOP}\n└───{DEP}\n"
+    put(client, tokens("owner"), "orig", tree, "text/x-nix-tree")
+    assert client.get("/reports/orig", headers={"Accept": "application/vnd.cyclonedx+json"}).status_code == 406
+    original = client.get("/reports/orig", headers={"Accept": "text/x-nix-tree"})
+    assert original.status_code == 200 and original.mimetype == "text/x-nix-tree"
+    assert original.get_data(as_text=True) == tree
+
+
+# ---------------------------------------------------------------- bad input: a 4xx naming what is wrong, nothing stored
+
+BAD_UPLOADS = [
+    ("text/x-nix-tree", f"{TOP}\n├──{DEP}\n", "tree line 2"),
+    ("text/x-nix-tree", f"{TOP}\n│   │   └───{DEP}\n", "tree line 2: indented deeper"),
+    ("text/x-nix-tree", f"{TOP}\n└───/nix/store/not-a-store-path\n", "tree line 2"),
+    ("application/json", [{"references": []}], "path-info [0].path: missing"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [DEP]}], "not list"),
+    ("application/x-nix-path-info+json", {TOP: None}, "not a valid path"),
+    ("application/x-nix-path-info+json", [{"path": DEP, "references": [], "ca": SRC_CA}], "path-info [0].ca"),
+    ("text/x-nix-paths", f"{TOP}\nhello\n", "line 2"),
+    ("text/x-nix-paths", f"{TOP_DRV}\n", "lists only .drv"),
+    ("text/csv", "a,b\n", "Content-Type"),
+]
+
+
+@pytest.mark.parametrize("content_type, body, named", BAD_UPLOADS)
+def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(client, tokens, content_type, body, named):
+    response = put(client, tokens("owner"), "bad", body, content_type)
+    assert response.status_code == 400
+    assert named in response.get_json()["error"]
+    assert client.get("/reports/bad", headers=JSON).status_code == 404
+
+
+def test_root_outside_the_closure_is_refused(client, tokens):
+    response = put(client, tokens("owner"), "bad", nix_28_path_info(), "application/json", f"?root={TOP_DRV}")
+    assert response.status_code == 400 and "root" in response.get_json()["error"]
+
+
+def test_oversized_closure_is_refused(start_server):
+    server = start_server("--max-report-paths", "2")
+    token = server.create_user("owner")
+    response = requests.put(f"{server.url}/reports/big", data=json.dumps(nix_28_path_info()),
+                            headers={**bearer(token), "Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 413 and "--max-report-paths" in response.json()["error"]
+    assert requests.get(f"{server.url}/reports/big", headers=JSON, timeout=10).status_code == 404
+
+
+# ---------------------------------------------------------------- fixed-output paths
+
+def test_an_attestation_with_ca_makes_a_path_fixed_output_in_every_view(client, tokens):
+    put(client, tokens("owner"), "tree", f"{TOP}\n├───{DEP}\n└───{SRC}\n", "text/x-nix-tree")
+    attest(client, tokens("alice"), SRC, ca=SRC_CA)
+    report = summary(client, "tree")
+    assert report["paths"][SRC] == web.FIXED_OUTPUT
+    assert report["counts"][web.FIXED_OUTPUT] == 1 and report["counts"][web.NO_BUILDS] == 2
+    assert report["headline"] == {"reproduced": 0, "total": 2, "percent": 0.0, "fixed_output": 1}
+    suggested = [entry["out_path"] for entry in client.get("/reports/tree/suggest?limit=10").get_json()]
+    assert SRC not in suggested and len(suggested) == 2
+    assert SRC not in [entry["out_path"] for entry in client.get("/reports/tree/pending").get_json()["paths"]]
+    html = client.get("/reports/tree", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert "0 of 2 paths reproduced (0.00%)" in html and "Fixed-output, checked by hash (1)" in html
+
+
+def test_an_attestation_whose_ca_does_not_make_its_path_is_refused(client, tokens):
+    response = client.post("/attestations", json=[{**samples.attestation(DEP), "ca": SRC_CA}],
+                           headers=bearer(tokens("mallory")))
+    assert response.status_code == 400 and "[0].ca" in response.get_json()["error"]
+
+
+def test_headline_counts_match_the_verdicts(client, tokens):
+    put(client, tokens("owner"), "pi", nix_28_path_info(), "application/json")
+    attest(client, tokens("alice"), DEP)
+    attest(client, tokens("bob"), DEP)
+    report = summary(client, "pi")
+    assert report["paths"] == {TOP: web.NO_BUILDS, DEP: web.REPRODUCED, SRC: web.FIXED_OUTPUT}
+    assert report["headline"] == {"reproduced": 1, "total": 2, "percent": 50.0, "fixed_output": 1}
+
+
+# ---------------------------------------------------------------- the badge
+
+def test_badge_is_valid_svg_with_the_percentage_and_a_conditional_etag(client, tokens):
+    put(client, tokens("owner"), "pi", nix_28_path_info(), "application/json")
+    attest(client, tokens("alice"), DEP)
+    attest(client, tokens("bob"), DEP)
+    badge = client.get("/reports/pi/badge.svg")
+    assert badge.mimetype == "image/svg+xml"
+    svg = ElementTree.fromstring(badge.get_data())
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "50.00%" in [text.text for text in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert client.get("/reports/pi/badge.svg", headers={"If-None-Match": badge.headers["ETag"]}).status_code == 304
+    attest(client, tokens("alice"), TOP)  # one build: the headline, and so the badge, stays the same
+    assert client.get("/reports/pi/badge.svg", headers={"If-None-Match": badge.headers["ETag"]}).status_code == 304
+    attest(client, tokens("bob"), TOP)
+    assert client.get("/reports/pi/badge.svg", headers={"If-None-Match": badge.headers["ETag"]}).status_code == 200
+
+
+def test_badge_of_an_unknown_report_is_404(client):
+    assert client.get("/reports/nothing/badge.svg").status_code == 404
+
+
+# ---------------------------------------------------------------- real Nix
+
+FIXED_SRC = ('derivation { name = "src.txt"; system = builtins.currentSystem; builder = "/bin/sh";'
+             ' args = [ "-c" "echo hello > $out" ]; outputHashMode = "flat"; outputHashAlgo = "sha256";'
+             ' outputHash = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"; }')
+
+
+@pytest.fixture(scope="module")
+def built_closure(tmp_path_factory, nix):
+    """A top-level output with a runtime dependency and a fixed-output source, built by real Nix."""
+    directory = tmp_path_factory.mktemp("closure")
+    dep = write_derivation(directory, "nixreports-dep", "echo dep > $out")
+    top = write_derivation(directory, "nixreports-top", "echo $dep $src > $out",
+                           extra=f"dep = import {dep}; src = {FIXED_SRC};")
+    env = nix()
+    drv = subprocess.run(["nix-instantiate", str(top)], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(["nix-build", "--no-out-link", str(top)], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    run = lambda *args: subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+    return {"drv": drv, "out": out, "env": env, "run": run}
+
+
+def test_real_nix_closures_make_three_reports(client, tokens, built_closure):
+    run, out, drv = built_closure["run"], built_closure["out"], built_closure["drv"]
+    path_info = run("nix", "--extra-experimental-features", "nix-command", "path-info", "--json", "-r", out)
+    closure = {info["path"] for info in json.loads(path_info)}
+    assert SRC in closure and len(closure) == 3
+    listed = run("nix-store", "-qR", "--include-outputs", drv)
+    for name, body, content_type in [("pi", path_info, "application/json"),
+                                     ("tree", run("nix-store", "-q", "--tree", out), "text/x-nix-tree"),
+                                     ("build", listed, "text/x-nix-paths")]:
+        response = put(client, tokens("owner"), name, body, content_type)
+        assert response.status_code == 200, response.get_json()
+    assert set(summary(client, "pi")["paths"]) == closure == set(summary(client, "tree")["paths"])
+    assert summary(client, "pi")["paths"][SRC] == web.FIXED_OUTPUT  # path-info's ca
+    build = summary(client, "build")
+    assert closure <= set(build["paths"]) and build["root"] == listed.split()[-1]
+    assert {"out_path": out, "drv_path": drv, "output": "out"} in client.get("/reports/build/suggest?limit=50").get_json()
+    assert [line for line in text_tree(client, "tree").splitlines() if line.startswith(f"  {SRC}")]
+
+
+def test_the_hook_attests_ca_of_a_fixed_output_path_and_the_build_report_counts_it_apart(client, tokens, built_closure):
+    out_paths = [SRC, built_closure["out"]]
+    infos = hook.path_infos(out_paths, built_closure["env"])
+    attestations = [hook.attestation(info, None, "build") for info in infos]
+    assert attestations[0]["ca"] == SRC_CA and "ca" not in attestations[1]
+    listed = built_closure["run"]("nix-store", "-qR", "--include-outputs", built_closure["drv"])
+    put(client, tokens("owner"), "build", listed, "text/x-nix-paths")
+    assert summary(client, "build")["paths"][SRC] == web.NO_BUILDS
+    response = client.post(f"/attestation/{hook.drv_ident_of(built_closure['drv'])}", json=attestations,
+                           headers=bearer(tokens("alice")))
+    assert response.status_code == 200, response.get_json()
+    assert summary(client, "build")["paths"][SRC] == web.FIXED_OUTPUT
