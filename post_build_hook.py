@@ -267,20 +267,31 @@ PARTIALLY = "Partially reproduced"
 NONDETERMINISTIC = "Consistently nondeterministic"
 
 
-def verdict(builders_by_hash):
-    """The verdict for one output path, from {hash: set of builder ids}.
+def verdict(builders_by_hash, trusted=None, minimum=2):
+    """The verdict for one output path, from {hash: set of builders}, under a trust policy:
+    only the `trusted` builders count (None: every builder), and a hash is reproduced once
+    `minimum` distinct ones have it. The server's views and `challenge --trust` both call this.
 
     It counts builders, not rows: one builder posting twice is one build, and
     one builder with two hashes is evidence of nondeterminism, never of reproduction.
     """
+    if trusted is not None:
+        builders_by_hash = {nar_hash: builders & trusted for nar_hash, builders in builders_by_hash.items()
+                            if not builders.isdisjoint(trusted)}
     if not builders_by_hash:
         return NO_BUILDS
     if len(builders_by_hash) == 1:
         (builders,) = builders_by_hash.values()
-        return SUCCESSFULLY_REPRODUCED if len(builders) >= 2 else ONE_BUILD
-    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
+        return SUCCESSFULLY_REPRODUCED if len(builders) >= minimum else ONE_BUILD
+    if any(len(builders) >= minimum for builders in builders_by_hash.values()):
         return PARTIALLY
     return NONDETERMINISTIC
+
+
+def settled_hashes(builders_by_hash, trusted=None, minimum=2):
+    """The hashes that `minimum` distinct trusted builders have: the ones `verdict` calls reproduced."""
+    return {nar_hash for nar_hash, builders in builders_by_hash.items()
+            if len(builders if trusted is None else builders & trusted) >= minimum}
 
 
 # ---------------------------------------------------------------- log entries
