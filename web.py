@@ -1339,6 +1339,7 @@ COMPONENT_LOOKUPS_PER_QUERY = 500
 
 
 class Revision(NamedTuple):
+    """A report_revisions row to be added, in its columns' order after report_id and number."""
     label: str
     root: str
     path_count: int
@@ -1418,8 +1419,8 @@ def add_revision(conn, report_id, revision):
         raise LabelTaken(f"revision label {shorten(revision.label)!r} is already used by this report")
     number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM report_revisions WHERE report_id = ?",
                           (report_id,)).fetchone()[0]
-    conn.execute("INSERT INTO report_revisions (report_id, number, label, created_at, root, path_count, sbom_sha256,"
-                 " component_ids, tree) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
+                 " component_ids, tree, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (report_id, number, *revision))
     return number
 
