@@ -93,7 +93,7 @@ CREATE TABLE report_sbom_pieces (
 
 -- Every revision of a report, the latest too (whose components, paths and SBOM are the report's own rows).
 -- A revision lists its components as revision_components ids in index order, delta-coded 8-byte integers
--- compressed with zlib; tree is its display tree's JSON, compressed. Labels are aliases such as a git revision.
+-- compressed with zlib; tree_id its display tree. Labels are aliases such as a git revision.
 CREATE TABLE report_revisions (
     id INTEGER PRIMARY KEY,
     report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
@@ -104,13 +104,21 @@ CREATE TABLE report_revisions (
     path_count INTEGER NOT NULL,
     sbom_sha256 TEXT NOT NULL,
     component_ids BLOB NOT NULL,
-    tree BLOB NOT NULL,
+    tree_id INTEGER NOT NULL REFERENCES revision_trees(id),
     UNIQUE (report_id, number),
     UNIQUE (report_id, label)
 );
 
 -- Components as revisions list them, one row shared by every revision of any report that lists the same
 -- one: digest is the first 16 bytes of the SHA-256 of its name, drv_path and outputs ([[out_path, output]]).
+-- Display trees of revisions, zlib-compressed JSON, shared by the revisions whose tree is the same: a version
+-- bump changes paths, rarely the closure's shape. digest is the first 16 bytes of the SHA-256 of the JSON.
+CREATE TABLE revision_trees (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    tree BLOB NOT NULL
+);
+
 CREATE TABLE revision_components (
     id INTEGER PRIMARY KEY,
     digest BLOB NOT NULL UNIQUE,

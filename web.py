@@ -452,6 +452,11 @@ CREATE TABLE policies (
     verified_only INTEGER,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE revision_trees (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    tree BLOB NOT NULL
+);
 CREATE TABLE revision_components (
     id INTEGER PRIMARY KEY,
     digest BLOB NOT NULL UNIQUE,
@@ -469,7 +474,7 @@ CREATE TABLE report_revisions (
     path_count INTEGER NOT NULL,
     sbom_sha256 TEXT NOT NULL,
     component_ids BLOB NOT NULL,
-    tree BLOB NOT NULL,
+    tree_id INTEGER NOT NULL REFERENCES revision_trees(id),
     UNIQUE (report_id, number),
     UNIQUE (report_id, label)
 );
@@ -1345,7 +1350,7 @@ class Revision(NamedTuple):
     path_count: int
     sbom_sha256: str
     component_ids: bytes
-    tree: bytes
+    tree_id: int
     created_at: str
 
 
@@ -1366,8 +1371,15 @@ def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_path
     """A Revision of these components, with their shared rows written (a chunk per transaction)."""
     ids = revision_component_ids(conn, names, drv_paths, paths)
     path_count = len({out_path for out_path, _index, _output in paths})
-    return Revision(label, root, path_count, sbom_sha256, packed_ids(ids),
-                    zlib.compress(tree_json_text.encode(), 6), now_iso())
+    return Revision(label, root, path_count, sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text), now_iso())
+
+
+def shared_tree_id(conn, tree_json_text):
+    digest = hashlib.sha256(tree_json_text.encode()).digest()[:16]
+    with transaction(conn):
+        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)",
+                     (digest, zlib.compress(tree_json_text.encode(), 6)))
+        return conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()[0]
 
 
 def component_rows(names, drv_paths, paths):
@@ -1420,7 +1432,7 @@ def add_revision(conn, report_id, revision):
     number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM report_revisions WHERE report_id = ?",
                           (report_id,)).fetchone()[0]
     conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
-                 " component_ids, tree, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 " component_ids, tree_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (report_id, number, *revision))
     return number
 
@@ -1468,7 +1480,9 @@ def shared_component(name, drv_path, outputs_json):
 
 
 def revision_tree(conn, revision_id):
-    (blob,) = conn.execute("SELECT tree FROM report_revisions WHERE id = ?", (revision_id,)).fetchone()
+    (blob,) = conn.execute("SELECT revision_trees.tree FROM report_revisions JOIN revision_trees"
+                           " ON revision_trees.id = report_revisions.tree_id WHERE report_revisions.id = ?",
+                           (revision_id,)).fetchone()
     return json.loads(zlib.decompress(blob))
 
 
