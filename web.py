@@ -1469,14 +1469,11 @@ def revision_components(conn, revision_id):
 def shared_components(conn, ids):
     """{id: {name, drv_path, outputs, output_names}} of these shared component rows."""
     rows = conn.execute("SELECT id, name, drv_path, outputs FROM revision_components"
-                        " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),))
-    return {component_id: shared_component(name, drv_path, outputs) for component_id, name, drv_path, outputs in rows}
-
-
-def shared_component(name, drv_path, outputs_json):
-    outputs = json.loads(outputs_json)
-    return {"name": name, "drv_path": drv_path, "outputs": [out_path for out_path, _output in outputs],
-            "output_names": [output for _out_path, output in outputs]}
+                        " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)).fetchall()
+    # One parse of all the outputs lists: a json.loads per row would cost more than the query.
+    outputs = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
+    return {row[0]: {"name": row[1], "drv_path": row[2], "outputs": [out_path for out_path, _output in listed],
+                     "output_names": [output for _out_path, output in listed]} for row, listed in zip(rows, outputs)}
 
 
 def revision_tree(conn, revision_id):
@@ -1514,35 +1511,39 @@ def package_name(name):
     return name[:match.start()] if match else name
 
 
-def paths_by_pairing_key(components):
-    """{out_path: (name, output)}: the component's name, else the store-path name after the hash, without version."""
-    keys = {}
+def component_of_paths(components):
+    """{out_path: (component name, output name)}, the first component that lists each path."""
+    names = {}
     for component in components:
         for out_path, output in zip(component["outputs"], component["output_names"]):
-            name = component["name"] or parse_store_path(out_path)[1]
-            keys.setdefault(out_path, (package_name(name), output))
-    return keys
+            names.setdefault(out_path, (component["name"], output))
+    return names
 
 
-def unique_by_key(keys_of_paths):
-    """{key: out_path} for the keys that exactly one of these paths has: only those pair up."""
+def pairing_key(out_path, name, output):
+    """The component's name, else the store-path name after the hash; without a version; and the output."""
+    return package_name(name or out_path[len(STORE_DIR) + 34:]), output
+
+
+def unique_by_key(out_paths, names):
+    """{pairing key: out_path} for the keys that exactly one of these paths has: only those pair up."""
     paths_of_key = defaultdict(list)
-    for out_path, key in keys_of_paths:
-        paths_of_key[key].append(out_path)
+    for out_path in out_paths:
+        paths_of_key[pairing_key(out_path, *names[out_path])].append(out_path)
     return {key: paths[0] for key, paths in paths_of_key.items() if len(paths) == 1}
 
 
 def revision_changes(conn, old, new, policy):
     """Paths added and removed from revision `old` to `new`, and their pairs by name, as regressions,
     fixes (reproduced before and not now, or the reverse) and unchanged; verdicts as of now."""
-    old_keys = paths_by_pairing_key(revision_components(conn, old["id"]))
-    new_keys = paths_by_pairing_key(revision_components(conn, new["id"]))
-    added = sorted(new_keys.keys() - old_keys.keys())
-    removed = sorted(old_keys.keys() - new_keys.keys())
+    old_names = component_of_paths(revision_components(conn, old["id"]))
+    new_names = component_of_paths(revision_components(conn, new["id"]))
+    added = sorted(new_names.keys() - old_names.keys())
+    removed = sorted(old_names.keys() - new_names.keys())
     verdicts = path_verdicts(conn, added + removed, policy)
-    successors = unique_by_key((path, new_keys[path]) for path in added)
+    successors = unique_by_key(added, new_names)
     changes = {"regressions": [], "fixes": [], "unchanged": []}
-    for key, old_path in sorted(unique_by_key((path, old_keys[path]) for path in removed).items()):
+    for key, old_path in sorted(unique_by_key(removed, old_names).items()):
         new_path = successors.get(key)
         if new_path is None:
             continue
@@ -1553,7 +1554,7 @@ def revision_changes(conn, old, new, policy):
     return {"from": revision_object(old), "to": revision_object(new),
             "added": [{"path": path, "verdict": verdicts[path]} for path in added],
             "removed": [{"path": path, "verdict": verdicts[path]} for path in removed],
-            "kept": len(new_keys.keys() & old_keys.keys()), **changes}
+            "kept": len(new_names.keys() & old_names.keys()), **changes}
 
 
 def history_chart(revisions, width=600, height=200, margin=30):
