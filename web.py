@@ -792,13 +792,17 @@ class Policy(NamedTuple):
     def is_default(self):
         return self.builders is None and self.minimum == 2 and self.verified_only == default_policy().verified_only
 
-    def verdict(self, builders_by_hash):
-        """builders_by_hash holds builder ids of the attestations that attestations_clause selected."""
-        return verdict(builders_by_hash, self.builder_ids, self.minimum)
+    def verdict(self, builders_by_hash, trusted_only=False):
+        """builders_by_hash holds builder ids of the attestations that attestations_clause selected:
+        with trusted_only, the policy's builders only, and the shared rule need not filter them again."""
+        return verdict(builders_by_hash, None if trusted_only else self.builder_ids, self.minimum)
 
-    def attestations_clause(self):
-        """The SQL side of is_counted, to append to a join condition on attestations."""
-        return " AND attestations.verified = 1" if self.verified_only else ""
+    def attestations_clause(self, trusted_only=False):
+        """The SQL side of is_counted (and with trusted_only, of trusts), to append to a join condition on attestations."""
+        verified = " AND attestations.verified = 1" if self.verified_only else ""
+        if not trusted_only or self.builder_ids is None:
+            return verified
+        return verified + f" AND attestations.builder_id IN ({','.join(map(str, sorted(self.builder_ids)))})"
 
     def is_counted(self, attestation):
         return bool(attestation["verified"]) or not self.verified_only
@@ -922,13 +926,13 @@ def report_verdicts(conn, report_id, policy):
     builders_by_path = {}
     rows = conn.execute(
         "SELECT report_paths.out_path, attestations.output_hash, attestations.builder_id FROM report_paths"
-        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + policy.attestations_clause() +
-        " WHERE report_paths.report_id = ?", (report_id,))
+        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path"
+        + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
     for out_path, output_hash, builder_id in rows:
         builders_by_hash = builders_by_path.setdefault(out_path, {})
         if output_hash is not None:
             builders_by_hash.setdefault(output_hash, set()).add(builder_id)
-    return {path: policy.verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
+    return {path: policy.verdict(builders_by_hash, trusted_only=True) for path, builders_by_hash in builders_by_path.items()}
 
 
 def path_verdicts(conn, out_paths, policy):
@@ -1383,21 +1387,21 @@ def shared_tree_id(conn, tree_json_text):
 
 
 def component_rows(names, drv_paths, paths):
-    """(digest, name, drv_path, outputs JSON) of each component: the digest names its shared row."""
+    """(digest, name, drv_path, [(out_path, output)]) of each component: the digest names its shared row.
+    repr, not JSON, spells what is hashed: it is unambiguous too, and several times faster."""
     outputs = [[] for _ in names]
     for out_path, index, output in paths:
         outputs[index].append((out_path, output))
     for name, drv_path, listed in zip(names, drv_paths, outputs):
-        listed_json = json.dumps(sorted(listed), separators=(",", ":"))
-        digest = hashlib.sha256(json.dumps([name, drv_path], separators=(",", ":")).encode()
-                                + b"\n" + listed_json.encode()).digest()[:16]
-        yield digest, name, drv_path, listed_json
+        listed.sort()
+        yield hashlib.sha256(repr((name, drv_path, listed)).encode()).digest()[:16], name, drv_path, listed
 
 
 def revision_component_ids(conn, names, drv_paths, paths):
     rows = list(component_rows(names, drv_paths, paths))
     ids = shared_component_ids(conn, [row[0] for row in rows])
-    missing = list({row[0]: row for row in rows if row[0] not in ids}.values())
+    missing = [(digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
+               for digest, name, drv_path, listed in {row[0]: row for row in rows if row[0] not in ids}.values()]
     insert_in_chunks(conn, "INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
                      " VALUES (?, ?, ?, ?)", missing)
     ids.update(shared_component_ids(conn, [row[0] for row in missing]))

@@ -16,6 +16,7 @@ Each time is the median of --repeat runs (default 3). Exit status 1 when a targe
 usage: python bench/report.py [--paths N] [--repeat R]
 """
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -124,8 +125,11 @@ def run(args, directory):
                 with open(sbom_file, "rb") as sbom_stream:
                     json.load(sbom_stream)
 
+            labels = itertools.count(1)
+
             def put():
-                checked_response(session.put(report_url, data=raw_sbom,
+                # A new label each time: the same SBOM again without one is a no-op, not a write.
+                checked_response(session.put(report_url, data=raw_sbom, params={"revision": f"bench-{next(labels)}"},
                                              headers={**owner, "Content-Type": "application/json"}))
 
             def get_as(accept, params=None):
