@@ -14,6 +14,7 @@ import re
 import stat
 import sys
 import time
+from typing import NamedTuple
 
 # ================================================================ shared Nix formats
 # Imported by web.py and create_user.py as well as used by the client below. This part and the
@@ -360,20 +361,31 @@ PARTIALLY = "Partially reproduced"
 NONDETERMINISTIC = "Consistently nondeterministic"
 
 
-def verdict(builders_by_hash):
-    """The verdict for one output path, from {hash: set of builder ids}.
+def verdict(builders_by_hash, trusted=None, minimum=2):
+    """The verdict for one output path, from {hash: set of builders}, under a trust policy:
+    only the `trusted` builders count (None: every builder), and a hash is reproduced once
+    `minimum` distinct ones have it. The server's views and `challenge --trust` both call this.
 
     It counts builders, not rows: one builder posting twice is one build, and
     one builder with two hashes is evidence of nondeterminism, never of reproduction.
     """
+    if trusted is not None:
+        builders_by_hash = {nar_hash: builders & trusted for nar_hash, builders in builders_by_hash.items()
+                            if not builders.isdisjoint(trusted)}
     if not builders_by_hash:
         return NO_BUILDS
     if len(builders_by_hash) == 1:
         (builders,) = builders_by_hash.values()
-        return SUCCESSFULLY_REPRODUCED if len(builders) >= 2 else ONE_BUILD
-    if any(len(builders) >= 2 for builders in builders_by_hash.values()):
+        return SUCCESSFULLY_REPRODUCED if len(builders) >= minimum else ONE_BUILD
+    if any(len(builders) >= minimum for builders in builders_by_hash.values()):
         return PARTIALLY
     return NONDETERMINISTIC
+
+
+def settled_hashes(builders_by_hash, trusted=None, minimum=2):
+    """The hashes that `minimum` distinct trusted builders have: the ones `verdict` calls reproduced."""
+    return {nar_hash for nar_hash, builders in builders_by_hash.items()
+            if len(builders if trusted is None else builders & trusted) >= minimum}
 
 
 # ---------------------------------------------------------------- log entries
@@ -2651,24 +2663,52 @@ def rebuild(args, env):
 IDENTICAL, DIFFER, NO_DATA = "identical", "differ", "without data"
 
 
+class TrustPolicy(NamedTuple):
+    """challenge --trust: only these builders count, `minimum` of them must agree, maybe verified only."""
+    trusted: frozenset
+    minimum: int
+    verified_only: bool
+
+
+CHALLENGE_USAGE = "usage: challenge [PATH...] [--report NAME] [--trust NAME,NAME... [--min N] [--verified]]"
+
+
 def parse_challenge_arguments(args):
-    usage_line = "usage: challenge [PATH...] [--report NAME]"
-    paths, reports, words = [], [], list(args)
+    """(paths, reports, TrustPolicy or None)."""
+    paths, reports, options, words = [], [], {}, list(args)
     while words:
         word = words.pop(0)
-        if word == "--report":
-            if not words:
-                raise ConfigError(f"{usage_line}: --report needs a report name")
-            reports.append(words.pop(0))
-        elif word.startswith("--report="):
-            reports.append(word.partition("=")[2])
+        name, has_value, value = word.partition("=")
+        if name in ("--report", "--trust", "--min"):
+            if not has_value and not words:
+                raise ConfigError(f"{CHALLENGE_USAGE}: {name} needs a value")
+            value = value if has_value else words.pop(0)
+            if name == "--report":
+                reports.append(value)
+            else:
+                options[name] = value
+        elif word == "--verified":
+            options[word] = True
         elif word.startswith("-"):
-            raise ConfigError(f"{usage_line}: unexpected argument {word!r}")
+            raise ConfigError(f"{CHALLENGE_USAGE}: unexpected argument {word!r}")
         else:
             paths.append(word)
     if not paths and not reports:
-        raise ConfigError(f"{usage_line}: give store paths, a report, or both")
-    return paths, reports
+        raise ConfigError(f"{CHALLENGE_USAGE}: give store paths, a report, or both")
+    return paths, reports, trust_policy_of(options)
+
+
+def trust_policy_of(options):
+    if "--trust" not in options:
+        if options:
+            raise ConfigError(f"{CHALLENGE_USAGE}: --min and --verified need --trust")
+        return None
+    trusted = frozenset(filter(None, options["--trust"].split(",")))
+    minimum = options.get("--min", "2")
+    if not re.fullmatch(r"[0-9]{1,4}", minimum) or not 2 <= int(minimum) <= len(trusted):
+        raise ConfigError(f"{CHALLENGE_USAGE}: --min: expected 2 to {len(trusted)} (the builders in --trust),"
+                          f" got {minimum!r}")
+    return TrustPolicy(trusted, int(minimum), bool(options.get("--verified")))
 
 
 def store_path_of_argument(argument):
@@ -2719,7 +2759,7 @@ def comparison_lines(out_path, local_hash, outcome, builders_by_hash):
 def challenge(args, env):
     """Compare local store paths with every builder's attestations; exit 0 identical, 2 differs, 1 errors/no data."""
     from concurrent.futures import ThreadPoolExecutor
-    arguments, reports = parse_challenge_arguments(args)
+    arguments, reports, policy = parse_challenge_arguments(args)
     server = Server(server_url(env), None, timeout_of(env))
     errors = 0
     wanted = []
@@ -2745,14 +2785,44 @@ def challenge(args, env):
             if attestations is None:
                 errors += 1
                 continue
-            outcome, builders_by_hash = comparison(local_hashes[out_path], attestations)
-            print("\n".join(comparison_lines(out_path, local_hashes[out_path], outcome, builders_by_hash)), flush=True)
+            if policy is None:
+                outcome, builders_by_hash = comparison(local_hashes[out_path], attestations)
+                lines = comparison_lines(out_path, local_hashes[out_path], outcome, builders_by_hash)
+            else:
+                outcome, lines = policy_comparison(out_path, local_hashes[out_path], attestations, policy)
+            print("\n".join(lines), flush=True)
             counts[outcome] += 1
     print(f"{counted(sum(counts.values()), 'path')}: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
           f"{counts[NO_DATA]} without data", flush=True)
     if counts[DIFFER]:
         return 2
+    if policy is not None and counts[NO_DATA]:
+        return 1  # under a policy, a path no hash settled is not a match
     return 1 if errors or not counts[IDENTICAL] else 0
+
+
+def policy_comparison(out_path, local_hash, attestations, policy):
+    """(IDENTICAL | DIFFER | NO_DATA, lines): the verdict under the policy, by the server's own rule, and whether
+    the local hash is the one `minimum` trusted builders agree on (IDENTICAL), differs from one (DIFFER), or neither."""
+    builders_by_hash = {}
+    for attested in attestations:
+        if attested.get("verified") or not policy.verified_only:
+            builders_by_hash.setdefault(attested["output_hash"], set()).add(attested["builder"])
+    label = verdict(builders_by_hash, policy.trusted, policy.minimum)
+    settled = settled_hashes(builders_by_hash, policy.trusted, policy.minimum)
+    if settled - {local_hash}:
+        outcome, said = DIFFER, "the local hash differs from one the policy settled"
+    elif settled:
+        outcome, said = IDENTICAL, "the local hash is the one the policy settled"
+    else:
+        outcome, said = NO_DATA, "no hash is settled under the policy"
+    lines = [f"{out_path}: {label}; {said}", f"  local hash: {local_hash}"]
+    for nar_hash, builders in sorted(builders_by_hash.items()):
+        trusted = sorted(builders & policy.trusted)
+        if trusted:
+            same = " (same as local)" if nar_hash == local_hash else ""
+            lines.append(f"  {', '.join(trusted)}: {nar_hash}{same}")
+    return outcome, lines
 
 
 def attestations_or_none(server, out_path):

@@ -99,6 +99,53 @@ CREATE TABLE report_sbom_pieces (
     PRIMARY KEY (report_id, seq)
 );
 
+-- Every revision of a report, the latest too (whose components, paths and SBOM are the report's own rows).
+-- A revision lists its components as revision_components ids in index order, delta-coded 8-byte integers
+-- compressed with zlib; tree_id its display tree. Labels are aliases such as a git revision.
+CREATE TABLE report_revisions (
+    id INTEGER PRIMARY KEY,
+    report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    label TEXT,
+    created_at TEXT NOT NULL,
+    root TEXT NOT NULL,
+    path_count INTEGER NOT NULL,
+    sbom_sha256 TEXT NOT NULL,
+    component_ids BLOB NOT NULL,
+    tree_id INTEGER NOT NULL REFERENCES revision_trees(id),
+    UNIQUE (report_id, number),
+    UNIQUE (report_id, label)
+);
+
+-- Components as revisions list them, one row shared by every revision of any report that lists the same
+-- one: digest is the first 16 bytes of the SHA-256 of its name, drv_path and outputs ([[out_path, output]]).
+-- Display trees of revisions, zlib-compressed JSON, shared by the revisions whose tree is the same: a version
+-- bump changes paths, rarely the closure's shape. digest is the first 16 bytes of the SHA-256 of the JSON.
+CREATE TABLE revision_trees (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    tree BLOB NOT NULL
+);
+
+CREATE TABLE revision_components (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    name TEXT,
+    drv_path TEXT,
+    outputs TEXT NOT NULL
+);
+
+-- Named trust policies (?policy=NAME): builders is a JSON list of names; verified_only NULL means the server's mode.
+CREATE TABLE policies (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner_id INTEGER NOT NULL REFERENCES builders(id),
+    builders TEXT NOT NULL,
+    min INTEGER NOT NULL,
+    verified_only INTEGER,
+    updated_at TEXT NOT NULL
+);
+
 -- owner_id is the builder who made the pattern; NULL for patterns made before
 -- version 2, which only admins may change.
 CREATE TABLE link_patterns (

@@ -2,6 +2,7 @@
 """nix-hash-collection server: collects build attestations from builders and
 shows, for every store path of a report, whether independent builders agree."""
 import argparse
+from array import array
 import base64
 import gc
 import contextlib
@@ -27,6 +28,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
@@ -447,10 +449,73 @@ def migrate_to_7(conn):
     conn.execute(f"ALTER TABLE reports ADD COLUMN source_type TEXT NOT NULL DEFAULT '{CYCLONEDX_TYPE}'")
 
 
+def migrate_to_8(conn):
+    """Named trust policies, and report revisions: every existing report becomes its revision 1."""
+    for statement in POLICY_AND_REVISION_TABLES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    for report in conn.execute("SELECT id, root, tree, created_at FROM reports ORDER BY id").fetchall():
+        record_existing_report_as_revision_1(conn, report)
+
+
+POLICY_AND_REVISION_TABLES = """
+CREATE TABLE policies (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner_id INTEGER NOT NULL REFERENCES builders(id),
+    builders TEXT NOT NULL,
+    min INTEGER NOT NULL,
+    verified_only INTEGER,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE revision_trees (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    tree BLOB NOT NULL
+);
+CREATE TABLE revision_components (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    name TEXT,
+    drv_path TEXT,
+    outputs TEXT NOT NULL
+);
+CREATE TABLE report_revisions (
+    id INTEGER PRIMARY KEY,
+    report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    label TEXT,
+    created_at TEXT NOT NULL,
+    root TEXT NOT NULL,
+    path_count INTEGER NOT NULL,
+    sbom_sha256 TEXT NOT NULL,
+    component_ids BLOB NOT NULL,
+    tree_id INTEGER NOT NULL REFERENCES revision_trees(id),
+    UNIQUE (report_id, number),
+    UNIQUE (report_id, label)
+);
+"""
+
+
+def record_existing_report_as_revision_1(conn, report):
+    names, drv_paths = [], []
+    for name, drv_path in conn.execute("SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx",
+                                       (report["id"],)):
+        names.append(name)
+        drv_paths.append(drv_path)
+    paths = conn.execute("SELECT out_path, component_idx, output FROM report_paths WHERE report_id = ?",
+                         (report["id"],)).fetchall()
+    sbom_sha256 = hashlib.sha256()
+    for piece in sbom_pieces(conn, report["id"]):
+        sbom_sha256.update(piece)
+    revision = new_revision(conn, None, report["root"], report["tree"], sbom_sha256.hexdigest(), names, drv_paths, paths)
+    add_revision(conn, report["id"], revision._replace(created_at=report["created_at"]))
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
-              (7, migrate_to_7)]
+              (7, migrate_to_7), (8, migrate_to_8)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -734,37 +799,194 @@ def output_path_of_basename(basename):
 
 # ---------------------------------------------------------------- verdicts
 
-# verdict(builders_by_hash), the rule itself, is in post_build_hook.py: `monitor` applies it to the log.
+# verdict(builders_by_hash, trusted, minimum), the rule itself, is in post_build_hook.py:
+# `monitor` applies it to the log and `challenge --trust` to the server's attestations.
+
+MAX_POLICY_BUILDERS = 100
+POLICY_NAME_RE = REPORT_NAME_RE
 
 
-def counted_attestations_clause():
-    """The SQL side of is_counted, to append to a join condition on attestations."""
-    return " AND attestations.verified = 1" if current_app.config["REQUIRE_SIGNATURES"] else ""
+class Policy(NamedTuple):
+    """Whose attestations count towards a verdict, and how many of them must agree.
+
+    builders: the trusted builders' names, sorted (None: every builder); builder_ids: their ids;
+    minimum: distinct builders with one hash for "reproduced"; verified_only: only verified
+    attestations count; name: the named policy it came from, if any.
+    """
+    builders: tuple = None
+    builder_ids: frozenset = None
+    minimum: int = 2
+    verified_only: bool = False
+    name: str = None
+
+    @property
+    def cache_key(self):
+        """The same for every request that gets the same verdicts: what a view cache keys on."""
+        trusted = ",".join(self.builders) if self.builders is not None else "*"
+        return f"trust={trusted};min={self.minimum};verified={int(self.verified_only)}"
+
+    @property
+    def is_default(self):
+        return self.builders is None and self.minimum == 2 and self.verified_only == default_policy().verified_only
+
+    def verdict(self, builders_by_hash, trusted_only=False):
+        """builders_by_hash holds builder ids of the attestations that attestations_clause selected:
+        with trusted_only, the policy's builders only, and the shared rule need not filter them again."""
+        return verdict(builders_by_hash, None if trusted_only else self.builder_ids, self.minimum)
+
+    def attestations_clause(self, trusted_only=False):
+        """The SQL side of is_counted (and with trusted_only, of trusts), to append to a join condition on attestations."""
+        verified = " AND attestations.verified = 1" if self.verified_only else ""
+        if not trusted_only or self.builder_ids is None:
+            return verified
+        return verified + f" AND attestations.builder_id IN ({','.join(map(str, sorted(self.builder_ids)))})"
+
+    def is_counted(self, attestation):
+        return bool(attestation["verified"]) or not self.verified_only
+
+    def trusts(self, builder_id):
+        return self.builder_ids is None or builder_id in self.builder_ids
+
+    def query_args(self):
+        """The URL query that gives this policy again: links carry it."""
+        if self.name is not None:
+            return {"policy": self.name}
+        if self.is_default:
+            return {}
+        args = {"min": str(self.minimum), "verified": str(int(self.verified_only))}
+        return {"trust": ",".join(self.builders), **args} if self.builders is not None else args
 
 
-def is_counted(attestation):
-    """Whether an attestation counts towards verdicts: in verified-only mode, only verified ones do."""
-    return attestation["verified"] or not current_app.config["REQUIRE_SIGNATURES"]
+def default_policy():
+    """Today's rule: every builder, two must agree, and the server's verified-only mode."""
+    return Policy(verified_only=bool(current_app.config["REQUIRE_SIGNATURES"]))
 
 
-def report_verdicts(conn, report_id):
-    """{out_path: verdict} for every path of a report, from one query."""
+def policy_of(conn, names, minimum, verified, name=None):
+    """A checked Policy from builder names (None: every builder), min and verified (None: the server's mode)."""
+    require_signatures = bool(current_app.config["REQUIRE_SIGNATURES"])
+    if verified is False and require_signatures:
+        raise BadInput("verified: this server counts only verified attestations (verified-only mode); verified=0 is refused")
+    verified_only = require_signatures if verified is None else verified
+    if names is None:
+        if minimum < 2:
+            raise BadInput(f"min: expected at least 2, got {minimum}")
+        return Policy(None, None, minimum, verified_only, name)
+    ids = builder_ids_of(conn, names)
+    if not 2 <= minimum <= len(ids):
+        raise BadInput(f"min: expected 2 to {len(ids)} (the number of builders in trust), got {minimum}")
+    return Policy(tuple(sorted(ids)), frozenset(ids.values()), minimum, verified_only, name)
+
+
+def builder_ids_of(conn, names):
+    """{name: id} of these builders; 400 naming every unknown one."""
+    if not names:
+        raise BadInput("trust: expected a comma-separated list of builder names, got none")
+    if len(names) > MAX_POLICY_BUILDERS:
+        raise BadInput(f"trust: at most {MAX_POLICY_BUILDERS} builders, got {len(names)}")
+    ids = dict(conn.execute("SELECT name, id FROM builders WHERE name IN (SELECT value FROM json_each(?))",
+                            (json.dumps(names),)).fetchall())
+    unknown = [name for name in names if name not in ids]
+    if unknown:
+        raise BadInput(f"trust: unknown builders: {', '.join(repr(shorten(name)) for name in unknown)}")
+    return ids
+
+
+def request_policy(conn):
+    """The policy a request asks for (?policy=NAME, or ?trust=&min=&verified=), else the server's default."""
+    args = request.args
+    if "policy" in args:
+        if {"trust", "min", "verified"} & args.keys():
+            raise BadInput("policy: give either policy=NAME or trust, min and verified, not both")
+        return named_policy(conn, args["policy"])
+    if not {"trust", "min", "verified"} & args.keys():
+        return default_policy()
+    # An empty trust (the page's form left blank) is every builder.
+    names = list(dict.fromkeys(filter(None, args["trust"].split(",")))) if args.get("trust") else None
+    return policy_of(conn, names, policy_minimum(args.get("min", "2")), policy_verified(args.get("verified")))
+
+
+def policy_minimum(raw):
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"[0-9]{1,4}", raw):
+        return int(raw)
+    raise BadInput(f"min: expected a whole number, got {shorten(json.dumps(raw))}")
+
+
+def policy_verified(raw):
+    if raw is None or isinstance(raw, bool):
+        return raw
+    if raw not in ("0", "1"):
+        raise BadInput(f"verified: expected 0 or 1, got {shorten(raw)!r}")
+    return raw == "1"
+
+
+def named_policy(conn, name):
+    row = conn.execute("SELECT name, builders, min, verified_only FROM policies WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        abort(404, f"no policy named {shorten(name)!r}")
+    verified = None if row["verified_only"] is None else bool(row["verified_only"])
+    return policy_of(conn, json.loads(row["builders"]), row["min"], verified, row["name"])
+
+
+def parse_policy_body(conn, body):
+    """The stored columns of a policy from {"trust": [names], "min": N, "verified": true|false}, checked."""
+    if not isinstance(body, dict):
+        raise BadInput('policy: expected a JSON object {"trust": [builder names], "min": 2, "verified": true}')
+    unexpected = body.keys() - {"trust", "min", "verified"}
+    if unexpected:
+        raise BadInput(f"policy: unexpected fields {', '.join(sorted(map(repr, unexpected)))}")
+    names = body.get("trust")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise BadInput("trust: expected a list of builder names")
+    names = list(dict.fromkeys(names))
+    verified = body.get("verified")
+    if verified is not None and not isinstance(verified, bool):
+        raise BadInput(f"verified: expected true or false, got {shorten(json.dumps(verified))}")
+    policy = policy_of(conn, names, policy_minimum(body.get("min", 2)), verified)
+    return json.dumps(list(policy.builders)), policy.minimum, verified
+
+
+POLICY_COLUMNS = ("SELECT policies.name, policies.builders, policies.min, policies.verified_only, policies.updated_at,"
+                  " builders.name AS owner FROM policies JOIN builders ON builders.id = policies.owner_id")
+
+
+def policy_object(row):
+    verified = None if row["verified_only"] is None else bool(row["verified_only"])
+    return {"name": row["name"], "trust": json.loads(row["builders"]), "min": row["min"], "verified": verified,
+            "owner": row["owner"], "updated_at": row["updated_at"]}
+
+
+def report_verdicts(conn, report_id, policy):
+    """{out_path: verdict} for every path of a report under a policy, from one query."""
     builders_by_path = {}
     rows = conn.execute(
         "SELECT report_paths.out_path, attestations.output_hash, attestations.builder_id FROM report_paths"
-        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
-        " WHERE report_paths.report_id = ?", (report_id,))
+        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path"
+        + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
     for out_path, output_hash, builder_id in rows:
         builders_by_hash = builders_by_path.setdefault(out_path, {})
         if output_hash is not None:
             builders_by_hash.setdefault(output_hash, set()).add(builder_id)
-    return {path: verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
+    return {path: policy.verdict(builders_by_hash, trusted_only=True) for path, builders_by_hash in builders_by_path.items()}
+
+
+def path_verdicts(conn, out_paths, policy):
+    """{out_path: verdict} for any store paths, such as an older revision's, under a policy."""
+    builders_by_path = {path: {} for path in out_paths}
+    rows = conn.execute("SELECT output_path, output_hash, builder_id FROM attestations"
+                        " WHERE output_path IN (SELECT value FROM json_each(?))" + policy.attestations_clause(),
+                        (json.dumps(list(builders_by_path)),))
+    for out_path, output_hash, builder_id in rows:
+        builders_by_path[out_path].setdefault(output_hash, set()).add(builder_id)
+    return {path: policy.verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
 
 
 def fixed_output_condition():
     """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says."""
     return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM attestations WHERE attestations.output_path ="
-            " report_paths.out_path AND attestations.ca IS NOT NULL" + counted_attestations_clause() + "))")
+            " report_paths.out_path AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
 
 
 def fixed_output_paths(conn, report_id):
@@ -772,9 +994,9 @@ def fixed_output_paths(conn, report_id):
         "SELECT out_path FROM report_paths WHERE report_id = ? AND " + fixed_output_condition(), (report_id,))}
 
 
-def report_labels(conn, report_id):
-    """{out_path: label} that every view of a report shows: the path's verdict, or FIXED_OUTPUT."""
-    labels = report_verdicts(conn, report_id)
+def report_labels(conn, report_id, policy):
+    """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT."""
+    labels = report_verdicts(conn, report_id, policy)
     for out_path in fixed_output_paths(conn, report_id):
         labels[out_path] = FIXED_OUTPUT
     return labels
@@ -1262,17 +1484,29 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom_text, source_type, contents):
+def define_report(conn, name, owner, sbom_text, source_type, contents, label):
+    """Publish the upload as the report's latest revision; returns its number."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     with unpublished.using(staging, replaced):
         try:
+            revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_sha256(sbom_text),
+                                    contents.names, contents.drv_paths, contents.paths)
             write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents)
-            publish_report(conn, staging, name, owner, replaced)
+            number = publish_report(conn, staging, name, owner, replaced, revision)
         except BaseException:
             remove_report_if_possible(conn, staging)
             raise
         remove_report(conn, replaced)
+    return number
+
+
+def sbom_sha256(sbom_text):
+    """The SHA-256 of the SBOM's UTF-8 bytes, encoded a piece at a time as write_sbom does."""
+    digest = hashlib.sha256()
+    for start in range(0, len(sbom_text), SBOM_CHARS_PER_PIECE):
+        digest.update(sbom_text[start:start + SBOM_CHARS_PER_PIECE].encode())
+    return digest.hexdigest()
 
 
 def write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents):
@@ -1320,14 +1554,18 @@ def sorted_in_runs(rows, run_length=50_000):
     return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts))
 
 
-def publish_report(conn, staging, name, owner, replaced):
-    """Give the written report its name in one short transaction; the version it replaces is renamed to `replaced`."""
+def publish_report(conn, staging, name, owner, replaced, revision):
+    """Give the written report its name in one short transaction, with the earlier revisions and the new one;
+    the latest revision before it, replaced as the report's own rows, is renamed to `replaced`."""
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
+        staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
         if existing is not None:
             check_may_change_report(existing, owner)
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
-        conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE name = ?", (name, now_iso(), staging))
+            conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
+        conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
+        return add_revision(conn, staged_id, revision)
 
 
 def remove_report(conn, name):
@@ -1354,6 +1592,249 @@ def remove_report_if_possible(conn, name):
         remove_report(conn, name)
     except sqlite3.Error as error:
         current_app.logger.error("could not remove the unpublished report %s yet: %s", name, error)
+
+
+# ---------------------------------------------------------------- revisions
+# Re-PUTting a report adds a revision. The latest revision is the report itself (report_components,
+# report_paths, the SBOM's pieces). Every revision, the latest too, is also a report_revisions row that
+# lists its components as ids of revision_components rows, which all revisions share: a revision that
+# changes 5% of a closure adds rows for that 5% only, and its list of ids, delta-coded, compresses to a
+# few KiB. Older revisions keep their path set and tree, not their SBOM.
+
+MAX_REVISION_LABEL = 128
+COMPONENT_LOOKUPS_PER_QUERY = 500
+
+
+class Revision(NamedTuple):
+    """A report_revisions row to be added, in its columns' order after report_id and number."""
+    label: str
+    root: str
+    path_count: int
+    sbom_sha256: str
+    component_ids: bytes
+    tree_id: int
+    created_at: str
+
+
+class LabelTaken(Exception):
+    """A revision label the report already has."""
+
+
+def check_revision_label(label):
+    if label is None:
+        return None
+    if not 1 <= len(label) <= MAX_REVISION_LABEL or not label.isprintable() or label.isdigit():
+        raise BadInput(f"revision: expected a label of 1 to {MAX_REVISION_LABEL} printable characters,"
+                       f" not only digits (those are revision numbers), got {shorten(label)!r}")
+    return label
+
+
+def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_paths, paths):
+    """A Revision of these components, with their shared rows written (a chunk per transaction)."""
+    ids = revision_component_ids(conn, names, drv_paths, paths)
+    path_count = len({out_path for out_path, _index, _output in paths})
+    return Revision(label, root, path_count, sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text), now_iso())
+
+
+def shared_tree_id(conn, tree_json_text):
+    digest = hashlib.sha256(tree_json_text.encode()).digest()[:16]
+    with transaction(conn):
+        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)",
+                     (digest, zlib.compress(tree_json_text.encode(), 6)))
+        return conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()[0]
+
+
+def component_rows(names, drv_paths, paths):
+    """(digest, name, drv_path, [(out_path, output)]) of each component: the digest names its shared row.
+    repr, not JSON, spells what is hashed: it is unambiguous too, and several times faster."""
+    outputs = [[] for _ in names]
+    for out_path, index, output in paths:
+        outputs[index].append((out_path, output))
+    for name, drv_path, listed in zip(names, drv_paths, outputs):
+        listed.sort()
+        yield hashlib.sha256(repr((name, drv_path, listed)).encode()).digest()[:16], name, drv_path, listed
+
+
+def revision_component_ids(conn, names, drv_paths, paths):
+    rows = list(component_rows(names, drv_paths, paths))
+    ids = shared_component_ids(conn, [row[0] for row in rows])
+    missing = [(digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
+               for digest, name, drv_path, listed in {row[0]: row for row in rows if row[0] not in ids}.values()]
+    insert_in_chunks(conn, "INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
+                     " VALUES (?, ?, ?, ?)", missing)
+    ids.update(shared_component_ids(conn, [row[0] for row in missing]))
+    return [ids[row[0]] for row in rows]
+
+
+def shared_component_ids(conn, digests):
+    ids = {}
+    for start in range(0, len(digests), COMPONENT_LOOKUPS_PER_QUERY):
+        chunk = digests[start:start + COMPONENT_LOOKUPS_PER_QUERY]
+        ids.update(conn.execute(f"SELECT digest, id FROM revision_components WHERE digest IN"
+                                f" ({','.join('?' * len(chunk))})", chunk).fetchall())
+    return ids
+
+
+def packed_ids(ids):
+    deltas = array("q", [ids[0] if ids else 0]) + array("q", (b - a for a, b in itertools.pairwise(ids)))
+    return zlib.compress(deltas.tobytes(), 6)
+
+
+def unpacked_ids(blob):
+    deltas = array("q")
+    deltas.frombytes(zlib.decompress(blob))
+    return list(itertools.accumulate(deltas))
+
+
+def add_revision(conn, report_id, revision):
+    """Append a revision to a report, in the caller's transaction; its number is the next one."""
+    if revision.label is not None and conn.execute("SELECT 1 FROM report_revisions WHERE report_id = ? AND label = ?",
+                                                   (report_id, revision.label)).fetchone():
+        raise LabelTaken(f"revision label {shorten(revision.label)!r} is already used by this report")
+    number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM report_revisions WHERE report_id = ?",
+                          (report_id,)).fetchone()[0]
+    conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
+                 " component_ids, tree_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (report_id, number, *revision))
+    return number
+
+
+REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256 FROM report_revisions"
+
+
+def latest_revision(conn, report_id):
+    return conn.execute(REVISION_COLUMNS + " WHERE report_id = ? ORDER BY number DESC LIMIT 1", (report_id,)).fetchone()
+
+
+def report_revisions(conn, report_id):
+    return conn.execute(REVISION_COLUMNS + " WHERE report_id = ? ORDER BY number", (report_id,)).fetchall()
+
+
+def find_revision(conn, report, wanted):
+    """The revision a ?revision= names: its number, or its label."""
+    column = "number" if re.fullmatch(r"[0-9]{1,9}", wanted) else "label"
+    row = conn.execute(REVISION_COLUMNS + f" WHERE report_id = ? AND {column} = ?",
+                       (report["id"], int(wanted) if column == "number" else wanted)).fetchone()
+    if row is None:
+        abort(404, f"report {report['name']!r} has no revision {shorten(wanted)!r}")
+    return row
+
+
+def revision_components(conn, revision_id):
+    """[{name, drv_path, outputs: [out_path]}] of a revision, by component index, from the shared rows."""
+    (blob,) = conn.execute("SELECT component_ids FROM report_revisions WHERE id = ?", (revision_id,)).fetchone()
+    ids = unpacked_ids(blob)
+    by_id = shared_components(conn, set(ids))
+    return [by_id[component_id] for component_id in ids]
+
+
+def shared_components(conn, ids):
+    """{id: {name, drv_path, outputs, output_names}} of these shared component rows."""
+    rows = conn.execute("SELECT id, name, drv_path, outputs FROM revision_components"
+                        " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)).fetchall()
+    # One parse of all the outputs lists: a json.loads per row would cost more than the query.
+    outputs = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
+    return {row[0]: {"name": row[1], "drv_path": row[2], "outputs": [out_path for out_path, _output in listed],
+                     "output_names": [output for _out_path, output in listed]} for row, listed in zip(rows, outputs)}
+
+
+def revision_tree(conn, revision_id):
+    (blob,) = conn.execute("SELECT revision_trees.tree FROM report_revisions JOIN revision_trees"
+                           " ON revision_trees.id = report_revisions.tree_id WHERE report_revisions.id = ?",
+                           (revision_id,)).fetchone()
+    return json.loads(zlib.decompress(blob))
+
+
+def revision_counts(conn, revisions, policy):
+    """(revision, verdict counts as of now) for each revision: one lookup of every path any of them lists."""
+    id_lists = [unpacked_ids(blob) for (blob,) in conn.execute(
+        "SELECT component_ids FROM report_revisions WHERE id IN (SELECT value FROM json_each(?)) ORDER BY number",
+        (json.dumps([revision["id"] for revision in revisions]),))]
+    components = shared_components(conn, set().union(*id_lists))
+    verdicts = path_verdicts(conn, list({path for component in components.values() for path in component["outputs"]}),
+                             policy)
+    for revision, ids in zip(revisions, id_lists):
+        paths = {path for component_id in set(ids) for path in components[component_id]["outputs"]}
+        yield revision, verdict_counts({path: verdicts[path] for path in paths})
+
+
+def compared_revisions(conn, report, revisions):
+    """The revisions ?from= and ?to= name (numbers or labels); by default the last two."""
+    default_to = revisions[-1]
+    default_from = revisions[-2] if len(revisions) > 1 else default_to
+    old = find_revision(conn, report, request.args["from"]) if "from" in request.args else default_from
+    new = find_revision(conn, report, request.args["to"]) if "to" in request.args else default_to
+    return old, new
+
+
+def package_name(name):
+    """A store path's name without its version, as Nix's parseDrvName splits it: up to the first '-' not followed by a letter."""
+    match = re.search(r"-(?![A-Za-z])", name)
+    return name[:match.start()] if match else name
+
+
+def component_of_paths(components):
+    """{out_path: (component name, output name)}, the first component that lists each path."""
+    names = {}
+    for component in components:
+        for out_path, output in zip(component["outputs"], component["output_names"]):
+            names.setdefault(out_path, (component["name"], output))
+    return names
+
+
+def pairing_key(out_path, name, output):
+    """The component's name, else the store-path name after the hash; without a version; and the output."""
+    return package_name(name or out_path[len(STORE_DIR) + 34:]), output
+
+
+def unique_by_key(out_paths, names):
+    """{pairing key: out_path} for the keys that exactly one of these paths has: only those pair up."""
+    paths_of_key = defaultdict(list)
+    for out_path in out_paths:
+        paths_of_key[pairing_key(out_path, *names[out_path])].append(out_path)
+    return {key: paths[0] for key, paths in paths_of_key.items() if len(paths) == 1}
+
+
+def revision_changes(conn, old, new, policy):
+    """Paths added and removed from revision `old` to `new`, and their pairs by name, as regressions,
+    fixes (reproduced before and not now, or the reverse) and unchanged; verdicts as of now."""
+    old_names = component_of_paths(revision_components(conn, old["id"]))
+    new_names = component_of_paths(revision_components(conn, new["id"]))
+    added = sorted(new_names.keys() - old_names.keys())
+    removed = sorted(old_names.keys() - new_names.keys())
+    verdicts = path_verdicts(conn, added + removed, policy)
+    successors = unique_by_key(added, new_names)
+    changes = {"regressions": [], "fixes": [], "unchanged": []}
+    for key, old_path in sorted(unique_by_key(removed, old_names).items()):
+        new_path = successors.get(key)
+        if new_path is None:
+            continue
+        was, now = verdicts[old_path] == REPRODUCED, verdicts[new_path] == REPRODUCED
+        kind = "regressions" if was and not now else "fixes" if now and not was else "unchanged"
+        changes[kind].append({"name": key[0], "output": key[1], "from": old_path, "from_verdict": verdicts[old_path],
+                              "to": new_path, "to_verdict": verdicts[new_path]})
+    return {"from": revision_object(old), "to": revision_object(new),
+            "added": [{"path": path, "verdict": verdicts[path]} for path in added],
+            "removed": [{"path": path, "verdict": verdicts[path]} for path in removed],
+            "kept": len(new_names.keys() & old_names.keys()), **changes}
+
+
+def history_chart(revisions, width=600, height=200, margin=30):
+    """The SVG line chart of the reproduced share over revisions: points in the plot's coordinates."""
+    points = []
+    step = (width - 2 * margin) / max(len(revisions) - 1, 1)
+    for position, revision in enumerate(revisions):
+        total = sum(revision["counts"].values())
+        share = revision["counts"][REPRODUCED] / total if total else 0.0
+        points.append({"x": round(margin + position * step, 1), "y": round(height - margin - share * (height - 2 * margin), 1),
+                       "share": share, "revision": revision})
+    return {"width": width, "height": height, "margin": margin, "points": points,
+            "line": " ".join(f"{point['x']},{point['y']}" for point in points)}
+
+
+def revision_object(revision):
+    return {"revision": revision["number"], "label": revision["label"], "created_at": revision["created_at"],
+            "path_count": revision["path_count"]}
 
 
 class IndexCounts:
@@ -1396,7 +1877,7 @@ class IndexCounts:
             self.counts = {report_id: self.counts[report_id] for report_id in cached - stale}
             for report_id in report_ids:
                 if report_id not in self.counts:
-                    self.counts[report_id] = verdict_counts(report_labels(conn, report_id))
+                    self.counts[report_id] = verdict_counts(report_labels(conn, report_id, default_policy()))
             return dict(self.counts)
 
 
@@ -1444,29 +1925,29 @@ def batched(lines, size=2000):
         yield chunk
 
 
-def open_questions(conn, report_id, builder, after=None, limit=None):
-    """Report paths that still need builds: not settled, and not attested by the caller.
-
-    Returns rows (out_path, builders), ordered by out_path.
+def open_questions(conn, report_id, builder, policy, after=None, limit=None):
+    """Report paths that still need builds: fewer than the policy's minimum of its builders
+    attested them, and the caller did not. Returns rows (out_path, builders), ordered by out_path.
     """
     caller = builder["id"] if builder is not None else -1
-    sql = ("SELECT report_paths.out_path, COUNT(DISTINCT attestations.builder_id) AS builders,"
+    trusted = "1" if policy.builder_ids is None else f"attestations.builder_id IN ({','.join(map(str, sorted(policy.builder_ids)))})"
+    sql = (f"SELECT report_paths.out_path, COUNT(DISTINCT CASE WHEN {trusted} THEN attestations.builder_id END) AS builders,"
            " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
-           " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + counted_attestations_clause() +
+           " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + policy.attestations_clause() +
            " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
            (" AND report_paths.out_path > ?" if after else "") +
-           " GROUP BY report_paths.out_path HAVING builders < 2 AND mine = 0 ORDER BY report_paths.out_path")
-    parameters = [caller, report_id] + ([after] if after else [])
+           " GROUP BY report_paths.out_path HAVING builders < ? AND mine = 0 ORDER BY report_paths.out_path")
+    parameters = [caller, report_id] + ([after] if after else []) + [policy.minimum]
     if limit is not None:
         sql += " LIMIT ?"
         parameters.append(limit)
     return [(out_path, builders) for out_path, builders, _mine in conn.execute(sql, parameters)]
 
 
-def suggestions(conn, report_id, builder, limit):
-    """Paths with one build first (a second builder settles them), then the unbuilt; random within each."""
-    rows = open_questions(conn, report_id, builder)
-    one_build = [out_path for out_path, builders in rows if builders == 1]
+def suggestions(conn, report_id, builder, policy, limit):
+    """Paths with some builds first (fewer builders settle them), then the unbuilt; random within each."""
+    rows = open_questions(conn, report_id, builder, policy)
+    one_build = [out_path for out_path, builders in rows if builders >= 1]
     no_build = [out_path for out_path, builders in rows if builders == 0]
     random.shuffle(one_build)
     random.shuffle(no_build)
@@ -1776,10 +2257,24 @@ def report_diffs(conn, report_id):
     return dict(pairs)
 
 
+def paths_diffs(conn, out_paths):
+    """{out_path: [[hash A, hash B], …]} like report_diffs, for any store paths."""
+    pairs = defaultdict(list)
+    for out_path, hash_a, hash_b in conn.execute(
+            "SELECT output_path, hash_a, hash_b FROM diffs WHERE output_path IN (SELECT value FROM json_each(?))"
+            " ORDER BY output_path, hash_a, hash_b", (json.dumps(out_paths),)):
+        pairs[out_path].append([hash_a, hash_b])
+    return dict(pairs)
+
+
 def report_diff_links(conn, report_id):
+    return diff_links_of(report_diffs(conn, report_id))
+
+
+def diff_links_of(diffs):
     """{out_path: where its "diff" link leads}: the one diff, or the list when there are several."""
     return {out_path: diff_href(out_path, *pairs[0]) if len(pairs) == 1 else diff_href(out_path)
-            for out_path, pairs in report_diffs(conn, report_id).items()}
+            for out_path, pairs in diffs.items()}
 
 
 def diff_href(out_path, hash_a=None, hash_b=None):
@@ -2149,6 +2644,12 @@ def uploaded_document(conn, report, wanted):
 #   GET    /reports/<name>/suggested                  suggested
 #   GET    /reports/<name>/suggest                    suggest
 #   GET    /reports/<name>/pending                    pending
+#   GET    /reports/<name>/history                    report_history
+#   GET    /reports/<name>/changes?from=&to=          report_changes
+#   GET    /policies                                  list_policies
+#   GET    /policies/<name>                           show_policy
+#   PUT    /policies/<name>                           put_policy
+#   DELETE /policies/<name>                           delete_policy
 #   GET    /link_patterns                             list_link_patterns
 #   POST   /link_patterns                             post_link_pattern
 #   DELETE /link_patterns?pattern=                    delete_link_pattern
@@ -2163,6 +2664,8 @@ def uploaded_document(conn, report, wanted):
 #   GET    /log/proof/consistency?old=M&size=N        consistency_proof
 #   POST   /log/cosignature?size=N                    post_cosignature
 #
+# Views of verdicts (/reports/<name> and its suggest, suggested and pending, /outputs/, /derivations/<drv>) take a
+# trust policy: ?policy=NAME or ?trust=a,b&min=N&verified=0|1 (request_policy); without one the server's default applies.
 # Errors: BadInput is 400, ReportTooLarge and DiffTooLarge 413, HTTPException keeps its status; a database that
 # cannot be written for now, and a report upload while MAX_REPORT_UPLOADS are under way, are 503;
 # every error body is JSON {"error": "...", "detail": "..."}.
@@ -2183,6 +2686,11 @@ def diff_too_large(error):
 @routes.app_errorhandler(ReportTooLarge)
 def report_too_large(error):
     return jsonify(error=str(error)), 413
+
+
+@routes.app_errorhandler(LabelTaken)
+def label_taken(error):
+    return error_body(str(error)), 409
 
 
 @routes.app_errorhandler(UploadsBusy)
@@ -2260,31 +2768,53 @@ def show_derivation(drv_ident):
     derivation = conn.execute("SELECT id FROM derivations WHERE drv_ident = ?", (drv_ident,)).fetchone()
     if derivation is None:
         abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
+    policy = request_policy(conn)
     if request.args.get("full", "").lower() == "true":
         rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.derivation_id = ? ORDER BY attestations.id",
                             (derivation["id"],))
         return jsonify([attestation_object(row) for row in rows])
+    if policy.is_default:
+        return jsonify(derivation_summary(conn, derivation["id"]))
+    return jsonify(derivation_summary_under(conn, derivation["id"], policy))
+
+
+def derivation_summary(conn, derivation_id):
+    """{output_path: {hash: distinct builders}}, every attestation counted (as before policies)."""
     summary = defaultdict(dict)
     for row in conn.execute(
             "SELECT output_path, output_hash, COUNT(DISTINCT builder_id) AS builders FROM attestations"
-            " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation["id"],)):
+            " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation_id,)):
         summary[row["output_path"]][row["output_hash"]] = row["builders"]
-    return jsonify(summary)
+    return summary
+
+
+def derivation_summary_under(conn, derivation_id, policy):
+    """{output_path: {"verdict": ..., "hashes": {hash: distinct trusted builders}}} under a policy."""
+    builders_by_path = defaultdict(lambda: defaultdict(set))
+    for out_path, output_hash, builder_id in conn.execute(
+            "SELECT output_path, output_hash, builder_id FROM attestations WHERE derivation_id = ?"
+            + policy.attestations_clause() + " ORDER BY output_path", (derivation_id,)):
+        if policy.trusts(builder_id):
+            builders_by_path[out_path][output_hash].add(builder_id)
+    return {out_path: {"verdict": policy.verdict(by_hash), "hashes": {h: len(b) for h, b in by_hash.items()}}
+            for out_path, by_hash in builders_by_path.items()}
 
 
 @routes.get("/outputs/<basename>")
 def show_output(basename):
     output_path = output_path_of_basename(basename)
+    policy = request_policy(get_db())
     attestations = attestations_of_output(get_db(), output_path)
     if not wants_html():
         return jsonify(attestations)
+    trusted = None if policy.builders is None else set(policy.builders)
     builders_by_hash = defaultdict(set)
     for attestation in attestations:
-        if is_counted(attestation):
+        if policy.is_counted(attestation):
             builders_by_hash[attestation["output_hash"]].add(attestation["builder"])
     return render_template("output.html", output_path=output_path, attestations=attestations,
-                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash),
-                           diffs=diffs_of_output(get_db(), output_path))
+                           builders_by_hash=builders_by_hash, verdict=verdict(builders_by_hash, trusted, policy.minimum),
+                           diffs=diffs_of_output(get_db(), output_path), policy=policy)
 
 
 @routes.get("/builders")
@@ -2355,24 +2885,46 @@ def list_reports():
 def put_report(name):
     builder = require_builder()
     check_report_name(name)
+    label = check_revision_label(request.args.get("revision"))
     conn = get_db()
     with report_upload_slot():
         check_may_define_report(conn, name, builder)
+        check_label_free(conn, name, label)
         remove_abandoned_reports(conn)
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
         text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
+        unchanged = unchanged_revision(conn, name, label, text)
+        if unchanged is not None:
+            return jsonify(report=name, status="unchanged", revision=unchanged)
         with cyclic_gc_paused():
             source_type, contents = report_contents(request.mimetype, text, request.args.get("root"),
                                                     current_app.config["MAX_REPORT_PATHS"],
                                                     current_app.config["MAX_REPORT_EDGES"])
             try:
-                define_report(conn, name, builder, text, source_type, contents)
+                number = define_report(conn, name, builder, text, source_type, contents, label)
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
             finally:
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
-    return jsonify(report=name, status="defined")
+    return jsonify(report=name, status="defined", revision=number, label=label)
+
+
+def check_label_free(conn, name, label):
+    """Refuse a used label before the upload is parsed; add_revision checks again when publishing."""
+    if label is not None and conn.execute(
+            "SELECT 1 FROM report_revisions JOIN reports ON reports.id = report_revisions.report_id"
+            " WHERE reports.name = ? AND report_revisions.label = ?", (name, label)).fetchone():
+        raise LabelTaken(f"revision label {shorten(label)!r} is already used by report {name!r}")
+
+
+def unchanged_revision(conn, name, label, text):
+    """The latest revision's number when this SBOM is the one it holds and no label is given: nothing to do."""
+    report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
+    latest = latest_revision(conn, report["id"]) if report is not None and label is None else None
+    if latest is None or latest["sbom_sha256"] != sbom_sha256(text):
+        return None
+    return latest["number"]
 
 
 @routes.delete("/reports/<name>")
@@ -2396,19 +2948,73 @@ def show_report(name):
     wanted = report_format()
     with read_snapshot(conn):
         report = find_report(conn, name)
+        policy = request_policy(conn)
+        latest = latest_revision(conn, report["id"])
+        revision = find_revision(conn, report, request.args["revision"]) if "revision" in request.args else latest
+        if revision["number"] != latest["number"]:
+            return show_older_revision(conn, report, revision, latest, policy, wanted)
         if wanted in REPORT_TYPES:
             return uploaded_document(conn, report, wanted)
         with cyclic_gc_paused():
-            verdicts = report_labels(conn, report["id"])
+            verdicts = report_labels(conn, report["id"], policy)
             if wanted == "application/json":
                 counts = verdict_counts(verdicts)
                 return jsonify(name=report["name"], root=report["root"], counts=counts, headline=headline(counts),
-                               paths=verdicts, diffs=report_diffs(conn, report["id"]))
+                               paths=verdicts, diffs=report_diffs(conn, report["id"]), revision=revision_object(revision))
             components = report_components(conn, report["id"])
             tree = report_tree(conn, report["id"])
         if wanted == "text/plain":
             return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
-        return report_page(conn, report, components, tree, verdicts)
+        return report_page(conn, report, components, tree, verdicts, policy, revision, latest,
+                           report_diff_links(conn, report["id"]))
+
+
+def show_older_revision(conn, report, revision, latest, policy, wanted):
+    """A revision before the latest, from its shared component rows: its SBOM is gone (410)."""
+    if wanted == CYCLONEDX_TYPE:
+        abort(410, f"report {report['name']!r} keeps the SBOM of its latest revision ({latest['number']}) only;"
+                   f" revision {revision['number']} keeps its paths and tree")
+    with cyclic_gc_paused():
+        components = revision_components(conn, revision["id"])
+        out_paths = [out_path for component in components for out_path in component["outputs"]]
+        verdicts = path_verdicts(conn, out_paths, policy)
+        diffs = paths_diffs(conn, out_paths)
+        if wanted == "application/json":
+            return jsonify(name=report["name"], root=revision["root"], counts=verdict_counts(verdicts), paths=verdicts,
+                           diffs=diffs, revision=revision_object(revision))
+        tree = revision_tree(conn, revision["id"])
+    if wanted == "text/plain":
+        return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
+    report = {"name": report["name"], "root": revision["root"]}
+    return report_page(conn, report, components, tree, verdicts, policy, revision, latest, diff_links_of(diffs))
+
+
+@routes.get("/reports/<name>/history")
+def report_history(name):
+    conn = get_db()
+    with read_snapshot(conn), cyclic_gc_paused():
+        report = find_report(conn, name)
+        policy = request_policy(conn)
+        revisions = [{**revision_object(revision), "counts": counts}
+                     for revision, counts in revision_counts(conn, report_revisions(conn, report["id"]), policy)]
+    if not wants_html():
+        return jsonify(name=report["name"], revisions=revisions)
+    return render_template("history.html", report=report, revisions=revisions, chart=history_chart(revisions),
+                           policy=policy, colours=VERDICT_COLOURS)
+
+
+@routes.get("/reports/<name>/changes")
+def report_changes(name):
+    conn = get_db()
+    with read_snapshot(conn), cyclic_gc_paused():
+        report = find_report(conn, name)
+        policy = request_policy(conn)
+        revisions = report_revisions(conn, report["id"])
+        old, new = compared_revisions(conn, report, revisions)
+        changes = revision_changes(conn, old, new, policy)
+    if not wants_html():
+        return jsonify(name=report["name"], **changes)
+    return render_template("changes.html", report=report, changes=changes, policy=policy)
 
 
 @routes.get("/reports/<name>/badge.svg")
@@ -2416,7 +3022,7 @@ def report_badge(name):
     conn = get_db()
     with read_snapshot(conn):
         report = find_report(conn, name)
-        numbers = headline(verdict_counts(report_labels(conn, report["id"])))
+        numbers = headline(verdict_counts(report_labels(conn, report["id"], request_policy(conn))))
     response = Response(render_template("badge.svg", **badge_parts(report["name"], numbers)), mimetype="image/svg+xml")
     # The ETag is the badge's own bytes: it changes exactly when the headline does.
     response.add_etag()
@@ -2430,7 +3036,7 @@ def suggested(name):
     builder = optional_builder()
     with read_snapshot(conn):
         report = find_report(conn, name)
-        return jsonify(suggestions(conn, report["id"], builder, suggestion_limit()))
+        return jsonify(suggestions(conn, report["id"], builder, request_policy(conn), suggestion_limit()))
 
 
 @routes.get("/reports/<name>/suggest")
@@ -2439,7 +3045,9 @@ def suggest(name):
     builder = optional_builder()
     with read_snapshot(conn):
         report = find_report(conn, name)
-        return jsonify(suggestion_objects(conn, report["id"], suggestions(conn, report["id"], builder, suggestion_limit())))
+        policy = request_policy(conn)
+        out_paths = suggestions(conn, report["id"], builder, policy, suggestion_limit())
+        return jsonify(suggestion_objects(conn, report["id"], out_paths))
 
 
 @routes.get("/reports/<name>/pending")
@@ -2450,9 +3058,62 @@ def pending(name):
     limit = suggestion_limit() if "limit" in request.args else MAX_SUGGEST
     with read_snapshot(conn):
         report = find_report(conn, name)
-        out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, after, limit)]
+        policy = request_policy(conn)
+        out_paths = [out_path for out_path, _builders in open_questions(conn, report["id"], builder, policy, after, limit)]
         next_after = out_paths[-1] if len(out_paths) == limit else None
         return jsonify(paths=suggestion_objects(conn, report["id"], out_paths), next=next_after)
+
+
+@routes.get("/policies")
+def list_policies():
+    rows = get_db().execute(POLICY_COLUMNS + " ORDER BY policies.name")
+    return jsonify([policy_object(row) for row in rows])
+
+
+@routes.get("/policies/<name>")
+def show_policy(name):
+    row = get_db().execute(POLICY_COLUMNS + " WHERE policies.name = ?", (name,)).fetchone()
+    if row is None:
+        abort(404, f"no policy named {shorten(name)!r}")
+    return jsonify(policy_object(row))
+
+
+@routes.put("/policies/<name>")
+def put_policy(name):
+    builder = require_builder()
+    if not POLICY_NAME_RE.fullmatch(name):
+        raise BadInput(f"policy name: expected 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got {shorten(name)!r}")
+    conn = get_db()
+    builders, minimum, verified = parse_policy_body(conn, json_body("MAX_ATTESTATION_BYTES"))
+    verified_only = None if verified is None else int(verified)
+    with transaction(conn):
+        existing = conn.execute("SELECT id, owner_id FROM policies WHERE name = ?", (name,)).fetchone()
+        if existing is None:
+            conn.execute("INSERT INTO policies (name, owner_id, builders, min, verified_only, updated_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (name, builder["id"], builders, minimum, verified_only, now_iso()))
+        else:
+            check_may_change_policy(existing, builder)
+            conn.execute("UPDATE policies SET builders = ?, min = ?, verified_only = ?, updated_at = ? WHERE id = ?",
+                         (builders, minimum, verified_only, now_iso(), existing["id"]))
+    return jsonify(policy=name, status="defined")
+
+
+@routes.delete("/policies/<name>")
+def delete_policy(name):
+    builder = require_builder()
+    conn = get_db()
+    with transaction(conn):
+        existing = conn.execute("SELECT id, owner_id FROM policies WHERE name = ?", (name,)).fetchone()
+        if existing is None:
+            abort(404, f"no policy named {shorten(name)!r}")
+        check_may_change_policy(existing, builder)
+        conn.execute("DELETE FROM policies WHERE id = ?", (existing["id"],))
+    return jsonify(policy=name, status="deleted")
+
+
+def check_may_change_policy(policy, builder):
+    if policy["owner_id"] != builder["id"] and not builder["is_admin"]:
+        abort(403, "only the builder that defined this policy, or an admin, may change it")
 
 
 @routes.get("/link_patterns")
@@ -2593,7 +3254,7 @@ def post_cosignature():
 # The report page is streamed and its tree markup is built here, not in templates/report.html:
 # see rendered_nodes for why.
 
-def report_page(conn, report, components, tree, verdicts):
+def report_page(conn, report, components, tree, verdicts, policy, revision, latest, diff_links):
     counts = verdict_counts(verdicts)
     total = sum(counts.values())
     names = {path: component["name"] for component in components for path in component["outputs"]}
@@ -2605,8 +3266,9 @@ def report_page(conn, report, components, tree, verdicts):
         headline=numbers, headline_sentence=headline_sentence(numbers),
         bar=verdict_bar(counts, total), colours=VERDICT_COLOURS, fixed_output=listed({FIXED_OUTPUT}),
         not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
-        tree_chunks=tree_chunks(tree, components, verdicts), require_signatures=current_app.config["REQUIRE_SIGNATURES"],
-        diff_links=report_diff_links(conn, report["id"]))
+        tree_chunks=tree_chunks(tree, components, verdicts, policy_query(policy)),
+        require_signatures=current_app.config["REQUIRE_SIGNATURES"], diff_links=diff_links,
+        policy=policy, policy_query=policy_query(policy), revision=revision, latest=latest)
 
 
 def streamed_page(template_name, **context):
@@ -2628,7 +3290,7 @@ def verdict_bar(counts, total):
     return segments
 
 
-def tree_chunks(tree, components, verdicts, rows_per_chunk=4000):
+def tree_chunks(tree, components, verdicts, query="", rows_per_chunk=4000):
     """The dependency tree as chunks of <li>/<details> markup.
 
     Built here, not in a template, for the same reason as rendered_nodes: it has a
@@ -2636,7 +3298,7 @@ def tree_chunks(tree, components, verdicts, rows_per_chunk=4000):
     markup or a node from rendered_nodes, whose values html.escape has escaped.
     A flat loop, not recursion, because closures can be thousands of levels deep.
     """
-    nodes = rendered_nodes(components, verdicts)
+    nodes = rendered_nodes(components, verdicts, query)
     pieces, depth_open, last = [], 0, len(tree) - 1
     for position, (depth, indices, expanded) in enumerate(tree):
         if depth_open > depth:
@@ -2657,7 +3319,7 @@ def tree_chunks(tree, components, verdicts, rows_per_chunk=4000):
     yield Markup("".join(pieces))
 
 
-def rendered_nodes(components, verdicts):
+def rendered_nodes(components, verdicts, query=""):
     """Each component's (node markup, short in-page reference markup).
 
     Not a Jinja macro: a closure has one node per component, 20,000 in a large
@@ -2671,8 +3333,9 @@ def rendered_nodes(components, verdicts):
         name = escape_html(component["name"] or (path or "")[44:])
         label = verdicts.get(path, "")
         badge = verdict_badge(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
-        links = "".join(f' <a href="{escape_html(output_href(other))}">{escape_html(other[44:])}</a>' for other in outputs[1:])
-        node = f'{badge}<a href="{escape_html(output_href(path))}">{name}</a>{links}' if path else f"{badge}{name}"
+        links = "".join(f' <a href="{escape_html(output_href(other) + query)}">{escape_html(other[44:])}</a>'
+                        for other in outputs[1:])
+        node = f'{badge}<a href="{escape_html(output_href(path) + query)}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append((node, f'<a href="#n{index}">{name}</a>'))
     return nodes
 
@@ -2686,6 +3349,12 @@ def badge_parts(report_name, numbers):
     label = "reproduced"
     return {"label": label, "value": value, "colour": colour, "label_width": 10 + 7 * len(label),
             "value_width": 10 + 7 * len(value), "title": f"{report_name}: {headline_sentence(numbers)}"}
+
+
+def policy_query(policy):
+    """'?trust=…' that carries the policy on links, or '' for the server's default."""
+    args = policy.query_args()
+    return "?" + urlencode(args, safe=",") if args else ""
 
 
 def verdict_badge(label, element_id=None):

@@ -12,10 +12,13 @@ memory (VmHWM) from /proc/<pid>/status at the end.
 
 Targets (issue 4): PUT and each GET <= 5x json.load, /suggest <= 0.5x, peak RSS <= 200 MB.
 Issue 19: the path-info PUT <= 3x json.load of the path-info file.
+Issue 16: GET as HTML and JSON with ?trust=<two of the builders>&min=2 <= 1.2x the same GET without a policy;
+GET /changes between two revisions (the second changing 5% of the components) <= 2x json.load.
 Each time is the median of --repeat runs (default 3). Exit status 1 when a target is missed.
 usage: python bench/report.py [--paths N] [--repeat R]
 """
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -31,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from post_build_hook import nix_base32_encode  # noqa: E402
 from closure import generate_path_info, generate_sbom  # noqa: E402
+from history import changed_sbom_text  # noqa: E402
 from served import create_builder, memory_kib, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
@@ -39,6 +43,9 @@ REPORT = "bench-closure"
 PUT_TARGET = GET_TARGET = 5.0
 SUGGEST_TARGET = 0.5
 PATH_INFO_TARGET = 3.0  # issue 19: a `nix path-info --json -r` PUT, against json.load of that file
+POLICY_TARGET = 1.2  # of the same view without a policy
+CHANGES_TARGET = 2.0
+POLICY = {"trust": ",".join(BUILDERS[:2]), "min": "2"}
 RSS_TARGET_MB = 200
 
 
@@ -121,12 +128,18 @@ def run(args, directory):
                 with open(sbom_file, "rb") as sbom_stream:
                     json.load(sbom_stream)
 
+            labels = itertools.count(1)
+
             def put():
-                checked_response(session.put(report_url, data=raw_sbom,
+                # A new label each time: the same SBOM again without one is a no-op, not a write.
+                checked_response(session.put(report_url, data=raw_sbom, params={"revision": f"bench-{next(labels)}"},
                                              headers={**owner, "Content-Type": "application/json"}))
 
-            def get_as(accept):
-                return lambda: checked_response(session.get(report_url, headers={"Accept": accept})).content
+            def get_as(accept, params=None):
+                return lambda: checked_response(session.get(report_url, params=params, headers={"Accept": accept})).content
+
+            def changes():
+                checked_response(session.get(report_url + "/changes", headers={"Accept": "application/json"})).content
 
             def suggest():
                 checked_response(session.get(report_url + "/suggest", headers=owner)).content
@@ -152,6 +165,14 @@ def run(args, directory):
                     ("GET as text/plain", median_time(args.repeat, get_as("text/plain")), GET_TARGET),
                     ("GET as application/json", median_time(args.repeat, get_as("application/json")), GET_TARGET),
                     ("GET /suggest", median_time(args.repeat, suggest), SUGGEST_TARGET)]
+            policy_rows = [(f"{what} ?trust=", median_time(args.repeat, get_as(accept, POLICY)), POLICY_TARGET,
+                            next(seconds for name, seconds, _target in rows if name == what))
+                           for what, accept in (("GET as text/html", "text/html"),
+                                                ("GET as application/json", "application/json"))]
+            checked_response(session.put(report_url, params={"revision": "bumped"},
+                                         data=changed_sbom_text(raw_sbom.decode(), 0.05, random.Random(5)).encode(),
+                                         headers={**owner, "Content-Type": "application/json"}))
+            rows.append(("GET /changes", median_time(args.repeat, changes), CHANGES_TARGET))
             rows = [(*row, baseline) for row in rows] + [
                 ("json.load of path-info", path_info_baseline, None, path_info_baseline),
                 ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline)]
@@ -159,7 +180,7 @@ def run(args, directory):
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return rows, rss
+    return rows, policy_rows, rss
 
 
 def main(argv=None):
@@ -168,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median counts (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hash-collection-bench-") as directory:
-        rows, rss = run(args, Path(directory))
+        rows, policy_rows, rss = run(args, Path(directory))
     missed = []
     for what, seconds, target, baseline in rows:
         ratio = seconds / baseline
@@ -176,6 +197,12 @@ def main(argv=None):
         if target is not None and ratio > target:
             missed.append(what)
         print(f"{what:26} {seconds * 1000:9.1f} ms  {ratio:6.2f}x json.load  {verdict}")
+    for what, seconds, target, without in policy_rows:
+        ratio = seconds / without
+        if ratio > target:
+            missed.append(what)
+        print(f"{what:26} {seconds * 1000:9.1f} ms  {ratio:6.2f}x without  target <= {target:g}x"
+              f"  {'ok' if ratio <= target else 'MISSED'}")
     rss_ok = rss <= RSS_TARGET_MB
     print(f"{'server peak RSS (VmHWM)':26} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
     if not rss_ok:

@@ -212,3 +212,16 @@ def test_a_report_made_before_version_7_is_cyclonedx_with_no_fixed_output_path(m
     assert report["headline"] == {"reproduced": 0, "total": 2, "percent": 0.0, "fixed_output": 0}
     sbom = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/vnd.cyclonedx+json"}, timeout=TIMEOUT)
     assert sbom.headers["Content-Type"] == "application/vnd.cyclonedx+json"
+
+
+def test_an_existing_report_becomes_its_revision_1(migrated):
+    server, _rows = migrated
+    history = requests.get(f"{server.url}/reports/old/history", headers={"Accept": "application/json"},
+                           timeout=TIMEOUT).json()["revisions"]
+    assert [(revision["revision"], revision["label"], revision["path_count"], revision["created_at"])
+            for revision in history] == [(1, None, 2, "2024-01-01T00:00:00Z")]
+    assert history[0]["counts"][web.ONE_BUILD] == 1 and history[0]["counts"][web.NO_BUILDS] == 1
+    first = requests.get(f"{server.url}/reports/old", params={"revision": "1"}, headers={"Accept": "application/json"},
+                         timeout=TIMEOUT).json()
+    assert sorted(first["paths"]) == sorted(REPORT_PATHS)
+    assert requests.get(f"{server.url}/policies", timeout=TIMEOUT).json() == []

@@ -222,7 +222,7 @@ def test_text_view_prints_names_verbatim(client, tokens):
 
 def test_json_summary_has_name_root_counts_paths(client, report):
     summary = client.get("/reports/views", headers=JSON).get_json()
-    assert set(summary) == {"name", "root", "counts", "headline", "paths", "diffs"}
+    assert set(summary) == {"name", "root", "counts", "headline", "paths", "diffs", "revision"}
     assert (summary["name"], summary["root"]) == ("views", report.root)
 
 

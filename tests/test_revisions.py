@@ -1,0 +1,189 @@
+"""Report revisions, history and changes against a real server; the history chart in headless Chromium."""
+import pytest
+import requests
+from playwright.sync_api import sync_playwright
+
+import sbom_samples as samples
+import web
+from support import bearer
+
+TIMEOUT = 10
+JSON = {"Accept": "application/json"}
+HOSTILE_LABEL = "<script>document.title='pwned'</script>\"'&amp;"
+# Each revision's closure: {store-path name: children}; components are named without their version.
+REVISIONS = [
+    {"app-1": ["liba-1.0", "libb-1.0", "libc-1.0", "libd-1.0"], "liba-1.0": [], "libb-1.0": [], "libc-1.0": [], "libd-1.0": []},
+    {"app-1": ["liba-2.0", "libb-2.0", "libc-1.0", "libd-1.0"], "liba-2.0": [], "libb-2.0": [], "libc-1.0": [], "libd-1.0": []},
+    {"app-1": ["liba-3.0", "libb-3.0", "libc-1.0", "libe-1.0"], "liba-3.0": [], "libb-3.0": [], "libc-1.0": [], "libe-1.0": []},
+]
+# Build results: (builder, result) per store-path name; two agreeing builders reproduce a path.
+RESULTS = {
+    "liba-1.0": [("alice", "good"), ("bob", "good")],  # reproduced, then liba-2.0 is not: a regression
+    "liba-2.0": [("alice", "good")],
+    "liba-3.0": [("alice", "good"), ("bob", "good")],  # fixed again in 3
+    "libb-1.0": [("alice", "good")],  # not reproduced, then libb-2.0 is: a fix
+    "libb-2.0": [("alice", "good"), ("bob", "good")],
+    "libb-3.0": [("alice", "good"), ("bob", "other")],  # and broken again in 3
+    "libc-1.0": [("alice", "good"), ("bob", "good")],
+}
+
+
+def closure_of(edges):
+    return samples.nix_build_sbom(edges, names={name: name.split("-")[0] for name in edges})
+
+
+def put(server, token, sbom, label=None, name="revised"):
+    params = {"revision": label} if label is not None else None
+    return requests.put(f"{server.url}/reports/{name}", json=sbom, params=params, headers=bearer(token), timeout=TIMEOUT)
+
+
+@pytest.fixture
+def revised(server):
+    """The report 'revised' in three revisions labelled r1, r2 and r3, with every build result posted."""
+    tokens = {name: server.create_user(name) for name in ("owner", "alice", "bob")}
+    for number, edges in enumerate(REVISIONS, start=1):
+        response = put(server, tokens["owner"], closure_of(edges).sbom, f"r{number}")
+        assert response.status_code == 200, response.text
+        assert response.json()["revision"] == number
+    for name, posts in RESULTS.items():
+        for builder, result in posts:
+            response = requests.post(f"{server.url}/attestations", json=[samples.attestation(samples.out_path(name), result)],
+                                     headers=bearer(tokens[builder]), timeout=TIMEOUT)
+            assert response.status_code == 200, response.text
+    return tokens
+
+
+def changes(server, **params):
+    response = requests.get(f"{server.url}/reports/revised/changes", params=params, headers=JSON, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def pairs(entries):
+    return [(entry["name"], entry["from"][44:], entry["to"][44:]) for entry in entries]
+
+
+def history(server, name="revised"):
+    response = requests.get(f"{server.url}/reports/{name}/history", headers=JSON, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()["revisions"]
+
+
+def test_changes_from_1_to_2_list_exactly_the_regression_and_the_fix(server, revised):
+    found = changes(server, **{"from": "1", "to": "r2"})
+    assert pairs(found["regressions"]) == [("liba", "liba-1.0", "liba-2.0")]
+    assert pairs(found["fixes"]) == [("libb", "libb-1.0", "libb-2.0")]
+    assert found["unchanged"] == []
+    assert [entry["path"][44:] for entry in found["added"]] == sorted(["liba-2.0", "libb-2.0"], key=samples.out_path)
+    assert found["kept"] == 3
+
+
+def test_changes_default_to_the_last_two_revisions(server, revised):
+    found = changes(server)
+    assert (found["from"]["revision"], found["to"]["revision"]) == (2, 3)
+    assert pairs(found["regressions"]) == [("libb", "libb-2.0", "libb-3.0")]
+    assert pairs(found["fixes"]) == [("liba", "liba-2.0", "liba-3.0")]
+    assert {entry["path"][44:] for entry in found["removed"]} == {"liba-2.0", "libb-2.0", "libd-1.0"}
+    assert {entry["path"][44:] for entry in found["added"]} == {"liba-3.0", "libb-3.0", "libe-1.0"}
+
+
+def test_changes_pair_by_name_across_any_two_revisions(server, revised):
+    found = changes(server, **{"from": "r1", "to": "r3"})
+    assert found["regressions"] == []
+    assert pairs(found["fixes"]) == []
+    assert sorted(pairs(found["unchanged"])) == [("liba", "liba-1.0", "liba-3.0"), ("libb", "libb-1.0", "libb-3.0")]
+
+
+def test_a_label_used_twice_is_409_and_changes_nothing(server, revised):
+    response = put(server, revised["owner"], closure_of(REVISIONS[0]).sbom, "r2")
+    assert response.status_code == 409
+    assert "'r2' is already used" in response.json()["error"]
+    assert [revision["revision"] for revision in history(server)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("label", ["42", "", "tab\there", "x" * 129])
+def test_a_bad_label_is_400(server, label):
+    owner = server.create_user("owner")
+    response = put(server, owner, closure_of(REVISIONS[0]).sbom, label)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("revision:")
+
+
+def test_the_same_sbom_again_without_a_label_changes_nothing(server):
+    owner = server.create_user("owner")
+    sbom = closure_of(REVISIONS[0]).sbom
+    assert put(server, owner, sbom).json()["revision"] == 1
+    again = put(server, owner, sbom)
+    assert again.json() == {"report": "revised", "status": "unchanged", "revision": 1}
+    assert put(server, owner, sbom, "tagged").json()["revision"] == 2
+
+
+def test_history_gives_every_revision_with_its_counts_as_of_now(server, revised):
+    revisions = history(server)
+    assert [(r["revision"], r["label"], r["path_count"]) for r in revisions] == [(1, "r1", 5), (2, "r2", 5), (3, "r3", 5)]
+    assert [r["counts"][web.REPRODUCED] for r in revisions] == [2, 2, 2]
+    assert [r["counts"][web.NONDETERMINISTIC] for r in revisions] == [0, 0, 1]
+    assert [r["counts"][web.NO_BUILDS] for r in revisions] == [2, 2, 2]
+
+
+def test_an_older_revision_is_shown_by_number_or_label_but_its_sbom_is_gone(server, revised):
+    by_number = requests.get(f"{server.url}/reports/revised", params={"revision": "1"}, headers=JSON, timeout=TIMEOUT)
+    by_label = requests.get(f"{server.url}/reports/revised", params={"revision": "r1"}, headers=JSON, timeout=TIMEOUT)
+    assert by_number.json() == by_label.json()
+    assert by_number.json()["paths"][samples.out_path("liba-1.0")] == web.REPRODUCED
+    assert by_number.json()["revision"]["label"] == "r1"
+    latest = requests.get(f"{server.url}/reports/revised", headers=JSON, timeout=TIMEOUT).json()
+    assert latest["revision"]["revision"] == 3 and samples.out_path("libe-1.0") in latest["paths"]
+    sbom = {"Accept": web.CYCLONEDX_TYPE}
+    assert requests.get(f"{server.url}/reports/revised", params={"revision": "1"}, headers=sbom, timeout=TIMEOUT).status_code == 410
+    assert requests.get(f"{server.url}/reports/revised", headers=sbom, timeout=TIMEOUT).json() == closure_of(REVISIONS[2]).sbom
+    text = requests.get(f"{server.url}/reports/revised", params={"revision": "r2"}, timeout=TIMEOUT).text
+    assert "liba-2.0 One build" in text
+    missing = requests.get(f"{server.url}/reports/revised", params={"revision": "9"}, headers=JSON, timeout=TIMEOUT)
+    assert missing.status_code == 404
+
+
+def test_delete_removes_every_revision(server, revised):
+    response = requests.delete(f"{server.url}/reports/revised", headers=bearer(revised["owner"]), timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert requests.get(f"{server.url}/reports/revised/history", headers=JSON, timeout=TIMEOUT).status_code == 404
+    assert put(server, revised["owner"], closure_of(REVISIONS[0]).sbom, "r1").json()["revision"] == 1
+
+
+def test_only_the_owner_adds_revisions(server, revised):
+    mallory = server.create_user("mallory")
+    assert put(server, mallory, closure_of(REVISIONS[0]).sbom, "evil").status_code == 403
+
+
+def test_changes_and_history_pages_render(server, revised):
+    html = {"Accept": "text/html"}
+    page = requests.get(f"{server.url}/reports/revised/changes", headers=html, timeout=TIMEOUT).text
+    assert 'id="regressions">Regressions (1)' in page and 'id="fixes">Fixes (1)' in page
+    page = requests.get(f"{server.url}/reports/revised/history", headers=html, timeout=TIMEOUT).text
+    assert page.count('<circle class="point"') == 3
+
+
+def test_the_history_chart_escapes_labels_in_chromium(server):
+    owner = server.create_user("owner")
+    for number, edges in enumerate(REVISIONS):
+        label = HOSTILE_LABEL if number == 1 else None
+        assert put(server, owner, closure_of(edges).sbom, label).status_code == 200
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            dialogs = []
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(f"{server.url}/reports/revised/history")
+            assert page.title() != "pwned" and dialogs == []
+            chart = page.locator("svg#history-chart")
+            assert chart.is_visible()
+            assert chart.locator("circle.point").count() == 3
+            assert chart.locator("polyline").count() == 1
+            labels = chart.locator("text.revision-label").all_text_contents()
+            assert labels == ["1", HOSTILE_LABEL, "3"]
+            assert page.locator("svg#history-chart script").count() == 0
+            assert HOSTILE_LABEL in chart.locator("circle.point").nth(1).locator("title").text_content()
+        finally:
+            browser.close()
