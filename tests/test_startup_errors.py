@@ -16,7 +16,7 @@ from support import REPO, free_port
 AS_NOBODY = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
-import pwd, waitress, web
+import encodings.idna, pwd, waitress, web  # idna: the log origin is the host name
 nobody = pwd.getpwnam("nobody")
 os.setgroups([]); os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)
 sys.exit(web.main(sys.argv[1:]))
