@@ -288,6 +288,23 @@ def signature_is_good(public_key, message, signature):
         return False
 
 
+# ---------------------------------------------------------------- narinfo
+# The server writes narinfos (web.py narinfo_text, from the same fingerprint fields); the cache importer reads them.
+
+def parse_narinfo(text):
+    """{field: value} of a narinfo, with every Sig line in 'Sig' as a list."""
+    fields = {"Sig": []}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        if key == "Sig":
+            fields["Sig"].append(value.strip())
+        else:
+            fields[key] = value.strip()
+    return fields
+
+
 # ---------------------------------------------------------------- NAR serialisation
 
 def nar_string(raw):
@@ -356,7 +373,7 @@ COSIGNATURE_HEADER = "cosignature/v1\n"
 # The verdict labels and rule live here so that `monitor` recomputes verdicts exactly as the server does.
 NO_BUILDS = "No builds"
 ONE_BUILD = "One build"
-SUCCESSFULLY_REPRODUCED = "Successfully reproduced"  # not REPRODUCED: rebuild has its own
+REPRODUCED = "Successfully reproduced"
 PARTIALLY = "Partially reproduced"
 NONDETERMINISTIC = "Consistently nondeterministic"
 
@@ -376,7 +393,7 @@ def verdict(builders_by_hash, trusted=None, minimum=2):
         return NO_BUILDS
     if len(builders_by_hash) == 1:
         (builders,) = builders_by_hash.values()
-        return SUCCESSFULLY_REPRODUCED if len(builders) >= minimum else ONE_BUILD
+        return REPRODUCED if len(builders) >= minimum else ONE_BUILD
     if any(len(builders) >= minimum for builders in builders_by_hash.values()):
         return PARTIALLY
     return NONDETERMINISTIC
@@ -2383,20 +2400,6 @@ def load_cache(env):
     return Cache(url, trusted_keys, timeout_of(env))
 
 
-def parse_narinfo(text):
-    """{field: value} of a narinfo, with every Sig line in 'Sig' as a list."""
-    fields = {"Sig": []}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        if key == "Sig":
-            fields["Sig"].append(value.strip())
-        else:
-            fields[key] = value.strip()
-    return fields
-
-
 def cache_outcome(cache, pending):
     """(CACHE_VERIFIED, attestation) or (CACHE_NOT_FOUND | CACHE_BAD_SIGNATURE | CACHE_FAILED, why) for one path."""
     out_path = pending["out_path"]
@@ -2660,7 +2663,7 @@ def rebuild(args, env):
 
 # ---------------------------------------------------------------- challenge
 
-IDENTICAL, DIFFER, NO_DATA = "identical", "differ", "without data"
+CHALLENGE_IDENTICAL, CHALLENGE_DIFFERS, CHALLENGE_NO_DATA = "identical", "differs", "without data"
 
 
 class TrustPolicy(NamedTuple):
@@ -2733,21 +2736,21 @@ def local_nar_hashes(out_paths, env):
 
 
 def comparison(local_hash, attestations):
-    """(IDENTICAL | DIFFER | NO_DATA, {hash: [builders]})."""
+    """(CHALLENGE_IDENTICAL | CHALLENGE_DIFFERS | CHALLENGE_NO_DATA, {hash: [builders]})."""
     builders_by_hash = {}
     for attested in attestations:
         builders = builders_by_hash.setdefault(attested["output_hash"], [])
         if attested["builder"] not in builders:
             builders.append(attested["builder"])
     if not builders_by_hash:
-        return NO_DATA, builders_by_hash
-    return (IDENTICAL if set(builders_by_hash) == {local_hash} else DIFFER), builders_by_hash
+        return CHALLENGE_NO_DATA, builders_by_hash
+    return (CHALLENGE_IDENTICAL if set(builders_by_hash) == {local_hash} else CHALLENGE_DIFFERS), builders_by_hash
 
 
 def comparison_lines(out_path, local_hash, outcome, builders_by_hash):
-    if outcome == NO_DATA:
+    if outcome == CHALLENGE_NO_DATA:
         return [f"{out_path}: no data"]
-    if outcome == IDENTICAL:
+    if outcome == CHALLENGE_IDENTICAL:
         return [f"{out_path}: identical ({', '.join(builders_by_hash[local_hash])})"]
     lines = [f"{out_path}: differs", f"  local hash: {local_hash}"]
     for nar_hash, builders in builders_by_hash.items():
@@ -2778,7 +2781,7 @@ def challenge(args, env):
     if reports:
         present = len({path for path in report_paths if path in local_hashes})
         say(f"{present} of {counted(len(set(report_paths)), 'report path')} in the local store")
-    counts = dict.fromkeys((IDENTICAL, DIFFER, NO_DATA), 0)
+    counts = dict.fromkeys((CHALLENGE_IDENTICAL, CHALLENGE_DIFFERS, CHALLENGE_NO_DATA), 0)
     with ThreadPoolExecutor(max_workers=8) as pool:
         lookups = pool.map(lambda out_path: attestations_or_none(server, out_path), local_hashes)
         for out_path, attestations in zip(local_hashes, lookups):
@@ -2792,18 +2795,18 @@ def challenge(args, env):
                 outcome, lines = policy_comparison(out_path, local_hashes[out_path], attestations, policy)
             print("\n".join(lines), flush=True)
             counts[outcome] += 1
-    print(f"{counted(sum(counts.values()), 'path')}: {counts[IDENTICAL]} identical, {counts[DIFFER]} differ, "
-          f"{counts[NO_DATA]} without data", flush=True)
-    if counts[DIFFER]:
+    print(f"{counted(sum(counts.values()), 'path')}: {counts[CHALLENGE_IDENTICAL]} identical, "
+          f"{counts[CHALLENGE_DIFFERS]} differ, {counts[CHALLENGE_NO_DATA]} without data", flush=True)
+    if counts[CHALLENGE_DIFFERS]:
         return 2
-    if policy is not None and counts[NO_DATA]:
+    if policy is not None and counts[CHALLENGE_NO_DATA]:
         return 1  # under a policy, a path no hash settled is not a match
-    return 1 if errors or not counts[IDENTICAL] else 0
+    return 1 if errors or not counts[CHALLENGE_IDENTICAL] else 0
 
 
 def policy_comparison(out_path, local_hash, attestations, policy):
-    """(IDENTICAL | DIFFER | NO_DATA, lines): the verdict under the policy, by the server's own rule, and whether
-    the local hash is the one `minimum` trusted builders agree on (IDENTICAL), differs from one (DIFFER), or neither."""
+    """(CHALLENGE_IDENTICAL | CHALLENGE_DIFFERS | CHALLENGE_NO_DATA, lines): the verdict under the policy, by the server's own rule, and whether
+    the local hash is the one `minimum` trusted builders agree on (CHALLENGE_IDENTICAL), differs from one (CHALLENGE_DIFFERS), or neither."""
     builders_by_hash = {}
     for attested in attestations:
         if attested.get("verified") or not policy.verified_only:
@@ -2811,11 +2814,11 @@ def policy_comparison(out_path, local_hash, attestations, policy):
     label = verdict(builders_by_hash, policy.trusted, policy.minimum)
     settled = settled_hashes(builders_by_hash, policy.trusted, policy.minimum)
     if settled - {local_hash}:
-        outcome, said = DIFFER, "the local hash differs from one the policy settled"
+        outcome, said = CHALLENGE_DIFFERS, "the local hash differs from one the policy settled"
     elif settled:
-        outcome, said = IDENTICAL, "the local hash is the one the policy settled"
+        outcome, said = CHALLENGE_IDENTICAL, "the local hash is the one the policy settled"
     else:
-        outcome, said = NO_DATA, "no hash is settled under the policy"
+        outcome, said = CHALLENGE_NO_DATA, "no hash is settled under the policy"
     lines = [f"{out_path}: {label}; {said}", f"  local hash: {local_hash}"]
     for nar_hash, builders in sorted(builders_by_hash.items()):
         trusted = sorted(builders & policy.trusted)

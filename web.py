@@ -38,9 +38,9 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
+from post_build_hook import basename_of, name_of, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
-from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, verdict  # noqa: F401
-from post_build_hook import SUCCESSFULLY_REPRODUCED as REPRODUCED
+from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
                              parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
@@ -155,6 +155,7 @@ def create_app(config=None):
     app.teardown_appcontext(close_db)
     app.after_request(release_freed_memory)
     app.jinja_env.filters["output_href"] = output_href
+    app.jinja_env.filters["name_of"] = name_of
     app.jinja_env.filters["badge"] = verdict_badge
     app.jinja_env.globals["badge_colours"] = [(VERDICT_BADGES[label][0], VERDICT_COLOURS[label]) for label in REPORT_LABELS]
     app.register_blueprint(routes)
@@ -685,7 +686,7 @@ def attested_output_path(item, where):
     name = field(item, "output_name", where)
     basename = f"{digest}-{name}"
     checked(f"{where}.output_digest/output_name", parse_store_basename, basename)
-    return f"{STORE_DIR}/{basename}"
+    return store_path(basename)
 
 
 def parse_attestation_list(body, drv_ident_for):
@@ -773,7 +774,7 @@ ATTESTATION_COLUMNS = "SELECT " + LOGGED_FIELDS + ", attestations.source, attest
 def attestation_object(row):
     return {
         "builder": row["builder"],
-        "drv_path": f"{STORE_DIR}/{row['drv_ident']}.drv" if row["drv_ident"] else None,
+        "drv_path": store_path(f"{row['drv_ident']}.drv") if row["drv_ident"] else None,
         "output_path": row["output_path"],
         "output_hash": row["output_hash"],
         "output_sig": row["output_sig"],
@@ -794,7 +795,7 @@ def attestations_of_output(conn, output_path):
 
 def output_path_of_basename(basename):
     checked("path", parse_store_basename, basename)
-    return f"{STORE_DIR}/{basename}"
+    return store_path(basename)
 
 
 # ---------------------------------------------------------------- verdicts
@@ -1116,12 +1117,12 @@ def component_of(raw):
     properties = properties_of(raw)
     drv_path = properties.get("nix:drv_path", [None])[0]
     if drv_path is None and ref.endswith(".drv"):
-        drv_path = ref if ref.startswith(STORE_DIR + "/") else f"{STORE_DIR}/{ref}"
+        drv_path = ref if ref.startswith(STORE_DIR + "/") else store_path(ref)
     if drv_path is not None and not is_store_path(drv_path):
         drv_path = None
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
-        candidates = [ref if ref.startswith("/") else f"{STORE_DIR}/{ref}"]
+        candidates = [ref if ref.startswith("/") else store_path(ref)]
     out_paths = list(dict.fromkeys(path for path in candidates if is_store_path(path)))
     output_names = properties.get("nix:output", [])
     outputs = [(path, output_names[0] if len(out_paths) == 1 and output_names else output_name(path, drv_path))
@@ -1231,7 +1232,7 @@ class ClosureItem(NamedTuple):
 
 def full_store_path(text, where):
     """A store path, from the full path or the basename newer Nix writes in path-info JSON."""
-    path = text if isinstance(text, str) and text.startswith("/") else f"{STORE_DIR}/{text}"
+    path = text if isinstance(text, str) and text.startswith("/") else store_path(text)
     return checked(where, lambda value: parse_store_path(value) and value, path if isinstance(text, str) else text)
 
 
@@ -1784,7 +1785,7 @@ def component_of_paths(components):
 
 def pairing_key(out_path, name, output):
     """The component's name, else the store-path name after the hash; without a version; and the output."""
-    return package_name(name or out_path[len(STORE_DIR) + 34:]), output
+    return package_name(name or name_of(out_path)), output
 
 
 def unique_by_key(out_paths, names):
@@ -2034,7 +2035,7 @@ def link_matcher(conn):
     def links_of(out_path):
         if not patterns or time.monotonic() > deadline:
             return []
-        name = out_path[len(STORE_DIR) + 34:]
+        name = name_of(out_path)
         return [link for pattern, link in patterns if pattern.search(name)]
 
     return links_of
@@ -2074,10 +2075,10 @@ def narinfo_text(attestation):
         "Compression: none",
         f"NarHash: {nar_hash}",
         f"NarSize: {attestation['nar_size']}",
-        "References: " + " ".join(path[len(STORE_DIR) + 1:] for path in attestation["references"] or []),
+        "References: " + " ".join(basename_of(path) for path in attestation["references"] or []),
     ]
     if attestation["drv_path"]:
-        lines.append(f"Deriver: {attestation['drv_path'][len(STORE_DIR) + 1:]}")
+        lines.append(f"Deriver: {basename_of(attestation['drv_path'])}")
     if attestation["ca"]:
         lines.append(f"CA: {attestation['ca']}")
     # is_signature: a signature stored before version 2 may hold a line break.
@@ -2278,7 +2279,7 @@ def diff_links_of(diffs):
 
 
 def diff_href(out_path, hash_a=None, hash_b=None):
-    href = "/diffs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
+    href = "/diffs/" + url_segment(basename_of(out_path))
     return f"{href}/{hash_a}/{hash_b}" if hash_a else href
 
 
@@ -2324,7 +2325,7 @@ class LogDamaged(Exception):
 
 def entry_of_row(row):
     """The log entry of an attestation row (LOGGED_COLUMNS)."""
-    drv_path = f"{STORE_DIR}/{row['drv_ident']}.drv" if row["drv_ident"] else None
+    drv_path = store_path(f"{row['drv_ident']}.drv") if row["drv_ident"] else None
     references = None if row["refs"] is None else [] if row["refs"] == "[]" else json.loads(row["refs"])
     return log_entry(row["builder"], row["output_path"], drv_path, row["output_hash"], row["nar_size"], references,
                      row["output_sig"], row["verified"], row["created_at"])
@@ -2734,7 +2735,7 @@ def healthz():
 @routes.post("/attestation/<drv_ident>")
 def post_attestation(drv_ident):
     builder = require_builder()
-    drv_ident = checked("drv_ident", lambda ident: drv_ident_of(f"{STORE_DIR}/{ident}.drv"), drv_ident)
+    drv_ident = checked("drv_ident", lambda ident: drv_ident_of(store_path(f"{ident}.drv")), drv_ident)
     attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), lambda _item, _where: drv_ident)
     return accepted(store_attestations(get_db(), builder, attestations))
 
@@ -3330,10 +3331,10 @@ def rendered_nodes(components, verdicts, query=""):
     for index, component in enumerate(components):
         outputs = component["outputs"]
         path = outputs[0] if outputs else None
-        name = escape_html(component["name"] or (path or "")[44:])
+        name = escape_html(component["name"] or (name_of(path) if path else ""))
         label = verdicts.get(path, "")
         badge = verdict_badge(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
-        links = "".join(f' <a href="{escape_html(output_href(other) + query)}">{escape_html(other[44:])}</a>'
+        links = "".join(f' <a href="{escape_html(output_href(other) + query)}">{escape_html(name_of(other))}</a>'
                         for other in outputs[1:])
         node = f'{badge}<a href="{escape_html(output_href(path) + query)}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append((node, f'<a href="#n{index}">{name}</a>'))
@@ -3366,8 +3367,13 @@ def verdict_badge(label, element_id=None):
 
 
 def output_href(out_path):
-    """The /outputs/ link of a store path; '?' is the only character Nix allows in names that a URL path needs quoted."""
-    return "/outputs/" + out_path[len(STORE_DIR) + 1:].replace("?", "%3F")
+    """The /outputs/ link of a store path."""
+    return "/outputs/" + url_segment(basename_of(out_path))
+
+
+def url_segment(basename):
+    """A store basename in a URL path: '?' is the only character Nix allows in names that needs quoting there."""
+    return basename.replace("?", "%3F")
 
 
 # ---------------------------------------------------------------- memory

@@ -9,7 +9,7 @@ import hashlib
 import io
 import itertools
 
-from post_build_hook import STORE_DIR, nix_base32_encode
+from post_build_hook import STORE_DIR, basename_of, nix_base32_encode
 
 _serial = itertools.count()
 
@@ -46,10 +46,6 @@ def drv_ident(name="hello-2.12"):
 
 def drv_path_of(ident):
     return f"{STORE_DIR}/{ident}.drv"
-
-
-def basename_of(path):
-    return path[len(STORE_DIR) + 1:]
 
 
 def first_generation(path, nar_hash, sig="", **optional):

@@ -7,7 +7,7 @@ so a test can state what it expects in the domain's own words.
 import hashlib
 from dataclasses import dataclass, field
 
-from post_build_hook import STORE_DIR, nix_base32_encode
+from post_build_hook import STORE_DIR, basename_of, nix_base32_encode
 
 
 def digest_of(text):
@@ -99,7 +99,7 @@ def sbomnix_sbom(edges, outputs=None):
 
 def bombon_sbom(edges):
     """bombon: no nix:* properties, refs are store basenames without /nix/store/."""
-    basename = {name: out_path(name)[len(STORE_DIR) + 1:] for name in edges}
+    basename = {name: basename_of(out_path(name)) for name in edges}
 
     def component(name, kind):
         return {"type": kind, "bom-ref": basename[name], "name": name, "version": "1.0",

@@ -12,6 +12,7 @@ import requests
 
 from support import DEBIAN_PYTHON, hooks_dir_of, token_file_settings, write_derivation
 from test_hook import builder, instantiate, nix_build, nix_query, run_client  # noqa: F401 - builder is a fixture
+from post_build_hook import basename_of
 
 ONE_HOOK_RUN_SLACK = 5.0
 # Three files: one stable, one with the build's timestamp, one that only the first build writes.
@@ -41,7 +42,7 @@ def build_user_directory():
 
 
 def diffs_of(server, out_path):
-    return requests.get(f"{server.url}/diffs/{out_path[11:]}", headers={"Accept": "application/json"}, timeout=10).json()
+    return requests.get(f"{server.url}/diffs/{basename_of(out_path)}", headers={"Accept": "application/json"}, timeout=10).json()
 
 
 def the_diff(server, out_path):

@@ -8,6 +8,7 @@ import pytest
 import sbom_samples as samples
 from attestation_samples import base32_form, hex_form, nar_hash_bytes, out_path, sri_form
 from support import bearer
+from post_build_hook import basename_of
 
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
@@ -30,7 +31,7 @@ def regular_change(path, size=2):
 
 
 def diff_url(path, hash_a, hash_b):
-    return f"/diffs/{path[11:].replace('?', '%3F')}/{hash_a}/{hash_b}"
+    return f"/diffs/{basename_of(path).replace('?', '%3F')}/{hash_a}/{hash_b}"
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_the_same_diff_sent_again_changes_nothing(client, tokens, attested):
     assert again.status_code == 200 and again.get_json()["status"] == "known"
     shown = client.get(diff_url(*attested), headers=JSON).get_json()
     assert shown["uploader"] == "bob" and shown["diffoscope"].startswith("--- a/stamp")
-    assert len(client.get(f"/diffs/{attested[0][11:]}", headers=JSON).get_json()) == 1
+    assert len(client.get(f"/diffs/{basename_of(attested[0])}", headers=JSON).get_json()) == 1
 
 
 def test_diff_is_stored_compressed(app, client, tokens, attested):
@@ -119,7 +120,7 @@ def test_hashes_in_the_wrong_order_are_400_on_upload_and_404_on_reading(client, 
 def test_hash_not_in_canonical_form_is_400_on_upload_and_404_on_reading(client, tokens, attested, encode):
     path, hash_a, _hash_b = attested
     other = next(text for text in (encode(nar_hash_bytes()) for _ in range(100)) if "/" not in text)  # SRI's base64 may hold '/'
-    url = f"/diffs/{path[11:]}/{hash_a}/{other}" if hash_a < other else f"/diffs/{path[11:]}/{other}/{hash_a}"
+    url = f"/diffs/{basename_of(path)}/{hash_a}/{other}" if hash_a < other else f"/diffs/{basename_of(path)}/{other}/{hash_a}"
     response = put_diff(client, tokens("alice"), url, diff_body())
     assert response.status_code == 400 and "canonical form" in response.get_json()["error"]
     assert client.get(url, headers=JSON).status_code == 404
@@ -197,18 +198,18 @@ def test_diff_page_shows_the_file_table_first_then_diffoscope_folded_after_one_s
 
 def test_list_of_diffs_of_a_path(client, tokens, attested):
     assert put_diff(client, tokens("bob"), diff_url(*attested), diff_body()).status_code == 200
-    listed = client.get(f"/diffs/{attested[0][11:]}", headers=JSON).get_json()
+    listed = client.get(f"/diffs/{basename_of(attested[0])}", headers=JSON).get_json()
     assert [(diff["hash_a"], diff["hash_b"], diff["href"]) for diff in listed] == [
         (attested[1], attested[2], diff_url(*attested))]
-    page = client.get(f"/diffs/{attested[0][11:]}", headers=HTML).get_data(as_text=True)
+    page = client.get(f"/diffs/{basename_of(attested[0])}", headers=HTML).get_data(as_text=True)
     assert f'href="{diff_url(*attested)}"' in page
 
 
 def test_output_page_links_the_pair_to_its_diff(client, tokens, attested):
-    page = client.get(f"/outputs/{attested[0][11:]}", headers=HTML).get_data(as_text=True)
+    page = client.get(f"/outputs/{basename_of(attested[0])}", headers=HTML).get_data(as_text=True)
     assert "/diffs/" not in page
     assert put_diff(client, tokens("bob"), diff_url(*attested), diff_body()).status_code == 200
-    page = client.get(f"/outputs/{attested[0][11:]}", headers=HTML).get_data(as_text=True)
+    page = client.get(f"/outputs/{basename_of(attested[0])}", headers=HTML).get_data(as_text=True)
     assert f'href="{diff_url(*attested)}"' in page
 
 

@@ -14,6 +14,7 @@ import requests
 import sbom_samples
 from attestation_samples import base32_form, basename_of, create_user_in_process, drv_ident, first_generation, nar_hash_bytes
 from support import bearer
+from post_build_hook import name_of
 
 HTML = {"Accept": "text/html"}
 FORMATS = ["text/html", "text/plain", "application/json", "application/vnd.cyclonedx+json"]
@@ -103,7 +104,7 @@ class HttpSender:
 
 
 def views(odd_path):
-    return ["/", "/reports", "/reports/hostile", "/reports/hostile-root", f"/outputs/{odd_path[11:].replace('?', '%3F')}",
+    return ["/", "/reports", "/reports/hostile", "/reports/hostile-root", f"/outputs/{basename_of(odd_path).replace('?', '%3F')}",
             "/builders"]
 
 
@@ -180,7 +181,7 @@ def test_report_link_to_a_path_with_a_question_mark_leads_to_that_paths_page(hos
     hrefs = {href for href in re.findall(r'href="(/outputs/[^"]*)"', page) if "x=1+2" in href}
     assert hrefs == {"/outputs/" + basename_of(odd_path).replace("?", "%3F")}
     output_page = client.get(hrefs.pop(), headers=HTML).get_data(as_text=True)
-    assert f"<h1>{odd_path[44:]}</h1>" in output_page and f"<code>{odd_path}</code>" in output_page
+    assert f"<h1>{name_of(odd_path)}</h1>" in output_page and f"<code>{odd_path}</code>" in output_page
 
 
 def test_text_tree_of_a_hostile_report_is_served_as_plain_text(hostile_app):

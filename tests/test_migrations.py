@@ -16,6 +16,7 @@ import requests
 import web
 from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
 from support import REPO, ServerProcess, bearer
+from post_build_hook import basename_of, name_of
 
 TIMEOUT = 30
 ALICE_SECRET, ALICE_PUBLIC = nix_key_pair("alice-1")
@@ -61,7 +62,7 @@ def version_1_report(conn):
         (root, b'{"bomFormat": "CycloneDX"}', json.dumps(tree))).lastrowid
     for index, path in enumerate(REPORT_PATHS):
         conn.execute("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, NULL)",
-                     (report_id, index, path[44:]))
+                     (report_id, index, name_of(path)))
         conn.execute("INSERT INTO report_paths (report_id, out_path, component_idx, output) VALUES (?, ?, ?, 'out')",
                      (report_id, path, index))
     conn.execute("INSERT INTO attestations (builder_id, output_path, output_hash, created_at)"
@@ -97,7 +98,7 @@ def builders(server):
 
 
 def stored(server, path):
-    return requests.get(f"{server.url}/attestations/by-output/{path[11:]}", timeout=TIMEOUT).json()
+    return requests.get(f"{server.url}/attestations/by-output/{basename_of(path)}", timeout=TIMEOUT).json()
 
 
 def test_migrated_database_has_the_current_schema(migrated):
@@ -113,7 +114,7 @@ def test_migrated_database_has_the_current_schema(migrated):
 def test_builders_and_their_tokens_survive(migrated):
     server, _rows = migrated
     attestation = {"output_path": out_path(), "output_hash": base32_form(nar_hash_bytes())}
-    response = requests.post(f"{server.url}/attestation/{out_path()[11:]}", json=[attestation],
+    response = requests.post(f"{server.url}/attestation/{basename_of(out_path())}", json=[attestation],
                              headers=bearer(TOKENS["bob"]), timeout=TIMEOUT)
     assert response.status_code == 200
 
@@ -174,7 +175,7 @@ def test_attestations_made_before_have_no_source_and_new_ones_keep_theirs(migrat
     server, rows = migrated
     assert {row["source"] for row in stored(server, rows["signed"]["output_path"])} == {None}
     attestation = {"output_path": out_path(), "output_hash": base32_form(nar_hash_bytes()), "source": "check"}
-    assert requests.post(f"{server.url}/attestation/{out_path()[11:]}", json=[attestation],
+    assert requests.post(f"{server.url}/attestation/{basename_of(out_path())}", json=[attestation],
                          headers=bearer(TOKENS["bob"]), timeout=TIMEOUT).status_code == 200
     assert [row["source"] for row in stored(server, attestation["output_path"])] == ["check"]
 

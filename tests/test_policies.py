@@ -11,7 +11,7 @@ import sbom_samples as samples
 import web
 from attestation_samples import nix_key_pair
 from binary_cache import CLIENT_VARIABLES, DETERMINISTIC, define_report, instantiate, nar_hash, realise, sbom_of
-from post_build_hook import fingerprint, sign_fingerprint, verdict
+from post_build_hook import basename_of, fingerprint, sign_fingerprint, verdict
 from support import REPO, bearer, write_derivation
 
 TIMEOUT = 10
@@ -105,7 +105,7 @@ def test_unknown_builders_in_a_policy_are_400_naming_them(server, report, route)
     response = requests.post(f"{server.url}/attestations", headers=bearer(tokens["alice"]), timeout=TIMEOUT,
                              json=[samples.attestation(library, "good", drv=samples.drv_path("policy-lib"))])
     assert response.status_code == 200, response.text
-    url = route.format(basename=library[11:], drv_ident=samples.drv_path("policy-lib")[11:-4])
+    url = route.format(basename=basename_of(library), drv_ident=basename_of(samples.drv_path("policy-lib"))[:-4])
     response = requests.get(server.url + url, params={"trust": "alice,nobody,ghost"}, headers=JSON, timeout=TIMEOUT)
     assert response.status_code == 400, response.text
     assert "unknown builders" in response.json()["error"]
@@ -219,7 +219,7 @@ def test_the_html_report_shows_the_policy_and_its_links_carry_it(server, report)
                         timeout=TIMEOUT).text
     assert "Trust policy:" in page and "alice, bob, carol" in page
     assert '<input name="trust" value="alice,bob,carol"' in page
-    assert f'href="/outputs/{closure.out("policy-lib")[11:]}?trust=alice,bob,carol&amp;min=2&amp;verified=0"' in page
+    assert f'href="/outputs/{basename_of(closure.out("policy-lib"))}?trust=alice,bob,carol&amp;min=2&amp;verified=0"' in page
     assert '/reports/policies/history?trust=alice,bob,carol&amp;min=2&amp;verified=0' in page
 
 
