@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, Hook, ServerProcess, create_user, nix_env, nonce
+from attestation_samples import create_user_in_process
+from support import REPO, Hook, ServerProcess, nix_env, nonce
 
 
 NIX_FIXTURES = {"nix", "nix_key", "reachable_client"}
@@ -60,12 +61,12 @@ def client(app):
 
 @pytest.fixture
 def tokens(app):
-    """token_of(builder): a token for that builder of the in-process app, made once per builder."""
+    """token_of(builder, *create_user options): a token for that builder of the in-process app, made once per builder."""
     made = {}
 
-    def token_of(builder):
+    def token_of(builder, *options):
         if builder not in made:
-            made[builder] = create_user(app.config["DATABASE"], builder)
+            made[builder] = create_user_in_process(app.config["DATABASE"], builder, *options)
         return made[builder]
     return token_of
 

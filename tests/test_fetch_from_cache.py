@@ -16,16 +16,16 @@ REPORT = "closure"
 
 
 @pytest.fixture(scope="module")
-def closure(nix, tmp_path_factory):
+def cached_closure(nix, tmp_path_factory):
     return build_closure(nix, tmp_path_factory.mktemp("closure"))
 
 
 @pytest.fixture(scope="module")
-def signed_cache(nix, closure, tmp_path_factory):
+def signed_cache(nix, cached_closure, tmp_path_factory):
     """(cache directory, public key) of every path of the closure, signed by a fresh cache key."""
     directory = tmp_path_factory.mktemp("cache")
     secret_file, public = generate_key(nix, directory, f"test-cache-{nonce()}-1")
-    cache_dir = copy_to_cache(nix, directory / "cache", secret_file, out_paths_of(closure.values()))
+    cache_dir = copy_to_cache(nix, directory / "cache", secret_file, out_paths_of(cached_closure.values()))
     return cache_dir, public
 
 
@@ -38,10 +38,10 @@ def cache(signed_cache, tmp_path):
     http.stop()
 
 
-def setup_server(server, nix, closure, public_key):
+def setup_server(server, nix, cached_closure, public_key):
     """Defines the report and registers the cache builder with the cache's key; returns the cache builder's token."""
     token = server.create_user("cache", "--public-key", public_key)
-    define_report(server, token, REPORT, sbom_of(nix, closure.values(), closure["root"].out))
+    define_report(server, token, REPORT, sbom_of(nix, cached_closure.values(), cached_closure["root"].out))
     return token
 
 
@@ -51,19 +51,19 @@ def fetch(server, token, cache_url, public_key, *args):
     return run_script(SCRIPT, [REPORT, *args] if args else [REPORT], settings)
 
 
-def stored_attestations(server, closure):
-    return {out_path: attestations_of_output(server, out_path) for out_path in out_paths_of(closure.values())}
+def stored_attestations(server, cached_closure):
+    return {out_path: attestations_of_output(server, out_path) for out_path in out_paths_of(cached_closure.values())}
 
 
 # ---------------------------------------------------------------- imports
 
-def test_imports_every_path_with_the_caches_signature_and_it_verifies(nix, server, closure, cache):
+def test_imports_every_path_with_the_caches_signature_and_it_verifies(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    token = setup_server(server, nix, closure, public)
+    token = setup_server(server, nix, cached_closure, public)
     ran = fetch(server, token, cache_url, public, "-j", "4")
     assert ran.returncode == 0, ran.stderr
     assert summary_line(ran.stdout) == "6 paths: 6 imported, 0 not in cache, 0 bad signature, 0 failed"
-    for out_path, attestations in stored_attestations(server, closure).items():
+    for out_path, attestations in stored_attestations(server, cached_closure).items():
         [attestation] = attestations
         assert attestation["builder"] == "cache"
         assert attestation["verified"] is True
@@ -74,104 +74,104 @@ def test_imports_every_path_with_the_caches_signature_and_it_verifies(nix, serve
         assert verify_signature(public, message, attestation["output_sig"])
 
 
-def test_references_of_a_dependent_path_are_imported(nix, server, closure, cache):
+def test_references_of_a_dependent_path_are_imported(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    fetch(server, setup_server(server, nix, closure, public), cache_url, public)
-    [attestation] = attestations_of_output(server, closure["mid"].out)
-    assert attestation["references"] == [closure["leaf"].out]
+    fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
+    [attestation] = attestations_of_output(server, cached_closure["mid"].out)
+    assert attestation["references"] == [cached_closure["leaf"].out]
 
 
-def test_deriver_comes_from_the_narinfo(nix, server, closure, cache):
+def test_deriver_comes_from_the_narinfo(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    fetch(server, setup_server(server, nix, closure, public), cache_url, public)
-    [attestation] = attestations_of_output(server, closure["two"].outputs["dev"])
-    assert attestation["drv_path"] == closure["two"].drv_path
+    fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
+    [attestation] = attestations_of_output(server, cached_closure["two"].outputs["dev"])
+    assert attestation["drv_path"] == cached_closure["two"].drv_path
 
 
 @pytest.mark.parametrize("deriver", [None, "unknown-deriver"])
-def test_without_a_deriver_the_reports_drv_path_is_used(nix, server, closure, cache, deriver):
+def test_without_a_deriver_the_reports_drv_path_is_used(nix, server, cached_closure, cache, deriver):
     cache_dir, cache_url, public = cache
-    edit_narinfo(cache_dir, closure["leaf"].out, "Deriver", deriver)
-    fetch(server, setup_server(server, nix, closure, public), cache_url, public)
-    [attestation] = attestations_of_output(server, closure["leaf"].out)
-    assert attestation["drv_path"] == closure["leaf"].drv_path
+    edit_narinfo(cache_dir, cached_closure["leaf"].out, "Deriver", deriver)
+    fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
+    [attestation] = attestations_of_output(server, cached_closure["leaf"].out)
+    assert attestation["drv_path"] == cached_closure["leaf"].drv_path
     assert attestation["verified"] is True
 
 
-def test_progress_names_each_path_once_with_a_running_count(nix, server, closure, cache):
+def test_progress_names_each_path_once_with_a_running_count(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    ran = fetch(server, setup_server(server, nix, closure, public), cache_url, public)
+    ran = fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
     progress = ran.stdout.strip().splitlines()[:-1]
     assert [line.split("]")[0] for line in progress] == [f"[{count}/6" for count in range(1, 7)]
     assert sorted(line.split("…-")[1] for line in progress) == sorted(
-        Path(out_path).name[33:] for out_path in out_paths_of(closure.values()))
+        Path(out_path).name[33:] for out_path in out_paths_of(cached_closure.values()))
     assert all(" imported " in line for line in progress)
 
 
 # ---------------------------------------------------------------- what is not imported
 
-def test_tampered_nar_hash_counts_as_bad_signature_and_is_not_imported(nix, server, closure, cache):
+def test_tampered_nar_hash_counts_as_bad_signature_and_is_not_imported(nix, server, cached_closure, cache):
     cache_dir, cache_url, public = cache
-    edit_narinfo(cache_dir, closure["mid"].out, "NarHash", nar_hash(nix, closure["leaf"].out))
-    ran = fetch(server, setup_server(server, nix, closure, public), cache_url, public)
+    edit_narinfo(cache_dir, cached_closure["mid"].out, "NarHash", nar_hash(nix, cached_closure["leaf"].out))
+    ran = fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
     assert ran.returncode == 1, ran.stderr  # a bad signature is a failure, not an absence
     assert summary_line(ran.stdout) == "6 paths: 5 imported, 0 not in cache, 1 bad signature, 0 failed"
-    assert attestations_of_output(server, closure["mid"].out) == []
-    assert f"bad signature {Path(closure['mid'].out).name[:7]}…-mid" in ran.stdout
+    assert attestations_of_output(server, cached_closure["mid"].out) == []
+    assert f"bad signature {Path(cached_closure['mid'].out).name[:7]}…-mid" in ran.stdout
 
 
-def test_signature_by_an_untrusted_key_counts_as_bad_signature(nix, server, closure, cache, tmp_path):
+def test_signature_by_an_untrusted_key_counts_as_bad_signature(nix, server, cached_closure, cache, tmp_path):
     _cache_dir, cache_url, public = cache
-    token = setup_server(server, nix, closure, public)
+    token = setup_server(server, nix, cached_closure, public)
     _secret, other_public = generate_key(nix, tmp_path, f"someone-else-{nonce()}-1")
     ran = fetch(server, token, cache_url, other_public)
     assert summary_line(ran.stdout) == "6 paths: 0 imported, 0 not in cache, 6 bad signature, 0 failed"
-    assert all(attestations == [] for attestations in stored_attestations(server, closure).values())
+    assert all(attestations == [] for attestations in stored_attestations(server, cached_closure).values())
 
 
-def test_path_missing_from_the_cache_counts_as_not_in_cache(nix, server, closure, cache):
+def test_path_missing_from_the_cache_counts_as_not_in_cache(nix, server, cached_closure, cache):
     cache_dir, cache_url, public = cache
-    narinfo_file(cache_dir, closure["nondeterministic"].out).unlink()
-    ran = fetch(server, setup_server(server, nix, closure, public), cache_url, public)
+    narinfo_file(cache_dir, cached_closure["nondeterministic"].out).unlink()
+    ran = fetch(server, setup_server(server, nix, cached_closure, public), cache_url, public)
     assert ran.returncode == 0, ran.stderr
     assert summary_line(ran.stdout) == "6 paths: 5 imported, 1 not in cache, 0 bad signature, 0 failed"
-    assert attestations_of_output(server, closure["nondeterministic"].out) == []
+    assert attestations_of_output(server, cached_closure["nondeterministic"].out) == []
 
 
 # ---------------------------------------------------------------- it finishes
 
-def test_second_run_finds_nothing_new(nix, server, closure, cache):
+def test_second_run_finds_nothing_new(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    token = setup_server(server, nix, closure, public)
+    token = setup_server(server, nix, cached_closure, public)
     assert fetch(server, token, cache_url, public).returncode == 0
-    before = stored_attestations(server, closure)
+    before = stored_attestations(server, cached_closure)
     again = fetch(server, token, cache_url, public)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines() == ["0 paths: 0 imported, 0 not in cache, 0 bad signature, 0 failed"]
-    assert stored_attestations(server, closure) == before
+    assert stored_attestations(server, cached_closure) == before
 
 
-def test_second_run_tries_what_the_cache_lacked_once_more_and_stops(nix, server, closure, cache):
+def test_second_run_tries_what_the_cache_lacked_once_more_and_stops(nix, server, cached_closure, cache):
     cache_dir, cache_url, public = cache
-    narinfo_file(cache_dir, closure["leaf"].out).unlink()
-    token = setup_server(server, nix, closure, public)
+    narinfo_file(cache_dir, cached_closure["leaf"].out).unlink()
+    token = setup_server(server, nix, cached_closure, public)
     fetch(server, token, cache_url, public)
     again = fetch(server, token, cache_url, public)
     assert summary_line(again.stdout) == "1 path: 0 imported, 1 not in cache, 0 bad signature, 0 failed"
 
 
-def test_two_jobs_give_the_same_outcome_as_one(nix, start_server, closure, cache):
+def test_two_jobs_give_the_same_outcome_as_one(nix, start_server, cached_closure, cache):
     cache_dir, cache_url, public = cache
-    narinfo_file(cache_dir, closure["leaf"].out).unlink()
-    edit_narinfo(cache_dir, closure["root"].out, "NarSize", "1")
+    narinfo_file(cache_dir, cached_closure["leaf"].out).unlink()
+    edit_narinfo(cache_dir, cached_closure["root"].out, "NarSize", "1")
     outcomes = []
     for jobs in ("1", "2"):
         server = start_server()
-        token = setup_server(server, nix, closure, public)
+        token = setup_server(server, nix, cached_closure, public)
         ran = fetch(server, token, cache_url, public, "-j", jobs)
         stored = {out_path: [(attestation["builder"], attestation["output_hash"], attestation["verified"])
                              for attestation in attestations]
-                  for out_path, attestations in stored_attestations(server, closure).items()}
+                  for out_path, attestations in stored_attestations(server, cached_closure).items()}
         outcomes.append((summary_line(ran.stdout), sorted(ran.stdout.splitlines()[:-1]), stored))
     assert outcomes[0][0] == "6 paths: 4 imported, 1 not in cache, 1 bad signature, 0 failed"
     assert [outcome[0] for outcome in outcomes] == [outcomes[0][0]] * 2
@@ -215,22 +215,22 @@ def serve_in_thread(handler, directory):
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
-def test_transient_cache_errors_are_retried(nix, server, closure, signed_cache):
+def test_transient_cache_errors_are_retried(nix, server, cached_closure, signed_cache):
     cache_dir, public = signed_cache
     httpd, url = serve_in_thread(FlakyCache, cache_dir)
     try:
-        ran = fetch(server, setup_server(server, nix, closure, public), url, public, "-j", "6")
+        ran = fetch(server, setup_server(server, nix, cached_closure, public), url, public, "-j", "6")
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert summary_line(ran.stdout) == "6 paths: 6 imported, 0 not in cache, 0 bad signature, 0 failed"
 
 
-def test_cache_that_keeps_failing_counts_as_failed_and_the_run_ends(nix, server, closure, signed_cache):
+def test_cache_that_keeps_failing_counts_as_failed_and_the_run_ends(nix, server, cached_closure, signed_cache):
     cache_dir, public = signed_cache
     httpd, url = serve_in_thread(BrokenCache, cache_dir)
     try:
-        ran = fetch(server, setup_server(server, nix, closure, public), url, public, "-j", "6")
+        ran = fetch(server, setup_server(server, nix, cached_closure, public), url, public, "-j", "6")
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -241,9 +241,9 @@ def test_cache_that_keeps_failing_counts_as_failed_and_the_run_ends(nix, server,
 
 # ---------------------------------------------------------------- configuration
 
-def test_without_a_token_it_refuses_to_start(nix, server, closure, cache):
+def test_without_a_token_it_refuses_to_start(nix, server, cached_closure, cache):
     _cache_dir, cache_url, public = cache
-    setup_server(server, nix, closure, public)
+    setup_server(server, nix, cached_closure, public)
     ran = run_script(SCRIPT, [REPORT], {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_CACHE": cache_url})
     assert ran.returncode != 0
     assert "HASH_COLLECTION_TOKEN" in ran.stderr
@@ -254,10 +254,10 @@ def test_without_a_token_it_refuses_to_start(nix, server, closure, cache):
     ("token", {"HASH_COLLECTION_TOKEN": "wrong"}, "refused the token"),
     ("report", {"report": "no-such-report"}, "no report named"),
 ])
-def test_misconfiguration_exits_non_zero_with_a_clear_message(nix, server, closure, cache, problem, setting,
+def test_misconfiguration_exits_non_zero_with_a_clear_message(nix, server, cached_closure, cache, problem, setting,
                                                                   expected):
     _cache_dir, cache_url, public = cache
-    token = setup_server(server, nix, closure, public)
+    token = setup_server(server, nix, cached_closure, public)
     settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
                 "HASH_COLLECTION_CACHE": cache_url, "HASH_COLLECTION_CACHE_KEY": public}
     settings.update({name: value for name, value in setting.items() if name != "report"})
@@ -298,10 +298,10 @@ def test_bad_jobs_names_the_script_not_the_python_subcommand():
     assert "usage: fetch-from-cache.sh REPORT [-j N]: -j expects a positive number of jobs, got 'x'" in ran.stderr
 
 
-def test_unreachable_cache_fails_the_run_and_says_why_in_words(nix, server, closure, cache):
+def test_unreachable_cache_fails_the_run_and_says_why_in_words(nix, server, cached_closure, cache):
     _cache_dir, _cache_url, public = cache
     unreachable = f"http://127.0.0.1:{free_port()}"
-    ran = fetch(server, setup_server(server, nix, closure, public), unreachable, public)
+    ran = fetch(server, setup_server(server, nix, cached_closure, public), unreachable, public)
     assert ran.returncode == 1
     assert summary_line(ran.stdout) == "6 paths: 0 imported, 0 not in cache, 0 bad signature, 6 failed"
     failed = [line for line in ran.stdout.splitlines() if " failed " in line]
@@ -310,13 +310,13 @@ def test_unreachable_cache_fails_the_run_and_says_why_in_words(nix, server, clos
     assert "Error" not in ran.stdout + ran.stderr
 
 
-def test_a_run_that_finds_nothing_in_the_cache_exits_1(nix, server, closure, cache, tmp_path):
+def test_a_run_that_finds_nothing_in_the_cache_exits_1(nix, server, cached_closure, cache, tmp_path):
     _cache_dir, _cache_url, public = cache
     empty_cache = tmp_path / "empty-cache"
     empty_cache.mkdir()
     httpd, url = serve_in_thread(http.server.SimpleHTTPRequestHandler, empty_cache)
     try:
-        ran = fetch(server, setup_server(server, nix, closure, public), url, public)
+        ran = fetch(server, setup_server(server, nix, cached_closure, public), url, public)
     finally:
         httpd.shutdown()
         httpd.server_close()

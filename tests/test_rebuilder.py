@@ -16,16 +16,16 @@ REPORT = "rebuild-me"
 
 
 @pytest.fixture(scope="module")
-def closure(nix, tmp_path_factory):
+def built_closure(nix, tmp_path_factory):
     return build_closure(nix, tmp_path_factory.mktemp("closure"))
 
 
 @pytest.fixture(scope="module")
-def cache(nix, closure, tmp_path_factory):
+def cache(nix, built_closure, tmp_path_factory):
     """(url, public key) of a served cache with every path of the closure."""
     directory = tmp_path_factory.mktemp("cache")
     secret_file, public = generate_key(nix, directory, f"test-cache-{nonce()}-1")
-    http = HttpDirectory(copy_to_cache(nix, directory / "cache", secret_file, out_paths_of(closure.values())))
+    http = HttpDirectory(copy_to_cache(nix, directory / "cache", secret_file, out_paths_of(built_closure.values())))
     yield http.url, public
     http.stop()
 
@@ -41,7 +41,7 @@ def extra(nix, tmp_path):
 
 
 @pytest.fixture
-def filled(nix, server, closure, cache, extra):
+def filled(nix, server, built_closure, cache, extra):
     """A report over the closure and the extra entries, with the cache's hashes imported by fetch-from-cache.sh."""
     cache_url, public = cache
     cache_token = server.create_user("cache", "--public-key", public)
@@ -49,7 +49,7 @@ def filled(nix, server, closure, cache, extra):
               component(extra["failing"].out, extra["failing"].drv_path, "out"),
               component(extra["thin"].out, None, "out"),
               component(extra["ghost"], extra["ghost"] + ".drv", "out")]
-    define_report(server, cache_token, REPORT, sbom_of(nix, closure.values(), closure["root"].out, extras))
+    define_report(server, cache_token, REPORT, sbom_of(nix, built_closure.values(), built_closure["root"].out, extras))
     imported = run_script("fetch-from-cache.sh", [REPORT], {
         "HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": cache_token,
         "HASH_COLLECTION_CACHE": cache_url, "HASH_COLLECTION_CACHE_KEY": public})
@@ -88,7 +88,7 @@ def outcome_lines(stdout):
 
 
 def test_rebuild_reproduces_deterministic_outputs_and_exposes_the_nondeterministic_one(
-        nix, filled, closure, extra, local_builder):
+        nix, filled, built_closure, extra, local_builder):
     settings, nix_config = local_builder
     ran = rebuild(settings, nix_config, REPORT, "-j", "2")
     assert ran.returncode == 0, ran.stderr
@@ -99,9 +99,9 @@ def test_rebuild_reproduces_deterministic_outputs_and_exposes_the_nondeterminist
         "failing": "build failed", "ghost": "drv missing"}
     verdicts = report_verdicts(filled, REPORT)
     for label in ("leaf", "mid", "two", "root"):
-        for out_path in closure[label].outputs.values():
+        for out_path in built_closure[label].outputs.values():
             assert verdicts[out_path] == REPRODUCED, out_path
-    assert verdicts[closure["nondeterministic"].out] == NONDETERMINISTIC
+    assert verdicts[built_closure["nondeterministic"].out] == NONDETERMINISTIC
     assert verdicts[extra["fresh"].out] == ONE_BUILD
     assert verdicts[extra["thin"].out] == ONE_BUILD
     assert verdicts[extra["failing"].out] == NO_BUILDS

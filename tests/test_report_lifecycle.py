@@ -7,23 +7,12 @@ import pytest
 import requests
 
 import sbom_samples as samples
-from support import bearer, create_user
+from support import bearer
 
 JSON = {"Accept": "application/json"}
 CYCLONEDX = {"Accept": "application/vnd.cyclonedx+json"}
 FIRST = samples.nix_build_sbom({"first-root": ["first-lib"], "first-lib": []})
 SECOND = samples.sbomnix_sbom({"second-root": ["second-a", "second-b"], "second-a": [], "second-b": []})
-
-
-@pytest.fixture
-def tokens(app):
-    made = {}
-
-    def token_of(builder, *args):
-        if builder not in made:
-            made[builder] = create_user(app.config["DATABASE"], builder, *args)
-        return made[builder]
-    return token_of
 
 
 @pytest.fixture

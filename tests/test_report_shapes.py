@@ -2,15 +2,15 @@
 import pytest
 
 import sbom_samples as samples
-from support import bearer, create_user
+from support import bearer
 from web import NO_BUILDS
 
 JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture
-def token(app):
-    return create_user(app.config["DATABASE"], "alice")
+def token(tokens):
+    return tokens("alice")
 
 
 def define(client, token, name, closure):

@@ -28,20 +28,20 @@ CLOSURE = {
 
 
 @pytest.fixture
-def closure():
+def sbom_closure():
     return samples.nix_build_sbom(CLOSURE, names={"flaky": HOSTILE, "fresh": HOSTILE_TOO})
 
 
 @pytest.fixture
-def report(client, tokens, closure):
+def report(client, tokens, sbom_closure):
     """Report "views" with app-lib reproduced, flaky nondeterministic, the rest unbuilt."""
-    put = client.put("/reports/views", json=closure.sbom, headers=bearer(tokens("owner")))
+    put = client.put("/reports/views", json=sbom_closure.sbom, headers=bearer(tokens("owner")))
     assert put.status_code == 200, put.get_json()
-    attest(client, tokens("alice"), closure.out("app-lib"), "good")
-    attest(client, tokens("bob"), closure.out("app-lib"), "good")
-    attest(client, tokens("alice"), closure.out("flaky"), "one")
-    attest(client, tokens("bob"), closure.out("flaky"), "two")
-    return closure
+    attest(client, tokens("alice"), sbom_closure.out("app-lib"), "good")
+    attest(client, tokens("bob"), sbom_closure.out("app-lib"), "good")
+    attest(client, tokens("alice"), sbom_closure.out("flaky"), "one")
+    attest(client, tokens("bob"), sbom_closure.out("flaky"), "two")
+    return sbom_closure
 
 
 def attest(client, token, path, result):
@@ -186,13 +186,13 @@ def test_text_tree_prints_repeated_subtree_once_then_a_reference(client, report)
 
 
 def test_text_tree_shows_cycle_once(client, tokens):
-    closure = samples.nix_build_sbom(samples.CYCLE)
-    client.put("/reports/cycle", json=closure.sbom, headers=bearer(tokens("owner")))
+    sbom_closure = samples.nix_build_sbom(samples.CYCLE)
+    client.put("/reports/cycle", json=sbom_closure.sbom, headers=bearer(tokens("owner")))
     lines = client.get("/reports/cycle", headers=TEXT).get_data(as_text=True).splitlines()
     assert [line for line in lines if "(shown above)" not in line] == [
-        f"{closure.out('cyc-root')} {web.NO_BUILDS}",
-        f"  {closure.out('cyc-a')} {web.NO_BUILDS}",
-        f"    {closure.out('cyc-b')} {web.NO_BUILDS}",
+        f"{sbom_closure.out('cyc-root')} {web.NO_BUILDS}",
+        f"  {sbom_closure.out('cyc-a')} {web.NO_BUILDS}",
+        f"    {sbom_closure.out('cyc-b')} {web.NO_BUILDS}",
     ]
     assert len(lines) == 4
 
@@ -205,16 +205,16 @@ def test_text_tree_stays_linear_on_stacked_diamonds(client, tokens):
         edges[f"left-{level}"] = [f"top-{level + 1}"]
         edges[f"right-{level}"] = [f"top-{level + 1}"]
     edges["top-30"] = []
-    closure = samples.nix_build_sbom(edges)
-    client.put("/reports/diamonds", json=closure.sbom, headers=bearer(tokens("owner")))
+    sbom_closure = samples.nix_build_sbom(edges)
+    client.put("/reports/diamonds", json=sbom_closure.sbom, headers=bearer(tokens("owner")))
     lines = client.get("/reports/diamonds", headers=TEXT).get_data(as_text=True).splitlines()
     edge_count = sum(len(children) for children in edges.values())
     assert len(lines) <= len(edges) + edge_count
 
 
 def test_text_view_prints_names_verbatim(client, tokens):
-    closure = samples.nix_build_sbom({"plain-root": []}, names={"plain-root": HOSTILE})
-    client.put("/reports/plain", json=closure.sbom, headers=bearer(tokens("owner")))
+    sbom_closure = samples.nix_build_sbom({"plain-root": []}, names={"plain-root": HOSTILE})
+    client.put("/reports/plain", json=sbom_closure.sbom, headers=bearer(tokens("owner")))
     assert "&lt;" not in client.get("/reports/plain", headers=TEXT).get_data(as_text=True)
 
 
@@ -243,8 +243,8 @@ def test_json_summary_counts_every_label(client, report):
                       web.FIXED_OUTPUT: 0}
 
 
-def test_cyclonedx_round_trip_is_byte_identical(client, tokens, closure):
-    raw = json.dumps(closure.sbom, indent=3, ensure_ascii=False).encode() + b"\n\n"
+def test_cyclonedx_round_trip_is_byte_identical(client, tokens, sbom_closure):
+    raw = json.dumps(sbom_closure.sbom, indent=3, ensure_ascii=False).encode() + b"\n\n"
     client.put("/reports/round", data=raw, headers={**bearer(tokens("owner")), "Content-Type": "application/json"})
     response = client.get("/reports/round", headers=CYCLONEDX)
     assert response.status_code == 200
@@ -303,13 +303,13 @@ def test_output_as_json_lists_attestations(client, report):
 
 
 def test_output_link_with_question_mark_name_resolves(client, tokens):
-    closure = samples.odd_sbom()
-    client.put("/reports/odd", json=closure.sbom, headers=bearer(tokens("owner")))
-    attest(client, tokens("alice"), closure.out("what?"), "good")
+    sbom_closure = samples.odd_sbom()
+    client.put("/reports/odd", json=sbom_closure.sbom, headers=bearer(tokens("owner")))
+    attest(client, tokens("alice"), sbom_closure.out("what?"), "good")
     html = page(client, "odd")
     href = re.search(r'href="(/outputs/[^"]*what[^"]*)"', html).group(1)
     attestations = client.get(href, headers=JSON).get_json()
-    assert [attestation["output_path"] for attestation in attestations] == [closure.out("what?")]
+    assert [attestation["output_path"] for attestation in attestations] == [sbom_closure.out("what?")]
 
 
 # ---------------------------------------------------------------- link patterns
@@ -362,8 +362,8 @@ def test_overlong_pattern_is_rejected(client, tokens):
 
 
 def test_page_with_link_patterns_renders_for_adversarial_names(client, tokens):
-    closure = samples.nix_build_sbom({"a" * 150 + "-x": []})
-    assert client.put("/reports/adversarial", json=closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    sbom_closure = samples.nix_build_sbom({"a" * 150 + "-x": []})
+    assert client.put("/reports/adversarial", json=sbom_closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
     for pattern in ("a+a+a+b", "^(a|b)*c", "a{1,100}a{1,100}z"):
         post_pattern(client, tokens("owner"), pattern, "https://example.org/x")
     assert client.get("/reports/adversarial", headers=HTML).status_code == 200

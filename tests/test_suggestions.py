@@ -13,8 +13,8 @@ def flat_closure(count, prefix="pkg"):
     return samples.nix_build_sbom({names[0]: names[1:], **{name: [] for name in names[1:]}})
 
 
-def define(client, token, closure, name="closure"):
-    response = client.put(f"/reports/{name}", json=closure.sbom, headers=bearer(token))
+def define(client, token, defined_closure, name="closure"):
+    response = client.put(f"/reports/{name}", json=defined_closure.sbom, headers=bearer(token))
     assert response.status_code == 200, response.get_json()
 
 
@@ -33,36 +33,36 @@ def suggested_paths(client, endpoint, token=None, limit=None, name="closure"):
 
 
 @pytest.fixture
-def closure(client, tokens):
-    closure = flat_closure(10)
-    define(client, tokens("owner"), closure)
-    return closure
+def defined_closure(client, tokens):
+    defined_closure = flat_closure(10)
+    define(client, tokens("owner"), defined_closure)
+    return defined_closure
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_exclude_callers_own_attestations(client, tokens, closure, endpoint):
-    mine = [closure.out("pkg-1"), closure.out("pkg-2")]
+def test_suggestions_exclude_callers_own_attestations(client, tokens, defined_closure, endpoint):
+    mine = [defined_closure.out("pkg-1"), defined_closure.out("pkg-2")]
     attest(client, tokens("alice"), mine)
     suggested = suggested_paths(client, endpoint, tokens("alice"))
     assert not set(mine) & set(suggested)
-    assert set(suggested) == closure.all_paths - set(mine)
+    assert set(suggested) == defined_closure.all_paths - set(mine)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_keep_other_builders_one_build_paths(client, tokens, closure, endpoint):
-    attest(client, tokens("alice"), [closure.out("pkg-1")])
-    assert closure.out("pkg-1") in suggested_paths(client, endpoint, tokens("bob"))
+def test_suggestions_keep_other_builders_one_build_paths(client, tokens, defined_closure, endpoint):
+    attest(client, tokens("alice"), [defined_closure.out("pkg-1")])
+    assert defined_closure.out("pkg-1") in suggested_paths(client, endpoint, tokens("bob"))
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_without_token_exclude_no_caller(client, tokens, closure, endpoint):
-    attest(client, tokens("alice"), [closure.out("pkg-1")])
-    assert set(suggested_paths(client, endpoint)) == closure.all_paths
+def test_suggestions_without_token_exclude_no_caller(client, tokens, defined_closure, endpoint):
+    attest(client, tokens("alice"), [defined_closure.out("pkg-1")])
+    assert set(suggested_paths(client, endpoint)) == defined_closure.all_paths
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_exclude_settled_paths(client, tokens, closure, endpoint):
-    settled = closure.out("pkg-3")
+def test_suggestions_exclude_settled_paths(client, tokens, defined_closure, endpoint):
+    settled = defined_closure.out("pkg-3")
     attest(client, tokens("alice"), [settled])
     attest(client, tokens("bob"), [settled])
     for token in (None, tokens("carol")):
@@ -70,50 +70,50 @@ def test_suggestions_exclude_settled_paths(client, tokens, closure, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_disagreeing_builders_also_settle_a_path(client, tokens, closure, endpoint):
-    path = closure.out("pkg-3")
+def test_disagreeing_builders_also_settle_a_path(client, tokens, defined_closure, endpoint):
+    path = defined_closure.out("pkg-3")
     attest(client, tokens("alice"), [path], "one")
     attest(client, tokens("bob"), [path], "two")
     assert path not in suggested_paths(client, endpoint)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_one_builder_twice_does_not_settle_a_path(client, tokens, closure, endpoint):
-    path = closure.out("pkg-3")
+def test_one_builder_twice_does_not_settle_a_path(client, tokens, defined_closure, endpoint):
+    path = defined_closure.out("pkg-3")
     attest(client, tokens("alice"), [path], "one")
     attest(client, tokens("alice"), [path], "two")
     assert path in suggested_paths(client, endpoint, tokens("bob"))
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_one_build_paths_come_before_unbuilt_paths(client, tokens, closure, endpoint):
-    one_build = {closure.out(f"pkg-{number}") for number in (2, 5, 7)}
+def test_one_build_paths_come_before_unbuilt_paths(client, tokens, defined_closure, endpoint):
+    one_build = {defined_closure.out(f"pkg-{number}") for number in (2, 5, 7)}
     attest(client, tokens("alice"), sorted(one_build))
     suggested = suggested_paths(client, endpoint, tokens("bob"))
     assert set(suggested[:3]) == one_build
-    assert set(suggested[3:]) == closure.all_paths - one_build
+    assert set(suggested[3:]) == defined_closure.all_paths - one_build
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_are_empty_when_everything_is_settled(client, tokens, closure, endpoint):
-    attest(client, tokens("alice"), sorted(closure.all_paths))
-    attest(client, tokens("bob"), sorted(closure.all_paths))
+def test_suggestions_are_empty_when_everything_is_settled(client, tokens, defined_closure, endpoint):
+    attest(client, tokens("alice"), sorted(defined_closure.all_paths))
+    attest(client, tokens("bob"), sorted(defined_closure.all_paths))
     assert suggested_paths(client, endpoint) == []
     assert suggested_paths(client, endpoint, tokens("carol")) == []
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_are_empty_when_caller_built_everything_else_settled(client, tokens, closure, endpoint):
-    paths = sorted(closure.all_paths)
+def test_suggestions_are_empty_when_caller_built_everything_else_settled(client, tokens, defined_closure, endpoint):
+    paths = sorted(defined_closure.all_paths)
     attest(client, tokens("alice"), paths)
     attest(client, tokens("bob"), paths[:5])
     assert suggested_paths(client, endpoint, tokens("alice")) == []
 
 
-def test_suggest_objects_carry_drv_path_and_output(client, tokens, closure):
+def test_suggest_objects_carry_drv_path_and_output(client, tokens, defined_closure):
     suggestions = client.get("/reports/closure/suggest").get_json()
     by_path = {suggestion["out_path"]: suggestion for suggestion in suggestions}
-    assert by_path[closure.out("pkg-4")] == {"out_path": closure.out("pkg-4"), "drv_path": samples.drv_path("pkg-4"),
+    assert by_path[defined_closure.out("pkg-4")] == {"out_path": defined_closure.out("pkg-4"), "drv_path": samples.drv_path("pkg-4"),
                                              "output": "out"}
 
 
@@ -125,9 +125,9 @@ def test_bombon_suggestions_have_no_drv_path(client, tokens):
 
 @pytest.fixture
 def big_closure(client, tokens):
-    closure = flat_closure(620, prefix="big")
-    define(client, tokens("owner"), closure)
-    return closure
+    defined_closure = flat_closure(620, prefix="big")
+    define(client, tokens("owner"), defined_closure)
+    return defined_closure
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
@@ -152,7 +152,7 @@ def test_suggestions_have_no_duplicates(client, big_closure, endpoint):
 
 
 @pytest.mark.parametrize("limit", ["abc", "-1", "1.5"])
-def test_malformed_limit_is_400(client, closure, limit):
+def test_malformed_limit_is_400(client, defined_closure, limit):
     response = client.get("/reports/closure/suggested", query_string={"limit": limit})
     assert response.status_code == 400
     assert "limit" in response.get_json()["error"]
@@ -164,7 +164,7 @@ def test_suggestions_of_unknown_report_are_404(client, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_suggestions_with_unknown_token_are_401(client, closure, endpoint):
+def test_suggestions_with_unknown_token_are_401(client, defined_closure, endpoint):
     assert client.get(f"/reports/closure/{endpoint}", headers=bearer("not-a-token")).status_code == 401
 
 
@@ -197,10 +197,10 @@ def test_pending_is_sorted_by_out_path(client, big_closure):
 
 
 def test_pending_page_size_dividing_the_total_still_ends(client, tokens):
-    closure = flat_closure(14)
-    define(client, tokens("owner"), closure, "fourteen")
+    defined_closure = flat_closure(14)
+    define(client, tokens("owner"), defined_closure, "fourteen")
     seen = all_pending(client, limit=7, name="fourteen")
-    assert sorted(seen) == sorted(closure.all_paths)
+    assert sorted(seen) == sorted(defined_closure.all_paths)
 
 
 def test_pending_default_page_is_500(client, big_closure):
@@ -209,15 +209,15 @@ def test_pending_default_page_is_500(client, big_closure):
     assert body["next"] == body["paths"][-1]["out_path"]
 
 
-def test_pending_excludes_callers_own_and_settled_paths(client, tokens, closure):
-    attest(client, tokens("alice"), [closure.out("pkg-1")])
-    attest(client, tokens("alice"), [closure.out("pkg-2")])
-    attest(client, tokens("bob"), [closure.out("pkg-2")])
+def test_pending_excludes_callers_own_and_settled_paths(client, tokens, defined_closure):
+    attest(client, tokens("alice"), [defined_closure.out("pkg-1")])
+    attest(client, tokens("alice"), [defined_closure.out("pkg-2")])
+    attest(client, tokens("bob"), [defined_closure.out("pkg-2")])
     seen = all_pending(client, tokens("alice"))
-    assert set(seen) == closure.all_paths - {closure.out("pkg-1"), closure.out("pkg-2")}
+    assert set(seen) == defined_closure.all_paths - {defined_closure.out("pkg-1"), defined_closure.out("pkg-2")}
 
 
-def test_pending_without_token_excludes_only_settled_paths(client, tokens, closure):
-    attest(client, tokens("alice"), [closure.out("pkg-1"), closure.out("pkg-2")])
-    attest(client, tokens("bob"), [closure.out("pkg-2")])
-    assert set(all_pending(client)) == closure.all_paths - {closure.out("pkg-2")}
+def test_pending_without_token_excludes_only_settled_paths(client, tokens, defined_closure):
+    attest(client, tokens("alice"), [defined_closure.out("pkg-1"), defined_closure.out("pkg-2")])
+    attest(client, tokens("bob"), [defined_closure.out("pkg-2")])
+    assert set(all_pending(client)) == defined_closure.all_paths - {defined_closure.out("pkg-2")}
