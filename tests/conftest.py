@@ -126,3 +126,12 @@ def hooks():
                 f"a hook run exited non-zero: {hook.exit_codes()}\n{hook.stderr_text()}"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_directory():
+    """A directory under /tmp that other users (build users, nobody) can reach; pytest's tmp_path is root-only."""
+    directory = Path(tempfile.mkdtemp(prefix="hash-collection-shared-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

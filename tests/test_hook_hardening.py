@@ -7,11 +7,9 @@ import contextlib
 import grp
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -185,15 +183,6 @@ def spooled_attestations(spool):
 def stored(server, drv_ident):
     response = requests.get(f"{server.url}/derivations/{drv_ident}", params={"full": "true"}, timeout=10)
     return response.json() if response.status_code == 200 else []
-
-
-@pytest.fixture
-def shared_directory():
-    """A directory under /tmp that the build users can reach (pytest's tmp_path is root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="hash-collection-spools-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def group_spool(path):

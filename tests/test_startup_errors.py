@@ -1,13 +1,8 @@
 """What keeps `python web.py` or ./create_user from starting is one line naming the port or path, and exit status 1."""
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
-
-import pytest
 
 from support import REPO, free_port
 
@@ -35,15 +30,6 @@ def one_line_failure(completed):
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert "serving on" not in completed.stdout
     return completed.stderr.strip()
-
-
-@pytest.fixture
-def shared_directory():
-    """A directory outside root's 0700 pytest tree, so nobody can reach what is in it."""
-    directory = Path(tempfile.mkdtemp(prefix="hash-collection-startup-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_second_server_on_the_same_port_says_the_port_is_taken(server, tmp_path):
