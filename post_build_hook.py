@@ -2866,9 +2866,15 @@ def log_state_directory(spool):
 
 
 def record_log_indexes(spool, attestations, response):
-    """Note the log index the server gave each delivered attestation, for `audit` to check later."""
+    """Note the log index the server gave each delivered attestation, for `audit` to check later.
+
+    Not in a spool its group shares (the build users' spool of the diff hook): every build user
+    writes there, and `audit` runs as the owner of the post-build hook's own spool.
+    """
     try:
         Spool(spool).check()  # never through a link planted in a spool shared by old versions
+        if os.stat(spool).st_mode & stat.S_IWGRP:
+            return
         indexes = response.json().get("log_index") or []
         lines = "".join(f"{index} {attested_path(item)} {normalize_nar_hash(item['output_hash'])} {int(time.time())}\n"
                         for index, item in zip(indexes, attestations) if isinstance(index, int))
