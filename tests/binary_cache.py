@@ -1,6 +1,5 @@
 """Real builds, a real file:// binary cache made by `nix copy`, served over loopback by `python3 -m http.server`,
 and report SBOMs derived from the real paths, for the report-filling tests."""
-import os
 import shutil
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from support import REPO, bearer, free_port, nonce, stop_process, wait_until, write_derivation
+from support import REPO, bearer, free_port, nix_env, nonce, stop_process, wait_until, write_derivation
 
 DETERMINISTIC = "echo {text} > $out"
 NONDETERMINISTIC = "read x < /proc/sys/kernel/random/uuid; echo $x > $out"
@@ -198,7 +197,7 @@ def attestations_of_output(server, out_path):
 
 def run_script(script, args, settings, nix_config=None, timeout=300):
     """A shell wrapper of the client, run as a user would, with only the given settings."""
-    env = {name: value for name, value in os.environ.items() if name not in CLIENT_VARIABLES}
+    env = {name: value for name, value in nix_env().items() if name not in CLIENT_VARIABLES}
     env.update({name: str(value) for name, value in settings.items()})
     env["PYTHON"] = sys.executable
     if nix_config is not None:

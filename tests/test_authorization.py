@@ -192,7 +192,7 @@ def test_token_is_looked_up_by_its_sha256(app, client):
     token = "looked-up-by-digest-" + "x" * 20
     with sqlite3.connect(app.config["DATABASE"]) as conn:
         builder_id = conn.execute("INSERT INTO builders (name) VALUES ('carol')").lastrowid
-        conn.execute("INSERT INTO team (builder_id, token_sha256) VALUES (?, ?)",
+        conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)",
                      (builder_id, hashlib.sha256(token.encode()).hexdigest()))
     path = out_path()
     response = client.post(f"/attestation/{drv_ident()}", json=[first_generation(path, base32_form(nar_hash_bytes()))],

@@ -1,5 +1,4 @@
 """`post_build_hook.py challenge`: the local store against every builder's attestations, with real Nix builds."""
-import os
 import subprocess
 import sys
 
@@ -7,7 +6,7 @@ import pytest
 import requests
 
 from binary_cache import CLIENT_VARIABLES, DETERMINISTIC, define_report, instantiate, nar_hash, realise, sbom_of
-from support import REPO, bearer, write_derivation
+from support import REPO, bearer, nix_env, write_derivation
 
 OTHER_HASH = "sha256:" + "1" * 52
 
@@ -32,7 +31,7 @@ def attest(server, builder, derivation, output_hash):
 
 
 def challenge(server, *args):
-    env = {name: value for name, value in os.environ.items() if name not in CLIENT_VARIABLES}
+    env = {name: value for name, value in nix_env().items() if name not in CLIENT_VARIABLES}
     env["HASH_COLLECTION_SERVER"] = server.url
     return subprocess.run([sys.executable, str(REPO / "post_build_hook.py"), "challenge", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=120)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import REPO, bearer, write_derivation
+from support import REPO, bearer, nix_env, write_derivation
 from post_build_hook import NIX_BASE32, STORE_DIR, drv_ident_of, nix_base32_encode
 
 BATCH_SIZE = 10_000
@@ -401,7 +401,7 @@ def test_report_refused_with_a_garbage_400_is_set_aside_with_the_reason(hook_bui
 def test_report_spooled_during_a_fault_is_delivered_by_flush_once_the_server_is_back(hook_build, server, mode):
     _built, _hook, spool, ident = hook_build(mode)
     token = server.create_user("builder")
-    env = {**os.environ, "HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
+    env = {**nix_env(), "HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": token,
            "HASH_COLLECTION_SPOOL": str(spool), "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
     flushed = subprocess.run([sys.executable, str(REPO / "post_build_hook.py"), "flush"], env=env,
                              capture_output=True, text=True, timeout=120)

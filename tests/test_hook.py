@@ -11,7 +11,7 @@ import pytest
 import requests
 
 import post_build_hook
-from support import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, hooks_dir_of, token_file_settings, write_derivation
+from support import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, hooks_dir_of, nix_env, token_file_settings, write_derivation
 from post_build_hook import drv_ident_of, fingerprint, output_paths_in, verify_signature
 
 DETERMINISTIC = "echo {text} > $out"
@@ -52,7 +52,7 @@ def attestations_of(server, drv_path):
 
 def run_client(settings, *args, extra_env=None, drop=()):
     """The client run directly, as Nix would, with only the given settings."""
-    env = {name: value for name, value in os.environ.items() if name not in HOOK_VARIABLES and name not in drop}
+    env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES and name not in drop}
     env.update({name: str(value) for name, value in settings.items()})
     env.update(extra_env or {})
     return subprocess.run([sys.executable, str(CLIENT), *args], env=env, capture_output=True, text=True, timeout=60)

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import post_build_hook
-from support import CLIENT, HOOK_VARIABLES, write_derivation, nix_string
+from support import CLIENT, HOOK_VARIABLES, nix_env, nix_string, write_derivation
 from post_build_hook import NIX_BASE32, drv_ident_of
 
 HOOK_TIMEOUT = 2  # seconds; the hooks must be done within HOOK_TIMEOUT + 1
@@ -139,7 +139,7 @@ def loopback():
 # ---------------------------------------------------------------- helpers
 
 def run_client(settings, *args, extra_env=None, timeout=60):
-    env = {name: value for name, value in os.environ.items() if name not in HOOK_VARIABLES}
+    env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES}
     env.update({name: str(value) for name, value in settings.items()})
     env.update(extra_env or {})
     return subprocess.run([sys.executable, str(CLIENT), *args], env=env, capture_output=True, text=True,

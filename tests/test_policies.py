@@ -1,6 +1,5 @@
 """Trust policies: verdicts that count only the builders a reader trusts, against real servers,
 and `challenge --trust` applying the same rule to the same data with real Nix builds."""
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import web
 from attestation_samples import nix_key_pair
 from binary_cache import CLIENT_VARIABLES, DETERMINISTIC, define_report, instantiate, nar_hash, realise, sbom_of
 from post_build_hook import basename_of, fingerprint, sign_fingerprint, verdict
-from support import REPO, bearer, write_derivation
+from support import REPO, bearer, nix_env, write_derivation
 
 TIMEOUT = 10
 TRUST = {"trust": "alice,bob,carol", "min": "2"}
@@ -233,7 +232,7 @@ def built(nix, tmp_path_factory):
 
 
 def challenge(server, *args):
-    env = {name: value for name, value in os.environ.items() if name not in CLIENT_VARIABLES}
+    env = {name: value for name, value in nix_env().items() if name not in CLIENT_VARIABLES}
     env["HASH_COLLECTION_SERVER"] = server.url
     return subprocess.run([sys.executable, str(REPO / "post_build_hook.py"), "challenge", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ from post_build_hook import (COSIGNATURE_KEY_TYPE, Spool, fingerprint, leaf_hash
                              node_hash, parse_verifier_key, root_from_inclusion_proof, sign_fingerprint, split_note,
                              tile_path, tree_hash)
 from sbom_samples import drv_path, nar_hash, nix_build_sbom, out_path
-from support import REPO, bearer, nonce
+from support import REPO, bearer, nix_env, nonce
 
 GO_TLOG = "/usr/share/gocode/src/golang.org/x/mod/sumdb/tlog"
 CLIENT = REPO / "post_build_hook.py"
@@ -45,7 +45,7 @@ def post(server, token, attestations):
 
 
 def client_env(server, state, token=None, **extra):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("HASH_COLLECTION_")}
+    env = {name: value for name, value in nix_env().items() if not name.startswith("HASH_COLLECTION_")}
     env.update(HASH_COLLECTION_SERVER=server.url, HASH_COLLECTION_LOG_KEY=verifier_key(server),
                HASH_COLLECTION_SPOOL=str(state / "spool"), **extra)
     if token:
