@@ -57,6 +57,12 @@ def check_new_builder_name(name):
                            " (builders made before this rule keep their names)")
 
 
+def new_token():
+    """256 random bits, URL-safe; never starting with '-', which a command line would read as an option."""
+    token = secrets.token_urlsafe(32)
+    return token if not token.startswith("-") else new_token()
+
+
 def wants_token(args, is_new):
     return is_new or args.new_token or bool(args.token) or not (args.public_key or args.witness_key or args.admin)
 
@@ -120,7 +126,7 @@ def main(argv=None):
                 return 1
             print("token revoked")
         else:
-            token = args.token or secrets.token_urlsafe(32)
+            token = args.token or new_token()
             try:
                 lines = update_builder(conn, args, token)
             except web.sqlite3.IntegrityError:

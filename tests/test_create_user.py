@@ -308,3 +308,10 @@ def test_adding_a_key_twice_says_the_builder_already_has_it(tmp_path):
     create_user(db, "alice", "--public-key", PUBLIC_KEY)
     completed = run_create_user("alice", "--public-key", PUBLIC_KEY, "--db", str(db))
     assert completed.returncode == 0 and completed.stdout == f"alice already has key {PUBLIC_KEY}\n"
+
+
+def test_new_tokens_never_start_with_a_dash_so_revoke_takes_them_as_written(monkeypatch):
+    import create_user
+    drawn = iter(["-starts-with-a-dash", "plain-token"])
+    monkeypatch.setattr(create_user.secrets, "token_urlsafe", lambda _bytes: next(drawn))
+    assert create_user.new_token() == "plain-token"
