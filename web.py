@@ -2052,10 +2052,11 @@ def find_link_pattern(conn, pattern):
     return row
 
 
-def check_may_change_link_pattern(row, builder):
-    """Only the builder who made a pattern, or an admin, may change it; nobody owns one made before version 2."""
+def check_owner_or_admin(row, builder, what):
+    """Only the builder who made a link pattern or policy, or an admin, may change it.
+    A link pattern made before version 2 has no owner, so only admins may change it."""
     if row["owner_id"] != builder["id"] and not builder["is_admin"]:
-        abort(403, "only the builder that made this link pattern, or an admin, may change it")
+        abort(403, f"only the builder that made this {what}, or an admin, may change it")
 
 
 def check_link_pattern_slots(conn, builder, pattern):
@@ -3088,15 +3089,19 @@ def put_policy(name):
     builders, minimum, verified = parse_policy_body(conn, json_body("MAX_ATTESTATION_BYTES"))
     verified_only = None if verified is None else int(verified)
     with transaction(conn):
-        existing = conn.execute("SELECT id, owner_id FROM policies WHERE name = ?", (name,)).fetchone()
+        existing = policy_owner(conn, name)
         if existing is None:
             conn.execute("INSERT INTO policies (name, owner_id, builders, min, verified_only, updated_at)"
                          " VALUES (?, ?, ?, ?, ?, ?)", (name, builder["id"], builders, minimum, verified_only, now_iso()))
         else:
-            check_may_change_policy(existing, builder)
+            check_owner_or_admin(existing, builder, "policy")
             conn.execute("UPDATE policies SET builders = ?, min = ?, verified_only = ?, updated_at = ? WHERE id = ?",
                          (builders, minimum, verified_only, now_iso(), existing["id"]))
     return jsonify(policy=name, status="defined")
+
+
+def policy_owner(conn, name):
+    return conn.execute("SELECT id, owner_id FROM policies WHERE name = ?", (name,)).fetchone()
 
 
 @routes.delete("/policies/<name>")
@@ -3104,17 +3109,12 @@ def delete_policy(name):
     builder = require_builder()
     conn = get_db()
     with transaction(conn):
-        existing = conn.execute("SELECT id, owner_id FROM policies WHERE name = ?", (name,)).fetchone()
+        existing = policy_owner(conn, name)
         if existing is None:
             abort(404, f"no policy named {shorten(name)!r}")
-        check_may_change_policy(existing, builder)
+        check_owner_or_admin(existing, builder, "policy")
         conn.execute("DELETE FROM policies WHERE id = ?", (existing["id"],))
     return jsonify(policy=name, status="deleted")
-
-
-def check_may_change_policy(policy, builder):
-    if policy["owner_id"] != builder["id"] and not builder["is_admin"]:
-        abort(403, "only the builder that defined this policy, or an admin, may change it")
 
 
 @routes.get("/link_patterns")
@@ -3137,7 +3137,7 @@ def post_link_pattern():
             conn.execute("INSERT INTO link_patterns (pattern, link, owner_id) VALUES (?, ?, ?)",
                          (pattern, link, builder["id"]))
         else:
-            check_may_change_link_pattern(existing, builder)
+            check_owner_or_admin(existing, builder, "link pattern")
             conn.execute("UPDATE link_patterns SET link = ? WHERE id = ?", (link, existing["id"]))
     return jsonify(pattern=pattern, link=link)
 
@@ -3149,7 +3149,7 @@ def delete_link_pattern():
     conn = get_db()
     with transaction(conn):
         existing = find_link_pattern(conn, pattern)
-        check_may_change_link_pattern(existing, builder)
+        check_owner_or_admin(existing, builder, "link pattern")
         conn.execute("DELETE FROM link_patterns WHERE id = ?", (existing["id"],))
     return jsonify(pattern=pattern, status="deleted")
 
