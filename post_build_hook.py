@@ -1769,13 +1769,17 @@ def spool_problem(directory):
     if info.st_mode & writable_by_others:
         return (f"others can write it (mode {stat.filemode(info.st_mode)}); "
                 f"make it {'root-owned 0700' if os.geteuid() == 0 else 'not world-writable'}")
-    # Left from the shared spool of old versions, a symbolic link here would let a build user steer root's writes.
+    # Left from the shared spool of old versions, a symbolic link here, or a directory of a build
+    # user's with links in it, would let a build user steer root's writes.
     for name in SPOOL_SUBDIRECTORIES:
         try:
-            if not stat.S_ISDIR(os.lstat(os.path.join(directory, name)).st_mode):
-                return f"{name} in it is not a directory (a symbolic link?); move it away"
+            inner = os.lstat(os.path.join(directory, name))
         except FileNotFoundError:
             continue
+        if not stat.S_ISDIR(inner.st_mode):
+            return f"{name} in it is not a directory (a symbolic link?); move it away"
+        if inner.st_uid != info.st_uid:
+            return f"{name} in it belongs to uid {inner.st_uid}, not to the spool's owner; move it away"
     return None
 
 
@@ -1886,6 +1890,7 @@ def deliver_spool(spool, delivery):
 # ---------------------------------------------------------------- root reading the build users' spool
 
 BUILD_USER_FILES_PER_RUN = 1000
+LEDGER_CAP = 16 << 20  # bytes: BUILD_USER_FILES_PER_RUN entries are far less
 LEDGER_NAME = "build-user-spool.ledger"  # in root's own spool; not *.json, so never taken for a submission
 
 
@@ -1942,10 +1947,19 @@ class BuildUserSpool:
             say(f"skipped {self.directory}/{name}, left for the build users: {reason}")
 
     def read_ledger(self):
+        # Not a plain open(): a link or FIFO left under this name in the old shared spool must not hang root.
         try:
-            with open(self.ledger_path) as handle:
-                ledger = json.load(handle)
-        except (OSError, ValueError):
+            descriptor = os.open(self.ledger_path, SPOOLED_FILE_FLAGS)
+        except OSError:
+            return {}
+        with os.fdopen(descriptor, "rb") as handle:
+            opened = os.fstat(descriptor)
+            if not stat.S_ISREG(opened.st_mode) or opened.st_uid != os.geteuid():
+                return {}
+            raw = handle.read(LEDGER_CAP + 1)
+        try:
+            ledger = json.loads(raw) if len(raw) <= LEDGER_CAP else {}
+        except ValueError:
             return {}
         return ledger if isinstance(ledger, dict) else {}
 

@@ -469,3 +469,44 @@ def test_a_log_link_left_in_the_old_shared_spool_cannot_steer_where_root_writes(
     assert ran.returncode == 0
     assert "refusing to use the spool" in ran.stderr
     assert list(outside.iterdir()) == []
+
+
+def test_a_build_users_log_directory_left_in_the_old_shared_spool_is_refused(server, prebuilt, tmp_path):
+    """A real directory, but a build user's, holding a link: root must not append through it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    spool, outside = tmp_path / "spool", tmp_path / "outside"
+    spool.mkdir(mode=0o700)
+    outside.mkdir()
+    (spool / "log").mkdir()
+    (spool / "log" / "log-indexes").symlink_to(outside / "written-by-root")
+    os.lchown(spool / "log", build_user_uid(), grp.getgrnam("nixbld").gr_gid)
+    drv_path, out_path = prebuilt
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_BUILD_USER_SPOOL": ""}
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path})
+    assert ran.returncode == 0
+    assert "refusing to use the spool" in ran.stderr
+    assert list(outside.iterdir()) == []
+
+
+def test_a_fifo_left_as_the_ledger_in_the_old_shared_spool_does_not_hold_the_hook(server, prebuilt, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    spool, build_user_spool = tmp_path / "spool", tmp_path / "build-user-spool"
+    spool.mkdir(mode=0o700)
+    build_user_spool.mkdir()
+    os.mkfifo(spool / post_build_hook.LEDGER_NAME)
+    drv_path, out_path = prebuilt
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": spool, "HASH_COLLECTION_BUILD_USER_SPOOL": build_user_spool,
+                "HASH_COLLECTION_TIMEOUT": str(HOOK_TIMEOUT)}
+    started = time.monotonic()
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert time.monotonic() - started <= HOOK_TIMEOUT + 1, ran.stderr
+
+
+def build_user_uid():
+    import pwd
+    return pwd.getpwnam("nixbld1").pw_uid
