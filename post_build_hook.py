@@ -258,26 +258,31 @@ def is_signature(text):
     return True
 
 
-def sign_fingerprint(secret_key_text, message):
+def ed25519_sign(seed, message):
     from nacl.signing import SigningKey
+    return SigningKey(seed).sign(message).signature
+
+
+def ed25519_verifies(public, message, signature):
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+    try:
+        VerifyKey(public).verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def sign_fingerprint(secret_key_text, message):
     name, raw = parse_key(secret_key_text, 64)
-    signature = SigningKey(raw[:32]).sign(message.encode()).signature
-    return f"{name}:{base64.b64encode(signature).decode()}"
+    return f"{name}:{base64.b64encode(ed25519_sign(raw[:32], message.encode())).decode()}"
 
 
 def verify_signature(public_key_text, message, signature):
     """True when signature ('name:base64') is by that public key over message."""
-    from nacl.exceptions import BadSignatureError
-    from nacl.signing import VerifyKey
     key_name, raw_key = parse_key(public_key_text, 32)
     sig_name, raw_sig = parse_key(signature, 64)
-    if key_name != sig_name:
-        return False
-    try:
-        VerifyKey(raw_key).verify(message.encode(), raw_sig)
-    except BadSignatureError:
-        return False
-    return True
+    return key_name == sig_name and ed25519_verifies(raw_key, message.encode(), raw_sig)
 
 
 def signature_is_good(public_key, message, signature):
@@ -643,21 +648,6 @@ def verifier_key_text(public_key):
 
 def verifier_of_signer(signer):
     return NoteKey(signer.name, signer.key_type, public_key_of_seed(signer.raw))
-
-
-def ed25519_sign(seed, message):
-    from nacl.signing import SigningKey
-    return SigningKey(seed).sign(message).signature
-
-
-def ed25519_verifies(public, message, signature):
-    from nacl.exceptions import BadSignatureError
-    from nacl.signing import VerifyKey
-    try:
-        VerifyKey(public).verify(message, signature)
-    except (BadSignatureError, ValueError):
-        return False
-    return True
 
 
 def signature_line(key, signature_bytes):
@@ -1318,7 +1308,8 @@ def deliver_diff(config, env, delivery, out_path, check_path, check_hash, starte
     submission = new_diff_submission(out_path, hash_a, hash_b, diff_document(path_a, path_b, limits))
     upload = Delivery(config, started + (time.monotonic() - diff_started))
     upload.stopped_because = delivery.stopped_because
-    deliver_submission(config, submission, upload)
+    # The attestation's delivery, just before, went through the spools already.
+    deliver_submission(config, submission, upload, with_spools=False)
 
 
 def new_diff_submission(out_path, hash_a, hash_b, document):
@@ -1997,11 +1988,12 @@ def deliver_spools(config, delivery):
     return build_user_spool
 
 
-def deliver_submission(config, submission, delivery):
+def deliver_submission(config, submission, delivery, with_spools=True):
     """The hooks' delivery: this submission first, then what waits; spool it if it was not delivered."""
     outcome, reason = delivery.post(submission)
     try:
-        deliver_spools(config, delivery)
+        if with_spools:
+            deliver_spools(config, delivery)
     except (OSError, ConfigError) as error:
         say(f"spooled submissions not delivered this time: {error}")
     if outcome == DELIVERED:
@@ -2330,13 +2322,17 @@ class Server:
             if not after:
                 return
 
-    def report_paths(self, report):
-        """The report's store paths; anything else the server sends is named and left out."""
+    def report_verdicts(self, report):
+        """{out_path: verdict} of the report's JSON summary, as the server sends it."""
         response = self.request("GET", f"/reports/{quoted(report)}", REPORT_PATHS_CAP,
                                 headers={"Accept": "application/json"})
         if response.status_code != 200:
             raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
-        paths = response.json()["paths"]  # {out_path: verdict}
+        return response.json()["paths"]
+
+    def report_paths(self, report):
+        """The report's store paths; anything else the server sends is named and left out."""
+        paths = self.report_verdicts(report)
         if not isinstance(paths, (dict, list)):
             raise ConfigError(f"report {report!r}: the server sent paths that are neither an object nor a list")
         for path in paths:
@@ -2438,12 +2434,10 @@ def narinfo_attestation(cache, pending, narinfo):
         return CACHE_BAD_SIGNATURE, f"the narinfo is for {narinfo['StorePath']}"
     nar_hash = normalize_nar_hash(narinfo["NarHash"])
     nar_size = int(narinfo["NarSize"])
-    references = [STORE_DIR + "/" + reference for reference in narinfo.get("References", "").split()]
+    references = [store_path(reference) for reference in narinfo.get("References", "").split()]
     for reference in references:
         parse_store_path(reference)
-    ca = narinfo.get("CA") or None
-    if ca is not None and not ca.startswith("fixed:"):
-        ca = None
+    ca = fixed_content_address(narinfo.get("CA"))
     if ca is not None:
         check_fixed_output(out_path, ca)
     message = fingerprint(out_path, nar_hash, nar_size, references)
@@ -3232,12 +3226,8 @@ def verdict_differences(server, report, entries, verified_only):
             if fields["verified"] == "1" or not verified_only:
                 builders_by_path.setdefault(fields["output"], {}).setdefault(fields["nar-hash"], set()).add(
                     fields["builder"])
-    response = server.request("GET", f"/reports/{quoted(report)}", REPORT_PATHS_CAP,
-                              headers={"Accept": "application/json"})
-    if response.status_code != 200:
-        raise ConfigError(f"cannot read report {report!r}: {server_reason(response)}")
     return [f"{path}: the server's report says {shown!r}, the log says {verdict(builders_by_path.get(path, {}))!r}"
-            for path, shown in sorted(response.json()["paths"].items())
+            for path, shown in sorted(server.report_verdicts(report).items())
             if shown != verdict(builders_by_path.get(path, {}))]
 
 

@@ -1485,13 +1485,13 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom_text, source_type, contents, label):
+def define_report(conn, name, owner, sbom_text, sbom_digest, source_type, contents, label):
     """Publish the upload as the report's latest revision; returns its number."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     with unpublished.using(staging, replaced):
         try:
-            revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_sha256(sbom_text),
+            revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
                                     contents.names, contents.drv_paths, contents.paths)
             write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents)
             number = publish_report(conn, staging, name, owner, replaced, revision)
@@ -2896,7 +2896,8 @@ def put_report(name):
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
         text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
-        unchanged = unchanged_revision(conn, name, label, text)
+        digest = sbom_sha256(text)
+        unchanged = unchanged_revision(conn, name, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
         with cyclic_gc_paused():
@@ -2904,7 +2905,7 @@ def put_report(name):
                                                     current_app.config["MAX_REPORT_PATHS"],
                                                     current_app.config["MAX_REPORT_EDGES"])
             try:
-                number = define_report(conn, name, builder, text, source_type, contents, label)
+                number = define_report(conn, name, builder, text, digest, source_type, contents, label)
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
             finally:
@@ -2920,11 +2921,11 @@ def check_label_free(conn, name, label):
         raise LabelTaken(f"revision label {shorten(label)!r} is already used by report {name!r}")
 
 
-def unchanged_revision(conn, name, label, text):
+def unchanged_revision(conn, name, label, digest):
     """The latest revision's number when this SBOM is the one it holds and no label is given: nothing to do."""
     report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
     latest = latest_revision(conn, report["id"]) if report is not None and label is None else None
-    if latest is None or latest["sbom_sha256"] != sbom_sha256(text):
+    if latest is None or latest["sbom_sha256"] != digest:
         return None
     return latest["number"]
 
