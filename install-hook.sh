@@ -313,13 +313,17 @@ check_installation() {
 # Asks the server for the attestation of one output path; prints what it found.
 attestation_on_server() {
     local out_path=$1
-    timeout "$CHECK_DEADLINE" "$python" - "$server" "$out_path" "$key_file" <<'EOF'
-import json, os, sys, urllib.request
-server, out_path, key_file = sys.argv[1:]
+    timeout "$CHECK_DEADLINE" "$python" - "$prefix" "$server" "$out_path" "$key_file" <<'EOF'
+import json, os, sys
+prefix, server, out_path, key_file = sys.argv[1:]
+sys.path.insert(0, prefix)
+from post_build_hook import http_request  # the installed client's: a deadline, a size cap, no redirects
 url = f"{server.rstrip('/')}/attestations/by-output/{os.path.basename(out_path)}"
 try:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        attestations = json.loads(response.read(1 << 20))
+    answer = http_request("GET", url, 10, 1 << 20)
+    if answer.status_code != 200:
+        sys.exit(f"cannot read {url}: {answer.status_code} {answer.reason}")
+    attestations = json.loads(answer.body)
 except Exception as error:  # noqa: BLE001 - any failure is the check's answer
     sys.exit(f"cannot read {url}: {error}")
 if not isinstance(attestations, list) or not attestations:

@@ -1,12 +1,15 @@
 """install-hook.sh run as a user runs it, against temporary --conf-dir, --prefix and --state-dir,
 with real Nix and a real server. It never touches the machine's /etc/nix."""
+import contextlib
 import grp
+import http.server
 import os
 import shlex
 import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,48 @@ def test_check_fails_clearly_when_the_server_refuses_the_token(layout, credentia
     completed = install_hook(layout, *credentials, *layout.options(), "--yes")
     assert completed.returncode == 1
     assert "the hook is installed, but the server has no attestation of /nix/store/" in completed.stderr
+
+
+def test_check_does_not_follow_a_redirect_to_a_page_that_claims_the_attestation(layout, credentials):
+    with redirecting_server() as url:
+        credentials = [url if value.startswith("http://") else value for value in credentials]
+        completed = install_hook(layout, *credentials, *layout.options(), "--yes")
+    assert completed.returncode == 1
+    assert f"cannot read {url}/attestations/by-output/" in completed.stderr
+    assert "302" in completed.stderr
+    assert "ok:" not in completed.stdout
+
+
+@contextlib.contextmanager
+def redirecting_server():
+    """A server that redirects every request to a page claiming a verified attestation of anything."""
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            if self.path == "/landing":
+                self.answer(200, b'[{"verified": true}]', "Content-Type", "application/json")
+            else:
+                self.answer(302, b"", "Location", "/landing")
+
+        do_POST = do_PUT = do_GET
+
+        def answer(self, status, body, header, value):
+            self.send_response(status)
+            self.send_header(header, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------- what it installs
