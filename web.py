@@ -12,6 +12,7 @@ import functools
 import hashlib
 import heapq
 from html import escape as escape_html
+import io
 import itertools
 import json
 import multiprocessing
@@ -36,6 +37,7 @@ from urllib.parse import quote, urlencode
 from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import wrap_file
 
 import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
@@ -2653,7 +2655,7 @@ def uploaded_document(conn, report, latest, wanted):
     if request.if_none_match.contains(digest):
         response = Response(status=304)
     else:
-        response = Response(sbom_pieces(conn, report["id"]), mimetype=source_type)
+        response = body_response(b"".join(sbom_pieces(conn, report["id"])), source_type)
     response.set_etag(digest)
     response.headers["Cache-Control"] = "no-cache"
     return response
@@ -3412,11 +3414,20 @@ def cached_report_view(conn, report, revision, latest, policy, wanted):
     if view.status == 200 and request.if_none_match.contains(view.etag):
         response = Response(status=304)
     else:
-        response = Response(view.body, status=view.status, mimetype=view.mimetype)
+        response = body_response(view.body, view.mimetype, view.status)
     response.set_etag(view.etag)
     response.headers["Cache-Control"] = "no-cache"  # keep it, but ask with If-None-Match first
     response.headers["Age"] = str(int(max(0.0, time.time() - view.started)))
     response.last_modified = datetime.fromtimestamp(view.started, timezone.utc)
+    return response
+
+
+def body_response(body, mimetype, status=200):
+    """A response of bytes in memory that waitress sends as they are (wsgi.file_wrapper): through its
+    output buffer, a body over 1 MiB would be copied to a temporary file and read back first."""
+    response = Response(wrap_file(request.environ, io.BytesIO(body)), status=status, mimetype=mimetype,
+                        direct_passthrough=True)
+    response.content_length = len(body)
     return response
 
 
@@ -3726,7 +3737,7 @@ def parse_arguments(argv):
     parser.add_argument("--require-signatures", action="store_true",
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=16, help="worker threads (default: %(default)s)")
     parser.add_argument("--log-key", default=log_key_from_env(),
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")
