@@ -3320,8 +3320,8 @@ class ReportViews:
     """Rendered views by key, each rendered once per change of its report, one render at a time.
 
     A view whose report changed is rendered again before it is served, unless a render of it is under
-    way already: then the view that is no more than MAX_STALE_S old is served, and the next render
-    starts when that one is done. A quiet server answers with the latest verdicts; a busy one renders
+    way already: then the last view is served if it began no more than MAX_STALE_S before the request,
+    and if the report changed again, the next render starts when that one is done. A quiet server answers with the latest verdicts; a busy one renders
     its popular views back to back, a core's worth at most, and serves each as the last render left it.
     """
 
@@ -3342,9 +3342,12 @@ class ReportViews:
                     self.views[key] = view
                     if view.counter == counter:
                         return view
-                future, rendering_counter = self.rendering.get(key) or (self.start_render(key, counter, job), counter)
-                if rendering_counter != counter:
-                    self.again[key] = (counter, job)
+                if key not in self.rendering:
+                    future = self.start_render(key, counter, job)
+                else:
+                    future, rendering_counter = self.rendering[key]
+                    if rendering_counter != counter:
+                        self.again[key] = (counter, job)
                     if view is not None and servable(view, counter, arrived):
                         return view
             view = future.result(timeout=RENDER_TIMEOUT_S)
