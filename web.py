@@ -1979,9 +1979,9 @@ def suggestions(conn, report_id, builder, policy, limit):
     rows = open_questions(conn, report_id, builder, policy)
     one_build = [out_path for out_path, builders in rows if builders >= 1]
     no_build = [out_path for out_path, builders in rows if builders == 0]
-    random.shuffle(one_build)
-    random.shuffle(no_build)
-    return (one_build + no_build)[:limit]
+    # A sample, not a shuffle of all: a large report has tens of thousands of open paths.
+    picked = random.sample(one_build, min(limit, len(one_build)))
+    return picked + random.sample(no_build, min(limit - len(picked), len(no_build)))
 
 
 def suggestion_objects(conn, report_id, out_paths):
@@ -3787,7 +3787,8 @@ def parse_arguments(argv):
     parser.add_argument("--require-signatures", action="store_true",
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=16, help="worker threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=16,
+                        help="request threads; a view being rendered holds one without using the CPU (default: %(default)s)")
     parser.add_argument("--log-key", default=log_key_from_env(),
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")
