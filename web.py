@@ -27,6 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -3341,8 +3342,9 @@ class ReportViews:
 
     A view whose report changed is rendered again before it is served, unless a render of it is under
     way already: then the last view is served if it began no more than MAX_STALE_S before the request,
-    and if the report changed again, the next render starts when that one is done. A quiet server answers with the latest verdicts; a busy one renders
-    its popular views back to back, a core's worth at most, and serves each as the last render left it.
+    and if the report changed again, the next render starts when that one is done. A quiet server
+    answers with the latest verdicts; a busy one renders its popular views back to back, a core's
+    worth at most, and serves each as the last render left it.
     """
 
     def __init__(self, app):
@@ -3505,18 +3507,20 @@ def index_counts(conn, report_ids):
 
 def render_executor(app):
     if not app.config["RENDER_WORKER"]:
-        return concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=start_render_thread, initargs=(app,))
+        # Only a weak reference: the thread ends when the app is thrown away (tests make hundreds).
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=start_render_thread,
+                                                     initargs=(weakref.ref(app),))
     # spawn, not fork: a fork of this threaded server could inherit a lock held mid-request.
     config = {key: value for key, value in app.config.items() if key.isupper()}
     return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=start_render_worker, initargs=(config, os.getpid()))
 
 
-render_app = threading.local()  # the app a render thread or worker renders with
+render_app = threading.local()  # app(): the app a render thread or worker renders with
 
 
-def start_render_thread(app):
-    render_app.app = app
+def start_render_thread(app_reference):
+    render_app.app = app_reference
 
 
 def start_render_worker(config, server_pid):
@@ -3528,12 +3532,13 @@ def start_render_worker(config, server_pid):
         os._exit(0)
     os.nice(RENDER_NICENESS)  # the server's threads, which take attestations, come first
     limit_malloc_arenas()
-    start_render_thread(create_app({**config, "RENDER_WORKER": False}))
+    app = create_app({**config, "RENDER_WORKER": False})
+    start_render_thread(lambda: app)
 
 
 def render_view_job(path, query_string, wanted):
     """(started, status, mimetype, body, etag): the view as the route answers it, rendered whole."""
-    app = render_app.app
+    app = render_app.app()
     started = time.time()
     with app.test_request_context(quote(path), query_string=query_string, headers={"Accept": wanted},
                                   environ_base={RENDERING: True}):
@@ -3546,7 +3551,7 @@ def render_view_job(path, query_string, wanted):
 
 
 def render_counts_job(report_id):
-    app = render_app.app
+    app = render_app.app()
     started = time.time()
     with app.app_context():
         conn = get_db()
@@ -3556,7 +3561,7 @@ def render_counts_job(report_id):
 
 
 def upload_job(report_id):
-    app = render_app.app
+    app = render_app.app()
     started = time.time()
     with app.app_context():
         conn = get_db()
