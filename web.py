@@ -301,6 +301,13 @@ def read_snapshot(conn):
     try:
         yield conn
     finally:
+        leave_snapshot(conn)
+
+
+def leave_snapshot(conn):
+    """End a read_snapshot early, before waiting for something else: an open read transaction keeps
+    SQLite from checkpointing the WAL past it."""
+    if conn.in_transaction:
         conn.execute("ROLLBACK")
 
 
@@ -2676,6 +2683,7 @@ def uploaded_document(conn, report, latest, wanted):
     if request.if_none_match.contains(digest):
         response = Response(status=304)
     else:
+        leave_snapshot(conn)  # the first request for an upload waits for it to be read
         response = body_response(uploaded_bytes(report, latest), source_type)
     response.set_etag(digest)
     response.headers["Cache-Control"] = "no-cache"
@@ -3435,6 +3443,7 @@ def cached_report_view(conn, report, revision, latest, policy, wanted):
     counter = current_app.extensions["report_changes"].counter(conn, report["id"], revision["id"] == latest["id"])
     key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name)
     job = (render_view_job, request.path, request.query_string.decode("latin-1"), wanted)
+    leave_snapshot(conn)  # the render may take seconds
     view = current_app.extensions["report_views"].view(key, counter, job, arrived)
     if view.status == 200 and request.if_none_match.contains(view.etag):
         response = Response(status=304)
