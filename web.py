@@ -1936,6 +1936,7 @@ def note_other_writes(response):
     if request.method not in ("GET", "HEAD", "OPTIONS") and response.status_code < 400 \
             and request.endpoint not in ATTESTATION_ENDPOINTS:
         current_app.extensions["report_changes"].note_other_change()
+        current_app.extensions["report_views"].forget()  # none of them can be served again
     return response
 
 
@@ -3330,7 +3331,7 @@ def post_cosignature():
 
 MAX_STALE_S = 2.0
 RENDER_TIMEOUT_S = 300
-VIEW_CACHE_BYTES = 64 * MiB
+VIEW_CACHE_BYTES = 32 * MiB
 RENDER_NICENESS = 10
 SWITCH_INTERVAL_S = 0.0005
 RENDERING = "hash_collection.rendering"  # in the WSGI environ of a render; no client can set it
@@ -3419,6 +3420,10 @@ class ReportViews:
     def evict(self):
         while len(self.views) > 1 and sum(view_size(view) for view in self.views.values()) > VIEW_CACHE_BYTES:
             del self.views[next(iter(self.views))]
+
+    def forget(self):
+        with self.lock:
+            self.views = {}
 
     def start_worker(self):
         """Start the render worker now, so that the first view does not wait for it."""
