@@ -2684,8 +2684,7 @@ def uploaded_document(conn, report, latest, wanted):
     if request.if_none_match.contains(digest):
         response = Response(status=304)
     else:
-        leave_snapshot(conn)  # the first request for an upload waits for it to be read
-        response = body_response(uploaded_bytes(report, latest), source_type)
+        response = body_response(uploaded_bytes(conn, report, latest), source_type)
     response.set_etag(digest)
     response.headers["Cache-Control"] = "no-cache"
     return response
@@ -3421,6 +3420,20 @@ class ReportViews:
         while len(self.views) > 1 and sum(view_size(view) for view in self.views.values()) > VIEW_CACHE_BYTES:
             del self.views[next(iter(self.views))]
 
+    def kept(self, key):
+        """The body kept under key, for what is read, not rendered; None if there is none."""
+        with self.lock:
+            view = self.views.pop(key, None)
+            if view is None:
+                return None
+            self.views[key] = view
+            return view.body
+
+    def keep(self, key, body):
+        with self.lock:
+            self.views[key] = CachedView(None, time.time(), 200, None, body, None)
+            self.evict()
+
     def forget(self):
         with self.lock:
             self.views = {}
@@ -3499,12 +3512,16 @@ class BodyReader(io.RawIOBase):
         return self.position
 
 
-def uploaded_bytes(report, latest):
+def uploaded_bytes(conn, report, latest):
     """The latest revision's upload, kept with the views: copying 16 MiB out of SQLite for every
-    request held the interpreter longer than anything else an SBOM download does."""
-    counter = (current_app.extensions["report_changes"].epoch, "upload")
+    request held the interpreter longer than anything else an SBOM download does. No render: read here."""
+    views = current_app.extensions["report_views"]
     key = (report["id"], latest["id"], "upload")
-    return current_app.extensions["report_views"].view(key, counter, (upload_job, report["id"]), time.time()).body
+    body = views.kept(key)
+    if body is None:
+        body = b"".join(sbom_pieces(conn, report["id"]))
+        views.keep(key, body)
+    return body
 
 
 def index_counts(conn, report_ids):
@@ -3572,16 +3589,6 @@ def render_counts_job(report_id):
         with read_snapshot(conn), cyclic_gc_paused():
             counts = verdict_counts(report_labels(conn, report_id, default_policy()))
     return started, 200, None, counts, None
-
-
-def upload_job(report_id):
-    app = render_app.app()
-    started = time.time()
-    with app.app_context():
-        conn = get_db()
-        with read_snapshot(conn):
-            body = b"".join(sbom_pieces(conn, report_id))
-    return started, 200, None, body, None
 
 
 def body_etag(body):
