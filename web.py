@@ -3330,7 +3330,7 @@ def post_cosignature():
 
 MAX_STALE_S = 2.0
 RENDER_TIMEOUT_S = 300
-VIEW_CACHE_BYTES = 32 * MiB
+VIEW_CACHE_BYTES = 48 * MiB
 RENDER_NICENESS = 10
 SWITCH_INTERVAL_S = 0.0005
 RENDERING = "hash_collection.rendering"  # in the WSGI environ of a render; no client can set it
