@@ -4,6 +4,7 @@ shows, for every store path of a report, whether independent builders agree."""
 import argparse
 from array import array
 import base64
+import concurrent.futures
 import gc
 import contextlib
 import ctypes
@@ -11,28 +12,33 @@ import functools
 import hashlib
 import heapq
 from html import escape as escape_html
+import io
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
 import socket
 import resource
 import secrets
+import signal
 import sqlite3
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, render_template, request, stream_with_context
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import wrap_file
 
 import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
@@ -62,6 +68,7 @@ VERDICT_BADGES = {REPRODUCED: ("reproduced", "R"), PARTIALLY: ("partial", "P"), 
                   ONE_BUILD: ("one-build", "1"), NO_BUILDS: ("no-builds", "0"), FIXED_OUTPUT: ("fixed-output", "F")}
 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 MAX_BATCH = 10_000
 LARGE_BATCH = 1_000
 LARGE_BATCH_CACHE_KIB = 32 * 1024
@@ -76,6 +83,7 @@ LINK_PATTERN_MEMORY = 1 * MiB  # RE2's bound on one compiled pattern and its mat
 LINK_MATCHING_BUDGET_S = 0.2
 # The maximum merge delay: a checkpoint served includes every entry accepted this many seconds before.
 DEFAULT_CHECKPOINT_INTERVAL = 2.0
+WAL_CHECKPOINT_INTERVAL_S = 0.5  # SQLite's, of the WAL into the database file: not the log's checkpoints
 
 CYCLONEDX_TYPE = "application/vnd.cyclonedx+json"
 # What sqlite says when the database cannot be written for now; anything else is a bug.
@@ -143,17 +151,21 @@ def create_app(config=None):
         JSON_SORT_KEYS=False,
         LOG_ORIGIN=log_origin_from_env(),
         CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
+        RENDER_WORKER=False,
+        BACKGROUND_CHECKPOINTS=False,
         **limits_from_env(),
     )
     app.config.update(config or {})
     app.config.setdefault("LOG_KEY_FILE", log_key_from_env() or default_log_key_file(app.config["DATABASE"]))
     app.extensions["report_uploads"] = threading.BoundedSemaphore(app.config["MAX_REPORT_UPLOADS"])
     app.extensions["unpublished_reports"] = UnpublishedReports()
-    app.extensions["index_counts"] = IndexCounts()
+    app.extensions["report_changes"] = ReportChanges()
+    app.extensions["report_views"] = ReportViews(app)
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
     app.after_request(release_freed_memory)
+    app.after_request(note_other_writes)
     app.jinja_env.filters["output_href"] = output_href
     app.jinja_env.filters["name_of"] = name_of
     app.jinja_env.filters["badge"] = verdict_badge
@@ -191,8 +203,26 @@ def get_db():
     by_path = connections.__dict__.setdefault("by_path", {})
     if path not in by_path:
         by_path[path] = connect(path)
+        if current_app.config["BACKGROUND_CHECKPOINTS"]:
+            by_path[path].execute("PRAGMA wal_autocheckpoint = 0")  # wal_checkpointer does it
     g.db = by_path[path]
     return g.db
+
+
+def wal_checkpointer(path, interval=WAL_CHECKPOINT_INTERVAL_S):
+    """Copy the WAL into the database in the background, outside the write lock.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that fills the WAL, so one attestation in a
+    thousand took up to 200 ms under load while every other writer queued behind it; a passive
+    checkpoint from another connection never blocks writers.
+    """
+    conn = connect(path)
+    while True:
+        time.sleep(interval)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as error:
+            print(f"web.py: WAL checkpoint failed, trying again: {error}", file=sys.stderr, flush=True)
 
 
 def forget_connection():
@@ -271,6 +301,13 @@ def read_snapshot(conn):
     try:
         yield conn
     finally:
+        leave_snapshot(conn)
+
+
+def leave_snapshot(conn):
+    """End a read_snapshot early, before waiting for something else: an open read transaction keeps
+    SQLite from checkpointing the WAL past it."""
+    if conn.in_transaction:
         conn.execute("ROLLBACK")
 
 
@@ -758,7 +795,7 @@ def store_attestations(conn, builder, attestations):
             " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
         logged = rows_to_log(conn, first_new_id, upgraded_ids)
         indexes = log_indexes(conn, builder["id"], attestations, zip(logged, append_to_log(conn, logged)))
-    current_app.extensions["index_counts"].note_attested(row[2] for row in rows)
+    current_app.extensions["report_changes"].note_attested(row[2] for row in rows)
     return indexes
 
 
@@ -1838,48 +1875,69 @@ def revision_object(revision):
             "path_count": revision["path_count"]}
 
 
-class IndexCounts:
-    """Verdict counts of each report for the index, recounted only for reports that attestations touched.
+class ReportChanges:
+    """A change counter for each report, in memory, that moves when attestations touch one of its paths.
 
-    Counting afresh on every view would join every path of every report with its attestations.
-    Writers only note which paths they attested; the next view looks those paths up in each
-    report's primary key and recounts the reports that hold one. Views take turns, so a count
-    computed before an attestation can never overwrite one computed after it.
+    Cached views (ReportViews) are valid while their report's counter stays where it was when they
+    were rendered. Writers only note which paths they attested; the next reader looks those paths
+    up in each known report's primary key and moves the counters of the reports that hold one.
+    Any other successful write (a report, policy, link pattern or diff) moves the epoch, which every
+    counter includes: it may change any view, and report ids can be reused.
     """
     MAX_NOTED_PATHS = 100_000
 
     def __init__(self):
-        self.viewing = threading.Lock()
+        self.folding = threading.Lock()
         self.noting = threading.Lock()
-        self.counts = {}
+        self.counters = {}
+        self.epoch = 0
+        self.attested_stores = 0
         self.attested = set()
         self.overflowed = False
 
     def note_attested(self, out_paths):
         with self.noting:
+            self.attested_stores += 1
             if self.overflowed:
                 return
             self.attested.update(out_paths)
-            if len(self.attested) > self.MAX_NOTED_PATHS:  # beyond this, recounting everything is cheaper
+            if len(self.attested) > self.MAX_NOTED_PATHS:  # beyond this, assuming every report changed is cheaper
                 self.attested, self.overflowed = set(), True
+
+    def note_other_change(self):
+        with self.folding:
+            self.epoch += 1
+            self.counters = {}
 
     def take_noted(self):
         with self.noting:
             noted = None if self.overflowed else self.attested
             self.attested, self.overflowed = set(), False
-            return noted
+            return noted, self.attested_stores
 
-    def of_reports(self, conn, report_ids):
-        """{report id: verdict counts} for these reports, the published ones."""
-        with self.viewing:
-            noted = self.take_noted()
-            cached = self.counts.keys() & set(report_ids)
-            stale = cached if noted is None else reports_holding(conn, cached, noted)
-            self.counts = {report_id: self.counts[report_id] for report_id in cached - stale}
-            for report_id in report_ids:
-                if report_id not in self.counts:
-                    self.counts[report_id] = verdict_counts(report_labels(conn, report_id, default_policy()))
-            return dict(self.counts)
+    def counter(self, conn, report_id, latest=True):
+        """The report's counter; read it before the snapshot a view is computed from. An older
+        revision's paths may have left the report: its views change with any attestation."""
+        with self.folding:
+            noted, attested_stores = self.take_noted()
+            known = set(self.counters)
+            changed = known if noted is None else reports_holding(conn, known, noted) if noted else set()
+            for changed_id in changed:
+                self.counters[changed_id] += 1
+            self.counters.setdefault(report_id, 0)
+            return (self.epoch, self.counters[report_id] if latest else f"any attestation {attested_stores}")
+
+
+ATTESTATION_ENDPOINTS = ("routes.post_attestation", "routes.post_attestations")
+
+
+def note_other_writes(response):
+    """A successful write other than an attestation (a report, policy, link pattern, diff) may change any view."""
+    if request.method not in ("GET", "HEAD", "OPTIONS") and response.status_code < 400 \
+            and request.endpoint not in ATTESTATION_ENDPOINTS:
+        current_app.extensions["report_changes"].note_other_change()
+        current_app.extensions["report_views"].forget()  # none of them can be served again
+    return response
 
 
 def reports_holding(conn, report_ids, out_paths, per_query=500):
@@ -1950,9 +2008,9 @@ def suggestions(conn, report_id, builder, policy, limit):
     rows = open_questions(conn, report_id, builder, policy)
     one_build = [out_path for out_path, builders in rows if builders >= 1]
     no_build = [out_path for out_path, builders in rows if builders == 0]
-    random.shuffle(one_build)
-    random.shuffle(no_build)
-    return (one_build + no_build)[:limit]
+    # A sample, not a shuffle of all: a large report has tens of thousands of open paths.
+    picked = random.sample(one_build, min(limit, len(one_build)))
+    return picked + random.sample(no_build, min(limit - len(picked), len(no_build)))
 
 
 def suggestion_objects(conn, report_id, out_paths):
@@ -2616,13 +2674,20 @@ def report_format():
                 "text/plain")
 
 
-def uploaded_document(conn, report, wanted):
+def uploaded_document(conn, report, latest, wanted):
     """The report as uploaded, in the format it was uploaded in. A report made from Nix's output has no
     CycloneDX SBOM to give, and a converted one would be ours, not the uploader's: that is a 406."""
     source_type = report["source_type"]
     if source_type not in set(request.accept_mimetypes.values()):
         abort(406, f"this report was uploaded as {source_type}, not {wanted}; ask for Accept: {source_type}")
-    return Response(sbom_pieces(conn, report["id"]), mimetype=source_type)
+    digest = latest["sbom_sha256"]  # the upload's own: no attestation changes it
+    if request.if_none_match.contains(digest):
+        response = Response(status=304)
+    else:
+        response = body_response(uploaded_bytes(conn, report, latest), source_type)
+    response.set_etag(digest)
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 # ---------------------------------------------------------------- routes
@@ -2873,7 +2938,7 @@ def list_reports():
                         (UNPUBLISHED_PREFIX + "%",)).fetchall()
     if request.path == "/reports" and not wants_html():
         return jsonify([row["name"] for row in rows])
-    counts_of = current_app.extensions["index_counts"].of_reports(conn, [row["id"] for row in rows])
+    counts_of = index_counts(conn, [row["id"] for row in rows])
     reports = []
     for row in rows:
         numbers = headline(counts_of[row["id"]])
@@ -2954,10 +3019,12 @@ def show_report(name):
         policy = request_policy(conn)
         latest = latest_revision(conn, report["id"])
         revision = find_revision(conn, report, request.args["revision"]) if "revision" in request.args else latest
+        if wanted in REPORT_TYPES and revision["number"] == latest["number"]:
+            return uploaded_document(conn, report, latest, wanted)
+        if not request.environ.get(RENDERING):
+            return cached_report_view(conn, report, revision, latest, policy, wanted)
         if revision["number"] != latest["number"]:
             return show_older_revision(conn, report, revision, latest, policy, wanted)
-        if wanted in REPORT_TYPES:
-            return uploaded_document(conn, report, wanted)
         with cyclic_gc_paused():
             verdicts = report_labels(conn, report["id"], policy)
             if wanted == "application/json":
@@ -3252,6 +3319,283 @@ def post_cosignature():
     return jsonify(stored=True)
 
 
+# ---------------------------------------------------------------- cached report views
+# A view of a large report (HTML, text, JSON) costs up to a second of CPU, and Python runs one thread
+# at a time: rendered in the request threads, views made every attestation wait. So views are rendered
+# one at a time, in a worker process at low priority when the server runs from main() (in a thread of
+# this process otherwise, as in tests), and kept by report, revision, format and trust policy with
+# their report's ReportChanges counter. An unchanged report is served from memory (304 to a matching
+# If-None-Match); a changed one is served as it was for at most MAX_STALE_S while it is rendered again.
+# The index's verdict counts are kept the same way. See "Cached report views" in docs/operating.md.
+
+MAX_STALE_S = 2.0
+RENDER_TIMEOUT_S = 300
+VIEW_CACHE_BYTES = 48 * MiB
+RENDER_NICENESS = 10
+SWITCH_INTERVAL_S = 0.0005
+RENDERING = "hash_collection.rendering"  # in the WSGI environ of a render; no client can set it
+
+
+class CachedView(NamedTuple):
+    counter: tuple  # the report's ReportChanges counter, read before the render began
+    started: float  # time.time() when the render began: the view holds every change committed before
+    status: int
+    mimetype: str
+    body: object  # the bytes of a view; the verdict counts of the index
+    etag: str
+
+
+class ReportViews:
+    """Rendered views by key, each rendered once per change of its report, one render at a time.
+
+    A view whose report changed is rendered again before it is served, unless a render of it is under
+    way already: then the last view is served if it began no more than MAX_STALE_S before the request,
+    and if the report changed again, the next render starts when that one is done. A quiet server
+    answers with the latest verdicts; a busy one renders its popular views back to back, a core's
+    worth at most, and serves each as the last render left it.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.RLock()  # a render already done calls back at once, under the lock
+        self.views = {}  # key -> CachedView, least recently used first
+        self.rendering = {}  # key -> (Future of the CachedView being rendered, its counter)
+        self.again = {}  # key -> (counter, job) to render once the render under way is done
+        self.executor = None
+
+    def view(self, key, counter, job, arrived):
+        """A view rendered from at most MAX_STALE_S before `arrived`, or from after its last change."""
+        while True:
+            with self.lock:
+                view = self.views.pop(key, None)
+                if view is not None:
+                    self.views[key] = view
+                    if view.counter == counter:
+                        return view
+                if key not in self.rendering:
+                    future = self.start_render(key, counter, job)
+                else:
+                    future, rendering_counter = self.rendering[key]
+                    if rendering_counter != counter:
+                        self.again[key] = (counter, job)
+                    if view is not None and servable(view, counter, arrived):
+                        return view
+            view = future.result(timeout=RENDER_TIMEOUT_S)
+            if servable(view, counter, arrived):
+                return view
+            # That render began too long before this request: the next one begins after it.
+
+    def start_render(self, key, counter, job):
+        if self.executor is None:
+            self.executor = render_executor(self.app)
+        try:
+            rendered = self.executor.submit(*job)
+        except concurrent.futures.BrokenExecutor:
+            self.executor = None  # the worker died (killed, out of memory): the next view starts another
+            raise
+        outcome = concurrent.futures.Future()
+        self.rendering[key] = (outcome, counter)
+        rendered.add_done_callback(lambda done: self.rendered(key, counter, done, outcome))
+        return outcome
+
+    def rendered(self, key, counter, done, outcome):
+        with self.lock:
+            del self.rendering[key]
+            again = self.again.pop(key, None)
+            if done.exception() is not None:
+                if isinstance(done.exception(), concurrent.futures.BrokenExecutor):
+                    self.executor = None
+                outcome.set_exception(done.exception())
+                return
+            view = CachedView(counter, *done.result())
+            if view.status == 200:
+                self.views[key] = view
+                self.evict()
+            if again is not None:
+                with contextlib.suppress(concurrent.futures.BrokenExecutor):
+                    self.start_render(key, *again)
+        outcome.set_result(view)
+
+    def evict(self):
+        while len(self.views) > 1 and sum(view_size(view) for view in self.views.values()) > VIEW_CACHE_BYTES:
+            del self.views[next(iter(self.views))]
+
+    def kept(self, key):
+        """The body kept under key, for what is read, not rendered; None if there is none."""
+        with self.lock:
+            view = self.views.pop(key, None)
+            if view is None:
+                return None
+            self.views[key] = view
+            return view.body
+
+    def keep(self, key, body):
+        with self.lock:
+            self.views[key] = CachedView(None, time.time(), 200, None, body, None)
+            self.evict()
+
+    def forget(self):
+        with self.lock:
+            self.views = {}
+
+    def start_worker(self):
+        """Start the render worker now, so that the first view does not wait for it."""
+        with self.lock:
+            if self.executor is None:
+                self.executor = render_executor(self.app)
+            self.executor.submit(os.getpid)
+
+
+def servable(view, counter, arrived):
+    """Nothing changed since the view was rendered, or it began at most MAX_STALE_S before the request."""
+    return view.counter == counter or (view.counter[0] == counter[0] and view.started >= arrived - MAX_STALE_S)
+
+
+def view_size(view):
+    return len(view.body) if isinstance(view.body, bytes) else 1024
+
+
+def cached_report_view(conn, report, revision, latest, policy, wanted):
+    """The response for a view of a report's verdicts, from the cache."""
+    arrived = time.time()
+    counter = current_app.extensions["report_changes"].counter(conn, report["id"], revision["id"] == latest["id"])
+    key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name)
+    job = (render_view_job, request.path, request.query_string.decode("latin-1"), wanted)
+    leave_snapshot(conn)  # the render may take seconds
+    view = current_app.extensions["report_views"].view(key, counter, job, arrived)
+    if view.status == 200 and request.if_none_match.contains(view.etag):
+        response = Response(status=304)
+    else:
+        response = body_response(view.body, view.mimetype, view.status)
+    response.set_etag(view.etag)
+    response.headers["Cache-Control"] = "no-cache"  # keep it, but ask with If-None-Match first
+    response.headers["Age"] = str(int(max(0.0, time.time() - view.started)))
+    response.last_modified = datetime.fromtimestamp(view.started, timezone.utc)
+    return response
+
+
+def body_response(body, mimetype, status=200):
+    """A response of bytes in memory that waitress sends as they are (wsgi.file_wrapper): through its
+    output buffer, a body over 1 MiB would be copied to a temporary file and read back first."""
+    response = Response(wrap_file(request.environ, BodyReader(body)), status=status, mimetype=mimetype,
+                        direct_passthrough=True)
+    response.content_length = len(body)
+    return response
+
+
+class BodyReader(io.RawIOBase):
+    """A file over bytes whose reads are views, not copies: for each send, waitress reads as much as
+    a socket buffer holds, then reads again what was sent; copies of that were most of a view's cost."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = memoryview(body)
+        self.position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def read(self, size=-1):
+        end = len(self.body) if size is None or size < 0 else min(len(self.body), self.position + size)
+        chunk = self.body[self.position:end]
+        self.position = max(self.position, end)
+        return chunk
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.position = offset if whence == io.SEEK_SET else offset + (self.position if whence == io.SEEK_CUR else len(self.body))
+        return self.position
+
+    def tell(self):
+        return self.position
+
+
+def uploaded_bytes(conn, report, latest):
+    """The latest revision's upload, kept with the views: copying 16 MiB out of SQLite for every
+    request held the interpreter longer than anything else an SBOM download does. No render: read here."""
+    views = current_app.extensions["report_views"]
+    key = (report["id"], latest["id"], "upload")
+    body = views.kept(key)
+    if body is None:
+        body = b"".join(sbom_pieces(conn, report["id"]))
+        views.keep(key, body)
+    return body
+
+
+def index_counts(conn, report_ids):
+    """{report id: verdict counts under the default policy} of these reports, for the index."""
+    views = current_app.extensions["report_views"]
+    counts_of = {}
+    for report_id in report_ids:
+        arrived = time.time()
+        counter = current_app.extensions["report_changes"].counter(conn, report_id)
+        key = (report_id, "index counts", default_policy().cache_key)
+        counts_of[report_id] = views.view(key, counter, (render_counts_job, report_id), arrived).body
+    return counts_of
+
+
+def render_executor(app):
+    if not app.config["RENDER_WORKER"]:
+        # Only a weak reference: the thread ends when the app is thrown away (tests make hundreds).
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=start_render_thread,
+                                                     initargs=(weakref.ref(app),))
+    # spawn, not fork: a fork of this threaded server could inherit a lock held mid-request.
+    config = {key: value for key, value in app.config.items() if key.isupper()}
+    return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=start_render_worker, initargs=(config, os.getpid()))
+
+
+render_app = threading.local()  # app(): the app a render thread or worker renders with
+
+
+def start_render_thread(app_reference):
+    render_app.app = app_reference
+
+
+def start_render_worker(config, server_pid):
+    # A server killed outright cannot stop its worker: the kernel does, when the server dies.
+    libc = glibc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server_pid:
+        os._exit(0)
+    os.nice(RENDER_NICENESS)  # the server's threads, which take attestations, come first
+    limit_malloc_arenas()
+    app = create_app({**config, "RENDER_WORKER": False})
+    start_render_thread(lambda: app)
+
+
+def render_view_job(path, query_string, wanted):
+    """(started, status, mimetype, body, etag): the view as the route answers it, rendered whole."""
+    app = render_app.app()
+    started = time.time()
+    with app.test_request_context(quote(path), query_string=query_string, headers={"Accept": wanted},
+                                  environ_base={RENDERING: True}):
+        g.view_as_of = datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        g.view_max_stale_s = f"{MAX_STALE_S:g}"
+        response = app.full_dispatch_request()
+        body = response.get_data()
+        response.close()
+    return started, response.status_code, response.mimetype, body, body_etag(body)
+
+
+def render_counts_job(report_id):
+    app = render_app.app()
+    started = time.time()
+    with app.app_context():
+        conn = get_db()
+        with read_snapshot(conn), cyclic_gc_paused():
+            counts = verdict_counts(report_labels(conn, report_id, default_policy()))
+    return started, 200, None, counts, None
+
+
+def body_etag(body):
+    """From the bytes: a view rendered again with the same verdicts keeps its ETag."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
 # ---------------------------------------------------------------- HTML pages
 # The report page is streamed and its tree markup is built here, not in templates/report.html:
 # see rendered_nodes for why.
@@ -3460,7 +3804,8 @@ def main(argv=None):
     args = parse_arguments(argv)
     app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
                        "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
-                       "CHECKPOINT_INTERVAL": args.checkpoint_interval,
+                       "CHECKPOINT_INTERVAL": args.checkpoint_interval, "RENDER_WORKER": True,
+                       "BACKGROUND_CHECKPOINTS": True,
                        **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
     check_file_descriptors(args.connection_limit)
     with app.app_context():
@@ -3472,6 +3817,11 @@ def main(argv=None):
     server = bound_server_or_exit(app, args.host, args.port, threads=args.threads,
                                   max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB,
                                   connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
+    app.extensions["report_views"].start_worker()
+    threading.Thread(target=wal_checkpointer, args=(args.db,), daemon=True, name="WAL checkpoints").start()
+    # A thread that wants the interpreter waits up to this long for a CPU-bound one (a batch, a suggestion)
+    # to let go: an attestation needs it dozens of times, around each SQLite call.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"serving on http://{args.host}:{args.port} with database {args.db}", flush=True)
     server.run()
 
@@ -3485,7 +3835,8 @@ def parse_arguments(argv):
     parser.add_argument("--require-signatures", action="store_true",
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=4, help="worker threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=16,
+                        help="request threads; a view being rendered holds one without using the CPU (default: %(default)s)")
     parser.add_argument("--log-key", default=log_key_from_env(),
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")
