@@ -1099,23 +1099,27 @@ def release_in_slices(*lists, slice_length=10_000):
             del items[-slice_length:]
 
 
-def properties_of(raw):
-    """{name: [values]} of a component's string properties; a name may repeat (sbomnix)."""
-    properties = {}
+NIX_PROPERTIES = frozenset({"nix:drv_path", "nix:out_path", "nix:output_path", "nix:output"})
+
+
+def nix_properties(raw):
+    """{name: [values]} of a component's nix: string properties that component_of reads; a name may repeat (sbomnix)."""
+    found = {}
     listed = raw.get("properties")
-    for prop in listed if isinstance(listed, list) else ():
-        if isinstance(prop, dict):
-            name, value = prop.get("name"), prop.get("value")
-            if isinstance(name, str) and isinstance(value, str):
-                properties.setdefault(name, []).append(value)
-    return properties
+    if type(listed) is list:
+        for prop in listed:
+            if type(prop) is dict:
+                name, value = prop.get("name"), prop.get("value")
+                if type(name) is str and type(value) is str and name in NIX_PROPERTIES:
+                    found.setdefault(name, []).append(value)
+    return found
 
 
 def component_of(raw):
     """(name, drv_path, [(out_path, output)]) of one SBOM component."""
     ref = raw["bom-ref"]
-    properties = properties_of(raw)
-    drv_path = properties.get("nix:drv_path", [None])[0]
+    properties = nix_properties(raw)
+    drv_path = properties["nix:drv_path"][0] if "nix:drv_path" in properties else None
     if drv_path is None and ref.endswith(".drv"):
         drv_path = ref if ref.startswith(STORE_DIR + "/") else store_path(ref)
     if drv_path is not None and not is_store_path(drv_path):
@@ -1123,20 +1127,22 @@ def component_of(raw):
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
         candidates = [ref if ref.startswith("/") else store_path(ref)]
-    out_paths = list(dict.fromkeys(path for path in candidates if is_store_path(path)))
-    output_names = properties.get("nix:output", [])
-    outputs = [(path, output_names[0] if len(out_paths) == 1 and output_names else output_name(path, drv_path))
-               for path in out_paths]
-    name = raw.get("name") if isinstance(raw.get("name"), str) else None
-    return name, drv_path, outputs
+    out_paths = [path for path in dict.fromkeys(candidates) if is_store_path(path)]
+    output_names = properties.get("nix:output")
+    if len(out_paths) == 1 and output_names:
+        outputs = [(out_paths[0], output_names[0])]
+    else:
+        outputs = [(path, output_name(path, drv_path)) for path in out_paths]
+    name = raw.get("name")
+    return name if type(name) is str else None, drv_path, outputs
 
 
 def output_name(out_path, drv_path):
-    """'out', 'dev', ... from how Nix names outputs: <drv name> or <drv name>-<output>."""
+    """'out', 'dev', ... from how Nix names outputs: <drv name> or <drv name>-<output>. Both are valid store paths."""
     if drv_path is None:
         return None
-    drv_name = parse_store_path(drv_path)[1].removesuffix(".drv")
-    out_name = parse_store_path(out_path)[1]
+    drv_name = name_of(drv_path).removesuffix(".drv")
+    out_name = name_of(out_path)
     if out_name == drv_name:
         return "out"
     if out_name.startswith(drv_name + "-"):
@@ -1152,23 +1158,25 @@ def dependency_children(dependencies, index_of_ref, max_edges):
     children, edges = {}, 0
     index_of = index_of_ref.get
     for dependency in released(dependencies):
-        if not isinstance(dependency, dict) or type(dependency.get("ref")) is not str:
+        if type(dependency) is not dict:
             continue
-        parent = index_of(dependency["ref"])
-        depends_on = dependency.get("dependsOn")
-        if parent is None or not isinstance(depends_on, list):
+        parent, depends_on = dependency.get("ref"), dependency.get("dependsOn")
+        parent = index_of(parent) if type(parent) is str else None
+        if parent is None or type(depends_on) is not list:
             continue
+        try:
+            found = dict.fromkeys(map(index_of, depends_on))
+        except TypeError:  # a ref that is a list or object, which cannot be a dict key, names no component
+            found = dict.fromkeys(index_of(ref) for ref in depends_on if type(ref) is str)
+        found.pop(None, None)
+        found.pop(parent, None)
         kids = children.setdefault(parent, {})
-        for ref in depends_on:
-            # type() rather than isinstance: a ref that is a list or dict cannot be a dict key.
-            child = index_of(ref) if type(ref) is str else None
-            if child is None or child == parent or child in kids:
-                continue
-            kids[child] = None
-            edges += 1
-            if edges > max_edges:
-                raise ReportTooLarge(f"SBOM: more than {max_edges} distinct dependency edges; this server's limit"
-                                     f" is {max_edges} per report (--max-report-edges)")
+        edges -= len(kids)
+        kids.update(found)
+        edges += len(kids)
+        if edges > max_edges:
+            raise ReportTooLarge(f"SBOM: more than {max_edges} distinct dependency edges; this server's limit"
+                                 f" is {max_edges} per report (--max-report-edges)")
     return children
 
 
@@ -3256,21 +3264,52 @@ def post_cosignature():
 # The report page is streamed and its tree markup is built here, not in templates/report.html:
 # see rendered_nodes for why.
 
+class PathList(NamedTuple):
+    """One of the report page's lists of paths: how many, and its <ul> markup (path_list_markup)."""
+    length: int
+    markup: Markup
+
+
 def report_page(conn, report, components, tree, verdicts, policy, revision, latest, diff_links):
     counts = verdict_counts(verdicts)
     total = sum(counts.values())
     names = {path: component["name"] for component in components for path in component["outputs"]}
     links_of = link_matcher(conn)
-    listed = lambda labels: [(path, names.get(path), label, links_of(path))
-                             for path, label in verdicts.items() if label in labels]
+    query = policy_query(policy)
+
+    def listed(labels):
+        entries = [(path, names.get(path), label, links_of(path)) for path, label in verdicts.items() if label in labels]
+        return PathList(len(entries), path_list_markup(entries, query, diff_links))
+
     numbers = headline(counts)
-    return streamed_page("report.html", report=report, counts=counts, total=total, verdicts=verdicts,
+    return streamed_page("report.html", report=report, counts=counts, total=total,
         headline=numbers, headline_sentence=headline_sentence(numbers),
-        bar=verdict_bar(counts, total), colours=VERDICT_COLOURS, fixed_output=listed({FIXED_OUTPUT}),
+        bar=verdict_bar(counts, total), fixed_output=listed({FIXED_OUTPUT}),
         not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
-        tree_chunks=tree_chunks(tree, components, verdicts, policy_query(policy)),
-        require_signatures=current_app.config["REQUIRE_SIGNATURES"], diff_links=diff_links,
-        policy=policy, policy_query=policy_query(policy), revision=revision, latest=latest)
+        tree_chunks=tree_chunks(tree, components, verdicts, query),
+        require_signatures=current_app.config["REQUIRE_SIGNATURES"],
+        policy=policy, policy_query=query, revision=revision, latest=latest)
+
+
+def path_list_markup(entries, query, diff_links):
+    """A <ul> of (path, name, label, links): each path's badge, link, verdict, its links and its diff.
+
+    Built here, not as a Jinja macro, for the reason rendered_nodes gives: the "Not yet checked" list
+    can hold most of a closure. Values are escaped as rendered_nodes says.
+    """
+    query = escape_html(query)
+    labelled = {label: (f'{badge_markup(label)} <a class="path" href="', f'</a> <span class="note">{escape_html(label)}</span>')
+                for label in REPORT_LABELS}
+    items = []
+    for path, name, label, links in entries:
+        before, after = labelled[label]
+        items.append(f'\n<li>{before}{output_href(path)}{query}" title="{path}">{escape_html(name) if name else name_of(path)}{after}')
+        for link in links:
+            items.append(f' · <a href="{escape_html(link)}" rel="nofollow noopener">{escape_html(link)}</a>')
+        if path in diff_links:
+            items.append(f' · <a class="diff" href="{escape_html(diff_links[path])}">diff</a>')
+        items.append("</li>")
+    return Markup("\n<ul>" + "".join(items) + "\n</ul>\n")
 
 
 def streamed_page(template_name, **context):
@@ -3326,18 +3365,19 @@ def rendered_nodes(components, verdicts, query=""):
 
     Not a Jinja macro: a closure has one node per component, 20,000 in a large
     build closure, and Jinja's escaping costs 15 µs a node against 1 µs here.
-    Every value goes through html.escape; the markup around it is constant.
+    Names and the query go through html.escape; the markup around them is constant. Store paths
+    need no escaping: every path of a report was checked against Nix's store path syntax on upload,
+    and after /nix/store/ that allows only [A-Za-z0-9+._?=-].
     """
-    nodes = []
+    nodes, query = [], escape_html(query)
     for index, component in enumerate(components):
         outputs = component["outputs"]
         path = outputs[0] if outputs else None
-        name = escape_html(component["name"] or (name_of(path) if path else ""))
+        name = escape_html(component["name"]) if component["name"] else name_of(path) if path else ""
         label = verdicts.get(path, "")
-        badge = verdict_badge(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
-        links = "".join(f' <a href="{escape_html(output_href(other) + query)}">{escape_html(name_of(other))}</a>'
-                        for other in outputs[1:])
-        node = f'{badge}<a href="{escape_html(output_href(path) + query)}">{name}</a>{links}' if path else f"{badge}{name}"
+        badge = badge_markup(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
+        links = "".join([f' <a href="{output_href(other)}{query}">{name_of(other)}</a>' for other in outputs[1:]])
+        node = f'{badge}<a href="{output_href(path)}{query}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append((node, f'<a href="#n{index}">{name}</a>'))
     return nodes
 
@@ -3361,10 +3401,15 @@ def policy_query(policy):
 
 def verdict_badge(label, element_id=None):
     """A verdict's badge: a coloured letter whose accessible name and tooltip are the verdict itself."""
+    return Markup(badge_markup(label, element_id))
+
+
+def badge_markup(label, element_id=None):
+    """verdict_badge as a plain string, for markup built in Python (a Markup per node costs more than the node)."""
     css_class, letter = VERDICT_BADGES[label]
     id_attribute = f' id="{element_id}"' if element_id else ""
-    return Markup(f'<span{id_attribute} class="badge badge-{css_class}" role="img" aria-label="{label}"'
-                  f' title="{label}">{letter}</span>')
+    return (f'<span{id_attribute} class="badge badge-{css_class}" role="img" aria-label="{label}"'
+            f' title="{label}">{letter}</span>')
 
 
 def output_href(out_path):
