@@ -1242,12 +1242,12 @@ class ClosureItem(NamedTuple):
     where: str  # where the item is in the upload, for error messages
 
 
-def full_store_path(text, where):
-    """A store path, from the full path or the basename newer Nix writes in path-info JSON."""
+def full_store_path(text, where, name):
+    """A store path, from the full path or the basename newer Nix writes in path-info JSON; an error names where.name."""
     path = as_full_path(text)
     if type(path) is str and STORE_PATH_RE.fullmatch(path):
         return path
-    return checked(where, lambda value: parse_store_path(value) and value, path)
+    return checked(f"{where}.{name}", lambda value: parse_store_path(value) and value, path)
 
 
 def as_full_path(text):
@@ -1259,9 +1259,10 @@ def path_info_entries(document):
     """(path text, info object, where) from Nix 2.8's list or the object keyed by path of Nix 2.19 and later."""
     if isinstance(document, list):
         for position, info in enumerate(released(document)):
-            if not isinstance(info, dict):
-                raise BadInput(f"path-info [{position}]: expected an object, got {type(info).__name__}")
-            yield field(info, "path", f"path-info [{position}]"), info, f"path-info [{position}]"
+            where = f"path-info [{position}]"
+            if type(info) is not dict:
+                raise BadInput(f"{where}: expected an object, got {type(info).__name__}")
+            yield field(info, "path", where), info, where
     elif isinstance(document, dict):
         for path, info in document.items():
             where = f"path-info {shorten(path)!r}"
@@ -1275,12 +1276,13 @@ def path_info_entries(document):
 def path_info_items(document):
     """ClosureItems of path-info; references are checked in closure_children, against the paths listed."""
     for path_text, info, where in path_info_entries(document):
-        path = full_store_path(path_text, f"{where}.path")
+        path = full_store_path(path_text, where, "path")
         references = field(info, "references", where, kind=list, required=False) or []
         deriver = info.get("deriver")
-        deriver = full_store_path(deriver, f"{where}.deriver") if deriver is not None else None
-        ca = checked(f"{where}.ca", fixed_content_address, info.get("ca"))
+        deriver = full_store_path(deriver, where, "deriver") if deriver is not None else None
+        ca = info.get("ca")
         if ca is not None:
+            ca = checked(f"{where}.ca", fixed_content_address, ca)
             checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
         yield ClosureItem(path, references, deriver, ca, where)
 
@@ -1345,20 +1347,21 @@ def closure_contents(items, root, max_paths, max_edges):
             raise BadInput(f"root: {shorten(root)} is not in the closure")
         items.insert(0, items.pop(position))
     index_of, names, drv_paths, paths, fixed_output = {}, [], [], [], {}
-    for item in items:
-        if item.path in index_of:
-            raise BadInput(f"{item.where}: {item.path} is listed twice")
-        if len(names) == max_paths:
+    for index, (path, _references, deriver, ca, where) in enumerate(items):
+        if path in index_of:
+            raise BadInput(f"{where}: {path} is listed twice")
+        if index == max_paths:
             raise ReportTooLarge(f"closure: more than {max_paths} store paths; this server's limit is {max_paths}"
                                  " components and store paths per report (--max-report-paths)")
-        index_of[item.path] = len(names)
-        drv_path = item.path if item.path.endswith(".drv") else item.deriver
-        names.append(name_of(item.path))
-        drv_paths.append(drv_path)
-        if not item.path.endswith(".drv"):
-            paths.append((item.path, len(names) - 1, output_name(item.path, drv_path)))
-        if item.ca is not None:
-            fixed_output[item.path] = item.ca
+        index_of[path] = index
+        names.append(name_of(path))
+        if path.endswith(".drv"):
+            drv_paths.append(path)
+        else:
+            drv_paths.append(deriver)
+            paths.append((path, index, output_name(path, deriver)))
+        if ca is not None:
+            fixed_output[path] = ca
     if not paths:
         raise BadInput("closure yields no output path: it lists only .drv files")
     children = closure_children(items, index_of, max_edges)
@@ -1397,7 +1400,7 @@ def reference_indices(item, index_of):
 
 def unlisted_reference(where, position, reference):
     """The error for a reference that names no listed path: not a store path at all, or one the closure lacks."""
-    path = full_store_path(reference, f"{where}.references[{position}]")
+    path = full_store_path(reference, where, f"references[{position}]")
     return BadInput(f"{where}: references {shorten(path)}, which the closure does not list;"
                     " send the whole closure (nix path-info --json -r)")
 
