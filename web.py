@@ -1954,13 +1954,16 @@ def report_tree(conn, report_id):
 
 
 def text_tree_lines(tree, components, verdicts):
+    """The text view, a line per store path indented two spaces a level; a row of references is one string."""
+    lines_of = [component["outputs"] or [component["name"] or "(component without store path)"] for component in components]
     for depth, indices, expanded in tree:
         indent = "  " * depth
-        for index in [indices] if expanded else indices:
-            component = components[index]
-            for path in component["outputs"] or [component["name"] or "(component without store path)"]:
-                suffix = verdicts.get(path, "") if expanded else "(shown above)"
-                yield f"{indent}{path} {suffix}\n"
+        if expanded:
+            for path in lines_of[indices]:
+                yield f"{indent}{path} {verdicts.get(path, '')}\n"
+        else:
+            shown = [path for index in indices for path in lines_of[index]]
+            yield indent + f" (shown above)\n{indent}".join(shown) + " (shown above)\n"
 
 
 def batched(lines, size=2000):
