@@ -1524,21 +1524,62 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom_text, sbom_digest, source_type, contents, label):
-    """Publish the upload as the report's latest revision; returns its number."""
+def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
+    """Publish the upload as the report's latest revision; returns its number.
+    parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (SbomWriter)."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     with unpublished.using(staging, replaced):
+        writer = SbomWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
         try:
-            revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
-                                    contents.names, contents.drv_paths, contents.paths)
-            write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents)
-            number = publish_report(conn, staging, name, owner, replaced, revision)
+            source_type, contents = parse()
+            try:
+                revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
+                                        contents.names, contents.drv_paths, contents.paths)
+                write_unpublished_report(conn, writer.written(), source_type, contents)
+                number = publish_report(conn, staging, name, owner, replaced, revision)
+            finally:
+                release_in_slices(contents.paths, contents.names, contents.drv_paths)
         except BaseException:
+            writer.finished()
             remove_report_if_possible(conn, staging)
             raise
         remove_report(conn, replaced)
     return number
+
+
+class SbomWriter:
+    """Stores an upload's bytes under its unpublished name, on a connection of its own, while the request
+    thread parses them: SQLite writes without holding the interpreter, so with two cores the two overlap.
+    The report's row gets its root, tree and source type once they are known (write_unpublished_report)."""
+
+    def __init__(self, database, staging, owner, sbom_text):
+        self.report_id = self.error = None
+        self.thread = threading.Thread(target=self.write, args=(database, staging, owner["id"], sbom_text),
+                                       name=f"write {staging}", daemon=True)
+        self.thread.start()
+
+    def write(self, database, staging, owner_id, sbom_text):
+        conn = connect(database)
+        try:
+            with transaction(conn):
+                self.report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, created_at)"
+                                              " VALUES (?, ?, '', '[]', ?)", (staging, owner_id, now_iso())).lastrowid
+            write_sbom(conn, self.report_id, sbom_text)
+        except BaseException as error:  # handed to the request thread by written()
+            self.error = error
+        finally:
+            conn.close()
+
+    def finished(self):
+        self.thread.join()
+
+    def written(self):
+        """The unpublished report's id once the bytes are stored; raises what stopped the writer."""
+        self.finished()
+        if self.error is not None:
+            raise self.error
+        return self.report_id
 
 
 def sbom_sha256(sbom_text):
@@ -1549,12 +1590,11 @@ def sbom_sha256(sbom_text):
     return digest.hexdigest()
 
 
-def write_unpublished_report(conn, staging, owner, sbom_text, source_type, contents):
+def write_unpublished_report(conn, report_id, source_type, contents):
+    """The parsed upload's rows, under the unpublished report that SbomWriter began."""
     with transaction(conn):
-        report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, source_type, created_at)"
-                                 " VALUES (?, ?, ?, ?, ?, ?)", (staging, owner["id"], contents.root, contents.tree_json,
-                                                               source_type, now_iso())).lastrowid
-    write_sbom(conn, report_id, sbom_text)
+        conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
+                     (contents.root, contents.tree_json, source_type, report_id))
     # The report's id, an integer of ours, is written into the statements: no tuple is built per row for it.
     with cache_for(conn, len(contents.paths)):
         insert_in_chunks(conn, f"INSERT INTO report_components (report_id, idx, name, drv_path) VALUES ({report_id:d}, ?, ?, ?)",
@@ -2947,16 +2987,13 @@ def put_report(name):
         unchanged = unchanged_revision(conn, name, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
+        parse = functools.partial(report_contents, request.mimetype, text, request.args.get("root"),
+                                  current_app.config["MAX_REPORT_PATHS"], current_app.config["MAX_REPORT_EDGES"])
         with cyclic_gc_paused():
-            source_type, contents = report_contents(request.mimetype, text, request.args.get("root"),
-                                                    current_app.config["MAX_REPORT_PATHS"],
-                                                    current_app.config["MAX_REPORT_EDGES"])
             try:
-                number = define_report(conn, name, builder, text, digest, source_type, contents, label)
+                number = define_report(conn, name, builder, text, digest, label, parse)
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
-            finally:
-                release_in_slices(contents.paths, contents.names, contents.drv_paths)
     return jsonify(report=name, status="defined", revision=number, label=label)
 
 
