@@ -3415,20 +3415,19 @@ def tree_chunks(tree, components, verdicts, query="", rows_per_chunk=4000):
     markup or a node from rendered_nodes, whose values html.escape has escaped.
     A flat loop, not recursion, because closures can be thousands of levels deep.
     """
-    nodes = rendered_nodes(components, verdicts, query)
+    nodes, references = rendered_nodes(components, verdicts, query)
     pieces, depth_open, last = [], 0, len(tree) - 1
     for position, (depth, indices, expanded) in enumerate(tree):
         if depth_open > depth:
             pieces.append(CLOSE_NODE * (depth_open - depth))
             depth_open = depth
         if not expanded:
-            references = ", ".join([nodes[index][1] for index in indices])
-            pieces.append(f'<li class="shown-above">{references} <i>(shown above)</i></li>\n')
+            pieces.append(f'<li class="shown-above">{", ".join(map(references.__getitem__, indices))} <i>(shown above)</i></li>\n')
         elif position < last and tree[position + 1][0] > depth:
             depth_open = depth + 1
-            pieces.append(f"<li><details><summary>{nodes[indices][0]}</summary><ul>\n")
+            pieces.append(f"<li><details><summary>{nodes[indices]}</summary><ul>\n")
         else:
-            pieces.append(f"<li>{nodes[indices][0]}</li>\n")
+            pieces.append(f"<li>{nodes[indices]}</li>\n")
         if len(pieces) >= rows_per_chunk:
             yield Markup("".join(pieces))
             pieces = []
@@ -3437,7 +3436,7 @@ def tree_chunks(tree, components, verdicts, query="", rows_per_chunk=4000):
 
 
 def rendered_nodes(components, verdicts, query=""):
-    """Each component's (node markup, short in-page reference markup).
+    """([each component's node markup], [each component's short in-page reference markup]).
 
     Not a Jinja macro: a closure has one node per component, 20,000 in a large
     build closure, and Jinja's escaping costs 15 µs a node against 1 µs here.
@@ -3445,7 +3444,7 @@ def rendered_nodes(components, verdicts, query=""):
     need no escaping: every path of a report was checked against Nix's store path syntax on upload,
     and after /nix/store/ that allows only [A-Za-z0-9+._?=-].
     """
-    nodes, query = [], escape_html(query)
+    nodes, references, query = [], [], escape_html(query)
     for index, component in enumerate(components):
         outputs = component["outputs"]
         path = outputs[0] if outputs else None
@@ -3454,8 +3453,9 @@ def rendered_nodes(components, verdicts, query=""):
         badge = badge_markup(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
         links = "".join([f' <a href="{output_href(other)}{query}">{name_of(other)}</a>' for other in outputs[1:]])
         node = f'{badge}<a href="{output_href(path)}{query}">{name}</a>{links}' if path else f"{badge}{name}"
-        nodes.append((node, f'<a href="#n{index}">{name}</a>'))
-    return nodes
+        nodes.append(node)
+        references.append(f'<a href="#n{index}">{name}</a>')
+    return nodes, references
 
 
 def badge_parts(report_name, numbers):
