@@ -1465,11 +1465,17 @@ def check_may_change_report(report, builder):
         abort(403, "only the builder that defined this report, or an admin, may change it")
 
 
-def check_may_define_report(conn, name, builder):
-    """Refuse before the upload is parsed; publish_report checks again, as the owner may change meanwhile."""
-    existing = conn.execute("SELECT owner_id FROM reports WHERE name = ?", (name,)).fetchone()
-    if existing is not None:
-        check_may_change_report(existing, builder)
+def report_to_replace(conn, name, builder, label):
+    """The report of that name if there is one, once the builder may replace it and the label is free.
+    Checked before the upload is read; publish_report and add_revision check again, as either may change meanwhile."""
+    existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
+    if existing is None:
+        return None
+    check_may_change_report(existing, builder)
+    if label is not None and conn.execute("SELECT 1 FROM report_revisions WHERE report_id = ? AND label = ?",
+                                          (existing["id"], label)).fetchone():
+        raise LabelTaken(f"revision label {shorten(label)!r} is already used by report {name!r}")
+    return existing
 
 
 class UploadsBusy(Exception):
@@ -2977,14 +2983,13 @@ def put_report(name):
     label = check_revision_label(request.args.get("revision"))
     conn = get_db()
     with report_upload_slot():
-        check_may_define_report(conn, name, builder)
-        check_label_free(conn, name, label)
+        existing = report_to_replace(conn, name, builder, label)
         remove_abandoned_reports(conn)
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
         text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
         digest = sbom_sha256(text)
-        unchanged = unchanged_revision(conn, name, label, digest)
+        unchanged = unchanged_revision(conn, existing, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
         parse = functools.partial(report_contents, request.mimetype, text, request.args.get("root"),
@@ -2997,17 +3002,8 @@ def put_report(name):
     return jsonify(report=name, status="defined", revision=number, label=label)
 
 
-def check_label_free(conn, name, label):
-    """Refuse a used label before the upload is parsed; add_revision checks again when publishing."""
-    if label is not None and conn.execute(
-            "SELECT 1 FROM report_revisions JOIN reports ON reports.id = report_revisions.report_id"
-            " WHERE reports.name = ? AND report_revisions.label = ?", (name, label)).fetchone():
-        raise LabelTaken(f"revision label {shorten(label)!r} is already used by report {name!r}")
-
-
-def unchanged_revision(conn, name, label, digest):
+def unchanged_revision(conn, report, label, digest):
     """The latest revision's number when this SBOM is the one it holds and no label is given: nothing to do."""
-    report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
     latest = latest_revision(conn, report["id"]) if report is not None and label is None else None
     if latest is None or latest["sbom_sha256"] != digest:
         return None
