@@ -1987,10 +1987,11 @@ def reports_holding(conn, report_ids, out_paths, per_query=500):
 
 def report_components(conn, report_id):
     """[{name, drv_path, outputs: [out_path]}] by component index."""
-    components = [{"name": row["name"], "drv_path": row["drv_path"], "outputs": []} for row in conn.execute(
+    components = [{"name": name, "drv_path": drv_path, "outputs": []} for name, drv_path in conn.execute(
         "SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx", (report_id,))]
+    # In the primary key's order, which needs no sort: each component's outputs come out ordered by path.
     for out_path, index in conn.execute(
-            "SELECT out_path, component_idx FROM report_paths WHERE report_id = ? ORDER BY component_idx, out_path", (report_id,)):
+            "SELECT out_path, component_idx FROM report_paths WHERE report_id = ? ORDER BY out_path", (report_id,)):
         components[index]["outputs"].append(out_path)
     return components
 
