@@ -35,7 +35,7 @@ from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
 import re2
-from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
+from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, basename_of, name_of, store_path
@@ -1067,17 +1067,18 @@ def read_components(root_component, raw_components, max_paths):
     """({bom-ref: index}, names, drv_paths, [(out_path, index, output)]); the root is index 0."""
     index_of_ref, names, drv_paths, paths = {}, [], [], []
     for raw in itertools.chain([root_component], released(raw_components)):
-        if not isinstance(raw, dict) or not isinstance(raw.get("bom-ref"), str) or raw["bom-ref"] in index_of_ref:
+        ref = raw.get("bom-ref") if type(raw) is dict else None
+        if type(ref) is not str or ref in index_of_ref:
             continue
         index = len(names)
         if index == max_paths:
             raise ReportTooLarge(f"SBOM: more than {max_paths} components; this server's limit is {max_paths}"
                                  " components and store paths per report (--max-report-paths)")
-        index_of_ref[raw["bom-ref"]] = index
-        name, drv_path, outputs = component_of(raw)
+        index_of_ref[ref] = index
+        name, drv_path, outputs = component_of(raw, ref, index)
         names.append(name)
         drv_paths.append(drv_path)
-        paths.extend((out_path, index, output) for out_path, output in outputs)
+        paths += outputs
         if len(paths) > max_paths:
             raise ReportTooLarge(f"SBOM: more than {max_paths} store paths; this server's limit is {max_paths}"
                                  " components and store paths per report (--max-report-paths)")
@@ -1115,24 +1116,23 @@ def nix_properties(raw):
     return found
 
 
-def component_of(raw):
-    """(name, drv_path, [(out_path, output)]) of one SBOM component."""
-    ref = raw["bom-ref"]
+def component_of(raw, ref, index):
+    """(name, drv_path, [(out_path, index, output)]) of one SBOM component, whose bom-ref is ref."""
     properties = nix_properties(raw)
     drv_path = properties["nix:drv_path"][0] if "nix:drv_path" in properties else None
     if drv_path is None and ref.endswith(".drv"):
         drv_path = ref if ref.startswith(STORE_DIR + "/") else store_path(ref)
-    if drv_path is not None and not is_store_path(drv_path):
+    if drv_path is not None and not STORE_PATH_RE.fullmatch(drv_path):
         drv_path = None
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
         candidates = [ref if ref.startswith("/") else store_path(ref)]
-    out_paths = [path for path in dict.fromkeys(candidates) if is_store_path(path)]
+    out_paths = [path for path in dict.fromkeys(candidates) if STORE_PATH_RE.fullmatch(path)]
     output_names = properties.get("nix:output")
     if len(out_paths) == 1 and output_names:
-        outputs = [(out_paths[0], output_names[0])]
+        outputs = [(out_paths[0], index, output_names[0])]
     else:
-        outputs = [(path, output_name(path, drv_path)) for path in out_paths]
+        outputs = [(path, index, output_name(path, drv_path)) for path in out_paths]
     name = raw.get("name")
     return name if type(name) is str else None, drv_path, outputs
 
