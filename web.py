@@ -1414,15 +1414,19 @@ def looks_like_path_info(document):
                     for key in itertools.islice(document, 10)))
 
 
+def check_report_type(content_type):
+    """Refuse an upload that is none of the report formats before it is read."""
+    if content_type not in (*REPORT_TYPES, "application/json", ""):
+        raise BadInput(f"Content-Type: expected one of {', '.join(REPORT_TYPES)} or application/json,"
+                       f" got {shorten(content_type)!r}")
+
+
 def report_contents(content_type, text, root, max_paths, max_edges):
     """(the upload's format, its SbomContents) by Content-Type; JSON that is path-info is detected."""
     if content_type == NIX_TREE_TYPE:
         return NIX_TREE_TYPE, closure_contents(nix_tree_items(text), root, max_paths, max_edges)
     if content_type == NIX_PATHS_TYPE:
         return NIX_PATHS_TYPE, closure_contents(nix_paths_items(text), root, max_paths, max_edges)
-    if content_type not in (PATH_INFO_TYPE, CYCLONEDX_TYPE, "application/json", ""):
-        raise BadInput(f"Content-Type: expected one of {', '.join(REPORT_TYPES)} or application/json,"
-                       f" got {shorten(content_type)!r}")
     document = parsed_json(text)
     if content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and looks_like_path_info(document)):
         return PATH_INFO_TYPE, closure_contents(path_info_items(document), root, max_paths, max_edges)
@@ -2983,6 +2987,7 @@ def put_report(name):
     check_report_name(name)
     label = check_revision_label(request.args.get("revision"))
     conn = get_db()
+    check_report_type(request.mimetype)
     with report_upload_slot():
         existing = report_to_replace(conn, name, builder, label)
         remove_abandoned_reports(conn)
