@@ -1171,7 +1171,7 @@ def dependency_children(dependencies, index_of_ref, max_edges):
         found.pop(None, None)
         found.pop(parent, None)
         kids = children.get(parent)
-        if kids is None:  # as a rule: a component's children are listed once
+        if kids is None:  # the usual case: one dependencies entry per component
             children[parent], edges = found, edges + len(found)
         else:
             edges -= len(kids)
@@ -3339,7 +3339,7 @@ def post_cosignature():
 
 
 # ---------------------------------------------------------------- HTML pages
-# The report page is streamed and its tree markup is built here, not in templates/report.html:
+# The report page is streamed, and the markup of its tree and lists of paths is built here, not in templates/report.html:
 # see rendered_nodes for why.
 
 class PathList(NamedTuple):
