@@ -3339,8 +3339,8 @@ def post_cosignature():
 
 
 # ---------------------------------------------------------------- HTML pages
-# The report page is streamed, and the markup of its tree and lists of paths is built here, not in templates/report.html:
-# see rendered_nodes for why.
+# The report page is streamed, and the markup of its tree and its lists of paths is built here,
+# not in templates/report.html: see rendered_nodes for why.
 
 class PathList(NamedTuple):
     """One of the report page's lists of paths: how many, and its <ul> markup (path_list_markup)."""
