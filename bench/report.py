@@ -4,13 +4,18 @@ with a temporary database. Half of the paths get attestations from three builder
 some of them disagreeing. Then, in one run, it times
 
   json.load of the SBOM file, PUT /reports/<name>, GET /reports/<name> as HTML,
-  text and JSON, and GET /reports/<name>/suggest,
+  text, JSON and CycloneDX, and GET /reports/<name>/suggest,
 
 prints each time and its ratio to json.load; then json.load and PUT of the same closure as
 `nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); and reads the server's peak resident
 memory (VmHWM) from /proc/<pid>/status at the end.
 
-Targets (issue 4): PUT and each GET <= 5x json.load, /suggest <= 0.5x, peak RSS <= 200 MB.
+Every timed PUT really writes: each has a new revision label (the same body again without one is a no-op).
+Every timed GET is cold: the first view of that report and format after an untimed PUT of a new revision,
+so a server that caches views still renders each one that is timed.
+
+Targets (issue 17): PUT and each cold GET (HTML, text, JSON, CycloneDX) <= 3x json.load, peak RSS <= 200 MB;
+(issue 4) /suggest <= 0.5x.
 Issue 19: the path-info PUT <= 3x json.load of the path-info file.
 Issue 16: GET as HTML and JSON with ?trust=<two of the builders>&min=2 <= 1.2x the same GET without a policy;
 GET /changes between two revisions (the second changing 5% of the components) <= 2x json.load.
@@ -40,11 +45,13 @@ from served import create_builder, memory_kib, start_server  # noqa: E402
 BATCH_SIZE = 10_000
 BUILDERS = ("bench-a", "bench-b", "bench-c")
 REPORT = "bench-closure"
-PUT_TARGET = GET_TARGET = 5.0
+PUT_TARGET = GET_TARGET = 3.0  # issue 17
 SUGGEST_TARGET = 0.5
 PATH_INFO_TARGET = 3.0  # issue 19: a `nix path-info --json -r` PUT, against json.load of that file
 POLICY_TARGET = 1.2  # of the same view without a policy
 CHANGES_TARGET = 2.0
+VIEWS = (("text/html", "text/html"), ("text/plain", "text/plain"), ("application/json", "application/json"),
+         ("CycloneDX", "application/vnd.cyclonedx+json"))
 POLICY = {"trust": ",".join(BUILDERS[:2]), "min": "2"}
 RSS_TARGET_MB = 200
 
@@ -89,9 +96,11 @@ def attestation_batches(paths, seed=2):
 
 # ---------------------------------------------------------------- measuring
 
-def median_time(repeat, run):
+def median_time(repeat, run, prepare=lambda: None):
+    """The median time of `run`, each run after an untimed `prepare`."""
     times = []
     for _ in range(repeat):
+        prepare()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
@@ -130,10 +139,10 @@ def run(args, directory):
 
             labels = itertools.count(1)
 
-            def put():
-                # A new label each time: the same SBOM again without one is a no-op, not a write.
-                checked_response(session.put(report_url, data=raw_sbom, params={"revision": f"bench-{next(labels)}"},
-                                             headers={**owner, "Content-Type": "application/json"}))
+            def put(body=raw_sbom, target=report_url, content_type="application/json"):
+                # A new label each time: the same body again without one is a no-op, not a write.
+                checked_response(session.put(target, data=body, params={"revision": f"bench-{next(labels)}"},
+                                             headers={**owner, "Content-Type": content_type}))
 
             def get_as(accept, params=None):
                 return lambda: checked_response(session.get(report_url, params=params, headers={"Accept": accept})).content
@@ -144,6 +153,12 @@ def run(args, directory):
             def suggest():
                 checked_response(session.get(report_url + "/suggest", headers=owner)).content
 
+            changed_sbom = changed_sbom_text(raw_sbom.decode(), 0.05, random.Random(5)).encode()
+
+            def two_revisions():
+                put()
+                put(changed_sbom)
+
             path_info_file = directory / "path-info.json"
             path_info_file.write_text(json.dumps(generate_path_info(args.paths)))
             raw_path_info = path_info_file.read_bytes()
@@ -153,26 +168,21 @@ def run(args, directory):
                     json.load(path_info_stream)
 
             def put_path_info():
-                checked_response(session.put(report_url + "-path-info", data=raw_path_info,
-                                             headers={**owner, "Content-Type": "application/x-nix-path-info+json"}))
+                put(raw_path_info, report_url + "-path-info", "application/x-nix-path-info+json")
 
             baseline = median_time(args.repeat, load)
             path_info_baseline = median_time(args.repeat, load_path_info)
             put()  # the report must exist before the GETs; the timed PUTs below redefine it
             rows = [("json.load", baseline, None),
-                    ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET),
-                    ("GET as text/html", median_time(args.repeat, get_as("text/html")), GET_TARGET),
-                    ("GET as text/plain", median_time(args.repeat, get_as("text/plain")), GET_TARGET),
-                    ("GET as application/json", median_time(args.repeat, get_as("application/json")), GET_TARGET),
-                    ("GET /suggest", median_time(args.repeat, suggest), SUGGEST_TARGET)]
-            policy_rows = [(f"{what} ?trust=", median_time(args.repeat, get_as(accept, POLICY)), POLICY_TARGET,
-                            next(seconds for name, seconds, _target in rows if name == what))
-                           for what, accept in (("GET as text/html", "text/html"),
-                                                ("GET as application/json", "application/json"))]
-            checked_response(session.put(report_url, params={"revision": "bumped"},
-                                         data=changed_sbom_text(raw_sbom.decode(), 0.05, random.Random(5)).encode(),
-                                         headers={**owner, "Content-Type": "application/json"}))
-            rows.append(("GET /changes", median_time(args.repeat, changes), CHANGES_TARGET))
+                    ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET)]
+            # Every view is cold: the first of that report and format after a new revision (untimed) changed it.
+            rows += [(f"cold GET as {what}", median_time(args.repeat, get_as(accept), put), GET_TARGET)
+                     for what, accept in VIEWS]
+            rows.append(("cold GET /suggest", median_time(args.repeat, suggest, put), SUGGEST_TARGET))
+            policy_rows = [(f"cold GET as {what} ?trust=", median_time(args.repeat, get_as(accept, POLICY), put),
+                            POLICY_TARGET, next(seconds for name, seconds, _target in rows if name == f"cold GET as {what}"))
+                           for what, accept in VIEWS if what in ("text/html", "application/json")]
+            rows.append(("cold GET /changes", median_time(args.repeat, changes, two_revisions), CHANGES_TARGET))
             rows = [(*row, baseline) for row in rows] + [
                 ("json.load of path-info", path_info_baseline, None, path_info_baseline),
                 ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline)]
@@ -196,15 +206,15 @@ def main(argv=None):
         verdict = "" if target is None else f"target <= {target:g}x  {'ok' if ratio <= target else 'MISSED'}"
         if target is not None and ratio > target:
             missed.append(what)
-        print(f"{what:26} {seconds * 1000:9.1f} ms  {ratio:6.2f}x json.load  {verdict}")
+        print(f"{what:38} {seconds * 1000:9.1f} ms  {ratio:6.2f}x json.load  {verdict}")
     for what, seconds, target, without in policy_rows:
         ratio = seconds / without
         if ratio > target:
             missed.append(what)
-        print(f"{what:26} {seconds * 1000:9.1f} ms  {ratio:6.2f}x without  target <= {target:g}x"
+        print(f"{what:38} {seconds * 1000:9.1f} ms  {ratio:6.2f}x without  target <= {target:g}x"
               f"  {'ok' if ratio <= target else 'MISSED'}")
     rss_ok = rss <= RSS_TARGET_MB
-    print(f"{'server peak RSS (VmHWM)':26} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
+    print(f"{'server peak RSS (VmHWM)':38} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
     if not rss_ok:
         missed.append("peak RSS")
     if missed:

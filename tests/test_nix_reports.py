@@ -1,5 +1,6 @@
 """Reports from Nix's own output (path-info JSON, --tree text, path lists), fixed-output paths, the headline and badge."""
 import json
+import sqlite3
 import subprocess
 import xml.etree.ElementTree as ElementTree
 
@@ -106,6 +107,10 @@ BAD_UPLOADS = [
     ("application/x-nix-path-info+json", [{"path": TOP, "references": [DEP]}], "not list"),
     ("application/x-nix-path-info+json", {TOP: None}, "not a valid path"),
     ("application/x-nix-path-info+json", [{"path": DEP, "references": [], "ca": SRC_CA}], "path-info [0].ca"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": ["glibc"]}], "path-info [0].references[0]"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [TOP, 7]}], "path-info [0].references[1]"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [[TOP]]}], "path-info [0].references[0]"),
+    ("application/x-nix-path-info+json", {TOP: {"references": ["not-a-basename"]}}, ".references[0]: expected a store path"),
     ("text/x-nix-paths", f"{TOP}\nhello\n", "line 2"),
     ("text/x-nix-paths", f"{TOP_DRV}\n", "lists only .drv"),
     ("text/csv", "a,b\n", "Content-Type"),
@@ -113,11 +118,20 @@ BAD_UPLOADS = [
 
 
 @pytest.mark.parametrize("content_type, body, named", BAD_UPLOADS)
-def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(client, tokens, content_type, body, named):
-    response = put(client, tokens("owner"), "bad", body, content_type)
+def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(app, client, tokens, content_type, body, named):
+    """Nothing at all: the upload's bytes are stored while it is parsed, and removed when it is refused."""
+    token = tokens("owner")
+    before = database_dump(app)
+    response = put(client, token, "bad", body, content_type)
     assert response.status_code == 400
     assert named in response.get_json()["error"]
     assert client.get("/reports/bad", headers=JSON).status_code == 404
+    assert database_dump(app) == before
+
+
+def database_dump(app):
+    with sqlite3.connect(app.config["DATABASE"]) as conn:
+        return list(conn.iterdump())
 
 
 def test_root_outside_the_closure_is_refused(client, tokens):

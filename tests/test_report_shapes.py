@@ -149,6 +149,15 @@ def test_dangling_depends_on_ref_is_not_a_report_path(client, token):
     assert closure.dangling not in {path for _, path, _ in tree_lines(client, "odd")}
 
 
+def test_depends_on_entries_that_are_not_refs_are_dropped_and_the_rest_kept(client, token):
+    """A list, object, number or null among dependsOn names no component; the refs beside them still make edges."""
+    closure = samples.odd_sbom()
+    out = closure.out
+    closure.sbom["dependencies"][1]["dependsOn"] = [[out("what?")], {"ref": out("what?")}, 7, None, out("what?")]
+    define(client, token, "odd", closure)
+    assert tree_lines(client, "odd")[1:3] == [(1, out("notype"), NO_BUILDS), (2, out("what?"), NO_BUILDS)]
+
+
 def test_name_with_question_mark_is_a_report_path(client, token):
     closure = samples.odd_sbom()
     define(client, token, "odd", closure)
