@@ -16,7 +16,7 @@ import requests
 import web
 from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
 from support import REPO, ServerProcess, bearer
-from post_build_hook import basename_of, name_of
+from post_build_hook import basename_of, name_of, nix_base32_encode
 
 TIMEOUT = 30
 ALICE_SECRET, ALICE_PUBLIC = nix_key_pair("alice-1")
@@ -192,7 +192,8 @@ def test_restarting_a_migrated_server_changes_nothing(migrated):
 def test_existing_attestations_enter_the_transparency_log_once_in_id_order(migrated):
     server, _rows = migrated
     with sqlite3.connect(server.db) as conn:
-        in_id_order = [path for (path,) in conn.execute("SELECT output_path FROM attestations ORDER BY id")]
+        in_id_order = [f"/nix/store/{nix_base32_encode(digest)}-{name}" for digest, name in conn.execute(
+            "SELECT digest, name FROM attestations JOIN store_paths ON store_paths.id = path_id ORDER BY attestations.id")]
     bundle = requests.get(f"{server.url}/log/tile/entries/000.p/{len(in_id_order)}", timeout=TIMEOUT)
     assert bundle.status_code == 200
     logged = [line.split()[1] for line in bundle.content.decode(errors="replace").split("\n") if line.startswith("output ")]
