@@ -39,7 +39,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature, is_store_path,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import basename_of, name_of, nix_base32_decode, nix_base32_encode, store_path
+from post_build_hook import TO_STANDARD_BASE32, basename_of, name_of, nix_base32_encode, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -65,7 +65,7 @@ VERDICT_BADGES = {REPRODUCED: ("reproduced", "R"), PARTIALLY: ("partial", "P"), 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
 MAX_BATCH = 10_000
 LARGE_BATCH = 1_000
-LARGE_BATCH_CACHE_KIB = 32 * 1024
+LARGE_BATCH_CACHE_KIB = 256 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
 # An attestation's optional "source": a build, a `--check` rebuild (the diff hook), an import from a binary cache.
@@ -655,8 +655,10 @@ def compact_text(text, compact, rebuilt):
 
 def compact_signature(text):
     """(key name, 64 bytes) of a signature, (None, None) of none, (None, text) of one not in the one spelling."""
+    if not text:
+        return None, None
     try:
-        return stored_signature(text)
+        return parse_key(text, 64)
     except ValueError:
         return None, text
 
@@ -826,8 +828,7 @@ def parse_attestation(item, where, drv_ident):
     output_sig = field(item, "output_sig", where, required=False) or ""
     if len(output_sig) > 1024:
         raise BadInput(f"{where}.output_sig: longer than 1024 characters")
-    if output_sig:
-        checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig)
+    signature = checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig) if output_sig else (None, None)
     nar_size = field(item, "nar_size", where, kind=int, required=False)
     if nar_size is not None and not 0 < nar_size < 1 << 62:
         raise BadInput(f"{where}.nar_size: expected a positive size in bytes, got {nar_size}")
@@ -840,7 +841,7 @@ def parse_attestation(item, where, drv_ident):
     if ca is not None:
         checked(f"{where}.ca", lambda value: check_fixed_output(output_path, value), ca)
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
-            "output_sig": output_sig, "nar_size": nar_size, "references": references,
+            "output_sig": output_sig, "signature": signature, "nar_size": nar_size, "references": references,
             "source": attestation_source(item, where), "ca": ca}
 
 
@@ -912,9 +913,10 @@ def store_attestations(conn, builder, attestations):
     created_at = int(time.time())
     for position, attestation in enumerate(attestations):
         attestation["verified"] = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
-    ordered = sorted(attestations, key=lambda attestation: attestation["output_path"])  # index-friendly; order means nothing
     with transaction(conn), cache_for(conn, len(attestations)):
-        path_ids = interned_paths(conn, "store_paths", {attestation["output_path"] for attestation in ordered})
+        path_ids = interned_paths(conn, "store_paths", {attestation["output_path"] for attestation in attestations})
+        # In index order: a batch's order means nothing, and equal attestations keep theirs.
+        ordered = sorted(attestations, key=lambda attestation: path_ids[attestation["output_path"]])
         stored = StoredVersions(conn, builder["id"], path_ids.values())
         new, upgrades = stored.changes(ordered, path_ids)
         size = log_size(conn)
@@ -958,7 +960,8 @@ class StoredVersions:
         """
         new, upgrades, pending = [], [], {}
         for attestation in ordered:
-            key = (path_ids[attestation["output_path"]], stored_hash(attestation["output_hash"]))
+            attestation["stored_hash"] = stored_hash(attestation["output_hash"])
+            key = (path_ids[attestation["output_path"]], attestation["stored_hash"])
             if key in pending:
                 first = pending[key]
                 if attestation["verified"] and not first["verified"]:
@@ -969,8 +972,8 @@ class StoredVersions:
                     upgrades.append((attestation_id, attestation))
                     self.versions[key] = (attestation_id, 1)
             else:
-                pending[key] = dict(attestation)
-                new.append(pending[key])
+                pending[key] = attestation
+                new.append(attestation)
         return new, upgrades
 
     def latest_index(self, conn, path_id, attestation):
@@ -982,23 +985,23 @@ class StoredVersions:
 
 def upgraded_fields(attestation):
     """What an upgrade to verified changes."""
-    return {name: attestation[name] for name in ("output_sig", "nar_size", "references", "verified")}
+    return {name: attestation[name] for name in ("output_sig", "signature", "nar_size", "references", "verified")}
 
 
 def insert_attestations(conn, builder, new, path_ids, first_id, created_at):
-    drv_ids = interned_paths(conn, "derivations", {store_path(f"{attestation['drv_ident']}.drv")
-                                                   for attestation in new if attestation["drv_ident"]})
-    key_ids = key_name_ids(conn, {attestation["output_sig"].partition(":")[0] for attestation in new})
+    drv_paths = [store_path(f"{attestation['drv_ident']}.drv") if attestation["drv_ident"] else None
+                 for attestation in new]
+    drv_ids = interned_paths(conn, "derivations", set(drv_paths) - {None})
+    key_ids = key_name_ids(conn, {attestation["signature"][0] for attestation in new})
     time_text = stored_time_text(created_at)
     rows = []
-    for offset, attestation in enumerate(new):
-        drv_path = store_path(f"{attestation['drv_ident']}.drv") if attestation["drv_ident"] else None
-        key_name, sig = stored_signature(attestation["output_sig"])
+    for offset, (attestation, drv_path) in enumerate(zip(new, drv_paths)):
+        key_name, sig = attestation["signature"]
         entry = log_entry(builder["name"], attestation["output_path"], drv_path, attestation["output_hash"],
                           attestation["nar_size"], attestation["references"], attestation["output_sig"],
                           attestation["verified"], time_text)
         rows.append((first_id + offset, path_ids[attestation["output_path"]], builder["id"], drv_ids.get(drv_path),
-                     stored_hash(attestation["output_hash"]), key_ids.get(key_name), sig, attestation["nar_size"],
+                     attestation["stored_hash"], key_ids.get(key_name), sig, attestation["nar_size"],
                      stored_references(attestation["references"]), int(attestation["verified"]), created_at,
                      attestation["source"], attestation.get("ca"), leaf_hash(entry)))
     conn.executemany("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig,"
@@ -1009,7 +1012,7 @@ def insert_attestations(conn, builder, new, path_ids, first_id, created_at):
 def upgrade_attestation(conn, attestation_id, attestation, index):
     """Mark a stored attestation verified, keeping the bytes of its log entries so far; log it again at index."""
     freeze_entries(conn, attestation_id)
-    key_name, sig = stored_signature(attestation["output_sig"])
+    key_name, sig = attestation["signature"]
     key_ids = key_name_ids(conn, {key_name})
     conn.execute("UPDATE attestations SET sig_key_id = ?, sig = ?, nar_size = ?, refs = ?, verified = 1 WHERE id = ?",
                  (key_ids.get(key_name), sig, attestation["nar_size"], stored_references(attestation["references"]),
@@ -1022,20 +1025,18 @@ def upgrade_attestation(conn, attestation_id, attestation, index):
 
 def interned_paths(conn, table, paths, per_query=500):
     """{store path: id} in `table` (store_paths or derivations), adding the new ones."""
-    ids, keys = {}, {}
-    for path in paths:
-        keys.setdefault(path_key(path)[0], []).append(path)
-    digests = sorted(keys)
+    keys = {path: path_key(path) for path in paths}
+    path_of = {key: path for path, key in keys.items()}
+    digests, ids = sorted({digest for digest, _name in path_of}), {}
     for start in range(0, len(digests), per_query):
         chunk = digests[start:start + per_query]
         for path_id, digest, name in conn.execute(
                 f"SELECT id, digest, name FROM {table} WHERE digest IN ({','.join('?' * len(chunk))})", chunk):
-            for path in keys[digest]:
-                if path_key(path)[1] == name:
-                    ids[path] = path_id
-    missing = sorted(set(paths) - ids.keys())
+            if (digest, name) in path_of:
+                ids[path_of[digest, name]] = path_id
+    missing = sorted(keys.keys() - ids.keys(), key=keys.get)  # in index order
     next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
-    rows = [(next_id + offset, *path_key(path)) for offset, path in enumerate(missing)]
+    rows = [(next_id + offset, *keys[path]) for offset, path in enumerate(missing)]
     conn.executemany(f"INSERT INTO {table} (id, digest, name) VALUES (?, ?, ?)", rows)
     ids.update(zip(missing, (row[0] for row in rows)))
     return ids
@@ -1058,15 +1059,15 @@ PATH_PREFIX = len(STORE_DIR) + 1
 
 def path_key(path):
     """A checked store path -> (digest bytes, name)."""
-    return digest_of(path[PATH_PREFIX:PATH_PREFIX + 32]), path[PATH_PREFIX + 33:]
+    digest = int(path[PATH_PREFIX:PATH_PREFIX + 32].translate(TO_STANDARD_BASE32), 32).to_bytes(20, "little")
+    return digest, path[PATH_PREFIX + 33:]
 
 
 def digest_of(text):
     """32 nix base32 characters -> their 20 bytes, or None (as SQL's nix32_digest)."""
-    try:
-        return nix_base32_decode(text, 20)
-    except (ValueError, TypeError):
+    if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
         return None
+    return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(20, "little")
 
 
 def path_text(digest, name):
@@ -1086,18 +1087,13 @@ def path_id_condition(column):
 
 def stored_hash(text):
     """'sha256:<nix base32>' (normalize_nar_hash's spelling) -> its 32 bytes."""
-    return nix_base32_decode(text[7:], 32)
+    if not CANONICAL_SHA256_RE.fullmatch(text):
+        raise ValueError(f"not a NAR hash in its one spelling: {shorten(text)!r}")
+    return int(text[7:].translate(TO_STANDARD_BASE32), 32).to_bytes(32, "little")
 
 
 def hash_text(value):
     return value if isinstance(value, str) else "sha256:" + nix_base32_encode(value)
-
-
-def stored_signature(text):
-    """A checked signature -> (key name, 64 bytes); no signature -> (None, None)."""
-    if not text:
-        return None, None
-    return parse_key(text, 64)
 
 
 def signature_text(key_name, sig):
@@ -3076,9 +3072,10 @@ def list_derivations():
 @routes.get("/derivations/<drv_ident>")
 def show_derivation(drv_ident):
     conn = get_db()
-    derivation = conn.execute("SELECT id FROM derivations WHERE digest = ? AND name = ?",
-                              path_key(store_path(f"{drv_ident}.drv"))).fetchone()
-    if derivation is None:
+    drv_path = store_path(f"{drv_ident}.drv")
+    derivation = is_store_path(drv_path) and conn.execute("SELECT id FROM derivations WHERE digest = ? AND name = ?",
+                                                          path_key(drv_path)).fetchone()
+    if not derivation:
         abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
     policy = request_policy(conn)
     if request.args.get("full", "").lower() == "true":
