@@ -56,7 +56,7 @@ CREATE TABLE key_names (
 );
 
 -- One row per (builder, output path, hash): re-posting is a no-op, and verdicts count distinct
--- builders, never rows. web.py keeps that unique: (path_id, builder_id) is indexed, the hash checked.
+-- builders, never rows. web.py keeps that unique, through attestations_by_path.
 -- id is the index of the attestation's first transparency-log entry, leaf_hash that entry's leaf hash.
 -- nar_hash is the 32 bytes of the sha256; sig the 64 bytes of the signature by key sig_key_id
 -- (NULL: no signature). A row migrated from version 8 whose hash, signature or time was not in the
@@ -80,7 +80,10 @@ CREATE TABLE attestations (
     ca TEXT,
     leaf_hash BLOB NOT NULL
 );
-CREATE INDEX attestations_by_path ON attestations(path_id, builder_id);
+-- Covers the verdict queries and the check for an attestation already stored.
+CREATE INDEX attestations_by_path ON attestations(path_id, builder_id, nar_hash, verified);
+-- Few rows: which paths an attestation calls fixed-output, without reading the attestations.
+CREATE INDEX attestations_fixed_output ON attestations(path_id) WHERE ca IS NOT NULL;
 CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
 
 CREATE TABLE reports (

@@ -602,7 +602,8 @@ CREATE TABLE log_entries (idx INTEGER PRIMARY KEY, attestation_id INTEGER, leaf_
 """
 COMPACT_ATTESTATION_INDEXES = """
 CREATE INDEX derivations_by_digest ON derivations(digest);
-CREATE INDEX attestations_by_path ON attestations(path_id, builder_id);
+CREATE INDEX attestations_by_path ON attestations(path_id, builder_id, nar_hash, verified);
+CREATE INDEX attestations_fixed_output ON attestations(path_id) WHERE ca IS NOT NULL;
 CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
 CREATE INDEX log_entries_by_attestation ON log_entries(attestation_id);
 """
