@@ -32,8 +32,8 @@ CREATE TABLE public_keys (
 );
 CREATE UNIQUE INDEX public_keys_by_bytes ON public_keys(key_bytes);
 
--- Store paths are kept as the 20 bytes their 32-character hash part encodes and their name:
--- '/nix/store/' + nix_base32(digest) + '-' + name. Several names may share a digest.
+-- Store paths are kept as their name and their 32-character hash part's number in 20 big-endian bytes, which
+-- sort as the text does (so a report's paths, read in order, meet the index in order). Several names may share a digest.
 CREATE TABLE store_paths (
     id INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,

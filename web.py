@@ -1060,19 +1060,19 @@ PATH_PREFIX = len(STORE_DIR) + 1
 
 def path_key(path):
     """A checked store path -> (digest bytes, name)."""
-    digest = int(path[PATH_PREFIX:PATH_PREFIX + 32].translate(TO_STANDARD_BASE32), 32).to_bytes(20, "little")
+    digest = int(path[PATH_PREFIX:PATH_PREFIX + 32].translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
     return digest, path[PATH_PREFIX + 33:]
 
 
 def digest_of(text):
-    """32 nix base32 characters -> their 20 bytes, or None (as SQL's nix32_digest)."""
+    """32 nix base32 characters -> their number in 20 big-endian bytes (which sort as the text does), or None."""
     if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
         return None
-    return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(20, "little")
+    return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
 
 
 def path_text(digest, name):
-    return f"{STORE_DIR}/{nix_base32_encode(digest)}-{name}"
+    return f"{STORE_DIR}/{nix_base32_encode(digest[::-1])}-{name}"
 
 
 def path_match(table, column):
@@ -2801,9 +2801,10 @@ def logged_entries(conn, start, end):
             entries.append(exception["entry"])
             continue
         attestation_id = index if exception is None else exception["attestation_id"]
-        row = rows.get(attestation_id) if attestation_id in rows else attestation_id is not None and attestation_row(
-            conn, attestation_id)
-        if not row:
+        row = rows.get(attestation_id)
+        if row is None and attestation_id is not None:
+            row = attestation_row(conn, attestation_id)
+        if row is None:
             current_app.logger.error("log entry %d: its attestation row is gone", index)
             entries.append(b"")
         else:

@@ -77,7 +77,7 @@ def test_eight_concurrent_writers_with_readers_store_everything_without_errors(s
     assert reader_statuses[200] > 0
     assert all(status < 500 for status in reader_statuses), reader_statuses
     with sqlite3.connect(server.db) as conn:
-        stored = {(builder, f"{STORE_DIR}/{nix_base32_encode(digest)}-{name}", "sha256:" + nix_base32_encode(nar_hash))
+        stored = {(builder, f"{STORE_DIR}/{nix_base32_encode(digest[::-1])}-{name}", "sha256:" + nix_base32_encode(nar_hash))
                   for builder, digest, name, nar_hash in conn.execute(
                       "SELECT builders.name, store_paths.digest, store_paths.name, attestations.nar_hash FROM attestations"
                       " JOIN builders ON builders.id = attestations.builder_id"

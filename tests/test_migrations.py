@@ -149,6 +149,7 @@ def test_a_signature_stored_before_never_adds_lines_to_the_narinfo_export(migrat
     assert "Injected-line" not in narinfo.text
     assert [line.partition(":")[0] for line in narinfo.text.splitlines()] == [
         "StorePath", "URL", "Compression", "NarHash", "NarSize", "References"]
+    assert [row["output_sig"] for row in stored(server, rows["hostile"]["output_path"])] == [HOSTILE_SIGNATURE]
 
 
 def test_reports_survive_and_render(migrated):
@@ -192,7 +193,7 @@ def test_restarting_a_migrated_server_changes_nothing(migrated):
 def test_existing_attestations_enter_the_transparency_log_once_in_id_order(migrated):
     server, _rows = migrated
     with sqlite3.connect(server.db) as conn:
-        in_id_order = [f"/nix/store/{nix_base32_encode(digest)}-{name}" for digest, name in conn.execute(
+        in_id_order = [f"/nix/store/{nix_base32_encode(digest[::-1])}-{name}" for digest, name in conn.execute(
             "SELECT digest, name FROM attestations JOIN store_paths ON store_paths.id = path_id ORDER BY attestations.id")]
     bundle = requests.get(f"{server.url}/log/tile/entries/000.p/{len(in_id_order)}", timeout=TIMEOUT)
     assert bundle.status_code == 200

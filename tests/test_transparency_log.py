@@ -78,8 +78,8 @@ def tamper(server, *statements):
 
 
 def of_path(path):
-    """SQL: the attestations of this output path (web.py keeps a path as its hash part's bytes and name)."""
-    return f"path_id IN (SELECT id FROM store_paths WHERE digest = X'{nix_base32_decode(path[11:43], 20).hex()}')"
+    """SQL: the attestations of this output path (web.py keeps a path as its hash part's big-endian number and name)."""
+    return f"path_id IN (SELECT id FROM store_paths WHERE digest = X'{nix_base32_decode(path[11:43], 20)[::-1].hex()}')"
 
 
 # ---------------------------------------------------------------- formats
@@ -145,6 +145,41 @@ def test_upgrading_to_verified_appends_an_entry_and_keeps_the_old_one(start_serv
     assert b"verified 0\n" in before and b"verified 1\n" in bundle[len(before):]
     assert bytes.fromhex(requests.get(server.url + "/log/tile/0/000.p/2", timeout=5).content[:32].hex()) == \
         leaf_hash(before[2:])
+
+
+def signing_builder(server):
+    """(token, attest(path, hash, signed) -> attestation object) of a builder with a registered key."""
+    from nacl.signing import SigningKey
+    seed = SigningKey.generate()
+    secret = "k1:" + base64.b64encode(bytes(seed) + bytes(seed.verify_key)).decode()
+    token = server.create_user("alice", "--public-key", "k1:" + base64.b64encode(bytes(seed.verify_key)).decode())
+
+    def attestation(path, hash_, signed):
+        signature = sign_fingerprint(secret, fingerprint(path, hash_, 5, [])) if signed else ""
+        return {"output_path": path, "output_hash": hash_, "output_sig": signature, "nar_size": 5, "references": []}
+    return token, attestation
+
+
+def test_an_unverified_and_a_verified_copy_in_one_batch_are_one_verified_entry(start_server):
+    server = log_server(start_server)
+    token, attestation = signing_builder(server)
+    path, hash_ = out_path(nonce()), nar_hash(nonce())
+    assert post(server, token, [attestation(path, hash_, False), attestation(path, hash_, True)]) == [0, 0]
+    bundle = requests.get(server.url + "/log/tile/entries/000.p/1", timeout=5).content
+    assert b"verified 1\n" in bundle
+    assert requests.get(server.url + "/log/tile/entries/000.p/2", timeout=5).status_code == 404
+
+
+def test_reposting_an_upgraded_attestation_answers_its_latest_entry(start_server):
+    server = log_server(start_server)
+    token, attestation = signing_builder(server)
+    path, hash_ = out_path(nonce()), nar_hash(nonce())
+    post(server, token, [attestation(out_path(nonce()), nar_hash(nonce()), False)])
+    assert post(server, token, [attestation(path, hash_, False)]) == [1]
+    assert post(server, token, [attestation(path, hash_, True)]) == [2]
+    assert post(server, token, [attestation(path, hash_, False), attestation(path, hash_, True)]) == [2, 2]
+    entries = requests.get(server.url + "/log/tile/entries/000.p/3", timeout=5).content
+    assert entries.count(b"verified 0\n") == 2 and entries.count(b"verified 1\n") == 1
 
 
 def test_checkpoint_is_a_signed_note_by_the_printed_key(start_server):
