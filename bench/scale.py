@@ -209,7 +209,7 @@ def run(args, directory):
         ingest = Ingest(server)
         labels = iter(range(1, 1_000_000))
         start_times, report_paths = None, []
-        paths_total = args.attestations // len(BUILDERS)
+        paths_total = -(-args.attestations // len(BUILDERS))  # at least that many
         if args.views:
             sbom_document = generate_sbom(REPORT_PATHS)
             sbom = json.dumps(sbom_document).encode()
