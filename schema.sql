@@ -32,33 +32,59 @@ CREATE TABLE public_keys (
 );
 CREATE UNIQUE INDEX public_keys_by_bytes ON public_keys(key_bytes);
 
+-- Store paths are kept as their name and their 32-character hash part's number in 20 big-endian bytes, which
+-- sort as the text does (so a report's paths, read in order, meet the index in order). Several names may share a digest.
+CREATE TABLE store_paths (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    name TEXT NOT NULL
+);
+CREATE INDEX store_paths_by_digest ON store_paths(digest);
+
+-- Derivation paths, kept as store_paths are (their names end in .drv).
 CREATE TABLE derivations (
     id INTEGER PRIMARY KEY,
-    drv_ident TEXT NOT NULL UNIQUE
+    digest BLOB NOT NULL,
+    name TEXT NOT NULL
+);
+CREATE INDEX derivations_by_digest ON derivations(digest);
+
+-- The names of the keys that signed attestations, whoever registered them.
+CREATE TABLE key_names (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
 );
 
--- One row per (builder, output path, hash): re-posting is a no-op, and
--- verdicts count distinct builders, never rows.
+-- One row per (builder, output path, hash): re-posting is a no-op, and verdicts count distinct
+-- builders, never rows. web.py keeps that unique, through attestations_by_path.
+-- id is the index of the attestation's first transparency-log entry, leaf_hash that entry's leaf hash.
+-- nar_hash is the 32 bytes of the sha256; sig the 64 bytes of the signature by key sig_key_id
+-- (NULL: no signature). A row migrated from version 8 whose hash, signature or time was not in the
+-- one spelling web.py writes keeps it as TEXT in nar_hash, sig or created_at (UNIX seconds otherwise).
 CREATE TABLE attestations (
     id INTEGER PRIMARY KEY,
+    path_id INTEGER NOT NULL REFERENCES store_paths(id),
     builder_id INTEGER NOT NULL REFERENCES builders(id),
     derivation_id INTEGER REFERENCES derivations(id),
-    output_path TEXT NOT NULL,
-    output_hash TEXT NOT NULL,
-    output_sig TEXT NOT NULL DEFAULT '',
+    nar_hash BLOB NOT NULL,
+    sig_key_id INTEGER REFERENCES key_names(id),
+    sig BLOB,
     nar_size INTEGER,
     refs TEXT,
     verified INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
     -- Where the hash came from: 'build', 'check' (a --check rebuild), 'cache' (a binary cache's
     -- signed narinfo); NULL when the client did not say (clients before schema version 6).
     source TEXT CHECK (source IN ('build', 'check', 'cache')),
     -- "fixed:…" when the output is fixed-output; web.py has checked that the path is made from it.
     ca TEXT,
-    UNIQUE (output_path, builder_id, output_hash)
+    leaf_hash BLOB NOT NULL
 );
+-- Covers the verdict queries and the check for an attestation already stored.
+CREATE INDEX attestations_by_path ON attestations(path_id, builder_id, nar_hash, verified);
+-- Few rows: which paths an attestation calls fixed-output, without reading the attestations.
+CREATE INDEX attestations_fixed_output ON attestations(path_id) WHERE ca IS NOT NULL;
 CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
-CREATE INDEX attestations_by_builder ON attestations(builder_id, output_path);
 
 CREATE TABLE reports (
     id INTEGER PRIMARY KEY,
@@ -170,11 +196,13 @@ CREATE TABLE diffs (
     UNIQUE (output_path, hash_a, hash_b)
 );
 
--- The transparency log (docs/transparency-log.md). Entry idx is rebuilt from its attestation
--- row; `entry` keeps the bytes only once that row has changed since (an upgrade to verified).
+-- The transparency log (docs/transparency-log.md). Entry idx is rebuilt from the attestation whose id
+-- is idx, unless a row here says otherwise: an entry whose bytes were kept (`entry`) because its row has
+-- changed since (an upgrade to verified), or a later entry of attestation_id (the upgrade's own entry,
+-- rebuilt from that row). attestation_id is NULL when the row is gone.
 CREATE TABLE log_entries (
     idx INTEGER PRIMARY KEY,
-    attestation_id INTEGER NOT NULL,
+    attestation_id INTEGER,
     leaf_hash BLOB NOT NULL,
     entry BLOB
 );

@@ -4,6 +4,7 @@ shows, for every store path of a report, whether independent builders agree."""
 import argparse
 from array import array
 import base64
+import calendar
 import concurrent.futures
 import gc
 import contextlib
@@ -44,7 +45,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
                              normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import STORE_PATH_RE, basename_of, name_of, store_path
+from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, basename_of, name_of, nix_base32_encode, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -71,7 +72,7 @@ M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 MAX_BATCH = 10_000
 LARGE_BATCH = 1_000
-LARGE_BATCH_CACHE_KIB = 32 * 1024
+LARGE_BATCH_CACHE_KIB = 256 * 1024
 MAX_SUGGEST = 500
 DEFAULT_SUGGEST = 50
 # An attestation's optional "source": a build, a `--check` rebuild (the diff hook), an import from a binary cache.
@@ -181,6 +182,7 @@ def create_app(config=None):
 def connect(path):
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
+    conn.create_function("nix32_digest", 1, digest_of, deterministic=True)
     # Only takes effect when the file is created: 16 KiB pages store a report's SBOM,
     # tens of MiB, in a quarter of the pages, which halves the time to write it.
     conn.execute("PRAGMA page_size = 16384")
@@ -436,6 +438,44 @@ def migrate_to_4(conn):
     log_existing_attestations(conn)
 
 
+# Version 4 to 8 kept attestations as text and one log_entries row per entry; migrations 4 and 9 read them so.
+VERSION_8_COLUMNS = (
+    "SELECT {a}.id, builders.name AS builder, {d}.drv_ident, {a}.output_path, {a}.output_hash, {a}.output_sig,"
+    " {a}.nar_size, {a}.refs, {a}.verified, {a}.created_at{extra} FROM {a} JOIN builders ON builders.id = {a}.builder_id"
+    " LEFT JOIN {d} ON {d}.id = {a}.derivation_id ")
+VERSION_4_ROWS = VERSION_8_COLUMNS.format(a="attestations", d="derivations", extra="")
+
+
+def version_8_entry(row):
+    """The log entry of a VERSION_8_COLUMNS row, as versions 4 to 8 rebuilt it."""
+    drv_path = store_path(f"{row['drv_ident']}.drv") if row["drv_ident"] else None
+    references = None if row["refs"] is None else json.loads(row["refs"])
+    return log_entry(row["builder"], row["output_path"], drv_path, row["output_hash"], row["nar_size"], references,
+                     row["output_sig"], row["verified"], row["created_at"])
+
+
+def log_existing_attestations(conn, slice_length=40 * TILE_WIDTH):
+    """Migration 4: append every attestation to the log once, in id order, a slice at a time."""
+    last_id, size, subtrees = 0, 0, []
+    while True:
+        rows = conn.execute(VERSION_4_ROWS + "WHERE attestations.id > ? ORDER BY attestations.id LIMIT ?",
+                            (last_id, slice_length)).fetchall()
+        if not rows:
+            break
+        leaves = [leaf_hash(version_8_entry(row)) for row in rows]
+        conn.executemany("INSERT INTO log_entries (idx, attestation_id, leaf_hash) VALUES (?, ?, ?)",
+                         [(size + offset, row["id"], leaf) for offset, (row, leaf) in enumerate(zip(rows, leaves))])
+        subtrees += [tree_hash(leaves[start:start + TILE_WIDTH]) for start in range(0, len(leaves) - TILE_WIDTH + 1, TILE_WIDTH)]
+        size, last_id = size + len(rows), rows[-1]["id"]
+    level = 1
+    while subtrees:
+        conn.executemany("INSERT INTO log_subtrees (level, idx, hash) VALUES (?, ?, ?)",
+                         [(level, index, subtree) for index, subtree in enumerate(subtrees)])
+        subtrees = [tree_hash(subtrees[start:start + TILE_WIDTH])
+                    for start in range(0, len(subtrees) - TILE_WIDTH + 1, TILE_WIDTH)]
+        level += 1
+
+
 LOG_TABLES = """
 CREATE TABLE log_entries (
     idx INTEGER PRIMARY KEY,
@@ -550,10 +590,148 @@ def record_existing_report_as_revision_1(conn, report):
     add_revision(conn, report["id"], revision._replace(created_at=report["created_at"]))
 
 
+def migrate_to_9(conn):
+    """Compact attestations (schema.sql says how), whose first log entry's index becomes their id.
+
+    Each row's log entries are rebuilt from its new form and checked against their stored leaf hashes;
+    an entry that does not rebuild the same keeps its bytes. The old tables are read once and dropped.
+    """
+    for table in ("attestations", "derivations", "log_entries"):
+        conn.execute(f"ALTER TABLE {table} RENAME TO v8_{table}")
+    for statement in COMPACT_ATTESTATION_TABLES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("INSERT INTO derivations (id, digest, name)"
+                 " SELECT id, nix32_digest(substr(drv_ident, 1, 32)), substr(drv_ident, 34) || '.drv' FROM v8_derivations")
+    conn.execute(f"INSERT INTO store_paths (digest, name) SELECT nix32_digest(substr(output_path, {PATH_PREFIX + 1}, 32)),"
+                 f" substr(output_path, {PATH_PREFIX + 34}) FROM v8_attestations GROUP BY output_path ORDER BY MIN(id)")
+    conn.execute("CREATE INDEX store_paths_by_digest ON store_paths(digest)")
+    migrate_version_8_attestations(conn)
+    migrate_version_8_later_entries(conn)
+    for table in ("v8_log_entries", "v8_attestations", "v8_derivations"):
+        conn.execute(f"DROP TABLE {table}")
+    for statement in COMPACT_ATTESTATION_INDEXES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+COMPACT_ATTESTATION_TABLES = """
+CREATE TABLE store_paths (id INTEGER PRIMARY KEY, digest BLOB NOT NULL, name TEXT NOT NULL);
+CREATE TABLE derivations (id INTEGER PRIMARY KEY, digest BLOB NOT NULL, name TEXT NOT NULL);
+CREATE TABLE key_names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE attestations (
+    id INTEGER PRIMARY KEY,
+    path_id INTEGER NOT NULL REFERENCES store_paths(id),
+    builder_id INTEGER NOT NULL REFERENCES builders(id),
+    derivation_id INTEGER REFERENCES derivations(id),
+    nar_hash BLOB NOT NULL,
+    sig_key_id INTEGER REFERENCES key_names(id),
+    sig BLOB,
+    nar_size INTEGER,
+    refs TEXT,
+    verified INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    source TEXT CHECK (source IN ('build', 'check', 'cache')),
+    ca TEXT,
+    leaf_hash BLOB NOT NULL
+);
+CREATE TABLE log_entries (idx INTEGER PRIMARY KEY, attestation_id INTEGER, leaf_hash BLOB NOT NULL, entry BLOB);
+"""
+COMPACT_ATTESTATION_INDEXES = """
+CREATE INDEX derivations_by_digest ON derivations(digest);
+CREATE INDEX attestations_by_path ON attestations(path_id, builder_id, nar_hash, verified);
+CREATE INDEX attestations_fixed_output ON attestations(path_id) WHERE ca IS NOT NULL;
+CREATE INDEX attestations_by_derivation ON attestations(derivation_id);
+CREATE INDEX log_entries_by_attestation ON log_entries(attestation_id);
+"""
+
+
+def migrate_version_8_attestations(conn, slice_length=10_000):
+    """Each old row in its new form, its id the index of its first log entry (whose bytes stay as they were)."""
+    last_id = -1
+    while True:
+        rows = conn.execute(
+            VERSION_8_COLUMNS.format(a="v8_attestations", d="v8_derivations", extra=", store_paths.id AS path_id")
+            + f" JOIN store_paths ON {path_match('store_paths', 'v8_attestations.output_path')}"
+            " WHERE v8_attestations.id > ? ORDER BY v8_attestations.id LIMIT ?", (last_id, slice_length)).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            first = conn.execute("SELECT idx, leaf_hash, entry FROM v8_log_entries WHERE attestation_id = ?"
+                                 " ORDER BY idx LIMIT 1", (row["id"],)).fetchone()
+            if first is None:
+                raise LogDamaged(f"attestation {row['id']} has no log entry")
+            migrate_version_8_row(conn, row, first)
+        last_id = rows[-1]["id"]
+
+
+def migrate_version_8_row(conn, row, first):
+    key_name, sig = compact_signature(row["output_sig"])
+    compact = {"nar_hash": compact_text(row["output_hash"], stored_hash, hash_text), "sig": sig,
+               "key_name": key_name, "created_at": compact_text(row["created_at"], stored_time, stored_time_text)}
+    key_ids = key_name_ids(conn, {key_name})
+    conn.execute("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig, nar_size,"
+                 " refs, verified, created_at, source, ca, leaf_hash)"
+                 " SELECT ?, ?, builder_id, derivation_id, ?, ?, ?, nar_size, refs, verified, ?, source, ca, ?"
+                 " FROM v8_attestations WHERE id = ?",
+                 (first["idx"], row["path_id"], compact["nar_hash"], key_ids.get(key_name), sig, compact["created_at"],
+                  first["leaf_hash"], row["id"]))
+    original = first["entry"] if first["entry"] is not None else version_8_entry(row)
+    if original != entry_of_attestation(attestation_object(attestation_row(conn, first["idx"]))):
+        conn.execute("INSERT INTO log_entries (idx, attestation_id, leaf_hash, entry) VALUES (?, ?, ?, ?)",
+                     (first["idx"], first["idx"], first["leaf_hash"], original))
+
+
+def compact_text(text, compact, rebuilt):
+    """The compact form of a stored text, or the text itself when the compact form would not give it back."""
+    try:
+        value = compact(text)
+    except (ValueError, TypeError, OverflowError):
+        return text
+    return value if rebuilt(value) == text else text
+
+
+def compact_signature(text):
+    """(key name, 64 bytes) of a signature, (None, None) of none, (None, text) of one not in the one spelling."""
+    if not text:
+        return None, None
+    try:
+        return parse_key(text, 64)
+    except ValueError:
+        return None, text
+
+
+def stored_time(text):
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+VERSION_8_ROWS = VERSION_8_COLUMNS.format(a="v8_attestations", d="v8_derivations", extra="")
+
+
+def migrate_version_8_later_entries(conn):
+    """The old entries that are not their attestation's first: an upgrade's, or one whose row is gone."""
+    rows = conn.execute(
+        "SELECT entries.idx, entries.leaf_hash, entries.entry, (SELECT MIN(idx) FROM v8_log_entries"
+        " WHERE attestation_id = entries.attestation_id) AS attestation_id, v8_attestations.id AS old_id"
+        " FROM v8_log_entries AS entries LEFT JOIN v8_attestations ON v8_attestations.id = entries.attestation_id"
+        " WHERE v8_attestations.id IS NULL OR entries.idx > (SELECT MIN(idx) FROM v8_log_entries"
+        " WHERE attestation_id = entries.attestation_id)")
+    for row in rows:
+        attestation_id = row["attestation_id"] if row["old_id"] is not None else None
+        entry = row["entry"]
+        if entry is None and attestation_id is not None:
+            old = conn.execute(VERSION_8_ROWS + "WHERE v8_attestations.id = ?", (row["old_id"],)).fetchone()
+            original = version_8_entry(old)
+            if original != entry_of_attestation(attestation_object(attestation_row(conn, attestation_id))):
+                entry = original
+        conn.execute("INSERT INTO log_entries (idx, attestation_id, leaf_hash, entry) VALUES (?, ?, ?, ?)",
+                     (row["idx"], attestation_id, row["leaf_hash"], entry))
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
-              (7, migrate_to_7), (8, migrate_to_8)]
+              (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -688,8 +866,7 @@ def parse_attestation(item, where, drv_ident):
     output_sig = field(item, "output_sig", where, required=False) or ""
     if len(output_sig) > 1024:
         raise BadInput(f"{where}.output_sig: longer than 1024 characters")
-    if output_sig:
-        checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig)
+    signature = checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig) if output_sig else (None, None)
     nar_size = field(item, "nar_size", where, kind=int, required=False)
     if nar_size is not None and not 0 < nar_size < 1 << 62:
         raise BadInput(f"{where}.nar_size: expected a positive size in bytes, got {nar_size}")
@@ -702,7 +879,7 @@ def parse_attestation(item, where, drv_ident):
     if ca is not None:
         checked(f"{where}.ca", lambda value: check_fixed_output(output_path, value), ca)
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
-            "output_sig": output_sig, "nar_size": nar_size, "references": references,
+            "output_sig": output_sig, "signature": signature, "nar_size": nar_size, "references": references,
             "source": attestation_source(item, where), "ca": ca}
 
 
@@ -771,53 +948,233 @@ def verify_attestation(attestation, public_keys, foreign_key_names, where):
 def store_attestations(conn, builder, attestations):
     """Store and log the attestations; returns each one's log index, in request order."""
     public_keys, foreign_key_names = registered_keys(conn, builder["id"])
-    created_at = now_iso()
-    rows = []
+    created_at = int(time.time())
     for position, attestation in enumerate(attestations):
-        verified = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
-        references = None if attestation["references"] is None else json.dumps(attestation["references"])
-        rows.append((builder["id"], attestation["drv_ident"], attestation["output_path"], attestation["output_hash"],
-                     attestation["output_sig"], attestation["nar_size"], references, int(verified), created_at,
-                     attestation["source"], attestation.get("ca")))
-    rows.sort(key=lambda row: row[2])  # index-friendly order; a batch's order means nothing
-    with transaction(conn), cache_for(conn, len(rows)):
-        first_new_id = (conn.execute("SELECT MAX(id) FROM attestations").fetchone()[0] or 0) + 1
-        upgraded_ids = unverified_ids(conn, builder["id"], rows)
-        freeze_entries(conn, upgraded_ids)
-        conn.executemany("INSERT OR IGNORE INTO derivations (drv_ident) VALUES (?)",
-                         sorted({(row[1],) for row in rows if row[1] is not None}))
-        conn.executemany(
-            "INSERT INTO attestations (builder_id, derivation_id, output_path, output_hash, output_sig,"
-            " nar_size, refs, verified, created_at, source, ca)"
-            " VALUES (?, (SELECT id FROM derivations WHERE drv_ident = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (output_path, builder_id, output_hash) DO UPDATE SET"
-            " output_sig = excluded.output_sig, nar_size = excluded.nar_size, refs = excluded.refs, verified = 1"
-            " WHERE excluded.verified = 1 AND attestations.verified = 0", rows)
-        logged = rows_to_log(conn, first_new_id, upgraded_ids)
-        indexes = log_indexes(conn, builder["id"], attestations, zip(logged, append_to_log(conn, logged)))
-    current_app.extensions["report_changes"].note_attested(row[2] for row in rows)
-    return indexes
+        attestation["verified"] = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
+    with transaction(conn), cache_for(conn, len(attestations)):
+        path_ids = interned_paths(conn, "store_paths", {attestation["output_path"] for attestation in attestations})
+        # In index order: a batch's order means nothing, and equal attestations keep theirs.
+        ordered = sorted(attestations, key=lambda attestation: path_ids[attestation["output_path"]])
+        stored = StoredVersions(conn, builder["id"], path_ids.values())
+        new, upgrades = stored.changes(ordered, path_ids)
+        size = log_size(conn)
+        indexes = {}
+        upgrades.sort(key=lambda upgrade: upgrade[0])
+        for offset, (attestation_id, attestation) in enumerate(upgrades):
+            indexes[key_of(attestation)] = upgrade_attestation(conn, attestation_id, attestation, size + offset)
+        first_new = size + len(upgrades)
+        insert_attestations(conn, builder, new, path_ids, first_new, created_at)
+        indexes.update((key_of(attestation), first_new + offset) for offset, attestation in enumerate(new))
+        store_complete_subtrees(conn, size, first_new + len(new))
+        log_indexes = [indexes.get(key_of(attestation)) for attestation in attestations]
+        log_indexes = [stored.latest_index(conn, path_ids[attestation["output_path"]], attestation) if index is None
+                       else index for index, attestation in zip(log_indexes, attestations)]
+    current_app.extensions["report_changes"].note_attested(attestation["output_path"] for attestation in ordered)
+    return log_indexes
 
 
-# What a log entry holds; migration 4 logs old attestations with it, before later columns (ca) exist.
-LOGGED_FIELDS = (
-    "builders.name AS builder, derivations.drv_ident, attestations.output_path, attestations.output_hash,"
-    " attestations.output_sig, attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at")
-ATTESTATION_FROM = (" FROM attestations JOIN builders ON builders.id = attestations.builder_id"
-                    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id ")
-ATTESTATION_COLUMNS = "SELECT " + LOGGED_FIELDS + ", attestations.source, attestations.ca" + ATTESTATION_FROM
+def key_of(attestation):
+    return attestation["output_path"], attestation["output_hash"]
+
+
+class StoredVersions:
+    """What a builder has stored for some paths: {(path_id, nar hash bytes): (id, verified)}."""
+
+    def __init__(self, conn, builder_id, path_ids, per_query=500):
+        self.versions = {}
+        path_ids = sorted(path_ids)
+        for start in range(0, len(path_ids), per_query):
+            chunk = path_ids[start:start + per_query]
+            for attestation_id, path_id, nar_hash, verified in conn.execute(
+                    f"SELECT id, path_id, nar_hash, verified FROM attestations WHERE path_id IN ({','.join('?' * len(chunk))})"
+                    " AND builder_id = ?", [*chunk, builder_id]):
+                self.versions[path_id, nar_hash] = (attestation_id, verified)
+
+    def changes(self, ordered, path_ids):
+        """(new attestations, [(id, attestation)] upgrades of stored unverified ones to verified).
+
+        As a unique index with "ON CONFLICT DO UPDATE … WHERE unverified" would: the first of equal
+        attestations is stored, and the first verified one among them upgrades it.
+        """
+        new, upgrades, pending = [], [], {}
+        for attestation in ordered:
+            attestation["stored_hash"] = stored_hash(attestation["output_hash"])
+            key = (path_ids[attestation["output_path"]], attestation["stored_hash"])
+            if key in pending:
+                first = pending[key]
+                if attestation["verified"] and not first["verified"]:
+                    first.update(upgraded_fields(attestation))
+            elif key in self.versions:
+                attestation_id, verified = self.versions[key]
+                if attestation["verified"] and not verified:
+                    upgrades.append((attestation_id, attestation))
+                    self.versions[key] = (attestation_id, 1)
+            else:
+                pending[key] = attestation
+                new.append(attestation)
+        return new, upgrades
+
+    def latest_index(self, conn, path_id, attestation):
+        """The index of the latest log entry of a stored attestation that this request left as it was."""
+        attestation_id, _verified = self.versions[path_id, stored_hash(attestation["output_hash"])]
+        later = conn.execute("SELECT MAX(idx) FROM log_entries WHERE attestation_id = ?", (attestation_id,)).fetchone()[0]
+        return attestation_id if later is None else max(later, attestation_id)
+
+
+def upgraded_fields(attestation):
+    """What an upgrade to verified changes."""
+    return {name: attestation[name] for name in ("output_sig", "signature", "nar_size", "references", "verified")}
+
+
+def insert_attestations(conn, builder, new, path_ids, first_id, created_at):
+    drv_paths = [store_path(f"{attestation['drv_ident']}.drv") if attestation["drv_ident"] else None
+                 for attestation in new]
+    drv_ids = interned_paths(conn, "derivations", set(drv_paths) - {None})
+    key_ids = key_name_ids(conn, {attestation["signature"][0] for attestation in new})
+    time_text = stored_time_text(created_at)
+    rows = []
+    for offset, (attestation, drv_path) in enumerate(zip(new, drv_paths)):
+        key_name, sig = attestation["signature"]
+        entry = log_entry(builder["name"], attestation["output_path"], drv_path, attestation["output_hash"],
+                          attestation["nar_size"], attestation["references"], attestation["output_sig"],
+                          attestation["verified"], time_text)
+        rows.append((first_id + offset, path_ids[attestation["output_path"]], builder["id"], drv_ids.get(drv_path),
+                     attestation["stored_hash"], key_ids.get(key_name), sig, attestation["nar_size"],
+                     stored_references(attestation["references"]), int(attestation["verified"]), created_at,
+                     attestation["source"], attestation.get("ca"), leaf_hash(entry)))
+    conn.executemany("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig,"
+                     " nar_size, refs, verified, created_at, source, ca, leaf_hash)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def upgrade_attestation(conn, attestation_id, attestation, index):
+    """Mark a stored attestation verified, keeping the bytes of its log entries so far; log it again at index."""
+    freeze_entries(conn, attestation_id)
+    key_name, sig = attestation["signature"]
+    key_ids = key_name_ids(conn, {key_name})
+    conn.execute("UPDATE attestations SET sig_key_id = ?, sig = ?, nar_size = ?, refs = ?, verified = 1 WHERE id = ?",
+                 (key_ids.get(key_name), sig, attestation["nar_size"], stored_references(attestation["references"]),
+                  attestation_id))
+    entry = entry_of_attestation(attestation_object(attestation_row(conn, attestation_id)))
+    conn.execute("INSERT INTO log_entries (idx, attestation_id, leaf_hash) VALUES (?, ?, ?)",
+                 (index, attestation_id, leaf_hash(entry)))
+    return index
+
+
+def interned_paths(conn, table, paths, per_query=500):
+    """{store path: id} in `table` (store_paths or derivations), adding the new ones."""
+    keys = {path: path_key(path) for path in paths}
+    path_of = {key: path for path, key in keys.items()}
+    digests, ids = sorted({digest for digest, _name in path_of}), {}
+    for start in range(0, len(digests), per_query):
+        chunk = digests[start:start + per_query]
+        for path_id, digest, name in conn.execute(
+                f"SELECT id, digest, name FROM {table} WHERE digest IN ({','.join('?' * len(chunk))})", chunk):
+            if (digest, name) in path_of:
+                ids[path_of[digest, name]] = path_id
+    missing = sorted(keys.keys() - ids.keys(), key=keys.get)  # in index order
+    next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
+    rows = [(next_id + offset, *keys[path]) for offset, path in enumerate(missing)]
+    conn.executemany(f"INSERT INTO {table} (id, digest, name) VALUES (?, ?, ?)", rows)
+    ids.update(zip(missing, (row[0] for row in rows)))
+    return ids
+
+
+def key_name_ids(conn, names):
+    """{key name: id}, adding the names not stored yet; the empty name (no signature) has none."""
+    names = sorted(name for name in names if name)
+    conn.executemany("INSERT OR IGNORE INTO key_names (name) VALUES (?)", [(name,) for name in names])
+    return {name: conn.execute("SELECT id FROM key_names WHERE name = ?", (name,)).fetchone()[0] for name in names}
+
+
+# ---------------------------------------------------------------- stored forms
+# Attestations keep paths, hashes, signatures and times in their binary forms; these give back the
+# exact text that was posted (which web.py had checked to be in its one spelling). A row migrated
+# from version 8 that was not keeps its text, which these pass through.
+
+PATH_PREFIX = len(STORE_DIR) + 1
+
+
+def path_key(path):
+    """A checked store path -> (digest bytes, name)."""
+    digest = int(path[PATH_PREFIX:PATH_PREFIX + 32].translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
+    return digest, path[PATH_PREFIX + 33:]
+
+
+def digest_of(text):
+    """32 nix base32 characters -> their number in 20 big-endian bytes (which sort as the text does), or None."""
+    if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
+        return None
+    return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
+
+
+def path_text(digest, name):
+    return f"{STORE_DIR}/{nix_base32_encode(digest[::-1])}-{name}"
+
+
+def path_match(table, column):
+    """SQL: the store_paths row `table` is the path in the text column `column`."""
+    return (f"{table}.digest = nix32_digest(substr({column}, {PATH_PREFIX + 1}, 32))"
+            f" AND {table}.name = substr({column}, {PATH_PREFIX + 34})")
+
+
+def path_id_condition(column):
+    """SQL: column holds the id of the store path given as two parameters (digest, name)."""
+    return f"{column} IN (SELECT id FROM store_paths WHERE digest = ? AND name = ?)"
+
+
+def stored_hash(text):
+    """'sha256:<nix base32>' (normalize_nar_hash's spelling) -> its 32 bytes."""
+    if not CANONICAL_SHA256_RE.fullmatch(text):
+        raise ValueError(f"not a NAR hash in its one spelling: {shorten(text)!r}")
+    return int(text[7:].translate(TO_STANDARD_BASE32), 32).to_bytes(32, "little")
+
+
+def hash_text(value):
+    return value if isinstance(value, str) else "sha256:" + nix_base32_encode(value)
+
+
+def signature_text(key_name, sig):
+    if sig is None:
+        return ""
+    return sig if isinstance(sig, str) else f"{key_name}:{base64.b64encode(sig).decode()}"
+
+
+def stored_references(references):
+    return None if references is None else json.dumps(references)
+
+
+def stored_time_text(seconds):
+    return seconds if isinstance(seconds, str) else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+# What a log entry holds and an attestation object shows.
+ATTESTATION_COLUMNS = (
+    "SELECT attestations.id, builders.name AS builder, derivations.digest AS drv_digest, derivations.name AS drv_name,"
+    " store_paths.digest AS path_digest, store_paths.name AS path_name, attestations.nar_hash,"
+    " key_names.name AS key_name, attestations.sig, attestations.nar_size, attestations.refs, attestations.verified,"
+    " attestations.created_at, attestations.source, attestations.ca"
+    " FROM attestations JOIN builders ON builders.id = attestations.builder_id"
+    " JOIN store_paths ON store_paths.id = attestations.path_id"
+    " LEFT JOIN derivations ON derivations.id = attestations.derivation_id"
+    " LEFT JOIN key_names ON key_names.id = attestations.sig_key_id ")
+
+
+def attestation_row(conn, attestation_id):
+    return conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.id = ?", (attestation_id,)).fetchone()
 
 
 def attestation_object(row):
+    """The attestation as the API shows it, from an ATTESTATION_COLUMNS row."""
     return {
         "builder": row["builder"],
-        "drv_path": store_path(f"{row['drv_ident']}.drv") if row["drv_ident"] else None,
-        "output_path": row["output_path"],
-        "output_hash": row["output_hash"],
-        "output_sig": row["output_sig"],
+        "drv_path": path_text(row["drv_digest"], row["drv_name"]) if row["drv_digest"] else None,
+        "output_path": path_text(row["path_digest"], row["path_name"]),
+        "output_hash": hash_text(row["nar_hash"]),
+        "output_sig": signature_text(row["key_name"], row["sig"]),
         "nar_size": row["nar_size"],
         "references": json.loads(row["refs"]) if row["refs"] is not None else None,
-        "created_at": row["created_at"],
+        "created_at": stored_time_text(row["created_at"]),
         "verified": bool(row["verified"]),
         "source": row["source"],
         "ca": row["ca"],
@@ -825,8 +1182,8 @@ def attestation_object(row):
 
 
 def attestations_of_output(conn, output_path):
-    rows = conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.output_path = ? ORDER BY attestations.id",
-                        (output_path,))
+    rows = conn.execute(ATTESTATION_COLUMNS + "WHERE " + path_id_condition("attestations.path_id") +
+                        " ORDER BY attestations.id", path_key(output_path))
     return [attestation_object(row) for row in rows]
 
 
@@ -1000,8 +1357,9 @@ def report_verdicts(conn, report_id, policy):
     """{out_path: verdict} for every path of a report under a policy, from one query."""
     builders_by_path = {}
     rows = conn.execute(
-        "SELECT report_paths.out_path, attestations.output_hash, attestations.builder_id FROM report_paths"
-        " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path"
+        "SELECT report_paths.out_path, attestations.nar_hash, attestations.builder_id FROM report_paths"
+        f" LEFT JOIN store_paths ON {path_match('store_paths', 'report_paths.out_path')}"
+        " LEFT JOIN attestations ON attestations.path_id = store_paths.id"
         + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
     for out_path, output_hash, builder_id in rows:
         builders_by_hash = builders_by_path.setdefault(out_path, {})
@@ -1013,8 +1371,9 @@ def report_verdicts(conn, report_id, policy):
 def path_verdicts(conn, out_paths, policy):
     """{out_path: verdict} for any store paths, such as an older revision's, under a policy."""
     builders_by_path = {path: {} for path in out_paths}
-    rows = conn.execute("SELECT output_path, output_hash, builder_id FROM attestations"
-                        " WHERE output_path IN (SELECT value FROM json_each(?))" + policy.attestations_clause(),
+    rows = conn.execute("SELECT paths.value, attestations.nar_hash, attestations.builder_id FROM json_each(?) AS paths"
+                        f" JOIN store_paths ON {path_match('store_paths', 'paths.value')}"
+                        " JOIN attestations ON attestations.path_id = store_paths.id" + policy.attestations_clause(),
                         (json.dumps(list(builders_by_path)),))
     for out_path, output_hash, builder_id in rows:
         builders_by_path[out_path].setdefault(output_hash, set()).add(builder_id)
@@ -1023,8 +1382,9 @@ def path_verdicts(conn, out_paths, policy):
 
 def fixed_output_condition():
     """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says."""
-    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM attestations WHERE attestations.output_path ="
-            " report_paths.out_path AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
+    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM store_paths AS fixed JOIN attestations"
+            f" ON attestations.path_id = fixed.id WHERE {path_match('fixed', 'report_paths.out_path')}"
+            " AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
 
 
 def fixed_output_paths(conn, report_id):
@@ -2090,7 +2450,8 @@ def open_questions(conn, report_id, builder, policy, after=None, limit=None):
     trusted = "1" if policy.builder_ids is None else f"attestations.builder_id IN ({','.join(map(str, sorted(policy.builder_ids)))})"
     sql = (f"SELECT report_paths.out_path, COUNT(DISTINCT CASE WHEN {trusted} THEN attestations.builder_id END) AS builders,"
            " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
-           " LEFT JOIN attestations ON attestations.output_path = report_paths.out_path" + policy.attestations_clause() +
+           f" LEFT JOIN store_paths ON {path_match('store_paths', 'report_paths.out_path')}"
+           " LEFT JOIN attestations ON attestations.path_id = store_paths.id" + policy.attestations_clause() +
            " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
            (" AND report_paths.out_path > ?" if after else "") +
            " GROUP BY report_paths.out_path HAVING builders < ? AND mine = 0 ORDER BY report_paths.out_path")
@@ -2364,8 +2725,9 @@ def store_diff(conn, builder, output_path, hash_a, hash_b, document):
         raise DiffTooLarge(f"diff: {len(compressed)} bytes compressed, more than the {limit} bytes a diff may take;"
                            f" send less diffoscope text")
     with transaction(conn):
-        attested = conn.execute("SELECT 1 FROM attestations WHERE output_path = ? AND builder_id = ?"
-                                " AND output_hash IN (?, ?)", (output_path, builder["id"], hash_a, hash_b)).fetchone()
+        attested = conn.execute("SELECT 1 FROM attestations WHERE " + path_id_condition("path_id") +
+                                " AND builder_id = ? AND nar_hash IN (?, ?)",
+                                (*path_key(output_path), builder["id"], stored_hash(hash_a), stored_hash(hash_b))).fetchone()
         if attested is None:
             abort(403, f"{builder['name']} has attested neither hash for {output_path}; "
                        f"only a builder that built one of them may send their diff")
@@ -2470,7 +2832,6 @@ def side_text(side):
 # The log stores each leaf hash and the hash of every complete subtree of 256^L leaves:
 # those are the C2SP tiles, and any proof is built from O(log n) of them.
 
-LOGGED_COLUMNS = "SELECT attestations.id AS attestation_id, " + LOGGED_FIELDS + ATTESTATION_FROM
 FULL_TILE_CACHE = "public, max-age=31536000, immutable"
 PARTIAL_TILE_CACHE = "public, max-age=5"
 TILE_RE = re.compile(r"(0|[1-9][0-9]?|entries)/((?:x[0-9]{3}/)*[0-9]{3})(?:\.p/([1-9][0-9]{0,2}))?")
@@ -2480,26 +2841,17 @@ class LogDamaged(Exception):
     """The stored log lacks hashes it must have: the database was changed behind the server's back."""
 
 
-def entry_of_row(row):
-    """The log entry of an attestation row (LOGGED_COLUMNS)."""
-    drv_path = store_path(f"{row['drv_ident']}.drv") if row["drv_ident"] else None
-    references = None if row["refs"] is None else [] if row["refs"] == "[]" else json.loads(row["refs"])
-    return log_entry(row["builder"], row["output_path"], drv_path, row["output_hash"], row["nar_size"], references,
-                     row["output_sig"], row["verified"], row["created_at"])
+def entry_of_attestation(attestation):
+    """The log entry of an attestation object."""
+    return log_entry(attestation["builder"], attestation["output_path"], attestation["drv_path"],
+                     attestation["output_hash"], attestation["nar_size"], attestation["references"],
+                     attestation["output_sig"], attestation["verified"], attestation["created_at"])
 
 
 def log_size(conn):
-    last = conn.execute("SELECT MAX(idx) FROM log_entries").fetchone()[0]
-    return 0 if last is None else last + 1
-
-
-def append_to_log(conn, rows):
-    """Append the entries of these attestation rows (LOGGED_COLUMNS), in order; returns their indexes."""
-    size = log_size(conn)
-    leaves = [(size + offset, row["attestation_id"], leaf_hash(entry_of_row(row))) for offset, row in enumerate(rows)]
-    conn.executemany("INSERT INTO log_entries (idx, attestation_id, leaf_hash) VALUES (?, ?, ?)", leaves)
-    store_complete_subtrees(conn, size, size + len(leaves))
-    return [leaf[0] for leaf in leaves]
+    last = max(conn.execute("SELECT COALESCE(MAX(id), -1) FROM attestations").fetchone()[0],
+               conn.execute("SELECT COALESCE(MAX(idx), -1) FROM log_entries").fetchone()[0])
+    return last + 1
 
 
 def store_complete_subtrees(conn, old_size, new_size):
@@ -2516,13 +2868,13 @@ def store_complete_subtrees(conn, old_size, new_size):
 
 
 def stored_hashes(conn, level, start, end):
-    """The stored hashes at tile level `level` (tree height 8·level) with indexes start..end-1 that exist."""
-    if level == 0:
-        rows = conn.execute("SELECT leaf_hash FROM log_entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end))
-    else:
-        rows = conn.execute("SELECT hash FROM log_subtrees WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx",
-                            (level, start, end))
-    return [row[0] for row in rows]
+    """The stored hashes at tile level `level` (tree height 8·level) with indexes start… up to end-1 or the first missing."""
+    if level > 0:
+        return [row[0] for row in conn.execute(
+            "SELECT hash FROM log_subtrees WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx", (level, start, end))]
+    leaves = dict(conn.execute("SELECT id, leaf_hash FROM attestations WHERE id >= ? AND id < ?", (start, end)))
+    leaves.update(conn.execute("SELECT idx, leaf_hash FROM log_entries WHERE idx >= ? AND idx < ?", (start, end)))
+    return list(itertools.takewhile(lambda leaf: leaf is not None, (leaves.get(index) for index in range(start, end))))
 
 
 def full_tile(conn, level, index):
@@ -2583,82 +2935,36 @@ class LogTree:
         return self.consistency_proof(old_size - (middle - start), middle, end, False) + [self.range_hash(start, middle)]
 
 
-def rows_to_log(conn, first_new_id, upgraded_ids):
-    """The attestation rows a store just inserted (ids above first_new_id - 1) or upgraded, in id order."""
-    rows = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id >= ? ORDER BY attestations.id", (first_new_id,)).fetchall()
-    upgraded = [conn.execute(LOGGED_COLUMNS + "WHERE attestations.id = ?", (attestation_id,)).fetchone()
-                for attestation_id in upgraded_ids]
-    return sorted(upgraded + rows, key=lambda row: row["attestation_id"])
-
-
-def unverified_ids(conn, builder_id, rows):
-    """Ids of stored unverified attestations that these verified rows will upgrade."""
-    ids = []
-    for row in rows:
-        if row[7]:
-            found = conn.execute("SELECT id FROM attestations WHERE output_path = ? AND builder_id = ?"
-                                 " AND output_hash = ? AND verified = 0", (row[2], builder_id, row[3])).fetchone()
-            if found:
-                ids.append(found[0])
-    return ids
-
-
-def freeze_entries(conn, attestation_ids):
-    """Keep the bytes of these attestations' entries: their rows are about to change."""
-    for attestation_id in attestation_ids:
-        row = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id = ?", (attestation_id,)).fetchone()
-        conn.execute("UPDATE log_entries SET entry = ? WHERE attestation_id = ? AND entry IS NULL",
-                     (entry_of_row(row), attestation_id))
-
-
-def log_indexes(conn, builder_id, attestations, appended):
-    """One log index per attestation, in request order: its new entry, else the latest one it has."""
-    index_of = {(row["output_path"], row["output_hash"]): index for row, index in appended}
-    indexes = []
-    for attestation in attestations:
-        key = (attestation["output_path"], attestation["output_hash"])
-        if key not in index_of:
-            index_of[key] = conn.execute(
-                "SELECT MAX(log_entries.idx) FROM attestations JOIN log_entries ON log_entries.attestation_id ="
-                " attestations.id WHERE output_path = ? AND builder_id = ? AND output_hash = ?",
-                (key[0], builder_id, key[1])).fetchone()[0]
-        indexes.append(index_of[key])
-    return indexes
-
-
-def log_existing_attestations(conn):
-    """Migration: append every attestation to the log once, in id order, a slice at a time."""
-    last_id = 0
-    while True:
-        rows = conn.execute(LOGGED_COLUMNS + "WHERE attestations.id > ? ORDER BY attestations.id LIMIT 10000",
-                            (last_id,)).fetchall()
-        if not rows:
-            return
-        append_to_log(conn, rows)
-        last_id = rows[-1]["attestation_id"]
-
-
+def freeze_entries(conn, attestation_id):
+    """Keep the bytes of this attestation's entries: its row is about to change."""
+    entry = entry_of_attestation(attestation_object(attestation_row(conn, attestation_id)))
+    conn.execute("INSERT OR IGNORE INTO log_entries (idx, attestation_id, leaf_hash)"
+                 " SELECT id, id, leaf_hash FROM attestations WHERE id = ?", (attestation_id,))
+    conn.execute("UPDATE log_entries SET entry = ? WHERE attestation_id = ? AND entry IS NULL", (entry, attestation_id))
 
 
 def logged_entries(conn, start, end):
     """The entries of indexes start … end-1; an entry whose attestation row is gone comes back empty."""
-    rows = conn.execute(
-        "SELECT log_entries.idx, log_entries.entry, attestations.id AS attestation_id, builders.name AS builder,"
-        " derivations.drv_ident, attestations.output_path, attestations.output_hash, attestations.output_sig,"
-        " attestations.nar_size, attestations.refs, attestations.verified, attestations.created_at"
-        " FROM log_entries LEFT JOIN attestations ON attestations.id = log_entries.attestation_id"
-        " LEFT JOIN builders ON builders.id = attestations.builder_id"
-        " LEFT JOIN derivations ON derivations.id = attestations.derivation_id"
-        " WHERE log_entries.idx >= ? AND log_entries.idx < ? ORDER BY log_entries.idx", (start, end))
+    end = min(end, log_size(conn))
+    exceptions = {row["idx"]: row for row in conn.execute(
+        "SELECT idx, attestation_id, entry FROM log_entries WHERE idx >= ? AND idx < ?", (start, end))}
+    rows = {row["id"]: row for row in conn.execute(ATTESTATION_COLUMNS + "WHERE attestations.id >= ? AND attestations.id < ?",
+                                                   (start, end))}
     entries = []
-    for row in rows:
-        if row["entry"] is not None:
-            entries.append(row["entry"])
-        elif row["attestation_id"] is None:
-            current_app.logger.error("log entry %d: its attestation row is gone", row["idx"])
+    for index in range(start, end):
+        exception = exceptions.get(index)
+        if exception is not None and exception["entry"] is not None:
+            entries.append(exception["entry"])
+            continue
+        attestation_id = index if exception is None else exception["attestation_id"]
+        row = rows.get(attestation_id)
+        if row is None and attestation_id is not None:
+            row = attestation_row(conn, attestation_id)
+        if row is None:
+            current_app.logger.error("log entry %d: its attestation row is gone", index)
             entries.append(b"")
         else:
-            entries.append(entry_of_row(row))
+            entries.append(entry_of_attestation(attestation_object(row)))
     return entries
 
 
@@ -2923,15 +3229,18 @@ def attestations_by_output(basename):
 
 @routes.get("/derivations/")
 def list_derivations():
-    rows = get_db().execute("SELECT id, drv_ident FROM derivations ORDER BY id")
-    return jsonify([{"id": row["id"], "drv_hash": row["drv_ident"]} for row in rows])
+    rows = get_db().execute("SELECT id, digest, name FROM derivations ORDER BY id")
+    return jsonify([{"id": row["id"], "drv_hash": basename_of(path_text(row["digest"], row["name"])).removesuffix(".drv")}
+                    for row in rows])
 
 
 @routes.get("/derivations/<drv_ident>")
 def show_derivation(drv_ident):
     conn = get_db()
-    derivation = conn.execute("SELECT id FROM derivations WHERE drv_ident = ?", (drv_ident,)).fetchone()
-    if derivation is None:
+    drv_path = store_path(f"{drv_ident}.drv")
+    derivation = is_store_path(drv_path) and conn.execute("SELECT id FROM derivations WHERE digest = ? AND name = ?",
+                                                          path_key(drv_path)).fetchone()
+    if not derivation:
         abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
     policy = request_policy(conn)
     if request.args.get("full", "").lower() == "true":
@@ -2946,19 +3255,25 @@ def show_derivation(drv_ident):
 def derivation_summary(conn, derivation_id):
     """{output_path: {hash: distinct builders}}, every attestation counted (as before policies)."""
     summary = defaultdict(dict)
-    for row in conn.execute(
-            "SELECT output_path, output_hash, COUNT(DISTINCT builder_id) AS builders FROM attestations"
-            " WHERE derivation_id = ? GROUP BY output_path, output_hash ORDER BY output_path", (derivation_id,)):
-        summary[row["output_path"]][row["output_hash"]] = row["builders"]
+    rows = conn.execute(
+        "SELECT store_paths.digest, store_paths.name, attestations.nar_hash, COUNT(DISTINCT attestations.builder_id)"
+        " FROM attestations JOIN store_paths ON store_paths.id = attestations.path_id WHERE attestations.derivation_id = ?"
+        " GROUP BY attestations.path_id, attestations.nar_hash", (derivation_id,))
+    for out_path, nar_hash, builders in sorted((path_text(digest, name), hash_text(nar_hash), builders)
+                                               for digest, name, nar_hash, builders in rows):
+        summary[out_path][nar_hash] = builders
     return summary
 
 
 def derivation_summary_under(conn, derivation_id, policy):
     """{output_path: {"verdict": ..., "hashes": {hash: distinct trusted builders}}} under a policy."""
     builders_by_path = defaultdict(lambda: defaultdict(set))
-    for out_path, output_hash, builder_id in conn.execute(
-            "SELECT output_path, output_hash, builder_id FROM attestations WHERE derivation_id = ?"
-            + policy.attestations_clause() + " ORDER BY output_path", (derivation_id,)):
+    rows = conn.execute(
+        "SELECT store_paths.digest, store_paths.name, attestations.nar_hash, attestations.builder_id FROM attestations"
+        " JOIN store_paths ON store_paths.id = attestations.path_id WHERE attestations.derivation_id = ?"
+        + policy.attestations_clause(), (derivation_id,))
+    for out_path, output_hash, builder_id in sorted((path_text(digest, name), hash_text(nar_hash), builder_id)
+                                                    for digest, name, nar_hash, builder_id in rows):
         if policy.trusts(builder_id):
             builders_by_path[out_path][output_hash].add(builder_id)
     return {out_path: {"verdict": policy.verdict(by_hash), "hashes": {h: len(b) for h, b in by_hash.items()}}
@@ -2985,9 +3300,9 @@ def show_output(basename):
 @routes.get("/builders")
 def list_builders():
     conn = get_db()
-    builders = [{"name": row["name"], "public_keys": [], "attestations": row["attestations"]} for row in conn.execute(
-        "SELECT builders.id, builders.name, (SELECT COUNT(*) FROM attestations WHERE builder_id = builders.id)"
-        " AS attestations FROM builders ORDER BY builders.name")]
+    counts = dict(conn.execute("SELECT builder_id, COUNT(*) FROM attestations GROUP BY builder_id"))
+    builders = [{"name": row["name"], "public_keys": [], "attestations": counts.get(row["id"], 0)}
+                for row in conn.execute("SELECT id, name FROM builders ORDER BY name")]
     keys = defaultdict(list)
     for row in conn.execute("SELECT builders.name, public_key FROM public_keys JOIN builders"
                             " ON builders.id = public_keys.builder_id ORDER BY public_keys.id"):
@@ -3017,12 +3332,10 @@ def builder_narinfo(builder_name, digest):
     builder = find_builder(builder_name)
     if not DIGEST_RE.fullmatch(digest):
         raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
-    # '-' sorts just before '.', so this range is exactly the paths with that hash part.
     row = get_db().execute(
-        ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND attestations.output_path > ?"
-        " AND attestations.output_path < ? AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL"
-        " ORDER BY attestations.id DESC LIMIT 1",
-        (builder["id"], f"{STORE_DIR}/{digest}-", f"{STORE_DIR}/{digest}.")).fetchone()
+        ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND store_paths.digest = ?"
+        " AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL ORDER BY attestations.id DESC LIMIT 1",
+        (builder["id"], digest_of(digest))).fetchone()
     if row is None:
         abort(404, f"{shorten(builder_name)} has no attestation with size and references for {digest}")
     return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")

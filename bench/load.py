@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
 from closure import generate_sbom  # noqa: E402
 from served import memory_kib, start_server  # noqa: E402
+from web import path_key, stored_hash  # noqa: E402
 
 REPORT = "load"
 BATCH_SIZE = 100
@@ -181,13 +182,14 @@ def missing_writes(db, tokens, acknowledged):
     with contextlib.closing(sqlite3.connect(db)) as conn:
         ids = {row[0]: row[1] for row in conn.execute("SELECT name, id FROM builders")}
         builder_ids = [ids[f"load-{number}"] for number in range(len(tokens))]
-        conn.execute("CREATE TEMP TABLE expected (builder_id INTEGER, output_path TEXT, output_hash TEXT)")
-        conn.executemany("INSERT INTO expected VALUES (?, ?, ?)",
-                         ((builder_ids[client], path, nar_hash) for client, path, nar_hash in acknowledged))
+        conn.execute("CREATE TEMP TABLE expected (builder_id INTEGER, digest BLOB, name TEXT, nar_hash BLOB)")
+        conn.executemany("INSERT INTO expected VALUES (?, ?, ?, ?)",
+                         ((builder_ids[client], *path_key(path), stored_hash(nar_hash))
+                          for client, path, nar_hash in acknowledged))
         lost = conn.execute(
-            "SELECT COUNT(*) FROM expected WHERE NOT EXISTS (SELECT 1 FROM attestations a WHERE a.builder_id ="
-            " expected.builder_id AND a.output_path = expected.output_path AND a.output_hash = expected.output_hash)"
-        ).fetchone()[0]
+            "SELECT COUNT(*) FROM expected WHERE NOT EXISTS (SELECT 1 FROM attestations a JOIN store_paths p"
+            " ON p.id = a.path_id WHERE a.builder_id = expected.builder_id AND p.digest = expected.digest"
+            " AND p.name = expected.name AND a.nar_hash = expected.nar_hash)").fetchone()[0]
         stored = conn.execute("SELECT COUNT(*) FROM attestations").fetchone()[0]
         expected = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT * FROM expected)").fetchone()[0]
     return lost, stored - (expected - lost)

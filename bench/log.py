@@ -21,26 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import web  # noqa: E402
+from post_build_hook import nix_base32_encode  # noqa: E402
 from served import start_server  # noqa: E402
 
-SLICE = 50_000
-
-
 def build_log(db, entries):
-    """Attestation rows written directly, then logged by the server's own append_to_log."""
+    """Attestations stored and logged by the server's own store_attestations, a batch at a time."""
     app = web.create_app({"DATABASE": str(db)})
     with app.app_context():
         conn = web.get_db()
         with web.transaction(conn):
-            conn.execute("INSERT INTO builders (name) VALUES ('bench')")
-        for start in range(0, entries, SLICE):
-            with web.transaction(conn):
-                rows = [(f"/nix/store/{number:032d}-bench", "sha256:" + os.urandom(26).hex()[:52], "2026-01-01T00:00:00Z")
-                        for number in range(start, min(start + SLICE, entries))]
-                conn.executemany("INSERT INTO attestations (builder_id, output_path, output_hash, created_at)"
-                                 " VALUES (1, ?, ?, ?)", rows)
-                web.append_to_log(conn, conn.execute(web.LOGGED_COLUMNS + "WHERE attestations.id > ?"
-                                                     " ORDER BY attestations.id", (start,)).fetchall())
+            builder = {"id": conn.execute("INSERT INTO builders (name) VALUES ('bench')").lastrowid, "name": "bench"}
+        for start in range(0, entries, web.MAX_BATCH):
+            items = [{"output_path": f"/nix/store/{number:032d}-bench", "output_hash": "sha256:" + nix_base32_encode(os.urandom(32))}
+                     for number in range(start, min(start + web.MAX_BATCH, entries))]
+            web.store_attestations(conn, builder, web.parse_attestation_list(items, lambda _item, _where: None))
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         web.forget_connection()
 

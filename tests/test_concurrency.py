@@ -9,6 +9,7 @@ import requests
 
 from attestation_samples import (base32_form, basename_of, create_user_in_process, drv_ident, first_generation,
                                  nar_hash_bytes, out_path)
+from post_build_hook import STORE_DIR, nix_base32_encode
 from support import bearer
 
 WRITERS = 8
@@ -76,9 +77,11 @@ def test_eight_concurrent_writers_with_readers_store_everything_without_errors(s
     assert reader_statuses[200] > 0
     assert all(status < 500 for status in reader_statuses), reader_statuses
     with sqlite3.connect(server.db) as conn:
-        stored = set(conn.execute(
-            "SELECT builders.name, attestations.output_path, attestations.output_hash"
-            " FROM attestations JOIN builders ON builders.id = attestations.builder_id"))
+        stored = {(builder, f"{STORE_DIR}/{nix_base32_encode(digest[::-1])}-{name}", "sha256:" + nix_base32_encode(nar_hash))
+                  for builder, digest, name, nar_hash in conn.execute(
+                      "SELECT builders.name, store_paths.digest, store_paths.name, attestations.nar_hash FROM attestations"
+                      " JOIN builders ON builders.id = attestations.builder_id"
+                      " JOIN store_paths ON store_paths.id = attestations.path_id")}
     expected = {(f"builder-{number}", attestation["output_path"], attestation["output_hash"])
                 for number, plan in enumerate(plans) for _ident, attestation in plan}
     assert stored == expected

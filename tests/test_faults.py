@@ -38,7 +38,8 @@ def batch(size, tag):
 
 def count_tagged(db, tag):
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        return conn.execute("SELECT COUNT(*) FROM attestations WHERE output_path LIKE ?", (f"%-{tag}",)).fetchone()[0]
+        return conn.execute("SELECT COUNT(*) FROM attestations JOIN store_paths ON store_paths.id = attestations.path_id"
+                            " WHERE store_paths.name = ?", (tag,)).fetchone()[0]
 
 
 def integrity(db):

@@ -16,7 +16,7 @@ import requests
 import web
 from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
 from support import REPO, ServerProcess, bearer
-from post_build_hook import basename_of, name_of
+from post_build_hook import basename_of, consistency_holds, name_of, nix_base32_encode
 
 TIMEOUT = 30
 ALICE_SECRET, ALICE_PUBLIC = nix_key_pair("alice-1")
@@ -149,6 +149,7 @@ def test_a_signature_stored_before_never_adds_lines_to_the_narinfo_export(migrat
     assert "Injected-line" not in narinfo.text
     assert [line.partition(":")[0] for line in narinfo.text.splitlines()] == [
         "StorePath", "URL", "Compression", "NarHash", "NarSize", "References"]
+    assert [row["output_sig"] for row in stored(server, rows["hostile"]["output_path"])] == [HOSTILE_SIGNATURE]
 
 
 def test_reports_survive_and_render(migrated):
@@ -192,7 +193,8 @@ def test_restarting_a_migrated_server_changes_nothing(migrated):
 def test_existing_attestations_enter_the_transparency_log_once_in_id_order(migrated):
     server, _rows = migrated
     with sqlite3.connect(server.db) as conn:
-        in_id_order = [path for (path,) in conn.execute("SELECT output_path FROM attestations ORDER BY id")]
+        in_id_order = [f"/nix/store/{nix_base32_encode(digest[::-1])}-{name}" for digest, name in conn.execute(
+            "SELECT digest, name FROM attestations JOIN store_paths ON store_paths.id = path_id ORDER BY attestations.id")]
     bundle = requests.get(f"{server.url}/log/tile/entries/000.p/{len(in_id_order)}", timeout=TIMEOUT)
     assert bundle.status_code == 200
     logged = [line.split()[1] for line in bundle.content.decode(errors="replace").split("\n") if line.startswith("output ")]
@@ -226,3 +228,63 @@ def test_an_existing_report_becomes_its_revision_1(migrated):
                          timeout=TIMEOUT).json()
     assert sorted(first["paths"]) == sorted(REPORT_PATHS)
     assert requests.get(f"{server.url}/policies", timeout=TIMEOUT).json() == []
+
+
+# ---------------------------------------------------------------- a database written by version 8
+# tests/data/version-8.sql is a database that the server at schema version 8 filled through its API (verified
+# and unverified attestations, an upgrade that kept its first log entry's bytes, ca, sources, references, a
+# report and a diff); version-8-answers.json is what that server answered about it. See make_version_8_database.py.
+
+DATA = REPO / "tests" / "data"
+
+
+@pytest.fixture
+def version_8(tmp_path):
+    db = tmp_path / "hashes.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript((DATA / "version-8.sql").read_text())
+    server = ServerProcess(db, ["--log-origin", "v8.example.org"]).start()
+    yield server, json.loads((DATA / "version-8-answers.json").read_text())
+    server.stop()
+
+
+def answer(server, asked):
+    accept = {"json": "application/json", "text": "text/plain"}[asked["accept"]]
+    response = requests.get(server.url + asked["path"], headers={"Accept": accept}, timeout=TIMEOUT)
+    return {**asked, "status": response.status_code, "body": base64.b64encode(response.content).decode()}
+
+
+def test_a_version_8_database_answers_every_question_as_version_8_did(version_8):
+    server, recorded = version_8
+    with sqlite3.connect(server.db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == web.SCHEMA_VERSION
+    assert [answer(server, asked) for asked in recorded["answers"]] == recorded["answers"]
+
+
+def test_a_version_8_log_keeps_its_size_and_root(version_8):
+    server, recorded = version_8
+    checkpoint = requests.get(f"{server.url}/log/checkpoint", timeout=TIMEOUT).text.split("\n")[:3]
+    assert checkpoint == recorded["checkpoint"]
+
+
+def test_a_version_8_entry_that_no_longer_rebuilds_keeps_its_bytes(version_8):
+    server, _recorded = version_8
+    with sqlite3.connect(server.db) as conn:
+        kept = conn.execute("SELECT idx, attestation_id FROM log_entries WHERE entry IS NOT NULL").fetchall()
+        relogged = conn.execute("SELECT idx, attestation_id FROM log_entries WHERE entry IS NULL").fetchall()
+    assert kept == [(0, 0)] and relogged == [(2, 0)]  # the upgraded attestation: its first entry, its second
+
+
+def test_a_migrated_log_grows_consistently(version_8):
+    server, recorded = version_8
+    old_size = int(recorded["checkpoint"][1])
+    token = server.create_user("dave")
+    attestation = {"output_path": out_path(), "output_hash": base32_form(nar_hash_bytes())}
+    response = requests.post(f"{server.url}/attestations", json=[attestation], headers=bearer(token), timeout=TIMEOUT)
+    assert response.json()["log_index"] == [old_size]
+    proof = requests.get(f"{server.url}/log/proof/consistency", params={"old": old_size, "size": old_size + 1},
+                         timeout=TIMEOUT).json()["hashes"]
+    new_root = requests.get(f"{server.url}/log/checkpoint", timeout=TIMEOUT).text.split("\n")[2]
+    assert consistency_holds(old_size, old_size + 1, base64.b64decode(recorded["checkpoint"][2]),
+                             base64.b64decode(new_root), [base64.b64decode(hash_) for hash_ in proof])
+    assert [entry["builder"] for entry in stored(server, attestation["output_path"])] == ["dave"]

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from post_build_hook import (COSIGNATURE_KEY_TYPE, Spool, fingerprint, leaf_hash, log_entry, new_submission,
+from post_build_hook import (COSIGNATURE_KEY_TYPE, Spool, fingerprint, leaf_hash, log_entry, new_submission, nix_base32_decode,
                              node_hash, parse_verifier_key, root_from_inclusion_proof, sign_fingerprint, split_note,
                              tile_path, tree_hash)
 from sbom_samples import drv_path, nar_hash, nix_build_sbom, out_path
@@ -77,6 +77,11 @@ def tamper(server, *statements):
             conn.execute(statement)
 
 
+def of_path(path):
+    """SQL: the attestations of this output path (web.py keeps a path as its hash part's big-endian number and name)."""
+    return f"path_id IN (SELECT id FROM store_paths WHERE digest = X'{nix_base32_decode(path[11:43], 20)[::-1].hex()}')"
+
+
 # ---------------------------------------------------------------- formats
 
 def test_entry_is_one_field_per_line_in_the_documented_order():
@@ -140,6 +145,41 @@ def test_upgrading_to_verified_appends_an_entry_and_keeps_the_old_one(start_serv
     assert b"verified 0\n" in before and b"verified 1\n" in bundle[len(before):]
     assert bytes.fromhex(requests.get(server.url + "/log/tile/0/000.p/2", timeout=5).content[:32].hex()) == \
         leaf_hash(before[2:])
+
+
+def signing_builder(server):
+    """(token, attest(path, hash, signed) -> attestation object) of a builder with a registered key."""
+    from nacl.signing import SigningKey
+    seed = SigningKey.generate()
+    secret = "k1:" + base64.b64encode(bytes(seed) + bytes(seed.verify_key)).decode()
+    token = server.create_user("alice", "--public-key", "k1:" + base64.b64encode(bytes(seed.verify_key)).decode())
+
+    def attestation(path, hash_, signed):
+        signature = sign_fingerprint(secret, fingerprint(path, hash_, 5, [])) if signed else ""
+        return {"output_path": path, "output_hash": hash_, "output_sig": signature, "nar_size": 5, "references": []}
+    return token, attestation
+
+
+def test_an_unverified_and_a_verified_copy_in_one_batch_are_one_verified_entry(start_server):
+    server = log_server(start_server)
+    token, attestation = signing_builder(server)
+    path, hash_ = out_path(nonce()), nar_hash(nonce())
+    assert post(server, token, [attestation(path, hash_, False), attestation(path, hash_, True)]) == [0, 0]
+    bundle = requests.get(server.url + "/log/tile/entries/000.p/1", timeout=5).content
+    assert b"verified 1\n" in bundle
+    assert requests.get(server.url + "/log/tile/entries/000.p/2", timeout=5).status_code == 404
+
+
+def test_reposting_an_upgraded_attestation_answers_its_latest_entry(start_server):
+    server = log_server(start_server)
+    token, attestation = signing_builder(server)
+    path, hash_ = out_path(nonce()), nar_hash(nonce())
+    post(server, token, [attestation(out_path(nonce()), nar_hash(nonce()), False)])
+    assert post(server, token, [attestation(path, hash_, False)]) == [1]
+    assert post(server, token, [attestation(path, hash_, True)]) == [2]
+    assert post(server, token, [attestation(path, hash_, False), attestation(path, hash_, True)]) == [2, 2]
+    entries = requests.get(server.url + "/log/tile/entries/000.p/3", timeout=5).content
+    assert entries.count(b"verified 0\n") == 2 and entries.count(b"verified 1\n") == 1
 
 
 def test_checkpoint_is_a_signed_note_by_the_printed_key(start_server):
@@ -270,7 +310,9 @@ def test_deleted_attestation_is_caught_by_audit_and_monitor(start_server, tmp_pa
     server = log_server(start_server)
     env, attestations = audited_builder(server, tmp_path)
     deleted = attestations[2]["output_path"]
-    tamper(server, f"DELETE FROM attestations WHERE output_path = '{deleted}'")
+    # The operator keeps the row's leaf hash, so the tiles still verify, and drops the row.
+    tamper(server, f"INSERT INTO log_entries (idx, leaf_hash) SELECT id, leaf_hash FROM attestations WHERE {of_path(deleted)}",
+           f"DELETE FROM attestations WHERE {of_path(deleted)}")
     audited = run_client(env, "audit")
     assert audited.returncode == 2
     assert "missing entry" in audited.stderr and deleted in audited.stderr
@@ -290,8 +332,10 @@ def test_report_hiding_a_logged_hash_is_caught_by_monitor(start_server, tmp_path
     assert run_client(monitor_env, "monitor", "--report", "r").returncode == 0
     entry = requests.get(server.url + "/log/tile/entries/000.p/1", timeout=5).content[2:]
     with sqlite3.connect(server.db) as conn:  # the log keeps alice's entry, the report forgets her hash
-        conn.execute("UPDATE log_entries SET entry = ? WHERE idx = ?", (entry, index))
-        conn.execute("DELETE FROM attestations WHERE output_path = ? AND output_hash = ?", (closure.root, nar_hash("x")))
+        conn.execute("INSERT OR REPLACE INTO log_entries (idx, leaf_hash, entry) SELECT id, leaf_hash, ? FROM attestations"
+                     " WHERE id = ?", (entry, index))
+        conn.execute(f"DELETE FROM attestations WHERE {of_path(closure.root)} AND nar_hash = ?",
+                     (nix_base32_decode(nar_hash("x")[7:], 32),))
     server.restart()  # the server keeps its report views in memory: a change behind its back shows after a restart
     monitored = run_client(monitor_env, "monitor", "--report", "r")
     assert monitored.returncode == 2
@@ -303,7 +347,8 @@ def test_hash_changed_in_place_is_caught_by_audit_and_monitor(start_server, tmp_
     server = log_server(start_server)
     env, attestations = audited_builder(server, tmp_path)
     path = attestations[1]["output_path"]
-    tamper(server, f"UPDATE attestations SET output_hash = '{nar_hash('forged')}' WHERE output_path = '{path}'")
+    tamper(server, f"UPDATE attestations SET nar_hash = X'{nix_base32_decode(nar_hash('forged')[7:], 32).hex()}'"
+                   f" WHERE {of_path(path)}")
     deliver_as_hook(env, items(1))
     audited = run_client(env, "audit")
     assert audited.returncode == 2
@@ -320,7 +365,8 @@ def test_truncated_log_is_caught_by_audit_and_witness(start_server, tmp_path):
                              HASH_COLLECTION_WITNESS_KEY_FILE=str(key_file))
     env, _attestations = audited_builder(server, tmp_path, count=4)
     assert run_client(witness_env, "witness").returncode == 0
-    tamper(server, "DELETE FROM log_entries WHERE idx >= 2", "DELETE FROM log_checkpoints")
+    tamper(server, "DELETE FROM log_entries WHERE idx >= 2", "DELETE FROM attestations WHERE id >= 2",
+           "DELETE FROM log_checkpoints")
     post(server, server.create_user("mallory"), items(3, label="m"))
     audited = run_client(env, "audit")
     assert audited.returncode == 2
