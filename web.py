@@ -43,7 +43,7 @@ from werkzeug.wsgi import wrap_file
 
 import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
-                             normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
+                             is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, basename_of, name_of, nix_base32_encode, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
