@@ -54,12 +54,17 @@ def nix_base32_encode(raw):
     return "".join(NIX_BASE32[(number >> (5 * n)) & 31] for n in range(length - 1, -1, -1))
 
 
+def nix_base32_number(text):
+    """The number nix base32 text spells; the caller has checked its characters."""
+    return int(text.translate(TO_STANDARD_BASE32), 32)
+
+
 def nix_base32_decode(text, size):
     bad = set(text) - set(NIX_BASE32)
     if bad or not text:
         raise ValueError(f"invalid nix base32 character {min(bad)!r}" if bad else "empty nix base32 string")
     try:
-        return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(size, "little")
+        return nix_base32_number(text).to_bytes(size, "little")
     except OverflowError:
         raise ValueError(f"invalid base-32 hash: it does not decode to exactly {size} bytes") from None
 

@@ -45,7 +45,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, basename_of, name_of, nix_base32_encode, store_path
+from post_build_hook import STORE_PATH_RE, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -353,8 +353,15 @@ def cyclic_gc_paused():
                 gc.enable()
 
 
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"  # how every time the server shows is written: UTC, to the second
+
+
+def iso_time(seconds):
+    return time.strftime(ISO_SECONDS, time.gmtime(seconds))
+
+
 def now_iso():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_time(time.time())
 
 
 # ---------------------------------------------------------------- migrations
@@ -702,7 +709,7 @@ def compact_signature(text):
 
 
 def stored_time(text):
-    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+    return calendar.timegm(time.strptime(text, ISO_SECONDS))
 
 
 VERSION_8_ROWS = VERSION_8_COLUMNS.format(a="v8_attestations", d="v8_derivations", extra="")
@@ -1097,7 +1104,7 @@ PATH_PREFIX = len(STORE_DIR) + 1
 
 def path_key(path):
     """A checked store path -> (digest bytes, name)."""
-    digest = int(path[PATH_PREFIX:PATH_PREFIX + 32].translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
+    digest = nix_base32_number(path[PATH_PREFIX:PATH_PREFIX + 32]).to_bytes(20, "big")
     return digest, path[PATH_PREFIX + 33:]
 
 
@@ -1105,7 +1112,7 @@ def digest_of(text):
     """32 nix base32 characters -> their number in 20 big-endian bytes (which sort as the text does), or None."""
     if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
         return None
-    return int(text.translate(TO_STANDARD_BASE32), 32).to_bytes(20, "big")
+    return nix_base32_number(text).to_bytes(20, "big")
 
 
 def path_text(digest, name):
@@ -1127,7 +1134,7 @@ def stored_hash(text):
     """'sha256:<nix base32>' (normalize_nar_hash's spelling) -> its 32 bytes."""
     if not CANONICAL_SHA256_RE.fullmatch(text):
         raise ValueError(f"not a NAR hash in its one spelling: {shorten(text)!r}")
-    return int(text[7:].translate(TO_STANDARD_BASE32), 32).to_bytes(32, "little")
+    return nix_base32_number(text[7:]).to_bytes(32, "little")
 
 
 def hash_text(value):
@@ -1145,7 +1152,7 @@ def stored_references(references):
 
 
 def stored_time_text(seconds):
-    return seconds if isinstance(seconds, str) else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return seconds if isinstance(seconds, str) else iso_time(seconds)
 
 
 # What a log entry holds and an attestation object shows.
@@ -3972,7 +3979,7 @@ def render_view_job(path, query_string, wanted):
     started = time.time()
     with app.test_request_context(quote(path), query_string=query_string, headers={"Accept": wanted},
                                   environ_base={RENDERING: True}):
-        g.view_as_of = datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        g.view_as_of = iso_time(started)
         g.view_max_stale_s = f"{MAX_STALE_S:g}"
         response = app.full_dispatch_request()
         body = response.get_data()
