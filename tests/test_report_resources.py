@@ -35,8 +35,30 @@ def put(url, token, name, sbom_text, timeout=600):
 
 def unpublished_reports(db):
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT name, (SELECT COUNT(*) FROM report_paths WHERE report_id = reports.id)"
-                            " FROM reports WHERE name LIKE '.%'").fetchall()
+        return unpublished_in(conn)
+
+
+def unpublished_in(conn):
+    return conn.execute("SELECT name, (SELECT COUNT(*) FROM report_paths WHERE report_id = reports.id)"
+                        " FROM reports WHERE name LIKE '.%'").fetchall()
+
+
+def hold_write_lock_once(holder, condition, timeout, what):
+    """Takes the write lock as soon as condition(holder) holds under it: what it saw stays so while held.
+
+    holder has no busy timeout and tries again at once: SQLite's busy handler sleeps for milliseconds,
+    long enough for an upload writing chunk after chunk to take every turn and finish meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # locked: the upload is writing a chunk
+            continue
+        if condition(holder):
+            return
+        holder.execute("ROLLBACK")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ---------------------------------------------------------------- limits
@@ -139,11 +161,11 @@ def test_an_upload_cut_off_by_a_crash_is_removed_at_the_next_start(server):
     token = server.create_user("alice")
     thread = threading.Thread(target=lambda: put_ignoring_errors(server.url, token, "big", tiny_component_sbom(BIG)))
     thread.start()
-    holder = sqlite3.connect(server.db, isolation_level=None)
+    holder = sqlite3.connect(server.db, isolation_level=None, timeout=0)
     try:
-        wait_until(lambda: any(paths for _name, paths in unpublished_reports(server.db)), timeout=120,
-                   what="the first chunk of the upload")
-        holder.execute("BEGIN IMMEDIATE")  # the upload stops at its next chunk: it dies half-written
+        # The upload stops at its next chunk, even one fast enough to finish between two looks: it dies half-written.
+        hold_write_lock_once(holder, lambda conn: any(paths for _name, paths in unpublished_in(conn)), timeout=120,
+                             what="the first chunk of the upload")
         server.kill9()
     finally:
         holder.execute("ROLLBACK") if holder.in_transaction else None
