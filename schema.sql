@@ -113,6 +113,7 @@ CREATE TABLE report_paths (
     component_idx INTEGER NOT NULL,
     output TEXT,
     ca TEXT,  -- "fixed:…" when the upload marks the path fixed-output (path-info's ca)
+    digest BLOB,  -- out_path's digest as store_paths keeps it (web.path_digest), so views join store_paths by index
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
 

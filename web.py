@@ -735,10 +735,16 @@ def migrate_version_8_later_entries(conn):
                      (row["idx"], attestation_id, row["leaf_hash"], entry))
 
 
+def migrate_to_10(conn):
+    """Report paths keep their digest (path_digest's), so views join store_paths by its index."""
+    conn.execute("ALTER TABLE report_paths ADD COLUMN digest BLOB")
+    conn.execute(f"UPDATE report_paths SET digest = nix32_digest(substr(out_path, {PATH_PREFIX + 1}, 32))")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
-              (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9)]
+              (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -1104,8 +1110,12 @@ PATH_PREFIX = len(STORE_DIR) + 1
 
 def path_key(path):
     """A checked store path -> (digest bytes, name)."""
-    digest = nix_base32_number(path[PATH_PREFIX:PATH_PREFIX + 32]).to_bytes(20, "big")
-    return digest, path[PATH_PREFIX + 33:]
+    return path_digest(path), path[PATH_PREFIX + 33:]
+
+
+def path_digest(path):
+    """A checked store path's hash part -> its number in 20 big-endian bytes, as store_paths keeps it."""
+    return nix_base32_number(path[PATH_PREFIX:PATH_PREFIX + 32]).to_bytes(20, "big")
 
 
 def digest_of(text):
@@ -1123,6 +1133,11 @@ def path_match(table, column):
     """SQL: the store_paths row `table` is the path in the text column `column`."""
     return (f"{table}.digest = nix32_digest(substr({column}, {PATH_PREFIX + 1}, 32))"
             f" AND {table}.name = substr({column}, {PATH_PREFIX + 34})")
+
+
+def report_path_match(table):
+    """SQL: the store_paths row `table` is the report path (report_paths.digest is its path_digest)."""
+    return f"{table}.digest = report_paths.digest AND {table}.name = substr(report_paths.out_path, {PATH_PREFIX + 34})"
 
 
 def path_id_condition(column):
@@ -1365,7 +1380,7 @@ def report_verdicts(conn, report_id, policy):
     builders_by_path = {}
     rows = conn.execute(
         "SELECT report_paths.out_path, attestations.nar_hash, attestations.builder_id FROM report_paths"
-        f" LEFT JOIN store_paths ON {path_match('store_paths', 'report_paths.out_path')}"
+        f" LEFT JOIN store_paths ON {report_path_match('store_paths')}"
         " LEFT JOIN attestations ON attestations.path_id = store_paths.id"
         + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
     for out_path, output_hash, builder_id in rows:
@@ -1388,15 +1403,19 @@ def path_verdicts(conn, out_paths, policy):
 
 
 def fixed_output_condition():
-    """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says."""
-    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM store_paths AS fixed JOIN attestations"
-            f" ON attestations.path_id = fixed.id WHERE {path_match('fixed', 'report_paths.out_path')}"
+    """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says.
+
+    For a query that has joined the path's store_paths row (report_path_match): a probe of the few
+    fixed-output attestations' index by its id.
+    """
+    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM attestations WHERE attestations.path_id = store_paths.id"
             " AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
 
 
 def fixed_output_paths(conn, report_id):
     return {row[0] for row in conn.execute(
-        "SELECT out_path FROM report_paths WHERE report_id = ? AND " + fixed_output_condition(), (report_id,))}
+        f"SELECT out_path FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
+        " WHERE report_id = ? AND " + fixed_output_condition(), (report_id,))}
 
 
 def report_labels(conn, report_id, policy):
@@ -2017,8 +2036,9 @@ def write_unpublished_report(conn, report_id, source_type, contents):
         if contents.fixed_output:
             fixed_output, ca = contents.fixed_output.get, "?"
             rows = ((*row, fixed_output(row[0])) for row in rows)
-        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca)"
-                         f" VALUES ({report_id:d}, ?, ?, ?, {ca})", rows)
+        rows = ((*row, path_digest(row[0])) for row in rows)
+        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest)"
+                         f" VALUES ({report_id:d}, ?, ?, ?, {ca}, ?)", rows)
 
 
 def write_sbom(conn, report_id, sbom_text):
@@ -2457,7 +2477,7 @@ def open_questions(conn, report_id, builder, policy, after=None, limit=None):
     trusted = "1" if policy.builder_ids is None else f"attestations.builder_id IN ({','.join(map(str, sorted(policy.builder_ids)))})"
     sql = (f"SELECT report_paths.out_path, COUNT(DISTINCT CASE WHEN {trusted} THEN attestations.builder_id END) AS builders,"
            " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
-           f" LEFT JOIN store_paths ON {path_match('store_paths', 'report_paths.out_path')}"
+           f" LEFT JOIN store_paths ON {report_path_match('store_paths')}"
            " LEFT JOIN attestations ON attestations.path_id = store_paths.id" + policy.attestations_clause() +
            " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
            (" AND report_paths.out_path > ?" if after else "") +

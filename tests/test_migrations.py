@@ -162,6 +162,13 @@ def test_reports_survive_and_render(migrated):
     assert "https://example.org/atomic" not in page.text  # RE2 refuses (?>…): it links nothing
 
 
+def test_report_paths_made_before_keep_their_verdicts(migrated):
+    server, _rows = migrated
+    root, child = REPORT_PATHS
+    report = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/json"}, timeout=TIMEOUT).json()
+    assert report["paths"] == {root: web.ONE_BUILD, child: web.NO_BUILDS}
+
+
 def test_link_patterns_made_before_have_no_owner_and_only_admins_change_them(migrated):
     server, _rows = migrated
     listed = requests.get(f"{server.url}/link_patterns", timeout=TIMEOUT).json()

@@ -77,6 +77,15 @@ def test_same_builder_twice_is_not_reproduced(server, report):
     assert verdicts_of(server)["paths"][library] != web.REPRODUCED
 
 
+def test_attestations_of_another_name_with_the_same_hash_part_count_for_neither(server, report):
+    tokens = {}
+    library = report.out("verdict-lib")
+    namesake = library[:len("/nix/store/") + 33] + "other-name"
+    post_as(server, tokens, "alice", namesake, "good")
+    post_as(server, tokens, "bob", namesake, "good")
+    assert verdicts_of(server)["paths"][library] == web.NO_BUILDS
+
+
 def test_verdict_table_covers_every_label():
     assert {param.values[1] for param in VERDICT_TABLE} == set(web.VERDICTS)
 
