@@ -1375,21 +1375,6 @@ def policy_object(row):
             "owner": row["owner"], "updated_at": row["updated_at"]}
 
 
-def report_verdicts(conn, report_id, policy):
-    """{out_path: verdict} for every path of a report under a policy, from one query."""
-    builders_by_path = {}
-    rows = conn.execute(
-        "SELECT report_paths.out_path, attestations.nar_hash, attestations.builder_id FROM report_paths"
-        f" LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-        " LEFT JOIN attestations ON attestations.path_id = store_paths.id"
-        + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
-    for out_path, output_hash, builder_id in rows:
-        builders_by_hash = builders_by_path.setdefault(out_path, {})
-        if output_hash is not None:
-            builders_by_hash.setdefault(output_hash, set()).add(builder_id)
-    return {path: policy.verdict(builders_by_hash, trusted_only=True) for path, builders_by_hash in builders_by_path.items()}
-
-
 def path_verdicts(conn, out_paths, policy):
     """{out_path: verdict} for any store paths, such as an older revision's, under a policy."""
     builders_by_path = {path: {} for path in out_paths}
@@ -1412,17 +1397,27 @@ def fixed_output_condition():
             " AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
 
 
-def fixed_output_paths(conn, report_id):
-    return {row[0] for row in conn.execute(
-        f"SELECT out_path FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-        " WHERE report_id = ? AND " + fixed_output_condition(), (report_id,))}
-
-
 def report_labels(conn, report_id, policy):
-    """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT."""
-    labels = report_verdicts(conn, report_id, policy)
-    for out_path in fixed_output_paths(conn, report_id):
-        labels[out_path] = FIXED_OUTPUT
+    """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT.
+
+    From one query, in the report's path order; a path without counted attestations is one row.
+    """
+    labels, attested = {}, {}
+    rows = conn.execute(
+        f"SELECT report_paths.out_path, {fixed_output_condition()}, attestations.nar_hash, attestations.builder_id"
+        f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
+        " LEFT JOIN attestations ON attestations.path_id = store_paths.id"
+        + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
+    for out_path, fixed, output_hash, builder_id in rows:
+        if fixed:
+            labels[out_path] = FIXED_OUTPUT
+        elif output_hash is None:
+            labels[out_path] = NO_BUILDS
+        else:
+            labels[out_path] = None  # its verdict below, in this place
+            attested.setdefault(out_path, {}).setdefault(output_hash, set()).add(builder_id)
+    for out_path, builders_by_hash in attested.items():
+        labels[out_path] = policy.verdict(builders_by_hash, trusted_only=True)
     return labels
 
 
