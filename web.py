@@ -3398,6 +3398,10 @@ def put_report(name):
         unchanged = unchanged_revision(conn, existing, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
+        if existing is not None:
+            # Views of the revision this one replaces are forgotten once it is published; their memory,
+            # tens of MiB for a large report, is wanted now, for the parse.
+            current_app.extensions["report_views"].forget_report(existing["id"])
         parse = functools.partial(report_contents, request.mimetype, text, request.args.get("root"),
                                   current_app.config["MAX_REPORT_PATHS"], current_app.config["MAX_REPORT_EDGES"])
         with cyclic_gc_paused():
@@ -3858,6 +3862,11 @@ class ReportViews:
     def forget(self):
         with self.lock:
             self.views = {}
+
+    def forget_report(self, report_id):
+        """Drop a report's views (every key begins with its id) and so their memory."""
+        with self.lock:
+            self.views = {key: view for key, view in self.views.items() if key[0] != report_id}
 
     def start_worker(self):
         """Start the render worker now, so that the first view does not wait for it."""

@@ -1,6 +1,7 @@
 """Cached report views: ETag and 304, a render per change of the report, the trust policy in the key,
 at most MAX_STALE_S of staleness, and the page saying how old it is."""
 import concurrent.futures
+import contextlib
 import threading
 import time
 from datetime import datetime, timezone
@@ -164,6 +165,26 @@ def test_the_index_counts_come_from_the_view_cache(client, tokens, report, monke
     attest(client, tokens("bob"), report.out("cache-lib"), "good")
     assert client.get("/reports", headers=HTML).status_code == 200
     assert len(counted) == 2
+
+
+def test_a_new_revision_is_parsed_without_the_views_of_the_one_it_replaces(client, tokens, report, monkeypatch):
+    other = samples.nix_build_sbom({"other-root": []})
+    assert client.put("/reports/other", json=other.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    for name in ("cached", "other"):
+        assert client.get(f"/reports/{name}", headers=HTML).status_code == 200
+    views = client.application.extensions["report_views"]
+    with contextlib.closing(web.connect(client.application.config["DATABASE"])) as conn:
+        report_ids = {name: web.find_report(conn, name)["id"] for name in ("cached", "other")}
+    kept_during_parse = []
+    parse = web.report_contents
+
+    def noting_parse(*args):
+        kept_during_parse.extend(key[0] for key in views.views)
+        return parse(*args)
+    monkeypatch.setattr(web, "report_contents", noting_parse)
+    changed = samples.nix_build_sbom({**CLOSURE, "cache-root": ["cache-lib", "cache-new"], "cache-new": []})
+    assert client.put("/reports/cached", json=changed.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    assert kept_during_parse == [report_ids["other"]]
 
 
 # ---------------------------------------------------------------- the staleness rule, with a render held back
