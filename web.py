@@ -4036,22 +4036,30 @@ class PathList(NamedTuple):
     markup: Markup
 
 
+# The report page's lists of paths, by the labels they list; reproduced paths are in the tree only.
+PATH_LIST_OF_LABEL = {FIXED_OUTPUT: "fixed_output", NONDETERMINISTIC: "not_reproducible", PARTIALLY: "not_reproducible",
+                      NO_BUILDS: "unchecked", ONE_BUILD: "unchecked"}
+
+
 def report_page(conn, report, components, tree, verdicts, policy, revision, latest, diff_links):
     counts = verdict_counts(verdicts)
     total = sum(counts.values())
     names = {path: component["name"] for component in components for path in component["outputs"]}
     links_of = link_matcher(conn)
     query = policy_query(policy)
+    listed_paths = defaultdict(list)  # in one pass over the verdicts, not one per list
+    for path, label in verdicts.items():
+        listed_paths[PATH_LIST_OF_LABEL.get(label)].append((path, label))
 
-    def listed(labels):
-        entries = [(path, names.get(path), label, links_of(path)) for path, label in verdicts.items() if label in labels]
+    def listed(list_name):
+        entries = [(path, names.get(path), label, links_of(path)) for path, label in listed_paths[list_name]]
         return PathList(len(entries), path_list_markup(entries, query, diff_links))
 
     numbers = headline(counts)
     return streamed_page("report.html", report=report, counts=counts, total=total,
         headline=numbers, headline_sentence=headline_sentence(numbers),
-        bar=verdict_bar(counts, total), fixed_output=listed({FIXED_OUTPUT}),
-        not_reproducible=listed({NONDETERMINISTIC, PARTIALLY}), unchecked=listed({NO_BUILDS, ONE_BUILD}),
+        bar=verdict_bar(counts, total), fixed_output=listed("fixed_output"),
+        not_reproducible=listed("not_reproducible"), unchecked=listed("unchecked"),
         tree_chunks=tree_chunks(tree, components, verdicts, query),
         require_signatures=current_app.config["REQUIRE_SIGNATURES"],
         policy=policy, policy_query=query, revision=revision, latest=latest)
@@ -4135,12 +4143,14 @@ def rendered_nodes(components, verdicts, query=""):
     and after /nix/store/ that allows only [A-Za-z0-9+._?=-].
     """
     nodes, references, query = [], [], escape_html(query)
+    # Each badge's markup after its id, made once per label rather than once per node.
+    after_id = {label: badge_markup(label, "n").removeprefix('<span id="n') + " " for label in REPORT_LABELS}
+    after_id[""] = '"></span>'
     for index, component in enumerate(components):
         outputs = component["outputs"]
         path = outputs[0] if outputs else None
         name = escape_html(component["name"]) if component["name"] else name_of(path) if path else ""
-        label = verdicts.get(path, "")
-        badge = badge_markup(label, f"n{index}") + " " if label else f'<span id="n{index}"></span>'
+        badge = f'<span id="n{index}{after_id[verdicts.get(path, "")]}'
         links = "".join([f' <a href="{output_href(other)}{query}">{name_of(other)}</a>' for other in outputs[1:]])
         node = f'{badge}<a href="{output_href(path)}{query}">{name}</a>{links}' if path else f"{badge}{name}"
         nodes.append(node)
