@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import random
 import re
 import socket
@@ -1608,42 +1609,39 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
 
 
 class ReportRemovals:
-    """Removes replaced copies of reports in threads of their own, after the upload that replaced them has
-    answered: once renamed they are garbage no one can see, and removing 20,000 paths' rows takes longer than
-    the rest of a PUT's writes. Each removal holds its name in UnpublishedReports until done; a process that
-    dies first leaves the name for remove_abandoned_reports at the next start or upload."""
+    """Removes replaced copies of reports in a thread of its own, one after another, after the upload that
+    replaced them has answered: once renamed they are garbage no one can see, and removing 20,000 paths' rows
+    takes longer than the rest of a PUT's writes. A name stays claimed in UnpublishedReports until its copy is
+    gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload."""
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
-        self.lock, self.threads = threading.Lock(), set()
+        self.names = queue.Queue()
+        self.lock, self.thread = threading.Lock(), None
 
     def remove(self, name):
         """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
-        thread = threading.Thread(target=self.run, args=(name,), name=f"remove {name}", daemon=True)
+        self.names.put(name)
         with self.lock:
-            self.threads.add(thread)
-        thread.start()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="remove replaced reports", daemon=True)
+                self.thread.start()
 
-    def run(self, name):
-        try:
-            conn = connect(self.database)
+    def run(self):
+        while True:
+            name = self.names.get()
             try:
-                remove_report(conn, name)
+                with contextlib.closing(connect(self.database)) as conn:
+                    remove_report(conn, name)
+            except sqlite3.Error as error:
+                self.logger.error("could not remove the replaced report %s yet: %s", name, error)
             finally:
-                conn.close()
-        except sqlite3.Error as error:
-            self.logger.error("could not remove the replaced report %s yet: %s", name, error)
-        finally:
-            self.unpublished.release(name)
-            with self.lock:
-                self.threads.discard(threading.current_thread())
+                self.unpublished.release(name)
+                self.names.task_done()
 
     def wait(self):
-        """Until every removal begun so far has ended (tests; a clean shutdown)."""
-        with self.lock:
-            threads = list(self.threads)
-        for thread in threads:
-            thread.join()
+        """Until every removal asked for so far is done (tests)."""
+        self.names.join()
 
 
 class SbomWriter:
