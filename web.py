@@ -18,6 +18,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import random
 import re
 import socket
@@ -160,6 +161,7 @@ def create_app(config=None):
     app.config.setdefault("LOG_KEY_FILE", log_key_from_env() or default_log_key_file(app.config["DATABASE"]))
     app.extensions["report_uploads"] = threading.BoundedSemaphore(app.config["MAX_REPORT_UPLOADS"])
     app.extensions["unpublished_reports"] = UnpublishedReports()
+    app.extensions["report_removals"] = ReportRemovals(app)
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
     app.json.sort_keys = False
@@ -1913,13 +1915,19 @@ class UnpublishedReports:
 
     @contextlib.contextmanager
     def using(self, *names):
-        with self.lock:
-            self.in_use.update(names)
+        self.claim(*names)
         try:
             yield
         finally:
-            with self.lock:
-                self.in_use.difference_update(names)
+            self.release(*names)
+
+    def claim(self, *names):
+        with self.lock:
+            self.in_use.update(names)
+
+    def release(self, *names):
+        with self.lock:
+            self.in_use.difference_update(names)
 
     def abandoned(self, conn):
         names = [row[0] for row in conn.execute("SELECT name FROM reports WHERE name LIKE ?", (UNPUBLISHED_PREFIX + "%",))]
@@ -1943,7 +1951,8 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
     parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (SbomWriter)."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
-    with unpublished.using(staging, replaced):
+    unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
+    with unpublished.using(staging):
         writer = SbomWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
         try:
             source_type, contents = parse()
@@ -1951,15 +1960,55 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
                 revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
                                         contents.names, contents.drv_paths, contents.paths)
                 write_unpublished_report(conn, writer.written(), source_type, contents)
-                number = publish_report(conn, staging, name, owner, replaced, revision)
+                number, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
             finally:
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
         except BaseException:
+            unpublished.release(replaced)
             writer.finished()
             remove_report_if_possible(conn, staging)
             raise
-        remove_report(conn, replaced)
+    if replaced_one:
+        current_app.extensions["report_removals"].remove(replaced)
+    else:
+        unpublished.release(replaced)
     return number
+
+
+class ReportRemovals:
+    """Removes replaced copies of reports in a thread of its own, one after another, after the upload that
+    replaced them has answered: once renamed they are garbage no one can see, and removing 20,000 paths' rows
+    takes longer than the rest of a PUT's writes. A name stays claimed in UnpublishedReports until its copy is
+    gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload."""
+
+    def __init__(self, app):
+        self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
+        self.names = queue.Queue()
+        self.lock, self.thread = threading.Lock(), None
+
+    def remove(self, name):
+        """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
+        self.names.put(name)
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="remove replaced reports", daemon=True)
+                self.thread.start()
+
+    def run(self):
+        while True:
+            name = self.names.get()
+            try:
+                with contextlib.closing(connect(self.database)) as conn:
+                    remove_report(conn, name)
+            except sqlite3.Error as error:
+                self.logger.error("could not remove the replaced report %s yet: %s", name, error)
+            finally:
+                self.unpublished.release(name)
+                self.names.task_done()
+
+    def wait(self):
+        """Until every removal asked for so far is done (tests)."""
+        self.names.join()
 
 
 class SbomWriter:
@@ -2054,7 +2103,8 @@ def sorted_in_runs(rows, run_length=50_000):
 
 def publish_report(conn, staging, name, owner, replaced, revision):
     """Give the written report its name in one short transaction, with the earlier revisions and the new one;
-    the latest revision before it, replaced as the report's own rows, is renamed to `replaced`."""
+    the latest revision before it, replaced as the report's own rows, is renamed to `replaced`.
+    Returns (the new revision's number, whether a report was replaced)."""
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
         staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
@@ -2063,7 +2113,7 @@ def publish_report(conn, staging, name, owner, replaced, revision):
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
             conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
         conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
-        return add_revision(conn, staged_id, revision)
+        return add_revision(conn, staged_id, revision), existing is not None
 
 
 def remove_report(conn, name):
