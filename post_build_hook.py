@@ -131,10 +131,9 @@ CA_HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 def make_store_path(path_type, inner_hash_hex, name):
     """Nix's makeStorePath: the digest is sha256 of '<type>:sha256:<hex>:<store>:<name>' folded to 20 bytes."""
     full = hashlib.sha256(f"{path_type}:sha256:{inner_hash_hex}:{STORE_DIR}:{name}".encode()).digest()
-    folded = bytearray(20)
-    for position, byte in enumerate(full):
-        folded[position % 20] ^= byte
-    return f"{STORE_DIR}/{nix_base32_encode(bytes(folded))}-{name}"
+    # Byte i is XORed into byte i % 20: as little-endian numbers, the last 12 bytes onto the first 12.
+    folded = int.from_bytes(full[:20], "little") ^ int.from_bytes(full[20:], "little")
+    return f"{STORE_DIR}/{nix_base32_encode(folded.to_bytes(20, 'little'))}-{name}"
 
 
 def fixed_output_path(ca, name):
