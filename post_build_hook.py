@@ -86,6 +86,22 @@ def is_store_path(path):
     return isinstance(path, str) and STORE_PATH_RE.fullmatch(path) is not None
 
 
+STORE_PATH_LINES_RE = re.compile(r"(?:" + re.escape(STORE_DIR) + r"/[0123456789abcdfghijklmnpqrsvwxyz]{32}-"
+                                 + NAME_RE.pattern + r"\n)*")
+
+
+def are_store_paths(paths):
+    """Whether every one of these is a store path, as is_store_path says: one match over them all, in C.
+    The count of lines matters: a string with a newline could hold two paths."""
+    if not paths:
+        return True
+    try:
+        lines = "\n".join(paths) + "\n"
+    except TypeError:  # not all strings
+        return False
+    return lines.count("\n") == len(paths) and STORE_PATH_LINES_RE.fullmatch(lines) is not None
+
+
 def parse_store_path(path):
     """Split '/nix/store/<32 chars>-<name>' into (digest, name), or raise ValueError."""
     if not isinstance(path, str) or not path.startswith(STORE_DIR + "/"):

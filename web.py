@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import operator
 import os
 import queue
 import random
@@ -46,7 +47,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import STORE_PATH_RE, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
+from post_build_hook import STORE_PATH_RE, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -1681,16 +1682,47 @@ def path_info_entries(document):
 
 def path_info_items(document):
     """ClosureItems of path-info; references are checked in closure_children, against the paths listed."""
+    items = path_info_in_bulk(document)
+    return items if items is not None else list(path_info_one_by_one(document))
+
+
+def path_info_in_bulk(document):
+    """ClosureItems of Nix 2.8's list when every item is an object with a full store path, a list of references
+    and a full deriver path or none, checked over all items at once; else None, and path_info_one_by_one reads
+    them (newer Nix's basenames) or names what is wrong. Both give the same items for what this accepts."""
+    if type(document) is not list or not all(type(info) is dict for info in document):
+        return None
+    try:
+        paths = [info["path"] for info in document]
+        references = [info["references"] for info in document]
+    except KeyError:
+        return None
+    derivers = [info.get("deriver") for info in document]
+    if not (are_store_paths(paths) and are_store_paths([deriver for deriver in derivers if deriver is not None])
+            and all(type(listed) is list for listed in references)):
+        return None
+    wheres = [f"path-info [{position}]" for position in range(len(paths))]
+    cas = [path_info_ca(info, path, where) if "ca" in info else None for info, path, where in zip(document, paths, wheres)]
+    document.clear()  # as path_info_one_by_one would have: what is not kept goes now
+    return list(map(ClosureItem, paths, references, derivers, cas, wheres))
+
+
+def path_info_one_by_one(document):
     for path_text, info, where in path_info_entries(document):
         path = full_store_path(path_text, where, "path")
         references = field(info, "references", where, kind=list, required=False) or []
         deriver = info.get("deriver")
         deriver = full_store_path(deriver, where, "deriver") if deriver is not None else None
-        ca = info.get("ca")
-        if ca is not None:
-            ca = checked(f"{where}.ca", fixed_content_address, ca)
-            checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
-        yield ClosureItem(path, references, deriver, ca, where)
+        yield ClosureItem(path, references, deriver, path_info_ca(info, path, where), where)
+
+
+def path_info_ca(info, path, where):
+    """The item's ca as "fixed:…" once checked to be the content address of its path; None if it has none."""
+    ca = info.get("ca")
+    if ca is None:
+        return None
+    ca = checked(f"{where}.ca", fixed_content_address, ca)
+    return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
 
 
 def nix_tree_items(text):
@@ -2091,14 +2123,15 @@ def insert_in_chunks(conn, sql, rows):
 
 
 def sorted_in_runs(rows, run_length=50_000):
-    """The rows in order, for index-friendly inserts. Sorted a run at a time and merged lazily:
+    """The rows in order of their first column, for index-friendly inserts; rows with the same first column
+    stay in the order given (the first one is kept). Sorted a run at a time and merged lazily:
     one sort of a million rows would hold the interpreter, and so every other request, for seconds."""
-    starts = range(0, len(rows), run_length)
+    starts, key = range(0, len(rows), run_length), operator.itemgetter(0)
     for start in starts:
-        rows[start:start + run_length] = sorted(rows[start:start + run_length])
+        rows[start:start + run_length] = sorted(rows[start:start + run_length], key=key)
     if len(starts) <= 1:
         return iter(rows)
-    return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts))
+    return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts), key=key)
 
 
 def publish_report(conn, staging, name, owner, replaced, revision):
