@@ -820,10 +820,18 @@ class BadInput(ValueError):
 
 def body_text(limit_key, expected):
     """The request body as text; JSON on the wire is UTF-8 (RFC 8259)."""
+    return utf8_text(body_bytes(limit_key, expected))
+
+
+def body_bytes(limit_key, expected):
     request.max_content_length = current_app.config[limit_key]
     raw = request.get_data(cache=False)
     if not raw:
         raise BadInput(f"empty body: expected {expected}")
+    return raw
+
+
+def utf8_text(raw):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -2075,14 +2083,6 @@ class SbomWriter:
         if self.error is not None:
             raise self.error
         return self.report_id
-
-
-def sbom_sha256(sbom_text):
-    """The SHA-256 of the SBOM's UTF-8 bytes, encoded a piece at a time as write_sbom does."""
-    digest = hashlib.sha256()
-    for start in range(0, len(sbom_text), SBOM_CHARS_PER_PIECE):
-        digest.update(sbom_text[start:start + SBOM_CHARS_PER_PIECE].encode())
-    return digest.hexdigest()
 
 
 def write_unpublished_report(conn, report_id, source_type, contents):
@@ -3461,8 +3461,10 @@ def put_report(name):
         remove_abandoned_reports(conn)
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
-        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
-        digest = sbom_sha256(text)
+        raw = body_bytes("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
+        digest = hashlib.sha256(raw).hexdigest()
+        text = utf8_text(raw)
+        del raw
         unchanged = unchanged_revision(conn, existing, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
@@ -4317,11 +4319,16 @@ def database_file_problem(path):
     return None
 
 
+# Waitress reads a request 8 KiB at a time by default: a report upload of tens of MiB took thousands of
+# reads, each taking the interpreter from the threads that serve requests, before the upload's request began.
+RECV_BYTES = 256 * 1024
+
+
 def bound_server_or_exit(app, host, port, **options):
     """A waitress server already listening: 'serving on' is only printed once the port is ours."""
     from waitress import create_server
     try:
-        return create_server(app, host=host, port=port, **options)
+        return create_server(app, host=host, port=port, recv_bytes=RECV_BYTES, **options)
     except OSError as error:
         sys.exit(f"web.py: cannot listen on {host}:{port}: {error.strerror or error}")
 
