@@ -2041,7 +2041,8 @@ class ReportRemovals:
 
     def run(self):
         # On Linux a thread has a niceness of its own: the next upload's parse, on the request thread, comes first.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REMOVAL_NICENESS)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REMOVAL_NICENESS)
         while True:
             name = self.names.get()
             try:
