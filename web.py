@@ -2263,8 +2263,9 @@ def component_digest(component):
 class KnownComponentIds(dict):
     """{digest: id} of the shared component rows this process has looked up or written. Those rows are never
     changed or deleted, so an id once known stays right; a report's next revision mostly lists the components
-    of the last one, and finds their ids here rather than by thousands of index lookups. Forgotten at LIMIT."""
-    LIMIT = 100_000
+    of the last one, and finds their ids here rather than by thousands of index lookups. Forgotten at LIMIT,
+    which takes about 6 MiB."""
+    LIMIT = 50_000
 
 
 def revision_component_ids(conn, names, drv_paths, paths, known_ids):
