@@ -1543,7 +1543,10 @@ def component_of(raw, ref, index):
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
         candidates = [ref if ref.startswith("/") else store_path(ref)]
-    out_paths = [path for path in dict.fromkeys(candidates) if STORE_PATH_RE.fullmatch(path)]
+    if len(candidates) == 1:  # the usual case, without a list built by a comprehension
+        out_paths = candidates if STORE_PATH_RE.fullmatch(candidates[0]) else []
+    else:
+        out_paths = [path for path in dict.fromkeys(candidates) if STORE_PATH_RE.fullmatch(path)]
     output_names = properties.get("nix:output")
     if len(out_paths) == 1 and output_names:
         outputs = [(out_paths[0], index, output_names[0])]
