@@ -2238,11 +2238,15 @@ def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_path
 
 
 def shared_tree_id(conn, tree_json_text):
-    digest = hashlib.sha256(tree_json_text.encode()).digest()[:16]
+    """The id of the shared row of this tree, written if it is new: a revision mostly keeps its tree's shape."""
+    encoded = tree_json_text.encode()
+    digest = hashlib.sha256(encoded).digest()[:16]
+    found = conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()
+    if found is not None:
+        return found[0]
     with transaction(conn):
         # Level 1: a fifth of level 6's time, for a fifth more bytes.
-        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)",
-                     (digest, zlib.compress(tree_json_text.encode(), 1)))
+        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)", (digest, zlib.compress(encoded, 1)))
         return conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()[0]
 
 
