@@ -2232,7 +2232,7 @@ def check_revision_label(label):
 def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_paths, paths, known_ids=None):
     """A Revision of these components, with their shared rows written (a chunk per transaction).
     known_ids: {digest: id} of shared component rows already known, which this adds to (KnownComponentIds)."""
-    ids = revision_component_ids(conn, names, drv_paths, paths, {} if known_ids is None else known_ids)
+    ids = revision_component_ids(conn, names, drv_paths, paths, KnownComponentIds() if known_ids is None else known_ids)
     path_count = len({out_path for out_path, _index, _output in paths})
     return Revision(label, root, path_count, sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text), now_iso())
 
@@ -2270,9 +2270,15 @@ def component_digest(component):
 class KnownComponentIds(dict):
     """{digest: id} of the shared component rows this process has looked up or written. Those rows are never
     changed or deleted, so an id once known stays right; a report's next revision mostly lists the components
-    of the last one, and finds their ids here rather than by thousands of index lookups. Forgotten at LIMIT,
-    which takes about 6 MiB."""
-    LIMIT = 50_000
+    of the last one, and finds their ids here rather than by thousands of index lookups."""
+    LIMIT = 50_000  # about 6 MiB
+
+    def remember(self, ids):
+        """Keep these ids too: all are forgotten first when they would not fit, and more than LIMIT are not kept."""
+        if len(self) + len(ids) > self.LIMIT:
+            self.clear()
+        if len(ids) <= self.LIMIT:
+            self.update(ids)
 
 
 def revision_component_ids(conn, names, drv_paths, paths, known_ids):
@@ -2281,14 +2287,12 @@ def revision_component_ids(conn, names, drv_paths, paths, known_ids):
     # Another upload may add to known_ids meanwhile, or clear it: what this one found is its own.
     found = {digest: known_ids.get(digest) for digest in digests}
     found.update(shared_component_ids(conn, [digest for digest, known in found.items() if known is None]))
-    missing = [(digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
-               for digest, (name, drv_path, listed) in zip(digests, components) if found[digest] is None]
+    missing = {digest: (digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
+               for digest, (name, drv_path, listed) in zip(digests, components) if found[digest] is None}
     insert_in_chunks(conn, "INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
-                     " VALUES (?, ?, ?, ?)", dict((row[0], row) for row in missing).values())
-    found.update(shared_component_ids(conn, [row[0] for row in missing]))
-    if len(known_ids) + len(found) > KnownComponentIds.LIMIT:
-        known_ids.clear()
-    known_ids.update(found)
+                     " VALUES (?, ?, ?, ?)", missing.values())
+    found.update(shared_component_ids(conn, list(missing)))
+    known_ids.remember(found)
     return [found[digest] for digest in digests]
 
 
