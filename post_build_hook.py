@@ -86,6 +86,22 @@ def is_store_path(path):
     return isinstance(path, str) and STORE_PATH_RE.fullmatch(path) is not None
 
 
+STORE_PATH_LINES_RE = re.compile(r"(?:" + re.escape(STORE_DIR) + r"/[0123456789abcdfghijklmnpqrsvwxyz]{32}-"
+                                 + NAME_RE.pattern + r"\n)*")
+
+
+def are_store_paths(paths):
+    """Whether every one of these is a store path, as is_store_path says: one match over them all, in C.
+    The count of lines matters: a string with a newline could hold two paths."""
+    if not paths:
+        return True
+    try:
+        lines = "\n".join(paths) + "\n"
+    except TypeError:  # not all strings
+        return False
+    return lines.count("\n") == len(paths) and STORE_PATH_LINES_RE.fullmatch(lines) is not None
+
+
 def parse_store_path(path):
     """Split '/nix/store/<32 chars>-<name>' into (digest, name), or raise ValueError."""
     if not isinstance(path, str) or not path.startswith(STORE_DIR + "/"):
@@ -131,10 +147,9 @@ CA_HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 def make_store_path(path_type, inner_hash_hex, name):
     """Nix's makeStorePath: the digest is sha256 of '<type>:sha256:<hex>:<store>:<name>' folded to 20 bytes."""
     full = hashlib.sha256(f"{path_type}:sha256:{inner_hash_hex}:{STORE_DIR}:{name}".encode()).digest()
-    folded = bytearray(20)
-    for position, byte in enumerate(full):
-        folded[position % 20] ^= byte
-    return f"{STORE_DIR}/{nix_base32_encode(bytes(folded))}-{name}"
+    # Byte i is XORed into byte i % 20: as little-endian numbers, the last 12 bytes onto the first 12.
+    folded = int.from_bytes(full[:20], "little") ^ int.from_bytes(full[20:], "little")
+    return f"{STORE_DIR}/{nix_base32_encode(folded.to_bytes(20, 'little'))}-{name}"
 
 
 def fixed_output_path(ca, name):

@@ -17,7 +17,9 @@ import io
 import itertools
 import json
 import multiprocessing
+import operator
 import os
+import queue
 import random
 import re
 import socket
@@ -45,7 +47,7 @@ import re2
 from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fingerprint, is_signature,
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
-from post_build_hook import STORE_PATH_RE, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
+from post_build_hook import STORE_PATH_RE, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
@@ -160,6 +162,8 @@ def create_app(config=None):
     app.config.setdefault("LOG_KEY_FILE", log_key_from_env() or default_log_key_file(app.config["DATABASE"]))
     app.extensions["report_uploads"] = threading.BoundedSemaphore(app.config["MAX_REPORT_UPLOADS"])
     app.extensions["unpublished_reports"] = UnpublishedReports()
+    app.extensions["report_removals"] = ReportRemovals(app)
+    app.extensions["component_ids"] = KnownComponentIds()
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
     app.json.sort_keys = False
@@ -823,10 +827,18 @@ class BadInput(ValueError):
 
 def body_text(limit_key, expected):
     """The request body as text; JSON on the wire is UTF-8 (RFC 8259)."""
+    return utf8_text(body_bytes(limit_key, expected))
+
+
+def body_bytes(limit_key, expected):
     request.max_content_length = current_app.config[limit_key]
     raw = request.get_data(cache=False)
     if not raw:
         raise BadInput(f"empty body: expected {expected}")
+    return raw
+
+
+def utf8_text(raw):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -1545,7 +1557,10 @@ def component_of(raw, ref, index):
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
         candidates = [ref if ref.startswith("/") else store_path(ref)]
-    out_paths = [path for path in dict.fromkeys(candidates) if STORE_PATH_RE.fullmatch(path)]
+    if len(candidates) == 1:  # the usual case, without a list built by a comprehension
+        out_paths = candidates if STORE_PATH_RE.fullmatch(candidates[0]) else []
+    else:
+        out_paths = [path for path in dict.fromkeys(candidates) if STORE_PATH_RE.fullmatch(path)]
     output_names = properties.get("nix:output")
     if len(out_paths) == 1 and output_names:
         outputs = [(out_paths[0], index, output_names[0])]
@@ -1693,16 +1708,47 @@ def path_info_entries(document):
 
 def path_info_items(document):
     """ClosureItems of path-info; references are checked in closure_children, against the paths listed."""
+    items = path_info_in_bulk(document)
+    return items if items is not None else list(path_info_one_by_one(document))
+
+
+def path_info_in_bulk(document):
+    """ClosureItems of Nix 2.8's list when every item is an object with a full store path, a list of references
+    and a full deriver path or none, checked over all items at once; else None, and path_info_one_by_one reads
+    them (newer Nix's basenames) or names what is wrong. Both give the same items for what this accepts."""
+    if type(document) is not list or not all(type(info) is dict for info in document):
+        return None
+    try:
+        paths = [info["path"] for info in document]
+        references = [info["references"] for info in document]
+    except KeyError:
+        return None
+    derivers = [info.get("deriver") for info in document]
+    if not (are_store_paths(paths) and are_store_paths([deriver for deriver in derivers if deriver is not None])
+            and all(type(listed) is list for listed in references)):
+        return None
+    wheres = [f"path-info [{position}]" for position in range(len(paths))]
+    cas = [path_info_ca(info, path, where) if "ca" in info else None for info, path, where in zip(document, paths, wheres)]
+    document.clear()  # as path_info_one_by_one would have: what is not kept goes now
+    return list(map(ClosureItem, paths, references, derivers, cas, wheres))
+
+
+def path_info_one_by_one(document):
     for path_text, info, where in path_info_entries(document):
         path = full_store_path(path_text, where, "path")
         references = field(info, "references", where, kind=list, required=False) or []
         deriver = info.get("deriver")
         deriver = full_store_path(deriver, where, "deriver") if deriver is not None else None
-        ca = info.get("ca")
-        if ca is not None:
-            ca = checked(f"{where}.ca", fixed_content_address, ca)
-            checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
-        yield ClosureItem(path, references, deriver, ca, where)
+        yield ClosureItem(path, references, deriver, path_info_ca(info, path, where), where)
+
+
+def path_info_ca(info, path, where):
+    """The item's ca as "fixed:…" once checked to be the content address of its path; None if it has none."""
+    ca = info.get("ca")
+    if ca is None:
+        return None
+    ca = checked(f"{where}.ca", fixed_content_address, ca)
+    return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
 
 
 def nix_tree_items(text):
@@ -1927,13 +1973,19 @@ class UnpublishedReports:
 
     @contextlib.contextmanager
     def using(self, *names):
-        with self.lock:
-            self.in_use.update(names)
+        self.claim(*names)
         try:
             yield
         finally:
-            with self.lock:
-                self.in_use.difference_update(names)
+            self.release(*names)
+
+    def claim(self, *names):
+        with self.lock:
+            self.in_use.update(names)
+
+    def release(self, *names):
+        with self.lock:
+            self.in_use.difference_update(names)
 
     def abandoned(self, conn):
         names = [row[0] for row in conn.execute("SELECT name FROM reports WHERE name LIKE ?", (UNPUBLISHED_PREFIX + "%",))]
@@ -1957,23 +2009,71 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
     parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (SbomWriter)."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
-    with unpublished.using(staging, replaced):
+    unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
+    with unpublished.using(staging):
         writer = SbomWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
         try:
             source_type, contents = parse()
             try:
                 revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
-                                        contents.names, contents.drv_paths, contents.paths)
+                                        contents.names, contents.drv_paths, contents.paths,
+                                        current_app.extensions["component_ids"])
                 write_unpublished_report(conn, writer.written(), source_type, contents)
-                number = publish_report(conn, staging, name, owner, replaced, revision)
+                number, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
             finally:
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
         except BaseException:
+            unpublished.release(replaced)
             writer.finished()
             remove_report_if_possible(conn, staging)
             raise
-        remove_report(conn, replaced)
+    if replaced_one:
+        current_app.extensions["report_removals"].remove(replaced)
+    else:
+        unpublished.release(replaced)
     return number
+
+
+REMOVAL_NICENESS = 10
+
+
+class ReportRemovals:
+    """Removes replaced copies of reports in a thread of its own, one after another, after the upload that
+    replaced them has answered: once renamed they are garbage no one can see, and removing 20,000 paths' rows
+    takes longer than the rest of a PUT's writes. A name stays claimed in UnpublishedReports until its copy is
+    gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload."""
+
+    def __init__(self, app):
+        self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
+        self.names = queue.Queue()
+        self.lock, self.thread = threading.Lock(), None
+
+    def remove(self, name):
+        """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
+        self.names.put(name)
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="remove replaced reports", daemon=True)
+                self.thread.start()
+
+    def run(self):
+        # On Linux a thread has a niceness of its own: the next upload's parse, on the request thread, comes first.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REMOVAL_NICENESS)
+        while True:
+            name = self.names.get()
+            try:
+                with contextlib.closing(connect(self.database)) as conn:
+                    remove_report(conn, name)
+            except sqlite3.Error as error:
+                self.logger.error("could not remove the replaced report %s yet: %s", name, error)
+            finally:
+                self.unpublished.release(name)
+                self.names.task_done()
+
+    def wait(self):
+        """Until every removal asked for so far is done (tests)."""
+        self.names.join()
 
 
 class SbomWriter:
@@ -2008,14 +2108,6 @@ class SbomWriter:
         if self.error is not None:
             raise self.error
         return self.report_id
-
-
-def sbom_sha256(sbom_text):
-    """The SHA-256 of the SBOM's UTF-8 bytes, encoded a piece at a time as write_sbom does."""
-    digest = hashlib.sha256()
-    for start in range(0, len(sbom_text), SBOM_CHARS_PER_PIECE):
-        digest.update(sbom_text[start:start + SBOM_CHARS_PER_PIECE].encode())
-    return digest.hexdigest()
 
 
 def write_unpublished_report(conn, report_id, source_type, contents):
@@ -2057,19 +2149,21 @@ def insert_in_chunks(conn, sql, rows):
 
 
 def sorted_in_runs(rows, run_length=50_000):
-    """The rows in order, for index-friendly inserts. Sorted a run at a time and merged lazily:
+    """The rows in order of their first column, for index-friendly inserts; rows with the same first column
+    stay in the order given (the first one is kept). Sorted a run at a time and merged lazily:
     one sort of a million rows would hold the interpreter, and so every other request, for seconds."""
-    starts = range(0, len(rows), run_length)
+    starts, key = range(0, len(rows), run_length), operator.itemgetter(0)
     for start in starts:
-        rows[start:start + run_length] = sorted(rows[start:start + run_length])
+        rows[start:start + run_length] = sorted(rows[start:start + run_length], key=key)
     if len(starts) <= 1:
         return iter(rows)
-    return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts))
+    return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts), key=key)
 
 
 def publish_report(conn, staging, name, owner, replaced, revision):
     """Give the written report its name in one short transaction, with the earlier revisions and the new one;
-    the latest revision before it, replaced as the report's own rows, is renamed to `replaced`."""
+    the latest revision before it, replaced as the report's own rows, is renamed to `replaced`.
+    Returns (the new revision's number, whether a report was replaced)."""
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
         staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
@@ -2078,7 +2172,7 @@ def publish_report(conn, staging, name, owner, replaced, revision):
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
             conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
         conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
-        return add_revision(conn, staged_id, revision)
+        return add_revision(conn, staged_id, revision), existing is not None
 
 
 def remove_report(conn, name):
@@ -2088,15 +2182,23 @@ def remove_report(conn, name):
         return
     for table, key, per_transaction in (("report_sbom_pieces", "seq", 1), ("report_paths", "out_path", ROWS_PER_TRANSACTION),
                                         ("report_components", "idx", ROWS_PER_TRANSACTION)):
-        deleted = per_transaction
-        while deleted == per_transaction:
-            with transaction(conn):
-                deleted = conn.execute(
-                    f"DELETE FROM {table} WHERE report_id = ? AND {key} IN"
-                    f" (SELECT {key} FROM {table} WHERE report_id = ? LIMIT ?)",
-                    (report["id"], report["id"], per_transaction)).rowcount
+        while remove_first_rows(conn, table, key, report["id"], per_transaction):
+            pass
     with transaction(conn):
         conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
+
+
+def remove_first_rows(conn, table, key, report_id, count):
+    """Delete a report's first `count` rows of a table in key order, as one range of its primary key (a range
+    is deleted in half the time of a list of keys); whether any rows are left."""
+    with transaction(conn):
+        last = conn.execute(f"SELECT {key} FROM {table} WHERE report_id = ? ORDER BY {key} LIMIT 1 OFFSET ?",
+                            (report_id, count - 1)).fetchone()
+        if last is None:
+            conn.execute(f"DELETE FROM {table} WHERE report_id = ?", (report_id,))
+            return False
+        conn.execute(f"DELETE FROM {table} WHERE report_id = ? AND {key} <= ?", (report_id, last[0]))
+        return True
 
 
 def remove_report_if_possible(conn, name):
@@ -2142,42 +2244,71 @@ def check_revision_label(label):
     return label
 
 
-def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_paths, paths):
-    """A Revision of these components, with their shared rows written (a chunk per transaction)."""
-    ids = revision_component_ids(conn, names, drv_paths, paths)
+def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_paths, paths, known_ids=None):
+    """A Revision of these components, with their shared rows written (a chunk per transaction).
+    known_ids: {digest: id} of shared component rows already known, which this adds to (KnownComponentIds)."""
+    ids = revision_component_ids(conn, names, drv_paths, paths, KnownComponentIds() if known_ids is None else known_ids)
     path_count = len({out_path for out_path, _index, _output in paths})
     return Revision(label, root, path_count, sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text), now_iso())
 
 
 def shared_tree_id(conn, tree_json_text):
-    digest = hashlib.sha256(tree_json_text.encode()).digest()[:16]
+    """The id of the shared row of this tree, written if it is new: a revision mostly keeps its tree's shape."""
+    encoded = tree_json_text.encode()
+    digest = hashlib.sha256(encoded).digest()[:16]
+    found = conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()
+    if found is not None:
+        return found[0]
     with transaction(conn):
         # Level 1: a fifth of level 6's time, for a fifth more bytes.
-        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)",
-                     (digest, zlib.compress(tree_json_text.encode(), 1)))
+        conn.execute("INSERT OR IGNORE INTO revision_trees (digest, tree) VALUES (?, ?)", (digest, zlib.compress(encoded, 1)))
         return conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()[0]
 
 
-def component_rows(names, drv_paths, paths):
-    """(digest, name, drv_path, [(out_path, output)]) of each component: the digest names its shared row.
-    repr, not JSON, spells what is hashed: it is unambiguous too, and several times faster."""
+def component_outputs(names, paths):
+    """[(out_path, output)] of each component, sorted."""
     outputs = [[] for _ in names]
     for out_path, index, output in paths:
         outputs[index].append((out_path, output))
-    for name, drv_path, listed in zip(names, drv_paths, outputs):
-        listed.sort()
-        yield hashlib.sha256(repr((name, drv_path, listed)).encode()).digest()[:16], name, drv_path, listed
+    for listed in outputs:
+        if len(listed) > 1:
+            listed.sort()
+    return outputs
 
 
-def revision_component_ids(conn, names, drv_paths, paths):
-    rows = list(component_rows(names, drv_paths, paths))
-    ids = shared_component_ids(conn, [row[0] for row in rows])
-    missing = [(digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
-               for digest, name, drv_path, listed in {row[0]: row for row in rows if row[0] not in ids}.values()]
+def component_digest(component):
+    """The digest that names the shared row of a component (name, drv_path, [(out_path, output)]).
+    repr, not JSON, spells what is hashed: it is unambiguous too, and several times faster."""
+    return hashlib.sha256(repr(component).encode()).digest()[:16]
+
+
+class KnownComponentIds(dict):
+    """{digest: id} of the shared component rows this process has looked up or written. Those rows are never
+    changed or deleted, so an id once known stays right; a report's next revision mostly lists the components
+    of the last one, and finds their ids here rather than by thousands of index lookups."""
+    LIMIT = 50_000  # about 6 MiB
+
+    def remember(self, ids):
+        """Keep these ids too: all are forgotten first when they would not fit, and more than LIMIT are not kept."""
+        if len(self) + len(ids) > self.LIMIT:
+            self.clear()
+        if len(ids) <= self.LIMIT:
+            self.update(ids)
+
+
+def revision_component_ids(conn, names, drv_paths, paths, known_ids):
+    components = list(zip(names, drv_paths, component_outputs(names, paths)))
+    digests = list(map(component_digest, components))
+    # Another upload may add to known_ids meanwhile, or clear it: what this one found is its own.
+    found = {digest: known_ids.get(digest) for digest in digests}
+    found.update(shared_component_ids(conn, [digest for digest, known in found.items() if known is None]))
+    missing = {digest: (digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
+               for digest, (name, drv_path, listed) in zip(digests, components) if found[digest] is None}
     insert_in_chunks(conn, "INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
-                     " VALUES (?, ?, ?, ?)", missing)
-    ids.update(shared_component_ids(conn, [row[0] for row in missing]))
-    return [ids[row[0]] for row in rows]
+                     " VALUES (?, ?, ?, ?)", missing.values())
+    found.update(shared_component_ids(conn, list(missing)))
+    known_ids.remember(found)
+    return [found[digest] for digest in digests]
 
 
 def shared_component_ids(conn, digests):
@@ -3393,8 +3524,10 @@ def put_report(name):
         remove_abandoned_reports(conn)
         # Only the text is kept while parsing, not the uploaded bytes too: UTF-8 text
         # encodes back to exactly those bytes, and a large SBOM's peak memory is lower.
-        text = body_text("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
-        digest = sbom_sha256(text)
+        raw = body_bytes("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
+        digest = hashlib.sha256(raw).hexdigest()
+        text = utf8_text(raw)
+        del raw
         unchanged = unchanged_revision(conn, existing, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
@@ -4268,11 +4401,16 @@ def database_file_problem(path):
     return None
 
 
+# Waitress reads a request 8 KiB at a time by default: a report upload of tens of MiB took thousands of
+# reads, each taking the interpreter from the threads that serve requests, before the upload's request began.
+RECV_BYTES = 256 * 1024
+
+
 def bound_server_or_exit(app, host, port, **options):
     """A waitress server already listening: 'serving on' is only printed once the port is ours."""
     from waitress import create_server
     try:
-        return create_server(app, host=host, port=port, **options)
+        return create_server(app, host=host, port=port, recv_bytes=RECV_BYTES, **options)
     except OSError as error:
         sys.exit(f"web.py: cannot listen on {host}:{port}: {error.strerror or error}")
 

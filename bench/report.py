@@ -11,6 +11,8 @@ prints each time and its ratio to json.load; then json.load and PUT of the same 
 memory (VmHWM) from /proc/<pid>/status at the end.
 
 Every timed PUT really writes: each has a new revision label (the same body again without one is a no-op).
+Each format's PUT is timed twice: as a new revision of an existing report (whose replaced copy is removed),
+and as a new report under a name not used before.
 Every timed GET is cold: the first view of that report and format after an untimed PUT of a new revision,
 so a server that caches views still renders each one that is timed.
 
@@ -167,14 +169,21 @@ def run(args, directory):
                 with open(path_info_file, "rb") as path_info_stream:
                     json.load(path_info_stream)
 
-            def put_path_info():
-                put(raw_path_info, report_url + "-path-info", "application/x-nix-path-info+json")
+            def put_path_info(target=report_url + "-path-info"):
+                put(raw_path_info, target, "application/x-nix-path-info+json")
 
+            new_names = itertools.count(1)
+
+            def new_report_url():
+                return f"{report_url}-new-{next(new_names)}"
+
+            put_path_info()  # as with the SBOM, the timed PUTs below add revisions to a report that exists
             baseline = median_time(args.repeat, load)
             path_info_baseline = median_time(args.repeat, load_path_info)
             put()  # the report must exist before the GETs; the timed PUTs below redefine it
             rows = [("json.load", baseline, None),
-                    ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET)]
+                    ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET),
+                    ("PUT of a new report", median_time(args.repeat, lambda: put(target=new_report_url())), PUT_TARGET)]
             # Every view is cold: the first of that report and format after a new revision (untimed) changed it.
             rows += [(f"cold GET as {what}", median_time(args.repeat, get_as(accept), put), GET_TARGET)
                      for what, accept in VIEWS]
@@ -185,7 +194,9 @@ def run(args, directory):
             rows.append(("cold GET /changes", median_time(args.repeat, changes, two_revisions), CHANGES_TARGET))
             rows = [(*row, baseline) for row in rows] + [
                 ("json.load of path-info", path_info_baseline, None, path_info_baseline),
-                ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline)]
+                ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline),
+                ("PUT path-info of a new report", median_time(args.repeat, lambda: put_path_info(new_report_url())),
+                 PATH_INFO_TARGET, path_info_baseline)]
         rss = memory_kib(process.pid, "VmHWM") / 1024
     finally:
         process.terminate()

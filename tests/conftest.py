@@ -51,7 +51,9 @@ def start_server(tmp_path):
 @pytest.fixture
 def app(tmp_path):
     import web
-    return web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True})
+    app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True})
+    yield app
+    app.extensions["report_removals"].wait()  # replaced reports are removed after the PUT has answered
 
 
 @pytest.fixture

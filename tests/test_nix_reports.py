@@ -111,6 +111,11 @@ BAD_UPLOADS = [
     ("application/x-nix-path-info+json", [{"path": TOP, "references": [TOP, 7]}], "path-info [0].references[1]"),
     ("application/x-nix-path-info+json", [{"path": TOP, "references": [[TOP]]}], "path-info [0].references[0]"),
     ("application/x-nix-path-info+json", {TOP: {"references": ["not-a-basename"]}}, ".references[0]: expected a store path"),
+    # Two store paths in one string: the paths are checked together, joined by newlines.
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": []}, {"path": f"{DEP}\n{SRC}", "references": []}],
+     "path-info [1].path"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [], "deriver": TOP_DRV},
+                                          {"path": DEP, "references": [], "deriver": "dep.drv"}], "path-info [1].deriver"),
     ("text/x-nix-paths", f"{TOP}\nhello\n", "line 2"),
     ("text/x-nix-paths", f"{TOP_DRV}\n", "lists only .drv"),
     ("text/csv", "a,b\n", "Content-Type"),
@@ -127,6 +132,12 @@ def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(app, c
     assert named in response.get_json()["error"]
     assert client.get("/reports/bad", headers=JSON).status_code == 404
     assert database_dump(app) == before
+
+
+def test_path_info_read_in_bulk_gives_the_items_read_one_by_one():
+    in_bulk = web.path_info_in_bulk(nix_28_path_info())
+    assert in_bulk is not None and any(item.ca for item in in_bulk)
+    assert in_bulk == list(web.path_info_one_by_one(nix_28_path_info()))
 
 
 def database_dump(app):

@@ -7,6 +7,7 @@ import pytest
 import requests
 
 import sbom_samples as samples
+import web
 from support import bearer
 
 JSON = {"Accept": "application/json"}
@@ -60,12 +61,43 @@ def test_redefinition_keeps_one_report_of_that_name(client, tokens, defined):
 
 def test_redefinition_leaves_no_rows_of_the_old_report(app, client, tokens, defined):
     client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+    app.extensions["report_removals"].wait()  # the replaced copy goes after the PUT has answered
     conn = sqlite3.connect(app.config["DATABASE"])
     try:
         stored = {row[0] for row in conn.execute("SELECT out_path FROM report_paths")}
     finally:
         conn.close()
     assert stored == SECOND.all_paths
+
+
+def test_replaced_copies_are_removed_whole_a_chunk_of_rows_at_a_time(app, client, tokens, monkeypatch):
+    """SECOND has 3 components and paths, FIRST 2: removed 2 rows per transaction, one copy leaves a partial
+    last chunk and the other none."""
+    monkeypatch.setattr(web, "ROWS_PER_TRANSACTION", 2)
+    for sbom in (SECOND.sbom, FIRST.sbom, SECOND.sbom):
+        assert client.put("/reports/life", json=sbom, headers=bearer(tokens("owner"))).status_code == 200
+        app.extensions["report_removals"].wait()
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        rows = {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("reports", "report_components", "report_paths", "report_sbom_pieces")}
+    finally:
+        conn.close()
+    assert rows == {"reports": 1, "report_components": 3, "report_paths": 3, "report_sbom_pieces": 1}
+
+
+def test_a_replaced_copy_a_crash_left_behind_is_removed_by_the_next_upload(app, client, tokens, defined):
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        with conn:  # what a process that died before ReportRemovals finished leaves: the old copy, renamed
+            conn.execute("UPDATE reports SET name = '.replaced-crashed' WHERE name = 'life'")
+        client.put("/reports/other", json=SECOND.sbom, headers=bearer(tokens("owner")))
+        app.extensions["report_removals"].wait()
+        names = [row[0] for row in conn.execute("SELECT name FROM reports")]
+        paths = {row[0] for row in conn.execute("SELECT out_path FROM report_paths")}
+    finally:
+        conn.close()
+    assert (names, paths) == (["other"], SECOND.all_paths)
 
 
 def test_redefinition_by_another_builder_is_403_and_changes_nothing(app, client, tokens, defined):

@@ -188,3 +188,28 @@ def test_the_history_chart_escapes_labels_in_chromium(server):
             assert HOSTILE_LABEL in chart.locator("circle.point").nth(1).locator("title").text_content()
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- remembered component ids
+
+def test_remembered_component_ids_are_forgotten_rather_than_grow_past_their_limit(monkeypatch):
+    monkeypatch.setattr(web.KnownComponentIds, "LIMIT", 3)
+    known = web.KnownComponentIds()
+    known.remember({b"a": 1, b"b": 2})
+    known.remember({b"c": 3, b"d": 4})
+    assert known == {b"c": 3, b"d": 4}
+    known.remember({b"e": 5, b"f": 6, b"g": 7, b"h": 8})
+    assert known == {}
+
+
+@pytest.mark.parametrize("limit", [2, 50_000], ids=["forgotten", "remembered"])
+def test_every_revision_lists_its_own_paths_whether_component_ids_are_remembered_or_not(client, tokens, monkeypatch, limit):
+    monkeypatch.setattr(web.KnownComponentIds, "LIMIT", limit)
+    owner = tokens("owner")
+    for number, edges in enumerate(REVISIONS + REVISIONS[:1], start=1):
+        response = client.put("/reports/revised", json=closure_of(edges).sbom, query_string={"revision": f"r{number}"},
+                              headers=bearer(owner))
+        assert response.status_code == 200, response.get_json()
+    for number, edges in enumerate(REVISIONS + REVISIONS[:1], start=1):
+        shown = client.get("/reports/revised", query_string={"revision": str(number)}, headers=JSON).get_json()
+        assert set(shown["paths"]) == {samples.out_path(name) for name in edges}
