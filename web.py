@@ -2365,12 +2365,19 @@ def find_revision(conn, report, wanted):
     return row
 
 
-def revision_components(conn, revision_id):
-    """[{name, drv_path, outputs: [out_path]}] of a revision, by component index, from the shared rows."""
-    (blob,) = conn.execute("SELECT component_ids FROM report_revisions WHERE id = ?", (revision_id,)).fetchone()
-    ids = unpacked_ids(blob)
-    by_id = shared_components(conn, set(ids))
-    return [by_id[component_id] for component_id in ids]
+def revision_components(conn, *revision_ids):
+    """[{name, drv_path, outputs: [out_path]}] of each revision, by component index, from one read of the
+    shared rows they list: two revisions of a report mostly list the same ones."""
+    id_lists = revision_id_lists(conn, revision_ids)
+    by_id = shared_components(conn, set().union(*id_lists))
+    return [[by_id[component_id] for component_id in ids] for ids in id_lists]
+
+
+def revision_id_lists(conn, revision_ids):
+    """The shared component ids each revision lists, in the order of revision_ids."""
+    blobs = dict(conn.execute("SELECT id, component_ids FROM report_revisions WHERE id IN (SELECT value FROM json_each(?))",
+                              (json.dumps(list(revision_ids)),)).fetchall())
+    return [unpacked_ids(blobs[revision_id]) for revision_id in revision_ids]
 
 
 def shared_components(conn, ids):
@@ -2392,9 +2399,7 @@ def revision_tree(conn, revision_id):
 
 def revision_counts(conn, revisions, policy):
     """(revision, verdict counts as of now) for each revision: one lookup of every path any of them lists."""
-    id_lists = [unpacked_ids(blob) for (blob,) in conn.execute(
-        "SELECT component_ids FROM report_revisions WHERE id IN (SELECT value FROM json_each(?)) ORDER BY number",
-        (json.dumps([revision["id"] for revision in revisions]),))]
+    id_lists = revision_id_lists(conn, [revision["id"] for revision in revisions])
     components = shared_components(conn, set().union(*id_lists))
     verdicts = path_verdicts(conn, list({path for component in components.values() for path in component["outputs"]}),
                              policy)
@@ -2443,8 +2448,7 @@ def unique_by_key(out_paths, names):
 def revision_changes(conn, old, new, policy):
     """Paths added and removed from revision `old` to `new`, and their pairs by name, as regressions,
     fixes (reproduced before and not now, or the reverse) and unchanged; verdicts as of now."""
-    old_names = component_of_paths(revision_components(conn, old["id"]))
-    new_names = component_of_paths(revision_components(conn, new["id"]))
+    old_names, new_names = map(component_of_paths, revision_components(conn, old["id"], new["id"]))
     added = sorted(new_names.keys() - old_names.keys())
     removed = sorted(old_names.keys() - new_names.keys())
     verdicts = path_verdicts(conn, added + removed, policy)
@@ -3603,7 +3607,7 @@ def show_older_revision(conn, report, revision, latest, policy, wanted):
         abort(410, f"report {report['name']!r} keeps the SBOM of its latest revision ({latest['number']}) only;"
                    f" revision {revision['number']} keeps its paths and tree")
     with cyclic_gc_paused():
-        components = revision_components(conn, revision["id"])
+        (components,) = revision_components(conn, revision["id"])
         out_paths = [out_path for component in components for out_path in component["outputs"]]
         verdicts = path_verdicts(conn, out_paths, policy)
         diffs = paths_diffs(conn, out_paths)
