@@ -1266,9 +1266,13 @@ class Policy(NamedTuple):
     def attestations_clause(self, trusted_only=False):
         """The SQL side of is_counted (and with trusted_only, of trusts), to append to a join condition on attestations."""
         verified = " AND attestations.verified = 1" if self.verified_only else ""
-        if not trusted_only or self.builder_ids is None:
-            return verified
-        return verified + f" AND attestations.builder_id IN ({','.join(map(str, sorted(self.builder_ids)))})"
+        return verified + self.trusted_clause() if trusted_only else verified
+
+    def trusted_clause(self):
+        """The SQL side of trusts, to append to a condition on attestations ('' when every builder is trusted)."""
+        if self.builder_ids is None:
+            return ""
+        return f" AND attestations.builder_id IN ({','.join(map(str, sorted(self.builder_ids)))})"
 
     def is_counted(self, attestation):
         return bool(attestation["verified"]) or not self.verified_only
@@ -2604,19 +2608,21 @@ def open_questions(conn, report_id, builder, policy, after=None, limit=None):
     attested them, and the caller did not. Returns rows (out_path, builders), ordered by out_path.
     """
     caller = builder["id"] if builder is not None else -1
-    trusted = "1" if policy.builder_ids is None else f"attestations.builder_id IN ({','.join(map(str, sorted(policy.builder_ids)))})"
-    sql = (f"SELECT report_paths.out_path, COUNT(DISTINCT CASE WHEN {trusted} THEN attestations.builder_id END) AS builders,"
-           " COALESCE(MAX(attestations.builder_id = ?), 0) AS mine FROM report_paths"
-           f" LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-           " LEFT JOIN attestations ON attestations.path_id = store_paths.id" + policy.attestations_clause() +
+    # A count per path through the attestations index, not a GROUP BY over the joined attestations:
+    # the grouping's temporary b-trees cost as much as the rest of the query.
+    counted = "FROM attestations WHERE attestations.path_id = store_paths.id" + policy.attestations_clause()
+    sql = (f"SELECT report_paths.out_path, (SELECT COUNT(DISTINCT attestations.builder_id) {counted}"
+           f"{policy.trusted_clause()}) AS builders"
+           f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
            " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
+           f" AND NOT EXISTS (SELECT 1 {counted} AND attestations.builder_id = ?)" +
            (" AND report_paths.out_path > ?" if after else "") +
-           " GROUP BY report_paths.out_path HAVING builders < ? AND mine = 0 ORDER BY report_paths.out_path")
-    parameters = [caller, report_id] + ([after] if after else []) + [policy.minimum]
+           " AND builders < ? ORDER BY report_paths.out_path")
+    parameters = [report_id, caller] + ([after] if after else []) + [policy.minimum]
     if limit is not None:
         sql += " LIMIT ?"
         parameters.append(limit)
-    return [(out_path, builders) for out_path, builders, _mine in conn.execute(sql, parameters)]
+    return [(out_path, builders) for out_path, builders in conn.execute(sql, parameters)]
 
 
 def suggestions(conn, report_id, builder, policy, limit):
