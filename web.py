@@ -4144,8 +4144,10 @@ def render_view_job(path, query_string, wanted):
     """(started, status, mimetype, body, etag): the view as the route answers it, rendered whole."""
     app = render_app.app()
     started = time.time()
-    with app.test_request_context(quote(path), query_string=query_string, headers={"Accept": wanted},
-                                  environ_base={RENDERING: True}):
+    # The collector paused for the whole render: a streamed page is built after the view function returns,
+    # and each full collection would scan the hundreds of thousands of objects the view holds.
+    with cyclic_gc_paused(), app.test_request_context(quote(path), query_string=query_string, headers={"Accept": wanted},
+                                                      environ_base={RENDERING: True}):
         g.view_as_of = iso_time(started)
         g.view_max_stale_s = f"{MAX_STALE_S:g}"
         response = app.full_dispatch_request()
