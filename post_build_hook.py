@@ -86,8 +86,7 @@ def is_store_path(path):
     return isinstance(path, str) and STORE_PATH_RE.fullmatch(path) is not None
 
 
-STORE_PATH_LINES_RE = re.compile(r"(?:" + re.escape(STORE_DIR) + r"/[0123456789abcdfghijklmnpqrsvwxyz]{32}-"
-                                 + NAME_RE.pattern + r"\n)*")
+STORE_PATH_LINES_RE = re.compile(f"(?:{STORE_PATH_RE.pattern}\n)*")
 
 
 def are_store_paths(paths):
