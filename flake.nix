@@ -21,6 +21,7 @@
         ps.requests
         ps.pynacl
         ps.google-re2
+        ps.msgspec
         ps.pytest
         ps.hypothesis
       ]);

@@ -3,7 +3,7 @@
 # Used by flake.nix (packages.default, overlays.default) and module.nix.
 { lib, stdenvNoCC, makeWrapper, bash, python3, nix }:
 let
-  python = python3.withPackages (ps: [ ps.flask ps.waitress ps.requests ps.pynacl ps.google-re2 ]);
+  python = python3.withPackages (ps: [ ps.flask ps.waitress ps.requests ps.pynacl ps.google-re2 ps.msgspec ]);
 in
 stdenvNoCC.mkDerivation {
   pname = "nix-hash-collection";

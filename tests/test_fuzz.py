@@ -250,6 +250,45 @@ def test_put_report_with_mutated_sbom_keeps_the_promises(world, body):
     world.put_json("/reports/fuzzed", body)
 
 
+def sbom_reading(read):
+    """What a reader makes of an SBOM: its contents, or the message of the error it names."""
+    try:
+        return read()
+    except web.BadInput as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def typed_and_generic_readings(sbom, limit=100):
+    text = json.dumps(sbom)
+    generic = sbom_reading(lambda: web.parse_sbom(json.loads(text), limit, limit))
+    try:
+        return sbom_reading(lambda: web.usual_sbom_contents(text, limit, limit)), generic
+    except web.NotUsualShape:
+        return None, generic
+
+
+@pytest.mark.parametrize("closure", [sbom_samples.nix_build_sbom(sbom_samples.DIAMOND),
+                                     sbom_samples.nix_build_sbom(sbom_samples.CYCLE, property_name="nix:output_path"),
+                                     sbom_samples.sbomnix_sbom(sbom_samples.DIAMOND, {"shared": ["out", "dev"]}),
+                                     sbom_samples.bombon_sbom(sbom_samples.DIAMOND), sbom_samples.odd_sbom()],
+                         ids=["nix-build-sbom", "output_path", "sbomnix", "bombon", "odd"])
+def test_the_typed_reader_takes_every_producers_sbom_and_reads_what_the_generic_reader_does(closure):
+    typed, generic = typed_and_generic_readings(closure.sbom)
+    assert isinstance(generic, web.SbomContents)
+    assert typed == generic
+
+
+@FUZZ
+@example(body=fields_replaced(SBOM, [(("components", 0, "properties"), 5)]))
+@example(body=fields_replaced(SBOM, [(("components", 0, "bom-ref"), None)]))
+@example(body=fields_replaced(SBOM, [(("dependencies", 0, "dependsOn"), None)]))
+@given(body=mutations_of(SBOM))
+def test_the_typed_reader_reads_any_sbom_it_takes_as_the_generic_reader_does(body):
+    """The typed reader decides speed only: what it takes, it reads as the generic reader does, errors included."""
+    typed, generic = typed_and_generic_readings(body, limit=4)
+    assert typed is None or typed == generic
+
+
 @FUZZ
 @given(name=ANY_TEXT | HOSTILE_TEXT)
 def test_put_report_with_odd_name_keeps_the_promises(world, name):

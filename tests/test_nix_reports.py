@@ -134,10 +134,16 @@ def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(app, c
     assert database_dump(app) == before
 
 
-def test_path_info_read_in_bulk_gives_the_items_read_one_by_one():
-    in_bulk = web.path_info_in_bulk(nix_28_path_info())
-    assert in_bulk is not None and any(item.ca for item in in_bulk)
-    assert in_bulk == list(web.path_info_one_by_one(nix_28_path_info()))
+def test_path_info_read_by_the_typed_reader_gives_the_items_read_one_by_one():
+    typed = web.usual_path_info_items(json.dumps(nix_28_path_info()))
+    assert any(item.ca for item in typed)
+    assert typed == list(web.path_info_one_by_one(nix_28_path_info()))
+
+
+@pytest.mark.parametrize("fixture", ["path-info-keyed.json", "path-info-v2.json"])
+def test_path_info_the_typed_reader_does_not_take_is_left_to_the_generic_reader(fixture):
+    with pytest.raises(web.NotUsualShape):
+        web.usual_path_info_items((DATA / fixture).read_text())
 
 
 def database_dump(app):
