@@ -1138,13 +1138,6 @@ def path_digests(paths):
     return [int(hash_parts[start:start + 32], 32).to_bytes(20, "big") for start in range(0, len(hash_parts), 32)]
 
 
-def with_path_digests(rows, rows_per_chunk=10_000):
-    """Each row with the path_digest of its first column added at its end, a chunk of rows at a time."""
-    rows = iter(rows)
-    while chunk := list(itertools.islice(rows, rows_per_chunk)):
-        yield from map(lambda row, digest: (*row, digest), chunk, path_digests([row[0] for row in chunk]))
-
-
 def digest_of(text):
     """32 nix base32 characters -> their number in 20 big-endian bytes (which sort as the text does), or None."""
     if not isinstance(text, str) or not DIGEST_RE.fullmatch(text):
@@ -1484,8 +1477,12 @@ class SbomContents(NamedTuple):
     names: list
     drv_paths: list
     paths: list  # (out_path, component index, output name)
-    tree_json: str
+    children: dict  # {component index: {child index: None}}, the edges
     fixed_output: dict = {}  # {out_path: "fixed:…" ca} of paths the upload marks fixed-output
+
+    def tree_json(self):
+        """The display tree's rows as JSON (display_tree)."""
+        return tree_json(display_tree(len(self.names), self.children))
 
 
 def parse_sbom(sbom, max_paths, max_edges):
@@ -1513,10 +1510,18 @@ def sbom_contents(root_ref, components, dependencies, max_paths, max_edges):
     index_of_ref, names, drv_paths, paths = read_components(components, max_paths)
     if not paths:
         raise BadInput("SBOM yields no store path: no component has a /nix/store output path")
+    refuse_nul_characters(names, "name")
+    refuse_nul_characters([output for _out_path, _index, output in paths], "nix:output")
     root = paths[0][0] if paths[0][1] == 0 else root_ref
     children = dependency_children(dependencies, index_of_ref, max_edges)
-    del index_of_ref
-    return SbomContents(root, names, drv_paths, paths, tree_json(display_tree(len(names), children)))
+    return SbomContents(root, names, drv_paths, paths, children)
+
+
+def refuse_nul_characters(texts, what):
+    """A NUL character is not text, and SQLite's JSON functions, which write a report's rows, would cut it short."""
+    if "\x00" in "".join(filter(None, texts)):
+        found = next(text for text in texts if text and "\x00" in text)
+        raise BadInput(f"SBOM: a component's {what} {shorten(found)!r} holds a NUL character, which is not text")
 
 
 def generic_components(root_component, raw_components):
@@ -1664,6 +1669,7 @@ def display_tree(count, children):
     here, not by json.dumps, which takes twice as long over tuples of ints.
     """
     expanded = bytearray(count)
+    text = list(map(str, range(count)))  # each index as text once, not once per row that lists it
     for top in range(count):
         if expanded[top]:
             continue
@@ -1671,17 +1677,17 @@ def display_tree(count, children):
         while stack:
             index, depth = stack.pop()
             if expanded[index]:
-                yield f"[{depth},[{index}],0]"
+                yield f"[{depth},[{text[index]}],0]"
                 continue
             expanded[index] = 1
-            yield f"[{depth},{index},1]"
+            yield f"[{depth},{text[index]},1]"
             kids = children.get(index)
             if not kids:
                 continue
             below = depth + 1
-            shown = [child for child in kids if expanded[child]]
+            shown = [text[child] for child in kids if expanded[child]]
             if shown:
-                yield f"[{below},[{','.join(map(str, shown))}],0]"
+                yield f"[{below},[{','.join(shown)}],0]"
             stack.extend([(child, below) for child in reversed(kids) if not expanded[child]])
 
 
@@ -1954,7 +1960,7 @@ def closure_contents(items, root, max_paths, max_edges):
     if not paths:
         raise BadInput("closure yields no output path: it lists only .drv files")
     children = closure_children(items, index_of, max_edges)
-    return SbomContents(items[0].path, names, drv_paths, paths, tree_json(display_tree(len(names), children)), fixed_output)
+    return SbomContents(items[0].path, names, drv_paths, paths, children, fixed_output)
 
 
 def closure_children(items, index_of, max_edges):
@@ -2148,22 +2154,20 @@ def remove_abandoned_reports(conn):
 
 def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
     """Publish the upload as the report's latest revision; returns its number.
-    parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (SbomWriter)."""
+    parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (UploadWriter)."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
     with unpublished.using(staging):
-        writer = SbomWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
+        writer = UploadWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
         try:
             source_type, contents = parse()
             try:
-                revision = new_revision(conn, label, contents.root, contents.tree_json, sbom_digest,
-                                        contents.names, contents.drv_paths, contents.paths,
-                                        current_app.extensions["component_ids"])
-                write_unpublished_report(conn, writer.written(), source_type, contents)
-                number, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
+                revision = written_revision(conn, writer, label, sbom_digest, source_type, contents)
             finally:
+                writer.finished()  # before the lists it reads are emptied
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
+            number, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
         except BaseException:
             unpublished.release(replaced)
             writer.finished()
@@ -2218,56 +2222,119 @@ class ReportRemovals:
         self.names.join()
 
 
-class SbomWriter:
-    """Stores an upload's bytes under its unpublished name, on a connection of its own, while the request
-    thread parses them: SQLite writes without holding the interpreter, so with two cores the two overlap.
-    The report's row gets its root, tree and source type once they are known (write_unpublished_report)."""
-
-    def __init__(self, database, staging, owner, sbom_text):
-        self.report_id = self.error = None
-        self.thread = threading.Thread(target=self.write, args=(database, staging, owner["id"], sbom_text),
-                                       name=f"write {staging}", daemon=True)
-        self.thread.start()
-
-    def write(self, database, staging, owner_id, sbom_text):
-        conn = connect(database)
-        try:
-            with transaction(conn):
-                self.report_id = conn.execute("INSERT INTO reports (name, owner_id, root, tree, created_at)"
-                                              " VALUES (?, ?, '', '[]', ?)", (staging, owner_id, now_iso())).lastrowid
-            write_sbom(conn, self.report_id, sbom_text)
-        except BaseException as error:  # handed to the request thread by written()
-            self.error = error
-        finally:
-            conn.close()
-
-    def finished(self):
-        self.thread.join()
-
-    def written(self):
-        """The unpublished report's id once the bytes are stored; raises what stopped the writer."""
-        self.finished()
-        if self.error is not None:
-            raise self.error
-        return self.report_id
-
-
-def write_unpublished_report(conn, report_id, source_type, contents):
-    """The parsed upload's rows, under the unpublished report that SbomWriter began."""
+def written_revision(conn, writer, label, sbom_digest, source_type, contents):
+    """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
+    while this one lays out the display tree and finds the ids of the shared component rows."""
+    writer.write_rows(contents)
+    tree = contents.tree_json()
+    tree_id = writer.store_tree(tree)
+    ids = revision_component_ids(conn, contents.names, contents.drv_paths, contents.paths,
+                                 current_app.extensions["component_ids"], writer.store_components)
+    report_id = writer.written()
     with transaction(conn):
         conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
-                     (contents.root, contents.tree_json, source_type, report_id))
-    # The report's id, an integer of ours, is written into the statements: no tuple is built per row for it.
+                     (contents.root, tree, source_type, report_id))
+    return Revision(label, contents.root, path_count(contents.paths), sbom_digest, packed_ids(ids), tree_id.result(),
+                    now_iso())
+
+
+class UploadWriter:
+    """Writes an upload under its unpublished name, on a connection and thread of its own, a job at a time
+    in the order asked, while the request thread parses and lays it out: SQLite writes without holding the
+    interpreter, so with two cores the two overlap. The first job stores the upload's bytes. Rows are written
+    a chunk per statement over JSON (json_each): a statement per row would take the interpreter back from
+    the request thread for every row."""
+
+    def __init__(self, database, staging, owner, sbom_text):
+        self.conn = self.report_id = self.failure = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"write {staging}")
+        self.jobs = []
+        self.submit(self.begin, database, staging, owner["id"], sbom_text)
+
+    def begin(self, database, staging, owner_id, sbom_text):
+        self.conn = connect(database)
+        with transaction(self.conn):
+            self.report_id = self.conn.execute("INSERT INTO reports (name, owner_id, root, tree, created_at)"
+                                               " VALUES (?, ?, '', '[]', ?)", (staging, owner_id, now_iso())).lastrowid
+        write_sbom(self.conn, self.report_id, sbom_text)
+
+    def submit(self, job, *args):
+        """A Future of job(*args), run after the jobs asked for before it; once one has failed, the rest raise its error."""
+        future = self.executor.submit(self.run, job, args)
+        self.jobs.append(future)
+        return future
+
+    def run(self, job, args):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return job(*args)
+        except BaseException as error:
+            self.failure = error
+            raise
+
+    def write_rows(self, contents):
+        self.submit(lambda: write_report_rows(self.conn, self.report_id, contents))
+
+    def store_tree(self, tree):
+        """A Future of the tree's shared row id."""
+        return self.submit(lambda: shared_tree_id(self.conn, tree))
+
+    def store_components(self, rows):
+        """Insert (digest, name, drv_path, outputs) shared component rows, once the jobs before have run."""
+        if rows:
+            self.submit(lambda: insert_shared_components(self.conn, rows)).result()
+
+    def written(self):
+        """The unpublished report's id once every job asked for so far has run; raises what stopped one."""
+        for job in list(self.jobs):
+            job.result()
+        return self.report_id
+
+    def finished(self):
+        """Wait for the jobs, failed or not, and close the connection; again is harmless."""
+        self.executor.shutdown(wait=True)
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+JSON_ROWS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def write_report_rows(conn, report_id, contents):
+    """The parsed upload's component and path rows under its unpublished report, a chunk per transaction."""
+    components = list(zip(contents.names, contents.drv_paths))
+    fixed_output = contents.fixed_output.get
     with cache_for(conn, len(contents.paths)):
-        insert_in_chunks(conn, f"INSERT INTO report_components (report_id, idx, name, drv_path) VALUES ({report_id:d}, ?, ?, ?)",
-                         zip(itertools.count(), contents.names, contents.drv_paths))
-        rows, ca = sorted_in_runs(contents.paths), "NULL"
-        if contents.fixed_output:
-            fixed_output, ca = contents.fixed_output.get, "?"
-            rows = ((*row, fixed_output(row[0])) for row in rows)
-        rows = with_path_digests(rows)
-        insert_in_chunks(conn, "INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest)"
-                         f" VALUES ({report_id:d}, ?, ?, ?, {ca}, ?)", rows)
+        for start in range(0, len(components), ROWS_PER_TRANSACTION):
+            with transaction(conn):
+                conn.execute(f"INSERT INTO report_components (report_id, idx, name, drv_path) SELECT {report_id:d},"
+                             " ?2 + key, value->>0, value->>1 FROM json_each(?1)",
+                             (JSON_ROWS(components[start:start + ROWS_PER_TRANSACTION]), start))
+        for chunk in chunks_of(sorted_in_runs(contents.paths), ROWS_PER_TRANSACTION):
+            rows = [(out_path, index, output, fixed_output(out_path)) for out_path, index, output in chunk]
+            with transaction(conn):
+                conn.execute("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest)"
+                             f" SELECT {report_id:d}, value->>0, value->>1, value->>2, value->>3,"
+                             " substr(?2, 20 * key + 1, 20) FROM json_each(?1)",
+                             (JSON_ROWS(rows), b"".join(path_digests([row[0] for row in chunk]))))
+
+
+def insert_shared_components(conn, rows):
+    """Shared component rows (digest, name, drv_path, outputs) not there yet, a chunk per transaction."""
+    for chunk in chunks_of(rows, ROWS_PER_TRANSACTION):
+        with transaction(conn):
+            conn.execute("INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
+                         " SELECT substr(?2, 16 * key + 1, 16), value->>0, value->>1, value->>2 FROM json_each(?1)",
+                         (JSON_ROWS([row[1:] for row in chunk]), b"".join([row[0] for row in chunk])))
+
+
+def chunks_of(rows, length):
+    """Lists of up to `length` rows of an iterable, in order."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, length)):
+        yield chunk
 
 
 def write_sbom(conn, report_id, sbom_text):
@@ -2284,8 +2351,7 @@ def sbom_pieces(conn, report_id):
 
 
 def insert_in_chunks(conn, sql, rows):
-    rows = iter(rows)
-    while chunk := list(itertools.islice(rows, ROWS_PER_TRANSACTION)):
+    for chunk in chunks_of(rows, ROWS_PER_TRANSACTION):
         with transaction(conn):
             conn.executemany(sql, chunk)
 
@@ -2389,9 +2455,14 @@ def check_revision_label(label):
 def new_revision(conn, label, root, tree_json_text, sbom_sha256, names, drv_paths, paths, known_ids=None):
     """A Revision of these components, with their shared rows written (a chunk per transaction).
     known_ids: {digest: id} of shared component rows already known, which this adds to (KnownComponentIds)."""
-    ids = revision_component_ids(conn, names, drv_paths, paths, KnownComponentIds() if known_ids is None else known_ids)
-    path_count = len({out_path for out_path, _index, _output in paths})
-    return Revision(label, root, path_count, sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text), now_iso())
+    ids = revision_component_ids(conn, names, drv_paths, paths, KnownComponentIds() if known_ids is None else known_ids,
+                                 functools.partial(insert_shared_components, conn))
+    return Revision(label, root, path_count(paths), sbom_sha256, packed_ids(ids), shared_tree_id(conn, tree_json_text),
+                    now_iso())
+
+
+def path_count(paths):
+    return len({out_path for out_path, _index, _output in paths})
 
 
 def shared_tree_id(conn, tree_json_text):
@@ -2438,7 +2509,8 @@ class KnownComponentIds(dict):
             self.update(ids)
 
 
-def revision_component_ids(conn, names, drv_paths, paths, known_ids):
+def revision_component_ids(conn, names, drv_paths, paths, known_ids, store_components):
+    """The shared component row id of each component; store_components(rows) inserts the rows not there yet."""
     components = list(zip(names, drv_paths, component_outputs(names, paths)))
     digests = list(map(component_digest, components))
     # Another upload may add to known_ids meanwhile, or clear it: what this one found is its own.
@@ -2446,8 +2518,7 @@ def revision_component_ids(conn, names, drv_paths, paths, known_ids):
     found.update(shared_component_ids(conn, [digest for digest, known in found.items() if known is None]))
     missing = {digest: (digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
                for digest, (name, drv_path, listed) in zip(digests, components) if found[digest] is None}
-    insert_in_chunks(conn, "INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
-                     " VALUES (?, ?, ?, ?)", missing.values())
+    store_components(list(missing.values()))
     found.update(shared_component_ids(conn, list(missing)))
     known_ids.remember(found)
     return [found[digest] for digest in digests]

@@ -1,8 +1,11 @@
 """PUT /reports accepts the SBOM shapes real tools emit and maps each to output paths and a tree."""
+import sqlite3
+
 import pytest
 
 import sbom_samples as samples
 from support import bearer
+import web
 from web import NO_BUILDS
 
 JSON = {"Accept": "application/json"}
@@ -193,3 +196,37 @@ def test_cycle_is_shown_once_then_referenced(client, token):
         (2, out("cyc-b"), NO_BUILDS),
         (3, out("cyc-a"), "(shown above)"),
     ]
+
+
+ODD_NAMES = {"left": 'line\nbreak, "quotes", \\u0000 and \\', "right": "é ✓ 🙂 \u202eevil\x01", "leaf": ""}
+
+
+def test_every_row_is_stored_as_uploaded_whatever_its_text(app, client, token):
+    """Rows go to SQLite as JSON (json_each): names with escapes and any Unicode come back unchanged."""
+    closure = samples.nix_build_sbom(samples.DIAMOND, names=ODD_NAMES)
+    closure.sbom["components"][-1]["properties"] = [{"name": "nix:output_path", "value": closure.outputs["leaf"][0]}]
+    define(client, token, "odd-text", closure)
+    with sqlite3.connect(app.config["DATABASE"]) as conn:
+        (report_id,) = conn.execute("SELECT id FROM reports WHERE name = 'odd-text'").fetchone()
+        components = conn.execute("SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx",
+                                  (report_id,)).fetchall()
+        paths = conn.execute("SELECT out_path, component_idx, output, ca, digest FROM report_paths WHERE report_id = ?",
+                             (report_id,)).fetchall()
+    expected = [(ODD_NAMES.get(name, name), samples.drv_path(name) if name != "leaf" else None) for name in samples.DIAMOND]
+    assert components == expected
+    assert sorted(paths) == sorted((closure.outputs[name][0], index, "out" if name != "leaf" else None, None,
+                                    web.path_digest(closure.outputs[name][0])) for index, name in enumerate(samples.DIAMOND))
+
+
+@pytest.mark.parametrize("field", ["name", "nix:output"])
+def test_a_nul_character_in_a_name_is_refused_not_cut_short(client, token, field):
+    closure = samples.nix_build_sbom(samples.DIAMOND)
+    component = closure.sbom["components"][1]
+    if field == "name":
+        component["name"] = "cut\x00short"
+    else:
+        component["properties"][2]["value"] = "cut\x00short"
+    response = client.put("/reports/nul", json=closure.sbom, headers=bearer(token))
+    assert response.status_code == 400
+    assert f"{field} 'cut\\x00short' holds a NUL character" in response.get_json()["error"]
+    assert client.get("/reports/nul", headers=JSON).status_code == 404
