@@ -3405,6 +3405,7 @@ def post_attestations():
     builder = require_builder()
     with cyclic_gc_paused():
         attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
+        g.large_batch = len(attestations) >= LARGE_BATCH
         return accepted(store_attestations(get_db(), builder, attestations))
 
 
@@ -4395,9 +4396,14 @@ def limit_malloc_arenas():
 
 
 def release_freed_memory(response):
-    """Give the memory of a large report request back to the system, not to malloc's free lists."""
+    """Give the memory of a large report request or attestation batch back to the system, not to malloc's free lists.
+
+    A batch's page cache (cache_for) is freed in the request thread's malloc arena, where the next batch,
+    in another thread, may not reuse it: without this, every arena kept the cache of the largest batch it served.
+    """
     libc = glibc()
-    if libc is not None and request.path.startswith("/reports/") and request.method in ("GET", "PUT"):
+    large = request.path.startswith("/reports/") and request.method in ("GET", "PUT") or g.get("large_batch", False)
+    if libc is not None and large:
         response.call_on_close(lambda: libc.malloc_trim(0))
     return response
 
