@@ -216,18 +216,30 @@ def get_db():
     return g.db
 
 
-def wal_checkpointer(path, interval=WAL_CHECKPOINT_INTERVAL_S):
+# Set after a large batch's commit: the checkpointer starts at once.
+wal_grown = threading.Event()
+
+
+def wal_checkpointer(path, interval=WAL_CHECKPOINT_INTERVAL_S, rounds=5):
     """Copy the WAL into the database in the background, outside the write lock.
 
     SQLite's automatic checkpoint runs inside the COMMIT that fills the WAL, so one attestation in a
     thousand took up to 200 ms under load while every other writer queued behind it; a passive
     checkpoint from another connection never blocks writers.
+
+    A writer starts the WAL again from its beginning only when a checkpoint has copied all of it: after a
+    large batch the checkpointer starts at once and goes on until it has, or batch ingest grew the WAL
+    without end (900 MB at 10 million attestations), each batch's pages written to new parts of the file.
     """
     conn = connect(path)
     while True:
-        time.sleep(interval)
+        wal_grown.wait(interval)
+        wal_grown.clear()
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            for _round in range(rounds):
+                _busy, wal_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if copied == wal_frames:
+                    break
         except sqlite3.Error as error:
             print(f"web.py: WAL checkpoint failed, trying again: {error}", file=sys.stderr, flush=True)
 
@@ -746,10 +758,18 @@ def migrate_to_10(conn):
     conn.execute(f"UPDATE report_paths SET digest = nix32_digest(substr(out_path, {PATH_PREFIX + 1}, 32))")
 
 
+def migrate_to_11(conn):
+    """Store paths and derivations are indexed by their digest's first 4 bytes (DIGEST_INDEX_BYTES), not all 20."""
+    for table in ("store_paths", "derivations"):
+        conn.execute(f"DROP INDEX {table}_by_digest")
+        conn.execute(f"CREATE INDEX {table}_by_digest ON {table}(substr(digest, 1, 4))")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
-              (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10)]
+              (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10),
+              (11, migrate_to_11)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -1091,11 +1111,11 @@ def interned_paths(conn, table, paths, per_query=500):
     """{store path: id} in `table` (store_paths or derivations), adding the new ones."""
     keys = {path: path_key(path) for path in paths}
     path_of = {key: path for path, key in keys.items()}
-    digests, ids = sorted({digest for digest, _name in path_of}), {}
-    for start in range(0, len(digests), per_query):
-        chunk = digests[start:start + per_query]
-        for path_id, digest, name in conn.execute(
-                f"SELECT id, digest, name FROM {table} WHERE digest IN ({','.join('?' * len(chunk))})", chunk):
+    prefixes, ids = sorted({digest[:DIGEST_INDEX_BYTES] for digest, _name in path_of}), {}
+    for start in range(0, len(prefixes), per_query):
+        chunk = prefixes[start:start + per_query]
+        for path_id, digest, name in conn.execute(f"SELECT id, digest, name FROM {table}"
+                                                  f" WHERE {indexed_prefix('digest')} IN ({','.join('?' * len(chunk))})", chunk):
             if (digest, name) in path_of:
                 ids[path_of[digest, name]] = path_id
     missing = sorted(keys.keys() - ids.keys(), key=keys.get)  # in index order
@@ -1119,6 +1139,9 @@ def key_name_ids(conn, names):
 # from version 8 that was not keeps its text, which these pass through.
 
 PATH_PREFIX = len(STORE_DIR) + 1
+# store_paths and derivations are indexed by this many first bytes of the digest (schema.sql), not all 20:
+# a batch's new paths land all over those indexes, and the smaller they are, the fewer pages it rewrites.
+DIGEST_INDEX_BYTES = 4
 
 
 def path_key(path):
@@ -1149,20 +1172,37 @@ def path_text(digest, name):
     return f"{STORE_DIR}/{nix_base32_encode(digest[::-1])}-{name}"
 
 
+def indexed_prefix(digest):
+    """SQL: what store_paths and derivations index of a digest (the SQL expression `digest`)."""
+    return f"substr({digest}, 1, {DIGEST_INDEX_BYTES})"
+
+
+def digest_match(table, digest):
+    """SQL: the row `table` (of store_paths or derivations) has the digest that the SQL expression `digest` gives."""
+    return f"{indexed_prefix(f'{table}.digest')} = {indexed_prefix(digest)} AND {table}.digest = {digest}"
+
+
 def path_match(table, column):
     """SQL: the store_paths row `table` is the path in the text column `column`."""
-    return (f"{table}.digest = nix32_digest(substr({column}, {PATH_PREFIX + 1}, 32))"
+    return (f"{digest_match(table, f'nix32_digest(substr({column}, {PATH_PREFIX + 1}, 32))')}"
             f" AND {table}.name = substr({column}, {PATH_PREFIX + 34})")
 
 
 def report_path_match(table):
     """SQL: the store_paths row `table` is the report path (report_paths.digest is its path_digest)."""
-    return f"{table}.digest = report_paths.digest AND {table}.name = substr(report_paths.out_path, {PATH_PREFIX + 34})"
+    return f"{digest_match(table, 'report_paths.digest')} AND {table}.name = substr(report_paths.out_path, {PATH_PREFIX + 34})"
 
 
 def path_id_condition(column):
-    """SQL: column holds the id of the store path given as two parameters (digest, name)."""
-    return f"{column} IN (SELECT id FROM store_paths WHERE digest = ? AND name = ?)"
+    """SQL: column holds the id of the store path whose path_lookup() are the parameters."""
+    return f"{column} IN (SELECT id FROM store_paths WHERE {digest_match('store_paths', '?')} AND name = ?)"
+
+
+def path_lookup(path):
+    """A checked store path -> (digest, digest, name): the parameters of path_id_condition, whose digest_match
+    on '?' takes the digest twice (for the index's prefix and for the whole)."""
+    digest, name = path_key(path)
+    return digest, digest, name
 
 
 def stored_hash(text):
@@ -1225,7 +1265,7 @@ def attestation_object(row):
 
 def attestations_of_output(conn, output_path):
     rows = conn.execute(ATTESTATION_COLUMNS + "WHERE " + path_id_condition("attestations.path_id") +
-                        " ORDER BY attestations.id", path_key(output_path))
+                        " ORDER BY attestations.id", path_lookup(output_path))
     return [attestation_object(row) for row in rows]
 
 
@@ -3099,7 +3139,7 @@ def store_diff(conn, builder, output_path, hash_a, hash_b, document):
     with transaction(conn):
         attested = conn.execute("SELECT 1 FROM attestations WHERE " + path_id_condition("path_id") +
                                 " AND builder_id = ? AND nar_hash IN (?, ?)",
-                                (*path_key(output_path), builder["id"], stored_hash(hash_a), stored_hash(hash_b))).fetchone()
+                                (*path_lookup(output_path), builder["id"], stored_hash(hash_a), stored_hash(hash_b))).fetchone()
         if attested is None:
             abort(403, f"{builder['name']} has attested neither hash for {output_path}; "
                        f"only a builder that built one of them may send their diff")
@@ -3587,7 +3627,11 @@ def post_attestations():
     builder = require_builder()
     with cyclic_gc_paused():
         attestations = parse_attestation_list(json_body("MAX_ATTESTATION_BYTES"), batch_drv_ident)
-        return accepted(store_attestations(get_db(), builder, attestations))
+        g.large_batch = len(attestations) >= LARGE_BATCH
+        log_indexes = store_attestations(get_db(), builder, attestations)
+        if g.large_batch:
+            wal_grown.set()
+        return accepted(log_indexes)
 
 
 def accepted(log_indexes):
@@ -3610,8 +3654,8 @@ def list_derivations():
 def show_derivation(drv_ident):
     conn = get_db()
     drv_path = store_path(f"{drv_ident}.drv")
-    derivation = is_store_path(drv_path) and conn.execute("SELECT id FROM derivations WHERE digest = ? AND name = ?",
-                                                          path_key(drv_path)).fetchone()
+    derivation = is_store_path(drv_path) and conn.execute(
+        f"SELECT id FROM derivations WHERE {digest_match('derivations', '?')} AND name = ?", path_lookup(drv_path)).fetchone()
     if not derivation:
         abort(404, f"no attestations for derivation {shorten(drv_ident)!r}")
     policy = request_policy(conn)
@@ -3705,9 +3749,9 @@ def builder_narinfo(builder_name, digest):
     if not DIGEST_RE.fullmatch(digest):
         raise BadInput(f"hash: expected 32 nix-base32 characters, got {shorten(digest)!r}")
     row = get_db().execute(
-        ATTESTATION_COLUMNS + "WHERE attestations.builder_id = ? AND store_paths.digest = ?"
+        ATTESTATION_COLUMNS + f"WHERE attestations.builder_id = ? AND {digest_match('store_paths', '?')}"
         " AND attestations.nar_size IS NOT NULL AND attestations.refs IS NOT NULL ORDER BY attestations.id DESC LIMIT 1",
-        (builder["id"], digest_of(digest))).fetchone()
+        (builder["id"], digest_of(digest), digest_of(digest))).fetchone()
     if row is None:
         abort(404, f"{shorten(builder_name)} has no attestation with size and references for {digest}")
     return Response(narinfo_text(attestation_object(row)), mimetype="text/x-nix-narinfo")
@@ -4577,9 +4621,14 @@ def limit_malloc_arenas():
 
 
 def release_freed_memory(response):
-    """Give the memory of a large report request back to the system, not to malloc's free lists."""
+    """Give the memory of a large report request or attestation batch back to the system, not to malloc's free lists.
+
+    A batch's page cache (cache_for) is freed in the request thread's malloc arena, where the next batch,
+    in another thread, may not reuse it: without this, every arena kept the cache of the largest batch it served.
+    """
     libc = glibc()
-    if libc is not None and request.path.startswith("/reports/") and request.method in ("GET", "PUT"):
+    large = request.path.startswith("/reports/") and request.method in ("GET", "PUT") or g.get("large_batch", False)
+    if libc is not None and large:
         response.call_on_close(lambda: libc.malloc_trim(0))
     return response
 

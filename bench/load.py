@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from post_build_hook import NIX_BASE32, STORE_DIR, nix_base32_encode  # noqa: E402
 from closure import generate_sbom  # noqa: E402
 from served import memory_kib, start_server  # noqa: E402
-from web import path_key, stored_hash  # noqa: E402
+from web import digest_match, path_key, stored_hash  # noqa: E402
 
 REPORT = "load"
 BATCH_SIZE = 100
@@ -188,7 +188,7 @@ def missing_writes(db, tokens, acknowledged):
                           for client, path, nar_hash in acknowledged))
         lost = conn.execute(
             "SELECT COUNT(*) FROM expected WHERE NOT EXISTS (SELECT 1 FROM attestations a JOIN store_paths p"
-            " ON p.id = a.path_id WHERE a.builder_id = expected.builder_id AND p.digest = expected.digest"
+            f" ON p.id = a.path_id WHERE a.builder_id = expected.builder_id AND {digest_match('p', 'expected.digest')}"
             " AND p.name = expected.name AND a.nar_hash = expected.nar_hash)").fetchone()[0]
         stored = conn.execute("SELECT COUNT(*) FROM attestations").fetchone()[0]
         expected = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT * FROM expected)").fetchone()[0]

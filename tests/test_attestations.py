@@ -7,7 +7,8 @@ import requests
 
 from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
                                  drv_path_of, first_generation, hex_form, lila_generation, nar_hash_bytes,
-                                 out_path, sri_form)
+                                 out_path, sri_form, store_digest)
+from post_build_hook import STORE_DIR
 from support import bearer
 
 MAX_BATCH = 10_000
@@ -230,6 +231,20 @@ def test_empty_references_are_kept_as_an_empty_list(client, token_of):
     post_attestation(client, token_of("alice"), drv_ident(),
                      [first_generation(path, base32_form(nar_hash_bytes()), nar_size=1, references=[])])
     assert by_output(client, path)[0]["references"] == []
+
+
+def test_paths_whose_digests_share_their_first_bytes_are_kept_apart(client, token_of):
+    # store_paths and derivations are indexed by the digest's first bytes: 7 nix-base32 characters hold 35 bits.
+    first, second = (f"{STORE_DIR}/{'0000000' + store_digest()[7:]}-hello-2.12" for _ in range(2))
+    first_drv, second_drv = (f"{STORE_DIR}/{'0000000' + store_digest()[7:]}-hello-2.12.drv" for _ in range(2))
+    first_hash, second_hash = base32_form(nar_hash_bytes()), base32_form(nar_hash_bytes())
+    post_batch(client, token_of("alice"), [batch_item(first, first_hash, first_drv)])
+    post_batch(client, token_of("bob"), [batch_item(second, second_hash, second_drv), batch_item(first, first_hash, first_drv)])
+    assert sorted(attestation["builder"] for attestation in by_output(client, first)) == ["alice", "bob"]
+    assert [(attestation["builder"], attestation["output_hash"], attestation["drv_path"])
+            for attestation in by_output(client, second)] == [("bob", second_hash, second_drv)]
+    second_ident = second_drv[len(STORE_DIR) + 1:-len(".drv")]
+    assert derivation_counts(client, second_ident) == {second: {second_hash: 1}}
 
 
 # ---------------------------------------------------------------- batch import

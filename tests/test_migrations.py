@@ -83,14 +83,22 @@ def migrated(tmp_path):
 
 
 def schema_of(conn):
-    """Columns, indexes and foreign keys of every table: what the code relies on, not the SQL text."""
+    """Columns, indexes and foreign keys of every table: what the code relies on, not the SQL text
+    (but for an index on an expression, whose expression only the SQL text names)."""
     tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     return {table: {
         "columns": conn.execute(f"PRAGMA table_info({table})").fetchall(),
-        "indexes": sorted((index[1], index[2], tuple(column[2] for column in conn.execute(f"PRAGMA index_info({index[1]})")))
-                          for index in conn.execute(f"PRAGMA index_list({table})")),
+        "indexes": sorted(index_of(conn, name, unique) for _seq, name, unique, *_rest in conn.execute(f"PRAGMA index_list({table})")),
         "foreign_keys": conn.execute(f"PRAGMA foreign_key_list({table})").fetchall(),
     } for table in tables}
+
+
+def index_of(conn, name, unique):
+    columns = tuple(column[2] for column in conn.execute(f"PRAGMA index_info({name})"))
+    if None not in columns:
+        return name, unique, columns
+    [sql] = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)).fetchone()
+    return name, unique, columns, " ".join(sql.split())
 
 
 def builders(server):
@@ -109,6 +117,16 @@ def test_migrated_database_has_the_current_schema(migrated):
         assert conn.execute("PRAGMA user_version").fetchone()[0] == web.SCHEMA_VERSION
         assert schema_of(conn) == schema_of(fresh)
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+@pytest.mark.parametrize("table", ["store_paths", "derivations"])
+def test_migrated_paths_are_indexed_by_their_digests_first_bytes(migrated, table):
+    server, _rows = migrated
+    with sqlite3.connect(server.db) as conn:
+        [sql] = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (f"{table}_by_digest",)).fetchone()
+        plan = conn.execute(f"EXPLAIN QUERY PLAN SELECT id FROM {table} WHERE substr(digest, 1, 4) = ?", (b"abcd",)).fetchall()
+    assert sql == f"CREATE INDEX {table}_by_digest ON {table}(substr(digest, 1, {web.DIGEST_INDEX_BYTES}))"
+    assert f"USING INDEX {table}_by_digest" in plan[0][3]
 
 
 def test_builders_and_their_tokens_survive(migrated):
