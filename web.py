@@ -1798,14 +1798,11 @@ class NotUsualShape(Exception):
 def typed_items(raws, decoder):
     """The items of a list of raw JSON values, decoded a slice at a time; NotUsualShape if one is not of the type."""
     for start in range(0, len(raws), TYPED_ITEMS_PER_DECODE):
-        try:
-            items = decoder.decode(b"[" + b",".join(raws[start:start + TYPED_ITEMS_PER_DECODE]) + b"]")
-        except (msgspec.DecodeError, RecursionError):
-            raise NotUsualShape from None
-        yield from items
+        yield from typed_document(decoder, b"[" + b",".join(raws[start:start + TYPED_ITEMS_PER_DECODE]) + b"]")
 
 
 def typed_document(decoder, text):
+    """The JSON text decoded to the decoder's type; NotUsualShape if it is not of that type."""
     try:
         return decoder.decode(text)
     except (msgspec.DecodeError, RecursionError):  # msgspec names deep nesting a RecursionError
@@ -2388,12 +2385,6 @@ def write_sbom(conn, report_id, sbom_text):
 def sbom_pieces(conn, report_id):
     return [row[0] for row in conn.execute("SELECT piece FROM report_sbom_pieces WHERE report_id = ? ORDER BY seq",
                                            (report_id,))]
-
-
-def insert_in_chunks(conn, sql, rows):
-    for chunk in chunks_of(rows, ROWS_PER_TRANSACTION):
-        with transaction(conn):
-            conn.executemany(sql, chunk)
 
 
 def sorted_in_runs(rows, run_length=50_000):
