@@ -28,6 +28,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -156,6 +157,7 @@ def create_app(config=None):
         LOG_ORIGIN=log_origin_from_env(),
         CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
         RENDER_WORKER=False,
+        TREE_WORKER=False,
         BACKGROUND_CHECKPOINTS=False,
         **limits_from_env(),
     )
@@ -167,6 +169,7 @@ def create_app(config=None):
     app.extensions["component_ids"] = KnownComponentIds()
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
+    app.extensions["tree_worker"] = TreeWorker(app)
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
@@ -853,10 +856,25 @@ def body_text(limit_key, expected):
 
 def body_bytes(limit_key, expected):
     request.max_content_length = current_app.config[limit_key]
-    raw = request.get_data(cache=False)
+    length = request.content_length
+    raw = read_exactly(request.stream, length) if length else request.get_data(cache=False)
     if not raw:
         raise BadInput(f"empty body: expected {expected}")
     return raw
+
+
+def read_exactly(stream, length):
+    """A body of known length, read into one buffer: get_data reads 64 KiB at a time into a growing buffer
+    and copies the whole at the end, which for a 16 MiB report held the interpreter for 20 ms."""
+    body = bytearray(length)
+    filled = 0
+    with memoryview(body) as view:
+        while filled < length:
+            count = stream.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+    return body if filled == length else body[:filled]
 
 
 def utf8_text(raw):
@@ -1525,7 +1543,7 @@ class SbomContents(NamedTuple):
         return tree_json(display_tree(len(self.names), self.children))
 
 
-def parse_sbom(sbom, max_paths, max_edges):
+def parse_sbom(sbom, max_paths, max_edges, edges=True):
     """Map a CycloneDX SBOM of any producer's shape, as generic JSON, to its components, store paths and display tree.
 
     The SBOM's objects are released as they are read, so a large SBOM is never held twice.
@@ -1541,19 +1559,21 @@ def parse_sbom(sbom, max_paths, max_edges):
         raise BadInput("SBOM components: expected a list")
     dependencies = sbom.get("dependencies")
     return sbom_contents(root_component["bom-ref"], generic_components(root_component, raw_components),
-                         generic_dependencies(dependencies if isinstance(dependencies, list) else []), max_paths, max_edges)
+                         generic_dependencies(dependencies if isinstance(dependencies, list) else []), max_paths, max_edges,
+                         edges)
 
 
-def sbom_contents(root_ref, components, dependencies, max_paths, max_edges):
+def sbom_contents(root_ref, components, dependencies, max_paths, max_edges, edges=True):
     """SbomContents of an SBOM's (bom-ref, name, {nix property: [values]}) components, the root first,
-    and its (ref, [dependsOn refs]) dependencies, whichever reader gave them."""
+    and its (ref, [dependsOn refs]) dependencies, whichever reader gave them; without edges (children
+    None, dependencies not read) when the tree worker reads them (usual_sbom_edges)."""
     index_of_ref, names, drv_paths, paths = read_components(components, max_paths)
     if not paths:
         raise BadInput("SBOM yields no store path: no component has a /nix/store output path")
     refuse_nul_characters(names, "name")
     refuse_nul_characters([output for _out_path, _index, output in paths], "nix:output")
     root = paths[0][0] if paths[0][1] == 0 else root_ref
-    children = dependency_children(dependencies, index_of_ref, max_edges)
+    children = dependency_children(dependencies, index_of_ref, max_edges) if edges else None
     return SbomContents(root, names, drv_paths, paths, children)
 
 
@@ -1809,7 +1829,7 @@ def typed_document(decoder, text):
         raise NotUsualShape from None
 
 
-def usual_sbom_contents(text, max_paths, max_edges):
+def usual_sbom_contents(text, max_paths, max_edges, edges=True):
     """SbomContents of a CycloneDX SBOM of the usual shape; NotUsualShape for any other JSON."""
     sbom = typed_document(USUAL_SBOM, text)
     root_component = sbom.metadata.component
@@ -1821,7 +1841,7 @@ def usual_sbom_contents(text, max_paths, max_edges):
                          ((component.bom_ref, component.name, typed_nix_properties(component.properties))
                           for component in components if component.bom_ref is not None),
                          ((dependency.ref, dependency.dependsOn) for dependency in dependencies
-                          if dependency.dependsOn is not None), max_paths, max_edges)
+                          if dependency.dependsOn is not None), max_paths, max_edges, edges)
 
 
 def typed_nix_properties(properties):
@@ -2053,14 +2073,15 @@ def check_report_type(content_type):
                        f" got {shorten(content_type)!r}")
 
 
-def report_contents(content_type, text, root, max_paths, max_edges):
-    """(the upload's format, its SbomContents) by Content-Type; JSON that is path-info is detected."""
+def report_contents(content_type, text, root, max_paths, max_edges, edges=True):
+    """(the upload's format, its SbomContents) by Content-Type; JSON that is path-info is detected.
+    edges=False leaves a CycloneDX SBOM's edges to the tree worker; the closure formats always read theirs."""
     if content_type == NIX_TREE_TYPE:
         return NIX_TREE_TYPE, closure_contents(nix_tree_items(text), root, max_paths, max_edges)
     if content_type == NIX_PATHS_TYPE:
         return NIX_PATHS_TYPE, closure_contents(nix_paths_items(text), root, max_paths, max_edges)
     try:
-        return usual_report_contents(content_type, text, root, max_paths, max_edges)
+        return usual_report_contents(content_type, text, root, max_paths, max_edges, edges)
     except NotUsualShape:
         pass
     document = parsed_json(text)
@@ -2068,20 +2089,73 @@ def report_contents(content_type, text, root, max_paths, max_edges):
         return PATH_INFO_TYPE, closure_contents(path_info_items(document), root, max_paths, max_edges)
     if root is not None:
         raise BadInput("root: a CycloneDX SBOM names its own root (metadata.component)")
-    return CYCLONEDX_TYPE, parse_sbom(document, max_paths, max_edges)
+    return CYCLONEDX_TYPE, parse_sbom(document, max_paths, max_edges, edges)
 
 
-def usual_report_contents(content_type, text, root, max_paths, max_edges):
+def usual_report_contents(content_type, text, root, max_paths, max_edges, edges=True):
     """report_contents of JSON of the usual shape, by the typed readers; NotUsualShape for any other."""
-    if content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and JSON_LIST_RE.match(text)):
+    if is_path_info_list(content_type, text):
         return PATH_INFO_TYPE, closure_contents(usual_path_info_items(text), root, max_paths, max_edges)
-    contents = usual_sbom_contents(text, max_paths, max_edges)
+    contents = usual_sbom_contents(text, max_paths, max_edges, edges)
     if root is not None:
         raise BadInput("root: a CycloneDX SBOM names its own root (metadata.component)")
     return CYCLONEDX_TYPE, contents
 
 
 JSON_LIST_RE = re.compile(r"[ \t\r\n]*\[")
+
+
+def is_path_info_list(content_type, text):
+    return content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and JSON_LIST_RE.match(text) is not None)
+
+
+def may_be_sbom(content_type, text):
+    """Whether report_contents may read the upload as a CycloneDX SBOM, whose edges the tree worker can read."""
+    return content_type in (CYCLONEDX_TYPE, "application/json", "") and not is_path_info_list(content_type, text)
+
+
+# ---------------------------------------------------------------- an SBOM's edges, read apart
+# The tree worker reads only an SBOM's bom-refs and dependencies, and the request thread all but those.
+
+class SbomRef(msgspec.Struct):
+    bom_ref: str | None = msgspec.field(name="bom-ref", default=None)
+
+
+class SbomRefMetadata(msgspec.Struct):
+    component: SbomRef
+
+
+class SbomEdges(msgspec.Struct):
+    metadata: SbomRefMetadata
+    components: list[SbomRef] | None = None
+    dependencies: list[SbomDependency] | None = None
+
+
+SBOM_EDGES = msgspec.json.Decoder(SbomEdges)
+
+
+def upload_edges(content_type, text, root, max_paths, max_edges):
+    """(component count, children) of an upload, as report_contents reads them: an SBOM of the usual shape
+    from its refs and dependencies alone, anything else by report_contents itself."""
+    try:
+        return usual_sbom_edges(text, max_edges)
+    except NotUsualShape:
+        contents = report_contents(content_type, text, root, max_paths, max_edges)[1]
+        return len(contents.names), contents.children
+
+
+def usual_sbom_edges(text, max_edges):
+    """upload_edges of a CycloneDX SBOM of the usual shape; NotUsualShape for any other JSON. The components
+    are indexed as read_components indexes them; its checks and limits, and that the upload is CycloneDX,
+    are the request thread's."""
+    sbom = typed_document(SBOM_EDGES, text)
+    index_of_ref = {}
+    for component in itertools.chain([sbom.metadata.component], sbom.components or ()):
+        if component.bom_ref is not None:
+            index_of_ref.setdefault(component.bom_ref, len(index_of_ref))
+    children = dependency_children(((dependency.ref, dependency.dependsOn) for dependency in sbom.dependencies or ()
+                                    if dependency.dependsOn is not None), index_of_ref, max_edges)
+    return len(index_of_ref), children
 
 
 # ---------------------------------------------------------------- reports
@@ -2189,18 +2263,19 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
+def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse, laid_out_tree):
     """Publish the upload as the report's latest revision; returns its number.
-    parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (UploadWriter)."""
+    parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (UploadWriter).
+    laid_out_tree() gives the display tree's JSON when the contents have no edges (TreeWorker)."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
-    with unpublished.using(staging):
+    with unpublished.using(staging), current_app.extensions["report_removals"].upload_under_way():
         writer = UploadWriter(current_app.config["DATABASE"], staging, owner, sbom_text)
         try:
             source_type, contents = parse()
             try:
-                revision = written_revision(conn, writer, label, sbom_digest, source_type, contents)
+                revision = written_revision(conn, writer, label, sbom_digest, source_type, contents, laid_out_tree)
             finally:
                 writer.finished()  # before the lists it reads are emptied
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
@@ -2217,6 +2292,7 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse):
     return number
 
 
+REMOVAL_WAIT_S = 10
 REMOVAL_NICENESS = 10
 
 
@@ -2224,12 +2300,33 @@ class ReportRemovals:
     """Removes replaced copies of reports in a thread of its own, one after another, after the upload that
     replaced them has answered: once renamed they are garbage no one can see, and removing 20,000 paths' rows
     takes longer than the rest of a PUT's writes. A name stays claimed in UnpublishedReports until its copy is
-    gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload."""
+    gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload.
+
+    Before each chunk of rows it waits while an upload is being written (for REMOVAL_WAIT_S at most, so that
+    a stream of uploads cannot leave garbage without end): the next upload's writes, under the one write lock,
+    come first, and back to back uploads never wait for the copy the last one replaced."""
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
         self.names = queue.Queue()
         self.lock, self.thread = threading.Lock(), None
+        self.uploads = 0
+        self.no_uploads = threading.Condition()
+
+    @contextlib.contextmanager
+    def upload_under_way(self):
+        with self.no_uploads:
+            self.uploads += 1
+        try:
+            yield
+        finally:
+            with self.no_uploads:
+                self.uploads -= 1
+                self.no_uploads.notify_all()
+
+    def wait_for_uploads(self):
+        with self.no_uploads:
+            self.no_uploads.wait_for(lambda: self.uploads == 0, timeout=REMOVAL_WAIT_S)
 
     def remove(self, name):
         """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
@@ -2240,14 +2337,15 @@ class ReportRemovals:
                 self.thread.start()
 
     def run(self):
-        # On Linux a thread has a niceness of its own: the next upload's parse, on the request thread, comes first.
+        # On Linux a thread has a niceness of its own: the new revision's first views, rendered by a worker
+        # as nice as this, come no later than this garbage.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REMOVAL_NICENESS)
         while True:
             name = self.names.get()
             try:
                 with contextlib.closing(connect(self.database)) as conn:
-                    remove_report(conn, name)
+                    remove_report(conn, name, before_each_chunk=self.wait_for_uploads)
             except sqlite3.Error as error:
                 self.logger.error("could not remove the replaced report %s yet: %s", name, error)
             finally:
@@ -2259,20 +2357,124 @@ class ReportRemovals:
         self.names.join()
 
 
-def written_revision(conn, writer, label, sbom_digest, source_type, contents):
+def written_revision(conn, writer, label, sbom_digest, source_type, contents, laid_out_tree):
     """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
-    while this one lays out the display tree and finds the ids of the shared component rows."""
+    while this one finds the ids of the shared component rows; the display tree is laid out here, or by
+    the tree worker when the contents have no edges (laid_out_tree())."""
     writer.write_rows(contents)
-    tree = contents.tree_json()
-    tree_id = writer.store_tree(tree)
     ids = revision_component_ids(conn, contents.names, contents.drv_paths, contents.paths,
                                  current_app.extensions["component_ids"], writer.store_components)
+    tree = contents.tree_json() if contents.children is not None else laid_out_tree()
+    tree_id = writer.store_tree(tree)
     report_id = writer.written()
     with transaction(conn):
         conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
                      (contents.root, tree, source_type, report_id))
     return Revision(label, contents.root, path_count(contents.paths), sbom_digest, packed_ids(ids), tree_id.result(),
                     now_iso())
+
+
+class TreeWorker:
+    """Lays out an upload's display tree in a process of its own, from the upload's text, while the request
+    thread parses the same text and finds its component ids: the layout is pure Python, and in the server's
+    process it would wait for the interpreter behind them. Both read the upload with the same functions, so
+    the tree is the one the request thread would lay out. One upload at a time, and none when the app is not
+    configured for it (TREE_WORKER): an upload that finds the worker busy, or a worker that failed, has its
+    tree laid out by the request thread."""
+
+    def __init__(self, app):
+        self.enabled = app.config["TREE_WORKER"]
+        self.lock = threading.Lock()
+        self.busy = False
+        self.executor = None
+
+    def start(self):
+        """Start the worker now, so that the first upload does not wait for it."""
+        with self.lock:
+            if self.enabled and self.executor is None:
+                self.executor = worker_executor(start_tree_worker)
+                self.executor.submit(os.getpid)
+
+    def lay_out(self, raw, upload):
+        """A Future of the display tree's JSON of the upload (upload_tree_json) from its bytes, or None when the worker
+        is busy, broken or not enabled. The bytes go through a file: down a pipe, each of a few hundred writes
+        would wait for the interpreter, which the request thread holds while it parses the same upload."""
+        with self.lock:
+            if not self.enabled or self.busy:
+                return None
+            if self.executor is None:
+                self.executor = worker_executor(start_tree_worker)
+            path = upload_file(raw)
+            if path is None:
+                return None
+            try:
+                content_type, _text, *limits = upload
+                future = self.executor.submit(upload_file_tree_json, path, content_type, *limits)
+            except concurrent.futures.BrokenExecutor:
+                os.unlink(path)
+                self.executor = None  # killed (out of memory, say): the next upload starts another
+                return None
+            self.busy = True
+        future.add_done_callback(functools.partial(self.done, path))
+        return future
+
+    def done(self, path, future):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # the worker's, unless it died first
+        with self.lock:
+            self.busy = False
+            if isinstance(future.exception(), concurrent.futures.BrokenExecutor):
+                self.executor = None
+
+    @staticmethod
+    def tree(future, upload):
+        """The display tree the worker laid out; laid out here if the worker failed (killed, say).
+        What the upload holds wrong in its edges (too many, say) is raised as the worker found it."""
+        try:
+            return future.result(timeout=TREE_WORKER_TIMEOUT_S)
+        except BadInput:
+            raise
+        except Exception:
+            return upload_tree_json(*upload)
+
+
+TREE_WORKER_TIMEOUT_S = 60
+
+
+def upload_file(raw):
+    """The path of a new temporary file, readable by this user only, that holds raw; None if none can be written."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="hash-collection-upload-")
+    except OSError:
+        return None
+    try:
+        with open(fd, "wb") as file:
+            file.write(raw)
+    except OSError:
+        os.unlink(path)
+        return None
+    return path
+
+
+def upload_file_tree_json(path, content_type, *limits):
+    """upload_tree_json of the upload whose bytes are in the file at path, which this removes."""
+    with open(path, "rb") as upload_file:
+        text = upload_file.read().decode()
+    os.unlink(path)
+    return upload_tree_json(content_type, text, *limits)
+
+
+def upload_tree_json(*upload):
+    """The display tree's JSON of an upload (content type, text, root, max paths, max edges), from its edges alone."""
+    with cyclic_gc_paused():
+        tree = tree_json(display_tree(*upload_edges(*upload)))
+    trim_malloc()
+    return tree
+
+
+def start_tree_worker(server_pid):
+    die_with_server(server_pid)
+    limit_malloc_arenas()
 
 
 class UploadWriter:
@@ -2414,15 +2616,17 @@ def publish_report(conn, staging, name, owner, replaced, revision):
         return add_revision(conn, staged_id, revision), existing is not None
 
 
-def remove_report(conn, name):
+def remove_report(conn, name, before_each_chunk=lambda: None):
     """Delete a report a chunk of rows per transaction, so writers wait for one chunk at most."""
     report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
     if report is None:
         return
     for table, key, per_transaction in (("report_sbom_pieces", "seq", 1), ("report_paths", "out_path", ROWS_PER_TRANSACTION),
                                         ("report_components", "idx", ROWS_PER_TRANSACTION)):
-        while remove_first_rows(conn, table, key, report["id"], per_transaction):
-            pass
+        while True:
+            before_each_chunk()
+            if not remove_first_rows(conn, table, key, report["id"], per_transaction):
+                break
     with transaction(conn):
         conn.execute("DELETE FROM reports WHERE id = ?", (report["id"],))
 
@@ -3781,7 +3985,6 @@ def put_report(name):
         raw = body_bytes("MAX_REPORT_BYTES", "a CycloneDX JSON SBOM or Nix's closure output")
         digest = hashlib.sha256(raw).hexdigest()
         text = utf8_text(raw)
-        del raw
         unchanged = unchanged_revision(conn, existing, label, digest)
         if unchanged is not None:
             return jsonify(report=name, status="unchanged", revision=unchanged)
@@ -3789,11 +3992,15 @@ def put_report(name):
             # Views of the revision this one replaces are forgotten once it is published; their memory,
             # tens of MiB for a large report, is wanted now, for the parse.
             current_app.extensions["report_views"].forget_report(existing["id"])
-        parse = functools.partial(report_contents, request.mimetype, text, request.args.get("root"),
-                                  current_app.config["MAX_REPORT_PATHS"], current_app.config["MAX_REPORT_EDGES"])
+        upload = (request.mimetype, text, request.args.get("root"), current_app.config["MAX_REPORT_PATHS"],
+                  current_app.config["MAX_REPORT_EDGES"])
+        laid_out_tree = current_app.extensions["tree_worker"].lay_out(raw, upload) if may_be_sbom(*upload[:2]) else None
+        del raw
         with cyclic_gc_paused():
             try:
-                number = define_report(conn, name, builder, text, digest, label, parse)
+                number = define_report(conn, name, builder, text, digest, label,
+                                       functools.partial(report_contents, *upload, edges=laid_out_tree is None),
+                                       functools.partial(TreeWorker.tree, laid_out_tree, upload))
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
     return jsonify(report=name, status="defined", revision=number, label=label)
@@ -4358,10 +4565,24 @@ def render_executor(app):
         # Only a weak reference: the thread ends when the app is thrown away (tests make hundreds).
         return concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=start_render_thread,
                                                      initargs=(weakref.ref(app),))
-    # spawn, not fork: a fork of this threaded server could inherit a lock held mid-request.
     config = {key: value for key, value in app.config.items() if key.isupper()}
+    return worker_executor(start_render_worker, config)
+
+
+def worker_executor(initializer, *initargs):
+    """A pool of one process started by initializer(*initargs, server pid).
+    spawn, not fork: a fork of this threaded server could inherit a lock held mid-request."""
     return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=start_render_worker, initargs=(config, os.getpid()))
+                                                  initializer=initializer, initargs=(*initargs, os.getpid()))
+
+
+def die_with_server(server_pid):
+    """A server killed outright cannot stop its workers: the kernel does, when the server dies."""
+    libc = glibc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server_pid:
+        os._exit(0)
 
 
 render_app = threading.local()  # app(): the app a render thread or worker renders with
@@ -4372,12 +4593,7 @@ def start_render_thread(app_reference):
 
 
 def start_render_worker(config, server_pid):
-    # A server killed outright cannot stop its worker: the kernel does, when the server dies.
-    libc = glibc()
-    if libc is not None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != server_pid:
-        os._exit(0)
+    die_with_server(server_pid)
     os.nice(RENDER_NICENESS)  # the server's threads, which take attestations, come first
     limit_malloc_arenas()
     app = create_app({**config, "RENDER_WORKER": False})
@@ -4617,11 +4833,16 @@ def release_freed_memory(response):
     A batch's page cache (cache_for) is freed in the request thread's malloc arena, where the next batch,
     in another thread, may not reuse it: without this, every arena kept the cache of the largest batch it served.
     """
-    libc = glibc()
     large = request.path.startswith("/reports/") and request.method in ("GET", "PUT") or g.get("large_batch", False)
-    if libc is not None and large:
-        response.call_on_close(lambda: libc.malloc_trim(0))
+    if large:
+        response.call_on_close(trim_malloc)
     return response
+
+
+def trim_malloc():
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------- start-up
@@ -4680,7 +4901,7 @@ def main(argv=None):
     args = parse_arguments(argv)
     app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
                        "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
-                       "CHECKPOINT_INTERVAL": args.checkpoint_interval, "RENDER_WORKER": True,
+                       "CHECKPOINT_INTERVAL": args.checkpoint_interval, "RENDER_WORKER": True, "TREE_WORKER": True,
                        "BACKGROUND_CHECKPOINTS": True,
                        **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
     check_file_descriptors(args.connection_limit)
@@ -4694,6 +4915,7 @@ def main(argv=None):
                                   max_request_body_size=app.config["MAX_REPORT_BYTES"] + MiB,
                                   connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
     app.extensions["report_views"].start_worker()
+    app.extensions["tree_worker"].start()
     threading.Thread(target=wal_checkpointer, args=(args.db,), daemon=True, name="WAL checkpoints").start()
     # A thread that wants the interpreter waits up to this long for a CPU-bound one (a batch, a suggestion)
     # to let go: an attestation needs it dozens of times, around each SQLite call.

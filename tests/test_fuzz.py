@@ -269,11 +269,14 @@ def typed_and_generic_readings(sbom, limit=100):
         return None, generic
 
 
-@pytest.mark.parametrize("closure", [sbom_samples.nix_build_sbom(sbom_samples.DIAMOND),
-                                     sbom_samples.nix_build_sbom(sbom_samples.CYCLE, property_name="nix:output_path"),
-                                     sbom_samples.sbomnix_sbom(sbom_samples.DIAMOND, {"shared": ["out", "dev"]}),
-                                     sbom_samples.bombon_sbom(sbom_samples.DIAMOND), sbom_samples.odd_sbom()],
-                         ids=["nix-build-sbom", "output_path", "sbomnix", "bombon", "odd"])
+PRODUCERS_SBOMS = [sbom_samples.nix_build_sbom(sbom_samples.DIAMOND),
+                   sbom_samples.nix_build_sbom(sbom_samples.CYCLE, property_name="nix:output_path"),
+                   sbom_samples.sbomnix_sbom(sbom_samples.DIAMOND, {"shared": ["out", "dev"]}),
+                   sbom_samples.bombon_sbom(sbom_samples.DIAMOND), sbom_samples.odd_sbom()]
+PRODUCERS = ["nix-build-sbom", "output_path", "sbomnix", "bombon", "odd"]
+
+
+@pytest.mark.parametrize("closure", PRODUCERS_SBOMS, ids=PRODUCERS)
 def test_the_typed_reader_takes_every_producers_sbom_and_reads_what_the_generic_reader_does(closure):
     typed, generic = typed_and_generic_readings(closure.sbom)
     assert isinstance(generic, web.SbomContents)
@@ -289,6 +292,44 @@ def test_the_typed_reader_reads_any_sbom_it_takes_as_the_generic_reader_does(bod
     """The typed reader decides speed only: what it takes, it reads as the generic reader does, errors included."""
     typed, generic = typed_and_generic_readings(body, limit=4)
     assert typed is None or typed == generic
+
+
+def whole_and_split_readings(sbom, limit=4):
+    """What report_contents makes of an SBOM read whole, and read in two parts as an upload with the tree worker
+    is: the request thread without edges, then the worker's tree (its error only if the request thread had none)."""
+    text = json.dumps(sbom)
+    upload = ("application/json", text, None, limit, limit)
+
+    def whole():
+        contents = web.report_contents(*upload)[1]
+        return contents._replace(children=None), contents.tree_json()
+
+    def split():
+        contents = web.report_contents(*upload, edges=False)[1]
+        return contents, web.upload_tree_json(*upload)
+    return sbom_reading(whole), sbom_reading(split)
+
+
+@pytest.mark.parametrize("sbom", [closure.sbom for closure in PRODUCERS_SBOMS]
+                         + [{**SBOM, "components": SBOM["components"] + SBOM["components"][:1]}],
+                         ids=PRODUCERS + ["a bom-ref twice"])
+def test_every_producers_sbom_read_in_two_parts_reads_as_it_does_whole(sbom):
+    whole, split = whole_and_split_readings(sbom, limit=100)
+    assert isinstance(whole, tuple)
+    assert split == whole
+
+
+@FUZZ
+@example(body=fields_replaced(SBOM, [(("dependencies", 0, "dependsOn"), ["x"] * 9)]))
+@example(body=fields_replaced(SBOM, [(("components", 0, "bom-ref"), None)]))
+@example(body=fields_replaced(SBOM, [(("components", 0, "properties"), 5)]))
+@example(body=fields_replaced(SBOM, [(("metadata", "component", "bom-ref"), 7)]))
+@given(body=mutations_of(SBOM))
+def test_an_sbom_read_in_two_parts_reads_as_it_does_whole(body):
+    """The tree worker reads an SBOM's edges apart from the request thread: together they read what one reader
+    does, and refuse what it refuses with its message."""
+    whole, split = whole_and_split_readings(body)
+    assert split == whole
 
 
 @FUZZ

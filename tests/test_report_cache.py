@@ -178,9 +178,9 @@ def test_a_new_revision_is_parsed_without_the_views_of_the_one_it_replaces(clien
     kept_during_parse = []
     parse = web.report_contents
 
-    def noting_parse(*args):
+    def noting_parse(*args, **options):
         kept_during_parse.extend(key[0] for key in views.views)
-        return parse(*args)
+        return parse(*args, **options)
     monkeypatch.setattr(web, "report_contents", noting_parse)
     changed = samples.nix_build_sbom({**CLOSURE, "cache-root": ["cache-lib", "cache-new"], "cache-new": []})
     assert client.put("/reports/cached", json=changed.sbom, headers=bearer(tokens("owner"))).status_code == 200

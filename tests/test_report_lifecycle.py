@@ -2,6 +2,7 @@
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 import requests
@@ -84,6 +85,36 @@ def test_replaced_copies_are_removed_whole_a_chunk_of_rows_at_a_time(app, client
     finally:
         conn.close()
     assert rows == {"reports": 1, "report_components": 3, "report_paths": 3, "report_sbom_pieces": 1}
+
+
+def rows_of_reports(app):
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        return conn.execute("SELECT COUNT(*) FROM report_paths").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_replaced_copy_is_removed_once_no_upload_is_being_written(app, client, tokens, defined):
+    """The next upload's writes come first: a removal that started waits between chunks, and does not hold
+    the write lock meanwhile."""
+    removals = app.extensions["report_removals"]
+    with removals.upload_under_way():  # as another upload would be
+        client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+        time.sleep(0.5)
+        while_writing = rows_of_reports(app)
+        assert web.process_write_lock.acquire(timeout=1)
+        web.process_write_lock.release()
+    removals.wait()
+    assert (while_writing, rows_of_reports(app)) == (len(FIRST.all_paths) + len(SECOND.all_paths), len(SECOND.all_paths))
+
+
+def test_a_stream_of_uploads_does_not_keep_a_replaced_copy_for_ever(app, client, tokens, defined, monkeypatch):
+    monkeypatch.setattr(web, "REMOVAL_WAIT_S", 0.2)
+    with app.extensions["report_removals"].upload_under_way():
+        client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+        app.extensions["report_removals"].wait()
+        assert rows_of_reports(app) == len(SECOND.all_paths)
 
 
 def test_a_replaced_copy_a_crash_left_behind_is_removed_by_the_next_upload(app, client, tokens, defined):

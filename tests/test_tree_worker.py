@@ -1,0 +1,161 @@
+"""The tree worker: a process that lays out an SBOM upload's display tree while the request thread parses the rest.
+
+The worker is a real process (spawned, as web.py starts it); these tests run it in-process apps with TREE_WORKER on.
+The end-to-end tests run it too, through web.py, for every report they define.
+"""
+import concurrent.futures
+import concurrent.futures.process
+import json
+import os
+import signal
+import sqlite3
+import tempfile
+
+import pytest
+import requests
+
+import sbom_samples as samples
+import web
+from attestation_samples import create_user_in_process
+from support import bearer, wait_until
+
+CLOSURE = samples.nix_build_sbom(samples.DIAMOND)
+
+
+@pytest.fixture
+def upload_files(tmp_path, monkeypatch):
+    """The directory the uploads' temporary files go to, this test's own."""
+    directory = tmp_path / "uploads"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+@pytest.fixture
+def worker_app(tmp_path, upload_files):
+    app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True, "TREE_WORKER": True})
+    yield app
+    app.extensions["report_removals"].wait()
+    worker = app.extensions["tree_worker"]
+    if worker.executor is not None:
+        worker.executor.shutdown(wait=True)
+
+
+def stored_tree(app, name):
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        return conn.execute("SELECT tree FROM reports WHERE name = ?", (name,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def tree_laid_out_here(sbom):
+    return web.report_contents("application/json", json.dumps(sbom), None, 1000, 1000)[1].tree_json()
+
+
+def token(app, name="owner"):
+    return create_user_in_process(app.config["DATABASE"], name)
+
+
+def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lays_out(worker_app, upload_files):
+    worker = worker_app.extensions["tree_worker"]
+    laid_out = []
+    real_lay_out = worker.lay_out
+    worker.lay_out = lambda *args: laid_out.append(real_lay_out(*args)) or laid_out[-1]
+    response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
+    assert response.status_code == 200, response.get_json()
+    assert [type(future) for future in laid_out] == [concurrent.futures.Future]
+    assert laid_out[0].result() == tree_laid_out_here(CLOSURE.sbom)
+    assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
+    wait_until(lambda: not os.listdir(upload_files), what="the upload's temporary file removed")
+
+
+def test_path_info_is_laid_out_by_the_request_thread(worker_app):
+    path_info = [{"path": path, "references": []} for path in sorted(CLOSURE.all_paths)]
+    worker = worker_app.extensions["tree_worker"]
+    worker.lay_out = lambda *args: pytest.fail("path-info sent to the tree worker")
+    response = worker_app.test_client().put("/reports/life", json=path_info, headers=bearer(token(worker_app)))
+    assert response.status_code == 200, response.get_json()
+
+
+def test_too_many_edges_found_by_the_worker_are_refused_naming_the_limit_and_nothing_is_stored(tmp_path, upload_files):
+    app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True, "TREE_WORKER": True,
+                          "MAX_REPORT_EDGES": 2})
+    try:
+        owner = token(app)
+        response = app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(owner))
+        conn = sqlite3.connect(app.config["DATABASE"])
+        try:
+            reports = conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+            rows = conn.execute("SELECT COUNT(*) FROM report_paths").fetchone()[0]
+        finally:
+            conn.close()
+    finally:
+        app.extensions["tree_worker"].executor.shutdown(wait=True)
+    assert response.status_code == 413
+    assert "more than 2 distinct dependency edges" in response.get_json()["error"]
+    assert (reports, rows) == (0, 0)
+    assert not os.listdir(upload_files)
+
+
+def test_an_upload_whose_worker_was_killed_gets_its_tree_all_the_same(worker_app):
+    client, owner = worker_app.test_client(), bearer(token(worker_app))
+    worker = worker_app.extensions["tree_worker"]
+    worker.start()
+    wait_until(lambda: worker.executor._processes, what="the worker started")
+    (pid,) = list(worker.executor._processes)
+    os.kill(pid, signal.SIGKILL)
+    for label in ("after-kill", "after-restart"):
+        response = client.put(f"/reports/life?revision={label}", json=CLOSURE.sbom, headers=owner)
+        assert response.status_code == 200, response.get_json()
+        assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
+    assert pid not in worker.executor._processes  # a new worker, for the uploads after the one that found it dead
+
+
+@pytest.mark.parametrize("failure", [concurrent.futures.process.BrokenProcessPool("killed"), MemoryError()],
+                         ids=["worker killed", "worker out of memory"])
+def test_a_tree_the_worker_could_not_lay_out_is_laid_out_by_the_request_thread(failure):
+    failed = concurrent.futures.Future()
+    failed.set_exception(failure)
+    upload = ("application/json", json.dumps(CLOSURE.sbom), None, 1000, 1000)
+    assert web.TreeWorker.tree(failed, upload) == tree_laid_out_here(CLOSURE.sbom)
+
+
+def test_what_the_worker_refuses_in_the_edges_is_refused():
+    refused = concurrent.futures.Future()
+    refused.set_exception(web.ReportTooLarge("SBOM: more than 2 distinct dependency edges"))
+    with pytest.raises(web.ReportTooLarge, match="more than 2"):
+        web.TreeWorker.tree(refused, ("application/json", "{}", None, 1000, 1000))
+
+
+def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app, upload_files):
+    worker = worker_app.extensions["tree_worker"]
+    worker.busy = True  # another upload's tree is being laid out
+    assert worker.lay_out(b"{}", ("application/json", "{}", None, 1000, 1000)) is None
+    assert not os.listdir(upload_files)
+    response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
+    assert response.status_code == 200
+    assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
+
+
+def test_an_upload_that_cannot_write_its_temporary_file_lays_out_its_tree_itself(worker_app, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    worker = worker_app.extensions["tree_worker"]
+    assert worker.lay_out(b"{}", ("application/json", "{}", None, 1000, 1000)) is None
+    response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
+    assert response.status_code == 200
+    assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
+
+
+@pytest.mark.parametrize("closure", [CLOSURE, samples.nix_build_sbom(samples.CYCLE, property_name="nix:output_path")],
+                         ids=["diamond", "cycle"])
+def test_web_py_serves_the_tree_an_app_without_the_worker_lays_out(server, client, tokens, closure):
+    """End to end: web.py lays out trees in its worker; the in-process app (TREE_WORKER off) in the request thread."""
+    text = {"Accept": "text/plain"}
+    response = requests.put(f"{server.url}/reports/life", json=closure.sbom,
+                            headers=bearer(server.create_user("owner")), timeout=30)
+    assert response.status_code == 200, response.text
+    assert client.put("/reports/life", json=closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    served = requests.get(f"{server.url}/reports/life", headers=text, timeout=30).text
+    assert served == client.get("/reports/life", headers=text).get_data(as_text=True)
+    assert "(shown above)" in served
