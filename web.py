@@ -2293,7 +2293,7 @@ def define_report(conn, name, owner, sbom_text, sbom_digest, label, parse, laid_
 
 
 REMOVAL_WAIT_S = 10
-REMOVAL_NICENESS = 10
+REMOVAL_POLL_S = 0.02
 
 
 class ReportRemovals:
@@ -2302,9 +2302,9 @@ class ReportRemovals:
     takes longer than the rest of a PUT's writes. A name stays claimed in UnpublishedReports until its copy is
     gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload.
 
-    Before each chunk of rows it waits while an upload is being written (for REMOVAL_WAIT_S at most, so that
-    a stream of uploads cannot leave garbage without end): the next upload's writes, under the one write lock,
-    come first, and back to back uploads never wait for the copy the last one replaced."""
+    Before each chunk of rows it waits while an upload is being written or a view rendered (for REMOVAL_WAIT_S
+    at most, so that a busy server cannot keep garbage without end): the next upload's writes, under the one
+    write lock, and the new revision's first views come first."""
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
@@ -2312,6 +2312,7 @@ class ReportRemovals:
         self.lock, self.thread = threading.Lock(), None
         self.uploads = 0
         self.no_uploads = threading.Condition()
+        self.rendering = lambda: app.extensions["report_views"].rendering_now()
 
     @contextlib.contextmanager
     def upload_under_way(self):
@@ -2324,9 +2325,11 @@ class ReportRemovals:
                 self.uploads -= 1
                 self.no_uploads.notify_all()
 
-    def wait_for_uploads(self):
+    def wait_until_idle(self):
+        deadline = time.monotonic() + REMOVAL_WAIT_S
         with self.no_uploads:
-            self.no_uploads.wait_for(lambda: self.uploads == 0, timeout=REMOVAL_WAIT_S)
+            while (self.uploads or self.rendering()) and time.monotonic() < deadline:
+                self.no_uploads.wait(REMOVAL_POLL_S)  # woken when an upload ends; renders are polled
 
     def remove(self, name):
         """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
@@ -2337,15 +2340,11 @@ class ReportRemovals:
                 self.thread.start()
 
     def run(self):
-        # On Linux a thread has a niceness of its own: the new revision's first views, rendered by a worker
-        # as nice as this, come no later than this garbage.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REMOVAL_NICENESS)
         while True:
             name = self.names.get()
             try:
                 with contextlib.closing(connect(self.database)) as conn:
-                    remove_report(conn, name, before_each_chunk=self.wait_for_uploads)
+                    remove_report(conn, name, before_each_chunk=self.wait_until_idle)
             except sqlite3.Error as error:
                 self.logger.error("could not remove the replaced report %s yet: %s", name, error)
             finally:
@@ -4456,6 +4455,10 @@ class ReportViews:
     def forget(self):
         with self.lock:
             self.views = {}
+
+    def rendering_now(self):
+        with self.lock:
+            return bool(self.rendering)
 
     def forget_report(self, report_id):
         """Drop a report's views (every key begins with its id) and so their memory."""

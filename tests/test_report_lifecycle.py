@@ -109,6 +109,20 @@ def test_a_replaced_copy_is_removed_once_no_upload_is_being_written(app, client,
     assert (while_writing, rows_of_reports(app)) == (len(FIRST.all_paths) + len(SECOND.all_paths), len(SECOND.all_paths))
 
 
+def test_a_replaced_copy_is_removed_once_no_view_is_being_rendered(app, client, tokens, defined):
+    """The new revision's first views, rendered right after the PUT, come first too."""
+    removals, views = app.extensions["report_removals"], app.extensions["report_views"]
+    views.rendering["a render"] = None  # as ReportViews notes a render under way
+    try:
+        client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
+        time.sleep(0.5)
+        while_rendering = rows_of_reports(app)
+    finally:
+        del views.rendering["a render"]
+    removals.wait()
+    assert (while_rendering, rows_of_reports(app)) == (len(FIRST.all_paths) + len(SECOND.all_paths), len(SECOND.all_paths))
+
+
 def test_a_stream_of_uploads_does_not_keep_a_replaced_copy_for_ever(app, client, tokens, defined, monkeypatch):
     monkeypatch.setattr(web, "REMOVAL_WAIT_S", 0.2)
     with app.extensions["report_removals"].upload_under_way():
