@@ -1990,14 +1990,10 @@ def deriver_by_name(out_path, drvs_by_name):
     return candidates[0] if len(candidates) == 1 else None
 
 
-def closure_contents(items, root, max_paths, max_edges):
-    """SbomContents of a closure's items, the root first; fixed_output maps each fixed-output path to its ca."""
-    items = list(items)
-    if root is not None:
-        position = next((position for position, item in enumerate(items) if item.path == root), None)
-        if position is None:
-            raise BadInput(f"root: {shorten(root)} is not in the closure")
-        items.insert(0, items.pop(position))
+def closure_contents(items, root, max_paths, max_edges, edges=True):
+    """SbomContents of a closure's items, the root first; fixed_output maps each fixed-output path to its ca.
+    Without edges (children None) when the tree worker reads them (usual_path_info_edges)."""
+    items = root_first(list(items), root)
     index_of, names, drv_paths, paths, fixed_output = {}, [], [], [], {}
     for index, (path, _references, deriver, ca, where) in enumerate(items):
         if path in index_of:
@@ -2016,8 +2012,18 @@ def closure_contents(items, root, max_paths, max_edges):
             fixed_output[path] = ca
     if not paths:
         raise BadInput("closure yields no output path: it lists only .drv files")
-    children = closure_children(items, index_of, max_edges)
+    children = closure_children(items, index_of, max_edges) if edges else None
     return SbomContents(items[0].path, names, drv_paths, paths, children, fixed_output)
+
+
+def root_first(items, root):
+    """The items with the one of path root first; all as listed if root is None."""
+    if root is not None:
+        position = next((position for position, item in enumerate(items) if item.path == root), None)
+        if position is None:
+            raise BadInput(f"root: {shorten(root)} is not in the closure")
+        items.insert(0, items.pop(position))
+    return items
 
 
 def closure_children(items, index_of, max_edges):
@@ -2075,7 +2081,7 @@ def check_report_type(content_type):
 
 def report_contents(content_type, text, root, max_paths, max_edges, edges=True):
     """(the upload's format, its SbomContents) by Content-Type; JSON that is path-info is detected.
-    edges=False leaves a CycloneDX SBOM's edges to the tree worker; the closure formats always read theirs."""
+    edges=False leaves the edges of JSON (CycloneDX or path-info) to the tree worker; the text formats read theirs."""
     if content_type == NIX_TREE_TYPE:
         return NIX_TREE_TYPE, closure_contents(nix_tree_items(text), root, max_paths, max_edges)
     if content_type == NIX_PATHS_TYPE:
@@ -2086,7 +2092,7 @@ def report_contents(content_type, text, root, max_paths, max_edges, edges=True):
         pass
     document = parsed_json(text)
     if content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and looks_like_path_info(document)):
-        return PATH_INFO_TYPE, closure_contents(path_info_items(document), root, max_paths, max_edges)
+        return PATH_INFO_TYPE, closure_contents(path_info_items(document), root, max_paths, max_edges, edges)
     if root is not None:
         raise BadInput("root: a CycloneDX SBOM names its own root (metadata.component)")
     return CYCLONEDX_TYPE, parse_sbom(document, max_paths, max_edges, edges)
@@ -2095,7 +2101,7 @@ def report_contents(content_type, text, root, max_paths, max_edges, edges=True):
 def usual_report_contents(content_type, text, root, max_paths, max_edges, edges=True):
     """report_contents of JSON of the usual shape, by the typed readers; NotUsualShape for any other."""
     if is_path_info_list(content_type, text):
-        return PATH_INFO_TYPE, closure_contents(usual_path_info_items(text), root, max_paths, max_edges)
+        return PATH_INFO_TYPE, closure_contents(usual_path_info_items(text), root, max_paths, max_edges, edges)
     contents = usual_sbom_contents(text, max_paths, max_edges, edges)
     if root is not None:
         raise BadInput("root: a CycloneDX SBOM names its own root (metadata.component)")
@@ -2109,13 +2115,14 @@ def is_path_info_list(content_type, text):
     return content_type == PATH_INFO_TYPE or (content_type != CYCLONEDX_TYPE and JSON_LIST_RE.match(text) is not None)
 
 
-def may_be_sbom(content_type, text):
-    """Whether report_contents may read the upload as a CycloneDX SBOM, whose edges the tree worker can read."""
-    return content_type in (CYCLONEDX_TYPE, "application/json", "") and not is_path_info_list(content_type, text)
+def edges_read_apart(content_type):
+    """Whether the tree worker reads the upload's edges: JSON, CycloneDX or path-info, not Nix's text formats."""
+    return content_type not in (NIX_TREE_TYPE, NIX_PATHS_TYPE)
 
 
-# ---------------------------------------------------------------- an SBOM's edges, read apart
-# The tree worker reads only an SBOM's bom-refs and dependencies, and the request thread all but those.
+# ---------------------------------------------------------------- edges, read apart
+# The tree worker reads only an SBOM's bom-refs and dependencies, or path-info's paths and references,
+# and the request thread all but those.
 
 class SbomRef(msgspec.Struct):
     bom_ref: str | None = msgspec.field(name="bom-ref", default=None)
@@ -2134,10 +2141,20 @@ class SbomEdges(msgspec.Struct):
 SBOM_EDGES = msgspec.json.Decoder(SbomEdges)
 
 
+class PathInfoEdges(msgspec.Struct):
+    path: str
+    references: list[str]
+
+
+PATH_INFO_EDGES = msgspec.json.Decoder(list[PathInfoEdges])
+
+
 def upload_edges(content_type, text, root, max_paths, max_edges):
-    """(component count, children) of an upload, as report_contents reads them: an SBOM of the usual shape
-    from its refs and dependencies alone, anything else by report_contents itself."""
+    """(component count, children) of an upload, as report_contents reads them: an SBOM or a path-info list
+    of the usual shape from its edges alone, anything else by report_contents itself."""
     try:
+        if is_path_info_list(content_type, text):
+            return usual_path_info_edges(text, root, max_edges)
         return usual_sbom_edges(text, max_edges)
     except NotUsualShape:
         contents = report_contents(content_type, text, root, max_paths, max_edges)[1]
@@ -2156,6 +2173,20 @@ def usual_sbom_edges(text, max_edges):
     children = dependency_children(((dependency.ref, dependency.dependsOn) for dependency in sbom.dependencies or ()
                                     if dependency.dependsOn is not None), index_of_ref, max_edges)
     return len(index_of_ref), children
+
+
+def usual_path_info_edges(text, root, max_edges):
+    """upload_edges of Nix 2.8's path-info list when every path is a full store path; NotUsualShape for any
+    other JSON. The paths are indexed as closure_contents indexes them; its checks and limits are the request thread's."""
+    listed = typed_document(PATH_INFO_EDGES, text)
+    if not are_store_paths([item.path for item in listed]):
+        raise NotUsualShape
+    items = root_first([ClosureItem(item.path, item.references, None, None, f"path-info [{position}]")
+                        for position, item in enumerate(listed)], root)
+    index_of = {}
+    for index, item in enumerate(items):
+        index_of.setdefault(item.path, index)
+    return len(items), closure_children(items, index_of, max_edges)
 
 
 # ---------------------------------------------------------------- reports
@@ -3993,7 +4024,7 @@ def put_report(name):
             current_app.extensions["report_views"].forget_report(existing["id"])
         upload = (request.mimetype, text, request.args.get("root"), current_app.config["MAX_REPORT_PATHS"],
                   current_app.config["MAX_REPORT_EDGES"])
-        laid_out_tree = current_app.extensions["tree_worker"].lay_out(raw, upload) if may_be_sbom(*upload[:2]) else None
+        laid_out_tree = current_app.extensions["tree_worker"].lay_out(raw, upload) if edges_read_apart(request.mimetype) else None
         del raw
         with cyclic_gc_paused():
             try:

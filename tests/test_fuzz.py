@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import sqlite3
+from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -294,11 +295,11 @@ def test_the_typed_reader_reads_any_sbom_it_takes_as_the_generic_reader_does(bod
     assert typed is None or typed == generic
 
 
-def whole_and_split_readings(sbom, limit=4):
-    """What report_contents makes of an SBOM read whole, and read in two parts as an upload with the tree worker
+def whole_and_split_readings(sbom, limit=6, root=None):
+    """What report_contents makes of an upload read whole, and read in two parts as an upload with the tree worker
     is: the request thread without edges, then the worker's tree (its error only if the request thread had none)."""
     text = json.dumps(sbom)
-    upload = ("application/json", text, None, limit, limit)
+    upload = ("application/json", text, root, limit, limit)
 
     def whole():
         contents = web.report_contents(*upload)[1]
@@ -310,11 +311,20 @@ def whole_and_split_readings(sbom, limit=4):
     return sbom_reading(whole), sbom_reading(split)
 
 
-@pytest.mark.parametrize("sbom", [closure.sbom for closure in PRODUCERS_SBOMS]
-                         + [{**SBOM, "components": SBOM["components"] + SBOM["components"][:1]}],
-                         ids=PRODUCERS + ["a bom-ref twice"])
-def test_every_producers_sbom_read_in_two_parts_reads_as_it_does_whole(sbom):
-    whole, split = whole_and_split_readings(sbom, limit=100)
+# What Nix 2.8's `nix path-info --json -r` prints: a list (tests/data has it keyed by path, as newer Nix prints it).
+PATH_INFO = [{"path": path, **info} for path, info in
+             json.loads((Path(__file__).parent / "data" / "path-info-keyed.json").read_text()).items()]
+
+
+@pytest.mark.parametrize(("upload", "root"), [(closure.sbom, None) for closure in PRODUCERS_SBOMS]
+                         + [({**SBOM, "components": SBOM["components"] + SBOM["components"][:1]}, None),
+                            (PATH_INFO, None), (PATH_INFO, PATH_INFO[-1]["path"]),
+                            ([{**item, "path": item["path"].rsplit("/", 1)[1]} for item in PATH_INFO], None),
+                            (json.loads((Path(__file__).parent / "data" / "path-info-keyed.json").read_text()), None)],
+                         ids=PRODUCERS + ["a bom-ref twice", "path-info", "path-info ?root=", "path-info basenames",
+                                              "path-info keyed"])
+def test_every_producers_upload_read_in_two_parts_reads_as_it_does_whole(upload, root):
+    whole, split = whole_and_split_readings(upload, limit=100, root=root)
     assert isinstance(whole, tuple)
     assert split == whole
 
@@ -328,6 +338,16 @@ def test_every_producers_sbom_read_in_two_parts_reads_as_it_does_whole(sbom):
 def test_an_sbom_read_in_two_parts_reads_as_it_does_whole(body):
     """The tree worker reads an SBOM's edges apart from the request thread: together they read what one reader
     does, and refuse what it refuses with its message."""
+    whole, split = whole_and_split_readings(body)
+    assert split == whole
+
+
+@FUZZ
+@example(body=fields_replaced(PATH_INFO, [((0, "references", 0), "/nix/store/" + "a" * 32 + "-elsewhere")]))
+@example(body=fields_replaced(PATH_INFO, [((1, "references"), [7])]))
+@example(body=fields_replaced(PATH_INFO, [((0, "path"), PATH_INFO[1]["path"])]))
+@given(body=mutations_of(PATH_INFO))
+def test_path_info_read_in_two_parts_reads_as_it_does_whole(body):
     whole, split = whole_and_split_readings(body)
     assert split == whole
 

@@ -70,11 +70,25 @@ def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lay
     wait_until(lambda: not os.listdir(upload_files), what="the upload's temporary file removed")
 
 
-def test_path_info_is_laid_out_by_the_request_thread(worker_app):
-    path_info = [{"path": path, "references": []} for path in sorted(CLOSURE.all_paths)]
+def test_path_info_is_laid_out_by_the_worker(worker_app):
+    paths = sorted(CLOSURE.all_paths)
+    path_info = [{"path": path, "references": paths[position + 1:position + 2]} for position, path in enumerate(paths)]
     worker = worker_app.extensions["tree_worker"]
-    worker.lay_out = lambda *args: pytest.fail("path-info sent to the tree worker")
+    laid_out = []
+    real_lay_out = worker.lay_out
+    worker.lay_out = lambda *args: laid_out.append(real_lay_out(*args)) or laid_out[-1]
     response = worker_app.test_client().put("/reports/life", json=path_info, headers=bearer(token(worker_app)))
+    assert response.status_code == 200, response.get_json()
+    expected = web.report_contents("application/json", json.dumps(path_info), None, 1000, 1000)[1].tree_json()
+    assert laid_out[0].result() == expected == stored_tree(worker_app, "life")
+
+
+def test_nix_s_text_formats_are_laid_out_by_the_request_thread(worker_app):
+    worker = worker_app.extensions["tree_worker"]
+    worker.lay_out = lambda *args: pytest.fail("text sent to the tree worker")
+    paths = "".join(path + "\n" for path in sorted(CLOSURE.all_paths))
+    response = worker_app.test_client().put("/reports/life", data=paths, content_type="text/x-nix-paths",
+                                            headers=bearer(token(worker_app)))
     assert response.status_code == 200, response.get_json()
 
 
@@ -147,15 +161,22 @@ def test_an_upload_that_cannot_write_its_temporary_file_lays_out_its_tree_itself
     assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
 
 
-@pytest.mark.parametrize("closure", [CLOSURE, samples.nix_build_sbom(samples.CYCLE, property_name="nix:output_path")],
-                         ids=["diamond", "cycle"])
-def test_web_py_serves_the_tree_an_app_without_the_worker_lays_out(server, client, tokens, closure):
+def path_info_of(closure):
+    """A path-info list of the closure's paths, each referencing the next two (the last ones wrap around)."""
+    paths = sorted(closure.all_paths)
+    return [{"path": path, "references": [paths[(position + step) % len(paths)] for step in (1, 2)]}
+            for position, path in enumerate(paths)]
+
+
+@pytest.mark.parametrize("upload", [CLOSURE.sbom, samples.nix_build_sbom(samples.CYCLE, property_name="nix:output_path").sbom,
+                                    path_info_of(CLOSURE)], ids=["diamond", "cycle", "path-info"])
+def test_web_py_serves_the_tree_an_app_without_the_worker_lays_out(server, client, tokens, upload):
     """End to end: web.py lays out trees in its worker; the in-process app (TREE_WORKER off) in the request thread."""
     text = {"Accept": "text/plain"}
-    response = requests.put(f"{server.url}/reports/life", json=closure.sbom,
+    response = requests.put(f"{server.url}/reports/life", json=upload,
                             headers=bearer(server.create_user("owner")), timeout=30)
     assert response.status_code == 200, response.text
-    assert client.put("/reports/life", json=closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    assert client.put("/reports/life", json=upload, headers=bearer(tokens("owner"))).status_code == 200
     served = requests.get(f"{server.url}/reports/life", headers=text, timeout=30).text
     assert served == client.get("/reports/life", headers=text).get_data(as_text=True)
     assert "(shown above)" in served
