@@ -2573,15 +2573,16 @@ JSON_ROWS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def write_report_rows(conn, report_id, contents):
     """The parsed upload's component and path rows under its unpublished report, a chunk per transaction."""
-    components = list(zip(contents.names, contents.drv_paths))
     fixed_output = contents.fixed_output.get
     with cache_for(conn, len(contents.paths)):
-        for start in range(0, len(components), ROWS_PER_TRANSACTION):
+        for start in range(0, len(contents.names), ROWS_PER_TRANSACTION):
+            components = zip(contents.names[start:start + ROWS_PER_TRANSACTION],
+                             contents.drv_paths[start:start + ROWS_PER_TRANSACTION])
             with transaction(conn):
                 conn.execute(f"INSERT INTO report_components (report_id, idx, name, drv_path) SELECT {report_id:d},"
-                             " ?2 + key, value->>0, value->>1 FROM json_each(?1)",
-                             (JSON_ROWS(components[start:start + ROWS_PER_TRANSACTION]), start))
-        for chunk in chunks_of(sorted_in_runs(contents.paths), ROWS_PER_TRANSACTION):
+                             " ?2 + key, value->>0, value->>1 FROM json_each(?1)", (JSON_ROWS(list(components)), start))
+        # A copy is sorted: the request thread reads contents.paths meanwhile (revision_component_ids).
+        for chunk in chunks_of(sorted_in_runs(list(contents.paths)), ROWS_PER_TRANSACTION):
             rows = [(out_path, index, output, fixed_output(out_path)) for out_path, index, output in chunk]
             with transaction(conn):
                 conn.execute("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest)"
@@ -2743,11 +2744,11 @@ def shared_tree_id(conn, tree_json_text):
         return conn.execute("SELECT id FROM revision_trees WHERE digest = ?", (digest,)).fetchone()[0]
 
 
-def component_outputs(names, paths):
-    """[(out_path, output)] of each component, sorted."""
-    outputs = [[] for _ in names]
+def component_outputs(count, paths, first=0):
+    """[(out_path, output)] of each of `count` components from index `first`, sorted; paths holds theirs only."""
+    outputs = [[] for _ in range(count)]
     for out_path, index, output in paths:
-        outputs[index].append((out_path, output))
+        outputs[index - first].append((out_path, output))
     for listed in outputs:
         if len(listed) > 1:
             listed.sort()
@@ -2774,9 +2775,26 @@ class KnownComponentIds(dict):
             self.update(ids)
 
 
+COMPONENTS_PER_ID_CHUNK = 50_000
+
+
 def revision_component_ids(conn, names, drv_paths, paths, known_ids, store_components):
-    """The shared component row id of each component; store_components(rows) inserts the rows not there yet."""
-    components = list(zip(names, drv_paths, component_outputs(names, paths)))
+    """The shared component row id of each component; store_components(rows) inserts the rows not there yet.
+    A chunk of components at a time: a million components' digests and rows at once took 700 MB more."""
+    paths_of_chunk = [[] for _start in range(0, len(names), COMPONENTS_PER_ID_CHUNK)]
+    for row in paths:
+        paths_of_chunk[row[1] // COMPONENTS_PER_ID_CHUNK].append(row)
+    ids = []
+    for start, chunk_paths in zip(range(0, len(names), COMPONENTS_PER_ID_CHUNK), paths_of_chunk):
+        chunk_names = names[start:start + COMPONENTS_PER_ID_CHUNK]
+        components = list(zip(chunk_names, drv_paths[start:start + COMPONENTS_PER_ID_CHUNK],
+                              component_outputs(len(chunk_names), chunk_paths, start)))
+        ids += component_ids(conn, components, known_ids, store_components)
+    return ids
+
+
+def component_ids(conn, components, known_ids, store_components):
+    """revision_component_ids of (name, drv_path, [(out_path, output)]) components."""
     digests = list(map(component_digest, components))
     # Another upload may add to known_ids meanwhile, or clear it: what this one found is its own.
     found = {digest: known_ids.get(digest) for digest in digests}

@@ -7,8 +7,8 @@ some of them disagreeing. Then, in one run, it times
   text, JSON and CycloneDX, and GET /reports/<name>/suggest,
 
 prints each time and its ratio to json.load; then json.load and PUT of the same closure as
-`nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); and reads the server's peak resident
-memory (VmHWM) from /proc/<pid>/status at the end.
+`nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); and reads the peak resident
+memory (VmHWM) of the server and of each worker process it started from /proc/<pid>/status at the end.
 
 Every timed PUT really writes: each has a new revision label (the same body again without one is a no-op).
 Each format's PUT is timed twice: as a new revision of an existing report (whose replaced copy is removed),
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from post_build_hook import nix_base32_encode  # noqa: E402
 from closure import generate_path_info, generate_sbom  # noqa: E402
 from history import changed_sbom_text  # noqa: E402
-from served import create_builder, memory_kib, start_server  # noqa: E402
+from served import child_pids, create_builder, memory_kib, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
 BUILDERS = ("bench-a", "bench-b", "bench-c")
@@ -198,10 +198,11 @@ def run(args, directory):
                 ("PUT path-info of a new report", median_time(args.repeat, lambda: put_path_info(new_report_url())),
                  PATH_INFO_TARGET, path_info_baseline)]
         rss = memory_kib(process.pid, "VmHWM") / 1024
+        workers_rss = [memory_kib(pid, "VmHWM") / 1024 for pid in child_pids(process.pid)]
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return rows, policy_rows, rss
+    return rows, policy_rows, rss, workers_rss
 
 
 def main(argv=None):
@@ -210,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median counts (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hash-collection-bench-") as directory:
-        rows, policy_rows, rss = run(args, Path(directory))
+        rows, policy_rows, rss, workers_rss = run(args, Path(directory))
     missed = []
     for what, seconds, target, baseline in rows:
         ratio = seconds / baseline
@@ -226,6 +227,8 @@ def main(argv=None):
               f"  {'ok' if ratio <= target else 'MISSED'}")
     rss_ok = rss <= RSS_TARGET_MB
     print(f"{'server peak RSS (VmHWM)':38} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
+    print(f"{'its worker processes, each (VmHWM)':38} {', '.join(f'{worker:.1f}' for worker in workers_rss)} MB"
+          "  (render and tree workers; no target)")
     if not rss_ok:
         missed.append("peak RSS")
     if missed:

@@ -56,3 +56,11 @@ def memory_kib(pid, field):
     """VmRSS or VmHWM (peak RSS) of a process, in KiB, from /proc."""
     with open(f"/proc/{pid}/status") as status:
         return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
+
+
+def child_pids(pid):
+    """The processes a process started (web.py's render and tree workers), from /proc."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children

@@ -1,4 +1,7 @@
 """Report revisions, history and changes against a real server; the history chart in headless Chromium."""
+import functools
+import json
+
 import pytest
 import requests
 
@@ -213,3 +216,22 @@ def test_every_revision_lists_its_own_paths_whether_component_ids_are_remembered
     for number, edges in enumerate(REVISIONS + REVISIONS[:1], start=1):
         shown = client.get("/reports/revised", query_string={"revision": str(number)}, headers=JSON).get_json()
         assert set(shown["paths"]) == {samples.out_path(name) for name in edges}
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 50_000])
+def test_component_ids_found_a_chunk_at_a_time_are_those_found_at_once(tmp_path, monkeypatch, per_chunk):
+    """A million-component upload's ids are found a chunk of components at a time; its paths come in any order."""
+    import contextlib
+    app = web.create_app({"DATABASE": str(tmp_path / "app.db")})
+    closure = samples.sbomnix_sbom(samples.DIAMOND, {"shared": ["out", "dev"]})
+    contents = web.report_contents("application/json", json.dumps(closure.sbom), None, 100, 100)[1]
+    shuffled = list(reversed(contents.paths))
+    monkeypatch.setattr(web, "COMPONENTS_PER_ID_CHUNK", per_chunk)
+    with app.app_context(), contextlib.closing(web.connect(app.config["DATABASE"])) as conn:
+        store = functools.partial(web.insert_shared_components, conn)
+        ids = web.revision_component_ids(conn, contents.names, contents.drv_paths, shuffled, web.KnownComponentIds(), store)
+        stored = {row[0]: (row[1], row[2], json.loads(row[3])) for row in
+                  conn.execute("SELECT id, name, drv_path, outputs FROM revision_components")}
+    outputs = [sorted([out_path, output] for out_path, index, output in contents.paths if index == position)
+               for position in range(len(contents.names))]
+    assert [stored[component_id] for component_id in ids] == list(zip(contents.names, contents.drv_paths, outputs))
