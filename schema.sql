@@ -100,14 +100,15 @@ CREATE TABLE reports (
     source_type TEXT NOT NULL DEFAULT 'application/vnd.cyclonedx+json'
 );
 
--- One row per SBOM component; a component may have several output paths.
-CREATE TABLE report_components (
+-- The SBOM's components in index order, each [name, drv_path], as a JSON list per piece of up to
+-- 10,000 (web.COMPONENTS_PER_PIECE); a component may have several output paths. Not a row per component:
+-- writing those rows took a tenth of a report upload's time.
+CREATE TABLE report_component_pieces (
     report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    name TEXT,
-    drv_path TEXT,
-    PRIMARY KEY (report_id, idx)
-) WITHOUT ROWID;
+    seq INTEGER NOT NULL,
+    piece TEXT NOT NULL,
+    PRIMARY KEY (report_id, seq)
+);
 
 CREATE TABLE report_paths (
     report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
@@ -116,6 +117,7 @@ CREATE TABLE report_paths (
     output TEXT,
     ca TEXT,  -- "fixed:…" when the upload marks the path fixed-output (path-info's ca)
     digest BLOB,  -- out_path's digest as store_paths keeps it (web.path_digest), so views join store_paths by index
+    drv_path TEXT,  -- its component's, for suggestions
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
 

@@ -262,10 +262,10 @@ def sbom_reading(read):
 
 
 def typed_and_generic_readings(sbom, limit=100):
-    text = json.dumps(sbom)
-    generic = sbom_reading(lambda: web.parse_sbom(json.loads(text), limit, limit))
+    body = json.dumps(sbom).encode()
+    generic = sbom_reading(lambda: web.parse_sbom(json.loads(body), limit, limit))
     try:
-        return sbom_reading(lambda: web.usual_sbom_contents(text, limit, limit)), generic
+        return sbom_reading(lambda: web.usual_sbom_contents(body, limit, limit)), generic
     except web.NotUsualShape:
         return None, generic
 
@@ -298,8 +298,7 @@ def test_the_typed_reader_reads_any_sbom_it_takes_as_the_generic_reader_does(bod
 def whole_and_split_readings(sbom, limit=6, root=None):
     """What report_contents makes of an upload read whole, and read in two parts as an upload with the tree worker
     is: the request thread without edges, then the worker's tree (its error only if the request thread had none)."""
-    text = json.dumps(sbom)
-    upload = ("application/json", text, root, limit, limit)
+    upload = ("application/json", json.dumps(sbom).encode(), root, limit, limit)
 
     def whole():
         contents = web.report_contents(*upload)[1]

@@ -6,6 +6,7 @@ a migration, add rows for what it changes to version_1_database and checks to th
 """
 import base64
 import hashlib
+from html import escape
 import json
 import sqlite3
 import subprocess
@@ -16,13 +17,15 @@ import requests
 import web
 from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
 from support import REPO, ServerProcess, bearer
-from post_build_hook import basename_of, consistency_holds, name_of, nix_base32_encode
+from post_build_hook import basename_of, consistency_holds, nix_base32_encode
 
 TIMEOUT = 30
 ALICE_SECRET, ALICE_PUBLIC = nix_key_pair("alice-1")
 _BOB_SECRET, BOB_PUBLIC = nix_key_pair("bob-1")
 TOKENS = {"alice": "alice-token", "mallory": "mallory-token", "root": "root-token", "bob": "bob-token"}
 REPORT_PATHS = [out_path("hello-2.12"), out_path("glibc-2.38")]
+REPORT_DRV_PATHS = [out_path("hello-2.12.drv"), None]
+REPORT_NAMES = ["hello-2.12 (as the SBOM names it)", "glibc-2.38"]
 HOSTILE_SIGNATURE = "evil\nInjected-line:" + base64.b64encode(b"s" * 64).decode()
 
 
@@ -60,9 +63,9 @@ def version_1_report(conn):
         "INSERT INTO reports (name, owner_id, root, sbom, tree, created_at)"
         " VALUES ('old', (SELECT id FROM builders WHERE name = 'alice'), ?, ?, ?, '2024-01-01T00:00:00Z')",
         (root, b'{"bomFormat": "CycloneDX"}', json.dumps(tree))).lastrowid
-    for index, path in enumerate(REPORT_PATHS):
-        conn.execute("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, NULL)",
-                     (report_id, index, name_of(path)))
+    for index, (path, drv_path, name) in enumerate(zip(REPORT_PATHS, REPORT_DRV_PATHS, REPORT_NAMES)):
+        conn.execute("INSERT INTO report_components (report_id, idx, name, drv_path) VALUES (?, ?, ?, ?)",
+                     (report_id, index, name, drv_path))
         conn.execute("INSERT INTO report_paths (report_id, out_path, component_idx, output) VALUES (?, ?, ?, 'out')",
                      (report_id, path, index))
     conn.execute("INSERT INTO attestations (builder_id, output_path, output_hash, created_at)"
@@ -185,6 +188,60 @@ def test_report_paths_made_before_keep_their_verdicts(migrated):
     root, child = REPORT_PATHS
     report = requests.get(f"{server.url}/reports/old", headers={"Accept": "application/json"}, timeout=TIMEOUT).json()
     assert report["paths"] == {root: web.ONE_BUILD, child: web.NO_BUILDS}
+
+
+def test_report_components_keep_their_names_and_drv_paths(migrated):
+    server, _rows = migrated
+    page = requests.get(f"{server.url}/reports/old", headers={"Accept": "text/html"}, timeout=TIMEOUT)
+    assert all(escape(name) in page.text for name in REPORT_NAMES)
+    suggested = requests.get(f"{server.url}/reports/old/suggest", timeout=TIMEOUT).json()
+    assert {row["out_path"]: row.get("drv_path") for row in suggested} == dict(zip(REPORT_PATHS, REPORT_DRV_PATHS))
+
+
+def same_components_again(server):
+    """PUT the version 1 report's components again as revision 2; how many shared component rows there were
+    before and after."""
+    components = [{"bom-ref": path, "name": name, "properties": [{"name": "nix:out_path", "value": path},
+                                                                 {"name": "nix:output", "value": "out"}]
+                   + ([{"name": "nix:drv_path", "value": drv_path}] if drv_path else [])}
+                  for path, drv_path, name in zip(REPORT_PATHS, REPORT_DRV_PATHS, REPORT_NAMES)]
+    sbom = {"bomFormat": "CycloneDX", "metadata": {"component": components[0]}, "components": components[1:],
+            "dependencies": [{"ref": REPORT_PATHS[0], "dependsOn": [REPORT_PATHS[1]]}]}
+    with sqlite3.connect(server.db) as conn:
+        before = conn.execute("SELECT COUNT(*) FROM revision_components").fetchone()[0]
+    response = requests.put(f"{server.url}/reports/old", json=sbom, headers=bearer(TOKENS["alice"]), timeout=TIMEOUT)
+    assert response.status_code == 200 and response.json()["revision"] == 2
+    with sqlite3.connect(server.db) as conn:
+        return before, conn.execute("SELECT COUNT(*) FROM revision_components").fetchone()[0]
+
+
+def test_a_new_revision_of_the_same_components_shares_their_rows_with_revision_1(migrated):
+    server, _rows = migrated
+    assert same_components_again(server) == (2, 2)
+
+
+def test_shared_component_rows_that_version_11_named_are_found_again(tmp_path, monkeypatch):
+    """Version 11 named a shared component row by the SHA-256 of its repr; version 12 renames them, so that a
+    new revision of the same components finds them rather than adding copies. The database is the version 1
+    one, migrated to version 11 by this code with the names version 11 gave."""
+    db = tmp_path / "hashes.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript((REPO / "tests" / "data" / "schema-v1.sql").read_text())
+        version_1_rows(conn)
+    monkeypatch.setattr(web, "MIGRATIONS", [migration for migration in web.MIGRATIONS if migration[0] <= 11])
+    monkeypatch.setattr(web, "SCHEMA_VERSION", 11)
+    web.create_app({"DATABASE": str(db)})
+    with sqlite3.connect(db) as conn:
+        for row_id, name, drv_path, outputs in conn.execute(
+                "SELECT id, name, drv_path, outputs FROM revision_components").fetchall():
+            component = (name, drv_path, [tuple(output) for output in json.loads(outputs)])
+            conn.execute("UPDATE revision_components SET digest = ? WHERE id = ?",
+                         (hashlib.sha256(repr(component).encode()).digest()[:16], row_id))
+    server = ServerProcess(db).start()
+    try:
+        assert same_components_again(server) == (2, 2)
+    finally:
+        server.stop()
 
 
 def test_link_patterns_made_before_have_no_owner_and_only_admins_change_them(migrated):

@@ -75,16 +75,17 @@ def test_replaced_copies_are_removed_whole_a_chunk_of_rows_at_a_time(app, client
     """SECOND has 3 components and paths, FIRST 2: removed 2 rows per transaction, one copy leaves a partial
     last chunk and the other none."""
     monkeypatch.setattr(web, "ROWS_PER_TRANSACTION", 2)
+    monkeypatch.setattr(web, "COMPONENTS_PER_PIECE", 2)
     for sbom in (SECOND.sbom, FIRST.sbom, SECOND.sbom):
         assert client.put("/reports/life", json=sbom, headers=bearer(tokens("owner"))).status_code == 200
         app.extensions["report_removals"].wait()
     conn = sqlite3.connect(app.config["DATABASE"])
     try:
         rows = {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                for table in ("reports", "report_components", "report_paths", "report_sbom_pieces")}
+                for table in ("reports", "report_component_pieces", "report_paths", "report_sbom_pieces")}
     finally:
         conn.close()
-    assert rows == {"reports": 1, "report_components": 3, "report_paths": 3, "report_sbom_pieces": 1}
+    assert rows == {"reports": 1, "report_component_pieces": 2, "report_paths": 3, "report_sbom_pieces": 1}
 
 
 def rows_of_reports(app):
@@ -229,7 +230,7 @@ def test_delete_removes_report_rows(app, client, tokens, defined):
     conn = sqlite3.connect(app.config["DATABASE"])
     try:
         counts = [conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                  for table in ("reports", "report_components", "report_paths")]
+                  for table in ("reports", "report_component_pieces", "report_paths")]
     finally:
         conn.close()
     assert counts == [0, 0, 0]

@@ -1,4 +1,5 @@
 """PUT /reports accepts the SBOM shapes real tools emit and maps each to output paths and a tree."""
+import json
 import sqlite3
 
 import pytest
@@ -208,14 +209,15 @@ def test_every_row_is_stored_as_uploaded_whatever_its_text(app, client, token):
     define(client, token, "odd-text", closure)
     with sqlite3.connect(app.config["DATABASE"]) as conn:
         (report_id,) = conn.execute("SELECT id FROM reports WHERE name = 'odd-text'").fetchone()
-        components = conn.execute("SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx",
-                                  (report_id,)).fetchall()
-        paths = conn.execute("SELECT out_path, component_idx, output, ca, digest FROM report_paths WHERE report_id = ?",
-                             (report_id,)).fetchall()
+        pieces = conn.execute("SELECT piece FROM report_component_pieces WHERE report_id = ? ORDER BY seq",
+                              (report_id,)).fetchall()
+        paths = conn.execute("SELECT out_path, component_idx, output, ca, digest, drv_path FROM report_paths"
+                             " WHERE report_id = ?", (report_id,)).fetchall()
     expected = [(ODD_NAMES.get(name, name), samples.drv_path(name) if name != "leaf" else None) for name in samples.DIAMOND]
-    assert components == expected
+    assert [tuple(component) for (piece,) in pieces for component in json.loads(piece)] == expected
     assert sorted(paths) == sorted((closure.outputs[name][0], index, "out" if name != "leaf" else None, None,
-                                    web.path_digest(closure.outputs[name][0])) for index, name in enumerate(samples.DIAMOND))
+                                    web.path_digest(closure.outputs[name][0]), drv_path)
+                                   for index, (name, (_name, drv_path)) in enumerate(zip(samples.DIAMOND, expected)))
 
 
 @pytest.mark.parametrize("field", ["name", "nix:output"])

@@ -224,7 +224,7 @@ def test_component_ids_found_a_chunk_at_a_time_are_those_found_at_once(tmp_path,
     import contextlib
     app = web.create_app({"DATABASE": str(tmp_path / "app.db")})
     closure = samples.sbomnix_sbom(samples.DIAMOND, {"shared": ["out", "dev"]})
-    contents = web.report_contents("application/json", json.dumps(closure.sbom), None, 100, 100)[1]
+    contents = web.report_contents("application/json", json.dumps(closure.sbom).encode(), None, 100, 100)[1]
     shuffled = list(reversed(contents.paths))
     monkeypatch.setattr(web, "COMPONENTS_PER_ID_CHUNK", per_chunk)
     with app.app_context(), contextlib.closing(web.connect(app.config["DATABASE"])) as conn:

@@ -50,7 +50,7 @@ def stored_tree(app, name):
 
 
 def tree_laid_out_here(sbom):
-    return web.report_contents("application/json", json.dumps(sbom), None, 1000, 1000)[1].tree_json()
+    return web.report_contents("application/json", json.dumps(sbom).encode(), None, 1000, 1000)[1].tree_json()
 
 
 def token(app, name="owner"):
@@ -79,7 +79,7 @@ def test_path_info_is_laid_out_by_the_worker(worker_app):
     worker.lay_out = lambda *args: laid_out.append(real_lay_out(*args)) or laid_out[-1]
     response = worker_app.test_client().put("/reports/life", json=path_info, headers=bearer(token(worker_app)))
     assert response.status_code == 200, response.get_json()
-    expected = web.report_contents("application/json", json.dumps(path_info), None, 1000, 1000)[1].tree_json()
+    expected = web.report_contents("application/json", json.dumps(path_info).encode(), None, 1000, 1000)[1].tree_json()
     assert laid_out[0].result() == expected == stored_tree(worker_app, "life")
 
 
@@ -131,7 +131,7 @@ def test_an_upload_whose_worker_was_killed_gets_its_tree_all_the_same(worker_app
 def test_a_tree_the_worker_could_not_lay_out_is_laid_out_by_the_request_thread(failure):
     failed = concurrent.futures.Future()
     failed.set_exception(failure)
-    upload = ("application/json", json.dumps(CLOSURE.sbom), None, 1000, 1000)
+    upload = ("application/json", json.dumps(CLOSURE.sbom).encode(), None, 1000, 1000)
     assert web.TreeWorker.tree(failed, upload) == tree_laid_out_here(CLOSURE.sbom)
 
 
@@ -139,13 +139,13 @@ def test_what_the_worker_refuses_in_the_edges_is_refused():
     refused = concurrent.futures.Future()
     refused.set_exception(web.ReportTooLarge("SBOM: more than 2 distinct dependency edges"))
     with pytest.raises(web.ReportTooLarge, match="more than 2"):
-        web.TreeWorker.tree(refused, ("application/json", "{}", None, 1000, 1000))
+        web.TreeWorker.tree(refused, ("application/json", b"{}", None, 1000, 1000))
 
 
 def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app, upload_files):
     worker = worker_app.extensions["tree_worker"]
     worker.busy = True  # another upload's tree is being laid out
-    assert worker.lay_out(b"{}", ("application/json", "{}", None, 1000, 1000)) is None
+    assert worker.lay_out(("application/json", b"{}", None, 1000, 1000)) is None
     assert not os.listdir(upload_files)
     response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
     assert response.status_code == 200
@@ -155,7 +155,7 @@ def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_ap
 def test_an_upload_that_cannot_write_its_temporary_file_lays_out_its_tree_itself(worker_app, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     worker = worker_app.extensions["tree_worker"]
-    assert worker.lay_out(b"{}", ("application/json", "{}", None, 1000, 1000)) is None
+    assert worker.lay_out(("application/json", b"{}", None, 1000, 1000)) is None
     response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
     assert response.status_code == 200
     assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
