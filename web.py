@@ -2918,16 +2918,16 @@ def revision_components(conn, *revision_ids):
 def revision_id_lists(conn, revision_ids):
     """The shared component ids each revision lists, in the order of revision_ids."""
     blobs = dict(conn.execute("SELECT id, component_ids FROM report_revisions WHERE id IN (SELECT value FROM json_each(?))",
-                              (json.dumps(list(revision_ids)),)).fetchall())
+                              (json_rows(list(revision_ids)),)).fetchall())
     return [unpacked_ids(blobs[revision_id]) for revision_id in revision_ids]
 
 
 def shared_components(conn, ids):
     """{id: {name, drv_path, outputs, output_names}} of these shared component rows."""
     rows = conn.execute("SELECT id, name, drv_path, outputs FROM revision_components"
-                        " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)).fetchall()
-    # One parse of all the outputs lists: a json.loads per row would cost more than the query.
-    outputs = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
+                        " WHERE id IN (SELECT value FROM json_each(?))", (json_rows(sorted(ids)),)).fetchall()
+    # One parse of all the outputs lists: a parse per row would cost more than the query.
+    outputs = msgspec.json.decode("[" + ",".join([row[3] for row in rows]) + "]")
     return {row[0]: {"name": row[1], "drv_path": row[2], "outputs": [out_path for out_path, _output in listed],
                      "output_names": [output for _out_path, output in listed]} for row, listed in zip(rows, outputs)}
 
@@ -2936,7 +2936,7 @@ def revision_tree(conn, revision_id):
     (blob,) = conn.execute("SELECT revision_trees.tree FROM report_revisions JOIN revision_trees"
                            " ON revision_trees.id = report_revisions.tree_id WHERE report_revisions.id = ?",
                            (revision_id,)).fetchone()
-    return json.loads(zlib.decompress(blob))
+    return msgspec.json.decode(zlib.decompress(blob))
 
 
 def revision_counts(conn, revisions, policy):
@@ -3120,7 +3120,7 @@ def report_components(conn, report_id):
 
 
 def report_tree(conn, report_id):
-    return json.loads(conn.execute("SELECT tree FROM reports WHERE id = ?", (report_id,)).fetchone()[0])
+    return msgspec.json.decode(conn.execute("SELECT tree FROM reports WHERE id = ?", (report_id,)).fetchone()[0])
 
 
 def text_tree_lines(tree, components, verdicts):
