@@ -772,8 +772,9 @@ def migrate_to_12(conn):
     for (report_id,) in conn.execute("SELECT id FROM reports").fetchall():
         components = conn.execute("SELECT name, drv_path FROM report_components WHERE report_id = ? ORDER BY idx",
                                   (report_id,)).fetchall()
-        write_component_pieces(conn, report_id, [name for name, _drv_path in components],
-                               [drv_path for _name, drv_path in components])
+        for statement, parameters in component_piece_statements([name for name, _drv_path in components],
+                                                                [drv_path for _name, drv_path in components]):
+            conn.execute(statement, (report_id, *parameters))
     conn.execute("DROP TABLE report_components")
     rehash_shared_components(conn)
 
@@ -2579,7 +2580,26 @@ class UploadWriter:
             raise
 
     def write_rows(self, contents):
-        self.submit(lambda: write_report_rows(self.conn, self.report_id, contents))
+        """Queue the statements that write the upload's rows (report_row_statements). They are made in this thread
+        and run in the writer's, which then holds no interpreter while SQLite writes, and this thread goes on
+        (revision_component_ids). At most ROW_STATEMENTS_AHEAD wait, so a large upload's are never all in memory."""
+        large = len(contents.paths) >= LARGE_BATCH
+        if large:
+            self.submit(self.conn_execute, f"PRAGMA cache_size = -{LARGE_BATCH_CACHE_KIB}")
+        for statement, parameters in report_row_statements(contents):
+            if len(self.jobs) > ROW_STATEMENTS_AHEAD:
+                self.jobs[-ROW_STATEMENTS_AHEAD].result()
+            self.submit(self.execute_in_transaction, statement, parameters)
+        if large:
+            self.submit(self.conn_execute, "PRAGMA cache_size = -2000")  # its memory, while the ids are found
+
+    def conn_execute(self, statement):
+        self.conn.execute(statement)
+
+    def execute_in_transaction(self, statement, parameters):
+        """A statement of report_row_statements, its first parameter this upload's report id."""
+        with transaction(self.conn):
+            self.conn.execute(statement, (self.report_id, *parameters))
 
     def store_tree(self, tree):
         """A Future of the tree's shared row id."""
@@ -2610,31 +2630,30 @@ def json_rows(rows):
     return msgspec.json.encode(rows).decode()
 
 
-def write_report_rows(conn, report_id, contents):
-    """The parsed upload's component pieces and path rows under its unpublished report, a chunk per transaction."""
+ROW_STATEMENTS_AHEAD = 8  # about 1.5 MiB of JSON each
+
+
+def report_row_statements(contents):
+    """(SQL, parameters after the first) that write the parsed upload's component pieces and path rows, a chunk
+    per statement; the first parameter (?1) is the unpublished report's id. Each is made as it is asked for."""
     fixed_output, drv_paths = contents.fixed_output.get, contents.drv_paths
-    with cache_for(conn, len(contents.paths)):
-        write_component_pieces(conn, report_id, contents.names, drv_paths)
-        # A copy is sorted: the request thread reads contents.paths meanwhile (revision_component_ids).
-        for chunk in chunks_of(sorted_in_runs(list(contents.paths)), ROWS_PER_TRANSACTION):
-            rows = [(out_path, index, output, fixed_output(out_path), drv_paths[index]) for out_path, index, output in chunk]
-            with transaction(conn):
-                conn.execute("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest,"
-                             f" drv_path) SELECT {report_id:d}, value->>0, value->>1, value->>2, value->>3,"
-                             " substr(?2, 20 * key + 1, 20), value->>4 FROM json_each(?1)",
-                             (json_rows(rows), b"".join(path_digests([row[0] for row in chunk]))))
+    yield from component_piece_statements(contents.names, drv_paths)
+    # A copy is sorted: contents.paths keeps its order.
+    for chunk in chunks_of(sorted_in_runs(list(contents.paths)), ROWS_PER_TRANSACTION):
+        rows = [(out_path, index, output, fixed_output(out_path), drv_paths[index]) for out_path, index, output in chunk]
+        yield ("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest, drv_path)"
+               " SELECT ?1, value->>0, value->>1, value->>2, value->>3, substr(?3, 20 * key + 1, 20), value->>4"
+               " FROM json_each(?2)", (json_rows(rows), b"".join(path_digests([row[0] for row in chunk]))))
 
 
 COMPONENTS_PER_PIECE = 10_000
 
 
-def write_component_pieces(conn, report_id, names, drv_paths):
-    """The components' [name, drv_path] as JSON pieces of COMPONENTS_PER_PIECE, a piece per transaction."""
+def component_piece_statements(names, drv_paths):
+    """report_row_statements of the components: their [name, drv_path] as JSON pieces of COMPONENTS_PER_PIECE."""
     for seq, start in enumerate(range(0, len(names), COMPONENTS_PER_PIECE)):
         piece = json_rows(list(zip(names[start:start + COMPONENTS_PER_PIECE], drv_paths[start:start + COMPONENTS_PER_PIECE])))
-        with transaction(conn):
-            conn.execute("INSERT INTO report_component_pieces (report_id, seq, piece) VALUES (?, ?, ?)",
-                         (report_id, seq, piece))
+        yield "INSERT INTO report_component_pieces (report_id, seq, piece) VALUES (?1, ?2, ?3)", (seq, piece)
 
 
 def insert_shared_components(conn, rows):

@@ -88,6 +88,24 @@ def test_replaced_copies_are_removed_whole_a_chunk_of_rows_at_a_time(app, client
     assert rows == {"reports": 1, "report_component_pieces": 2, "report_paths": 3, "report_sbom_pieces": 1}
 
 
+def test_an_upload_written_a_row_a_statement_with_one_statement_ahead_is_stored_whole(app, client, tokens, monkeypatch):
+    """The request thread makes the statements while the writer's thread runs them, one waiting at most."""
+    monkeypatch.setattr(web, "ROWS_PER_TRANSACTION", 1)
+    monkeypatch.setattr(web, "COMPONENTS_PER_PIECE", 1)
+    monkeypatch.setattr(web, "ROW_STATEMENTS_AHEAD", 1)
+    assert client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    conn = sqlite3.connect(app.config["DATABASE"])
+    try:
+        pieces = conn.execute("SELECT piece FROM report_component_pieces ORDER BY seq").fetchall()
+        stored = {path for (path,) in conn.execute("SELECT out_path FROM report_paths")}
+    finally:
+        conn.close()
+    assert [json.loads(piece)[0][0] for (piece,) in pieces] == ["second-root", "second-a", "second-b"]
+    assert stored == SECOND.all_paths
+    page = client.get("/reports/life", headers={"Accept": "text/plain"}).get_data(as_text=True)
+    assert all(path in page for path in SECOND.all_paths)
+
+
 def rows_of_reports(app):
     conn = sqlite3.connect(app.config["DATABASE"])
     try:
