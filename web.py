@@ -2437,7 +2437,9 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, la
     with transaction(conn):
         conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
                      (contents.root, tree, source_type, report_id))
-    return Revision(label, contents.root, path_count(contents.paths), sbom_digest, packed_ids(ids), tree_id.result(),
+    # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
+    (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
+    return Revision(label, contents.root, stored_paths, sbom_digest, packed_ids(ids), tree_id.result(),
                     now_iso())
 
 
