@@ -784,7 +784,8 @@ def rehash_shared_components(conn, slice_length=10_000):
     last_id = 0
     while rows := conn.execute("SELECT id, name, drv_path, outputs FROM revision_components WHERE id > ? ORDER BY id"
                                " LIMIT ?", (last_id, slice_length)).fetchall():
-        conn.executemany("UPDATE revision_components SET digest = ? WHERE id = ?",
+        # OR IGNORE: two rows of one component under different old names keep the second's; revisions list ids.
+        conn.executemany("UPDATE OR IGNORE revision_components SET digest = ? WHERE id = ?",
                          [(component_digest((name, drv_path, json.loads(outputs))), row_id)
                           for row_id, name, drv_path, outputs in rows])
         last_id = rows[-1][0]
@@ -2583,8 +2584,9 @@ class UploadWriter:
 
     def write_rows(self, contents):
         """Queue the statements that write the upload's rows (report_row_statements). They are made in this thread
-        and run in the writer's, which then holds no interpreter while SQLite writes, and this thread goes on
-        (revision_component_ids). At most ROW_STATEMENTS_AHEAD wait, so a large upload's are never all in memory."""
+        and run in the writer's, which holds no interpreter while SQLite writes. At most ROW_STATEMENTS_AHEAD wait,
+        so a large upload's are never all in memory; this thread goes on (revision_component_ids) while the last
+        of them run, which for a closure of 20,000 paths is all of them."""
         large = len(contents.paths) >= LARGE_BATCH
         if large:
             self.submit(self.conn_execute, f"PRAGMA cache_size = -{LARGE_BATCH_CACHE_KIB}")

@@ -237,9 +237,12 @@ def test_shared_component_rows_that_version_11_named_are_found_again(tmp_path, m
             component = (name, drv_path, [tuple(output) for output in json.loads(outputs)])
             conn.execute("UPDATE revision_components SET digest = ? WHERE id = ?",
                          (hashlib.sha256(repr(component).encode()).digest()[:16], row_id))
+        # A copy of a row under another name, which the new names would make the same: it keeps its old one.
+        conn.execute("INSERT INTO revision_components (digest, name, drv_path, outputs)"
+                     " SELECT x'00112233445566778899aabbccddeeff', name, drv_path, outputs FROM revision_components LIMIT 1")
     server = ServerProcess(db).start()
     try:
-        assert same_components_again(server) == (2, 2)
+        assert same_components_again(server) == (3, 3)
     finally:
         server.stop()
 
