@@ -343,11 +343,18 @@ def cache_for(conn, row_count):
     if row_count < LARGE_BATCH:
         yield
         return
-    conn.execute(f"PRAGMA cache_size = -{LARGE_BATCH_CACHE_KIB}")
+    set_cache_kib(conn, LARGE_BATCH_CACHE_KIB)
     try:
         yield
     finally:
-        conn.execute("PRAGMA cache_size = -2000")
+        set_cache_kib(conn, DEFAULT_CACHE_KIB)
+
+
+DEFAULT_CACHE_KIB = 2000  # SQLite's own default
+
+
+def set_cache_kib(conn, kib):
+    conn.execute(f"PRAGMA cache_size = -{kib:d}")
 
 
 _gc_pauses = {"count": 0, "lock": threading.Lock()}
@@ -2587,18 +2594,15 @@ class UploadWriter:
         and run in the writer's, which holds no interpreter while SQLite writes. At most ROW_STATEMENTS_AHEAD wait,
         so a large upload's are never all in memory; this thread goes on (revision_component_ids) while the last
         of them run, which for a closure of 20,000 paths is all of them."""
-        large = len(contents.paths) >= LARGE_BATCH
+        large = len(contents.paths) >= LARGE_BATCH  # as cache_for, over jobs rather than a block
         if large:
-            self.submit(self.conn_execute, f"PRAGMA cache_size = -{LARGE_BATCH_CACHE_KIB}")
+            self.submit(lambda: set_cache_kib(self.conn, LARGE_BATCH_CACHE_KIB))
         for statement, parameters in report_row_statements(contents):
             if len(self.jobs) > ROW_STATEMENTS_AHEAD:
                 self.jobs[-ROW_STATEMENTS_AHEAD].result()
             self.submit(self.execute_in_transaction, statement, parameters)
         if large:
-            self.submit(self.conn_execute, "PRAGMA cache_size = -2000")  # its memory, while the ids are found
-
-    def conn_execute(self, statement):
-        self.conn.execute(statement)
+            self.submit(lambda: set_cache_kib(self.conn, DEFAULT_CACHE_KIB))  # its memory, while the ids are found
 
     def execute_in_transaction(self, statement, parameters):
         """A statement of report_row_statements, its first parameter this upload's report id."""
