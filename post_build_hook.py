@@ -413,12 +413,16 @@ def verdict(builders_by_hash, trusted=None, minimum=2):
     if trusted is not None:
         builders_by_hash = {nar_hash: builders & trusted for nar_hash, builders in builders_by_hash.items()
                             if not builders.isdisjoint(trusted)}
-    if not builders_by_hash:
+    return verdict_of_counts([len(builders) for builders in builders_by_hash.values()], minimum)
+
+
+def verdict_of_counts(builder_counts, minimum=2):
+    """The verdict from how many distinct counted builders have each hash: all that `verdict` looks at."""
+    if not builder_counts:
         return NO_BUILDS
-    if len(builders_by_hash) == 1:
-        (builders,) = builders_by_hash.values()
-        return REPRODUCED if len(builders) >= minimum else ONE_BUILD
-    if any(len(builders) >= minimum for builders in builders_by_hash.values()):
+    if len(builder_counts) == 1:
+        return REPRODUCED if builder_counts[0] >= minimum else ONE_BUILD
+    if any(count >= minimum for count in builder_counts):
         return PARTIALLY
     return NONDETERMINISTIC
 

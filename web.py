@@ -51,7 +51,7 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
-from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
+from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict, verdict_of_counts  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
                              parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
@@ -1526,25 +1526,24 @@ def fixed_output_condition():
 def report_labels(conn, report_id, policy):
     """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT.
 
-    From one query, in the report's path order; a path without counted attestations is one row.
+    From one query, a row per path in the report's path order: SQLite counts the distinct counted builders of
+    each of a path's hashes, which is all the rule looks at (verdict_of_counts), so that Python reads a row
+    per path rather than one per attestation.
     """
-    labels, attested = {}, {}
+    counted = policy.attestations_clause(trusted_only=True)
     rows = conn.execute(
-        f"SELECT report_paths.out_path, {fixed_output_condition()}, attestations.nar_hash, attestations.builder_id"
+        f"SELECT report_paths.out_path, {fixed_output_condition()},"
+        " (SELECT group_concat(builders) FROM (SELECT COUNT(DISTINCT attestations.builder_id) AS builders"
+        f" FROM attestations WHERE attestations.path_id = store_paths.id{counted} GROUP BY attestations.nar_hash))"
         f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-        " LEFT JOIN attestations ON attestations.path_id = store_paths.id"
-        + policy.attestations_clause(trusted_only=True) + " WHERE report_paths.report_id = ?", (report_id,))
-    for out_path, fixed, output_hash, builder_id in rows:
-        if fixed:
-            labels[out_path] = FIXED_OUTPUT
-        elif output_hash is None:
-            labels[out_path] = NO_BUILDS
-        else:
-            labels[out_path] = None  # its verdict below, in this place
-            attested.setdefault(out_path, {}).setdefault(output_hash, set()).add(builder_id)
-    for out_path, builders_by_hash in attested.items():
-        labels[out_path] = policy.verdict(builders_by_hash, trusted_only=True)
-    return labels
+        " WHERE report_paths.report_id = ?", (report_id,))
+    label_of_counts = functools.lru_cache(maxsize=None)(functools.partial(label_of_builder_counts, policy.minimum))
+    return {out_path: FIXED_OUTPUT if fixed else label_of_counts(counts) for out_path, fixed, counts in rows}
+
+
+def label_of_builder_counts(minimum, counts):
+    """The verdict of a path from SQLite's group_concat of its hashes' builder counts ('2,1'; None: no builds)."""
+    return verdict_of_counts([int(count) for count in counts.split(",")] if counts else [], minimum)
 
 
 def verdict_counts(labels):
