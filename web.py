@@ -4226,9 +4226,8 @@ def report_changes(name):
 @routes.get("/reports/<name>/badge.svg")
 def report_badge(name):
     conn = get_db()
-    with read_snapshot(conn):
-        report = find_report(conn, name)
-        numbers = headline(verdict_counts(report_labels(conn, report["id"], request_policy(conn))))
+    report = find_report(conn, name)
+    numbers = headline(cached_verdict_counts(conn, report["id"], request_policy(conn)))
     response = Response(render_template("badge.svg", **badge_parts(report["name"], numbers)), mimetype="image/svg+xml")
     # The ETag is the badge's own bytes: it changes exactly when the headline does.
     response.add_etag()
@@ -4671,14 +4670,17 @@ def uploaded_bytes(conn, report, latest):
 
 def index_counts(conn, report_ids):
     """{report id: verdict counts under the default policy} of these reports, for the index."""
-    views = current_app.extensions["report_views"]
-    counts_of = {}
-    for report_id in report_ids:
-        arrived = time.time()
-        counter = current_app.extensions["report_changes"].counter(conn, report_id)
-        key = (report_id, "index counts", default_policy().cache_key)
-        counts_of[report_id] = views.view(key, counter, (render_counts_job, report_id), arrived).body
-    return counts_of
+    policy = default_policy()
+    return {report_id: cached_verdict_counts(conn, report_id, policy) for report_id in report_ids}
+
+
+def cached_verdict_counts(conn, report_id, policy):
+    """The report's verdict counts under the policy (the index, the badge), from the view cache: counted once
+    per change of the report, by the render worker."""
+    arrived = time.time()
+    counter = current_app.extensions["report_changes"].counter(conn, report_id)
+    key = (report_id, "counts", policy.cache_key)
+    return current_app.extensions["report_views"].view(key, counter, (render_counts_job, report_id, policy), arrived).body
 
 
 def render_executor(app):
@@ -4737,13 +4739,13 @@ def render_view_job(path, query_string, wanted):
     return started, response.status_code, response.mimetype, body, body_etag(body)
 
 
-def render_counts_job(report_id):
+def render_counts_job(report_id, policy):
     app = render_app.app()
     started = time.time()
     with app.app_context():
         conn = get_db()
         with read_snapshot(conn), cyclic_gc_paused():
-            counts = verdict_counts(report_labels(conn, report_id, default_policy()))
+            counts = verdict_counts(report_labels(conn, report_id, policy))
     return started, 200, None, counts, None
 
 

@@ -155,16 +155,37 @@ def test_other_formats_say_their_age_in_headers(client, report):
         assert response.last_modified is not None
 
 
-def test_the_index_counts_come_from_the_view_cache(client, tokens, report, monkeypatch):
-    counted = []
+@pytest.fixture
+def counted(monkeypatch):
+    """The verdict counts computed so far (the index's and the badge's), as (report id, policy)."""
+    computed = []
     count = web.render_counts_job
-    monkeypatch.setattr(web, "render_counts_job", lambda report_id: counted.append(report_id) or count(report_id))
+    monkeypatch.setattr(web, "render_counts_job", lambda report_id, policy: computed.append((report_id, policy))
+                        or count(report_id, policy))
+    return computed
+
+
+def test_the_index_counts_come_from_the_view_cache(client, tokens, report, counted):
     for _ in range(3):
         assert client.get("/reports", headers=HTML).status_code == 200
     assert len(counted) == 1
     attest(client, tokens("bob"), report.out("cache-lib"), "good")
     assert client.get("/reports", headers=HTML).status_code == 200
     assert len(counted) == 2
+
+
+def test_the_badge_counts_come_from_the_view_cache_per_policy(client, tokens, report, counted):
+    tokens("bob")
+    for _ in range(3):
+        assert client.get("/reports/cached/badge.svg").status_code == 200
+    assert client.get("/reports", headers=HTML).status_code == 200  # the same counts as the badge's
+    assert len(counted) == 1
+    for _ in range(2):
+        assert client.get("/reports/cached/badge.svg", query_string={"trust": "alice,bob"}).status_code == 200
+    assert [policy.builders for _report_id, policy in counted] == [None, ("alice", "bob")]
+    attest(client, tokens("bob"), report.out("cache-lib"), "good")
+    assert b"50.00%" in client.get("/reports/cached/badge.svg").get_data()  # cache-lib reproduced, the root not
+    assert len(counted) == 3
 
 
 def test_a_new_revision_is_parsed_without_the_views_of_the_one_it_replaces(client, tokens, report, monkeypatch):
