@@ -1368,10 +1368,9 @@ class Policy(NamedTuple):
     def is_default(self):
         return self.builders is None and self.minimum == 2 and self.verified_only == default_policy().verified_only
 
-    def verdict(self, builders_by_hash, trusted_only=False):
-        """builders_by_hash holds builder ids of the attestations that attestations_clause selected:
-        with trusted_only, the policy's builders only, and the shared rule need not filter them again."""
-        return verdict(builders_by_hash, None if trusted_only else self.builder_ids, self.minimum)
+    def verdict(self, builders_by_hash):
+        """builders_by_hash holds builder ids of the attestations that attestations_clause selected."""
+        return verdict(builders_by_hash, self.builder_ids, self.minimum)
 
     def attestations_clause(self, trusted_only=False):
         """The SQL side of is_counted (and with trusted_only, of trusts), to append to a join condition on attestations."""
@@ -1503,14 +1502,29 @@ def policy_object(row):
 
 def path_verdicts(conn, out_paths, policy):
     """{out_path: verdict} for any store paths, such as an older revision's, under a policy."""
-    builders_by_path = {path: {} for path in out_paths}
-    rows = conn.execute("SELECT paths.value, attestations.nar_hash, attestations.builder_id FROM json_each(?) AS paths"
-                        f" JOIN store_paths ON {path_match('store_paths', 'paths.value')}"
-                        " JOIN attestations ON attestations.path_id = store_paths.id" + policy.attestations_clause(),
-                        (json.dumps(list(builders_by_path)),))
-    for out_path, output_hash, builder_id in rows:
-        builders_by_path[out_path].setdefault(output_hash, set()).add(builder_id)
-    return {path: policy.verdict(builders_by_hash) for path, builders_by_hash in builders_by_path.items()}
+    rows = conn.execute(f"SELECT paths.value, {builder_counts_column(policy)} FROM json_each(?) AS paths"
+                        f" LEFT JOIN store_paths ON {path_match('store_paths', 'paths.value')}",
+                        (json.dumps(list(dict.fromkeys(out_paths))),))
+    verdict_of = verdict_of_builder_counts(policy)
+    return {out_path: verdict_of(counts) for out_path, counts in rows}
+
+
+def builder_counts_column(policy):
+    """SQL: the distinct counted builders the policy trusts of each hash of the joined store_paths row, as
+    group_concat writes them ('2,1'; NULL: none). That is all the rule looks at (verdict_of_counts), so a
+    query reads a row per path rather than one per attestation."""
+    return ("(SELECT group_concat(builders) FROM (SELECT COUNT(DISTINCT attestations.builder_id) AS builders"
+            " FROM attestations WHERE attestations.path_id = store_paths.id"
+            f"{policy.attestations_clause(trusted_only=True)} GROUP BY attestations.nar_hash))")
+
+
+def verdict_of_builder_counts(policy):
+    """A function from builder_counts_column's text to the verdict under the policy, remembering each text's:
+    a report has a few such texts for its thousands of paths."""
+    @functools.lru_cache(maxsize=None)
+    def verdict_of(counts):
+        return verdict_of_counts([int(count) for count in counts.split(",")] if counts else [], policy.minimum)
+    return verdict_of
 
 
 def fixed_output_condition():
@@ -1525,25 +1539,12 @@ def fixed_output_condition():
 
 def report_labels(conn, report_id, policy):
     """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT.
-
-    From one query, a row per path in the report's path order: SQLite counts the distinct counted builders of
-    each of a path's hashes, which is all the rule looks at (verdict_of_counts), so that Python reads a row
-    per path rather than one per attestation.
-    """
-    counted = policy.attestations_clause(trusted_only=True)
-    rows = conn.execute(
-        f"SELECT report_paths.out_path, {fixed_output_condition()},"
-        " (SELECT group_concat(builders) FROM (SELECT COUNT(DISTINCT attestations.builder_id) AS builders"
-        f" FROM attestations WHERE attestations.path_id = store_paths.id{counted} GROUP BY attestations.nar_hash))"
-        f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-        " WHERE report_paths.report_id = ?", (report_id,))
-    label_of_counts = functools.lru_cache(maxsize=None)(functools.partial(label_of_builder_counts, policy.minimum))
-    return {out_path: FIXED_OUTPUT if fixed else label_of_counts(counts) for out_path, fixed, counts in rows}
-
-
-def label_of_builder_counts(minimum, counts):
-    """The verdict of a path from SQLite's group_concat of its hashes' builder counts ('2,1'; None: no builds)."""
-    return verdict_of_counts([int(count) for count in counts.split(",")] if counts else [], minimum)
+    From one query, a row per path in the report's path order."""
+    rows = conn.execute(f"SELECT report_paths.out_path, {fixed_output_condition()}, {builder_counts_column(policy)}"
+                        f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
+                        " WHERE report_paths.report_id = ?", (report_id,))
+    verdict_of = verdict_of_builder_counts(policy)
+    return {out_path: FIXED_OUTPUT if fixed else verdict_of(counts) for out_path, fixed, counts in rows}
 
 
 def verdict_counts(labels):
