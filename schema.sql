@@ -121,6 +121,23 @@ CREATE TABLE report_paths (
     PRIMARY KEY (report_id, out_path)
 ) WITHOUT ROWID;
 
+-- What the attestations say of each store path a report lists, one row per path however many reports and
+-- revisions list it: who attested which hash, as web.attested_column writes it ('1v,2|3': builder ids by hash,
+-- 'v' for verified), 2/1/0 when a verified/unverified/no attestation says it is fixed-output, and how many
+-- distinct builders (with a verified attestation) attested it. Written when a report first lists the path, and
+-- brought up to date in the transaction of every attestation of it (web.refresh_reported_paths), so report views
+-- and suggestions read a row per path rather than search its attestations.
+-- Like revision_components, rows stay when no report lists the path any more.
+CREATE TABLE reported_paths (
+    digest BLOB NOT NULL,  -- as store_paths keeps it
+    name TEXT NOT NULL,
+    attested TEXT,
+    attested_fixed INTEGER NOT NULL DEFAULT 0,
+    builders INTEGER NOT NULL DEFAULT 0,
+    verified_builders INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (digest, name)
+) WITHOUT ROWID;
+
 -- The SBOM as uploaded, in pieces of a few MiB: each piece is written in its own
 -- transaction, so storing a large SBOM never holds the write lock for long.
 CREATE TABLE report_sbom_pieces (

@@ -167,6 +167,7 @@ def create_app(config=None):
     app.extensions["unpublished_reports"] = UnpublishedReports()
     app.extensions["report_removals"] = ReportRemovals(app)
     app.extensions["component_ids"] = KnownComponentIds()
+    app.extensions["reported_paths"] = KnownReportedPaths()
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
     app.extensions["tree_worker"] = TreeWorker(app)
@@ -805,11 +806,22 @@ def migrate_to_11(conn):
         conn.execute(f"CREATE INDEX {table}_by_digest ON {table}(substr(digest, 1, 4))")
 
 
+def migrate_to_13(conn):
+    """What the attestations say of each reported path is kept (reported_paths), brought up to date as attestations
+    arrive, so that views read it rather than search the attestations of every path."""
+    conn.execute("CREATE TABLE reported_paths (digest BLOB NOT NULL, name TEXT NOT NULL, attested TEXT,"
+                 " attested_fixed INTEGER NOT NULL DEFAULT 0, builders INTEGER NOT NULL DEFAULT 0,"
+                 " verified_builders INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (digest, name)) WITHOUT ROWID")
+    conn.execute(f"INSERT OR IGNORE INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
+                 f" SELECT report_paths.digest, substr(report_paths.out_path, {PATH_PREFIX + 34}),"
+                 f" {attested_values('store_paths.id')} FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
               (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10),
-              (11, migrate_to_11), (12, migrate_to_12)]
+              (11, migrate_to_11), (12, migrate_to_12), (13, migrate_to_13)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -1074,6 +1086,8 @@ def store_attestations(conn, builder, attestations):
         insert_attestations(conn, builder, new, path_ids, first_new, created_at)
         indexes.update((key_of(attestation), first_new + offset) for offset, attestation in enumerate(new))
         store_complete_subtrees(conn, size, first_new + len(new))
+        refresh_reported_paths(conn, {path_ids[attestation["output_path"]]
+                                      for attestation in itertools.chain(new, (upgraded for _id, upgraded in upgrades))})
         log_indexes = [indexes.get(key_of(attestation)) for attestation in attestations]
         log_indexes = [stored.latest_index(conn, path_ids[attestation["output_path"]], attestation) if index is None
                        else index for index, attestation in zip(log_indexes, attestations)]
@@ -1369,19 +1383,12 @@ class Policy(NamedTuple):
         return self.builders is None and self.minimum == 2 and self.verified_only == default_policy().verified_only
 
     def verdict(self, builders_by_hash):
-        """builders_by_hash holds builder ids of the attestations that attestations_clause selected."""
+        """builders_by_hash holds builder ids of the attestations that count (is_counted)."""
         return verdict(builders_by_hash, self.builder_ids, self.minimum)
 
-    def attestations_clause(self, trusted_only=False):
-        """The SQL side of is_counted (and with trusted_only, of trusts), to append to a join condition on attestations."""
-        verified = " AND attestations.verified = 1" if self.verified_only else ""
-        return verified + self.trusted_clause() if trusted_only else verified
-
-    def trusted_clause(self):
-        """The SQL side of trusts, to append to a condition on attestations ('' when every builder is trusted)."""
-        if self.builder_ids is None:
-            return ""
-        return f" AND attestations.builder_id IN ({','.join(map(str, sorted(self.builder_ids)))})"
+    def attestations_clause(self):
+        """The SQL side of is_counted, to append to a condition on attestations."""
+        return " AND attestations.verified = 1" if self.verified_only else ""
 
     def is_counted(self, attestation):
         return bool(attestation["verified"]) or not self.verified_only
@@ -1501,50 +1508,96 @@ def policy_object(row):
 
 
 def path_verdicts(conn, out_paths, policy):
-    """{out_path: verdict} for any store paths, such as an older revision's, under a policy."""
-    rows = conn.execute(f"SELECT paths.value, {builder_counts_column(policy)} FROM json_each(?) AS paths"
+    """{out_path: verdict} for any store paths, such as an older revision's, under a policy: from their attestations
+    now, where report_labels reads what reported_paths keeps."""
+    rows = conn.execute(f"SELECT paths.value, {attested_column('store_paths.id')} FROM json_each(?) AS paths"
                         f" LEFT JOIN store_paths ON {path_match('store_paths', 'paths.value')}",
                         (json.dumps(list(dict.fromkeys(out_paths))),))
-    verdict_of = verdict_of_builder_counts(policy)
-    return {out_path: verdict_of(counts) for out_path, counts in rows}
+    verdict_of = verdict_of_attested(policy)
+    return {out_path: verdict_of(attested) for out_path, attested in rows}
 
 
-def builder_counts_column(policy):
-    """SQL: the distinct counted builders the policy trusts of each hash of the joined store_paths row, as
-    group_concat writes them ('2,1'; NULL: none). That is all the rule looks at (verdict_of_counts), so a
-    query reads a row per path rather than one per attestation."""
-    return ("(SELECT group_concat(builders) FROM (SELECT COUNT(DISTINCT attestations.builder_id) AS builders"
-            " FROM attestations WHERE attestations.path_id = store_paths.id"
-            f"{policy.attestations_clause(trusted_only=True)} GROUP BY attestations.nar_hash))")
+def attested_column(path_id):
+    """SQL: who attested which hash of the store path whose id is the SQL expression path_id, as text: the
+    builder ids of each hash joined by ',', a 'v' after a verified one, and the hashes by '|' ('1v,2|3';
+    NULL: none). Every verdict, under any policy, is read from it (counted_builders_by_hash). reported_paths
+    keeps it for each path a report lists, brought up to date as attestations arrive (refresh_reported_paths),
+    so views read a row per path rather than search the attestations of each."""
+    return ("(SELECT group_concat(builders, '|') FROM (SELECT group_concat(attestations.builder_id"
+            " || iif(attestations.verified, 'v', '')) AS builders"
+            f" FROM attestations WHERE attestations.path_id = {path_id} GROUP BY attestations.nar_hash))")
 
 
-def verdict_of_builder_counts(policy):
-    """A function from builder_counts_column's text to the verdict under the policy, remembering each text's:
+def attested_fixed_column(path_id):
+    """SQL: 2 when a verified attestation of the path (by id) says it is fixed-output, 1 when only unverified
+    ones do, else 0: through the index of the few fixed-output attestations."""
+    return (f"(SELECT ifnull(MAX(1 + attestations.verified), 0) FROM attestations"
+            f" WHERE attestations.path_id = {path_id} AND attestations.ca IS NOT NULL)")
+
+
+def builder_count_column(path_id, verified_only):
+    """SQL: how many distinct builders attested the store path (by id), counting only verified attestations if so."""
+    verified = " AND attestations.verified = 1" if verified_only else ""
+    return f"(SELECT COUNT(DISTINCT attestations.builder_id) FROM attestations WHERE attestations.path_id = {path_id}{verified})"
+
+
+# What reported_paths keeps of each path's attestations, and the SQL that computes them from a store path id.
+ATTESTED_COLUMNS = ("attested", "attested_fixed", "builders", "verified_builders")
+
+
+def attested_values(path_id):
+    """SQL: the values of ATTESTED_COLUMNS for the store path whose id is the SQL expression path_id."""
+    return ", ".join([attested_column(path_id), attested_fixed_column(path_id), builder_count_column(path_id, False),
+                      builder_count_column(path_id, True)])
+
+
+def counted_builders_by_hash(attested, verified_only):
+    """{hash: builder ids} of attested_column's text, of the attestations that count (only verified ones, if so)."""
+    builders_by_hash = {}
+    for position, builders in enumerate(attested.split("|") if attested else ()):
+        ids = {int(entry.rstrip("v")) for entry in builders.split(",") if not verified_only or entry.endswith("v")}
+        if ids:
+            builders_by_hash[position] = ids
+    return builders_by_hash
+
+
+def verdict_of_attested(policy):
+    """A function from attested_column's text to the verdict under the policy, remembering each text's:
     a report has a few such texts for its thousands of paths."""
     @functools.lru_cache(maxsize=None)
-    def verdict_of(counts):
-        return verdict_of_counts([int(count) for count in counts.split(",")] if counts else [], policy.minimum)
+    def verdict_of(attested):
+        return policy.verdict(counted_builders_by_hash(attested, policy.verified_only))
     return verdict_of
 
 
 def fixed_output_condition():
-    """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says.
+    """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says
+    (for a query that has joined its reported_paths row: REPORTED_PATHS_JOIN)."""
+    return (f"(report_paths.ca IS NOT NULL OR ifnull(reported_paths.attested_fixed, 0)"
+            f" >= {2 if default_policy().verified_only else 1})")
 
-    For a query that has joined the path's store_paths row (report_path_match): a probe of the few
-    fixed-output attestations' index by its id.
-    """
-    return ("(report_paths.ca IS NOT NULL OR EXISTS (SELECT 1 FROM attestations WHERE attestations.path_id = store_paths.id"
-            " AND attestations.ca IS NOT NULL" + default_policy().attestations_clause() + "))")
+
+# The reported_paths row of each report path, for the views.
+REPORTED_PATHS_JOIN = ("LEFT JOIN reported_paths ON reported_paths.digest = report_paths.digest"
+                       f" AND reported_paths.name = substr(report_paths.out_path, {PATH_PREFIX + 34})")
 
 
 def report_labels(conn, report_id, policy):
     """{out_path: label} that every view of a report shows: the path's verdict under the policy, or FIXED_OUTPUT.
     From one query, a row per path in the report's path order."""
-    rows = conn.execute(f"SELECT report_paths.out_path, {fixed_output_condition()}, {builder_counts_column(policy)}"
-                        f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-                        " WHERE report_paths.report_id = ?", (report_id,))
-    verdict_of = verdict_of_builder_counts(policy)
-    return {out_path: FIXED_OUTPUT if fixed else verdict_of(counts) for out_path, fixed, counts in rows}
+    rows = conn.execute(f"SELECT report_paths.out_path, {fixed_output_condition()}, reported_paths.attested"
+                        f" FROM report_paths {REPORTED_PATHS_JOIN} WHERE report_paths.report_id = ?", (report_id,))
+    verdict_of = verdict_of_attested(policy)
+    return {out_path: FIXED_OUTPUT if fixed else verdict_of(attested) for out_path, fixed, attested in rows}
+
+
+def refresh_reported_paths(conn, path_ids):
+    """Bring the reported_paths rows of these store paths (by id), whose attestations changed, up to date: a probe
+    of its primary key each, in the writer's transaction, so no view reads a row older than the attestations."""
+    conn.execute(f"UPDATE reported_paths SET ({', '.join(ATTESTED_COLUMNS)}) = ({attested_values('store_paths.id')})"
+                 " FROM json_each(?) AS changed JOIN store_paths ON store_paths.id = changed.value"
+                 " WHERE reported_paths.digest = store_paths.digest AND reported_paths.name = store_paths.name",
+                 (json_rows(sorted(path_ids)),))
 
 
 def verdict_counts(labels):
@@ -2436,12 +2489,14 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, la
     """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
     while this one finds the ids of the shared component rows; the display tree is laid out here, or by
     the tree worker when the contents have no edges (laid_out_tree())."""
-    writer.write_rows(contents)
+    reported = current_app.extensions["reported_paths"]
+    writer.write_rows(contents, reported)
     ids = revision_component_ids(conn, contents.names, contents.drv_paths, contents.paths,
                                  current_app.extensions["component_ids"], writer.store_components)
     tree = contents.tree_json() if contents.children is not None else laid_out_tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
+    reported.remember(dict.fromkeys(out_path for out_path, _index, _output in contents.paths))
     with transaction(conn):
         conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
                      (contents.root, tree, source_type, report_id))
@@ -2589,7 +2644,7 @@ class UploadWriter:
             self.failure = error
             raise
 
-    def write_rows(self, contents):
+    def write_rows(self, contents, reported):
         """Queue the statements that write the upload's rows (report_row_statements). They are made in this thread
         and run in the writer's, which holds no interpreter while SQLite writes. At most ROW_STATEMENTS_AHEAD wait,
         so a large upload's are never all in memory; this thread goes on (revision_component_ids) while the last
@@ -2597,7 +2652,7 @@ class UploadWriter:
         large = len(contents.paths) >= LARGE_BATCH  # as cache_for, over jobs rather than a block
         if large:
             self.submit(lambda: set_cache_kib(self.conn, LARGE_BATCH_CACHE_KIB))
-        for statement, parameters in report_row_statements(contents):
+        for statement, parameters in report_row_statements(contents, reported):
             if len(self.jobs) > ROW_STATEMENTS_AHEAD:
                 self.jobs[-ROW_STATEMENTS_AHEAD].result()
             self.submit(self.execute_in_transaction, statement, parameters)
@@ -2641,17 +2696,35 @@ def json_rows(rows):
 ROW_STATEMENTS_AHEAD = 8  # about 1.5 MiB of JSON each
 
 
-def report_row_statements(contents):
+def report_row_statements(contents, reported):
     """(SQL, parameters after the first) that write the parsed upload's component pieces and path rows, a chunk
-    per statement; the first parameter (?1) is the unpublished report's id. Each is made as it is asked for."""
+    per statement, and the reported_paths rows of its paths not in `reported` (KnownReportedPaths) that are not
+    there yet; the first parameter (?1) is the unpublished report's id. Each is made as it is asked for."""
     fixed_output, drv_paths = contents.fixed_output.get, contents.drv_paths
     yield from component_piece_statements(contents.names, drv_paths)
     # A copy is sorted: contents.paths keeps its order.
     for chunk in chunks_of(sorted_in_runs(list(contents.paths)), ROWS_PER_TRANSACTION):
         rows = [(out_path, index, output, fixed_output(out_path), drv_paths[index]) for out_path, index, output in chunk]
+        out_paths = [row[0] for row in chunk]
+        digests = path_digests(out_paths)
         yield ("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest, drv_path)"
                " SELECT ?1, value->>0, value->>1, value->>2, value->>3, substr(?3, 20 * key + 1, 20), value->>4"
-               " FROM json_each(?2)", (json_rows(rows), b"".join(path_digests([row[0] for row in chunk]))))
+               " FROM json_each(?2)", (json_rows(rows), b"".join(digests)))
+        if not all(map(reported.__contains__, out_paths)):
+            unknown = [position for position, out_path in enumerate(out_paths) if out_path not in reported]
+            yield NEW_REPORTED_PATHS, (json_rows([out_paths[position] for position in unknown]),
+                                       b"".join([digests[position] for position in unknown]))
+
+
+# The reported_paths rows of some of report_row_statements' paths (?2, their digests ?3) that are not there yet,
+# with who attested each; ?1 is not used.
+NEW_REPORTED_PATHS = (
+    f"INSERT OR IGNORE INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
+    f" SELECT listed.digest, listed.name, {attested_values('store_paths.id')}"
+    f" FROM (SELECT substr(?3, 20 * key + 1, 20) AS digest, substr(value, {PATH_PREFIX + 34}) AS name FROM json_each(?2))"
+    f" AS listed LEFT JOIN store_paths ON {digest_match('store_paths', 'listed.digest')} AND store_paths.name = listed.name"
+    " WHERE NOT EXISTS (SELECT 1 FROM reported_paths WHERE reported_paths.digest = listed.digest"
+    " AND reported_paths.name = listed.name)")
 
 
 COMPONENTS_PER_PIECE = 10_000
@@ -2834,18 +2907,27 @@ def component_digest(component):
     return hashlib.sha256(msgspec.json.encode(component)).digest()[:16]
 
 
-class KnownComponentIds(dict):
-    """{digest: id} of the shared component rows this process has looked up or written. Those rows are never
-    changed or deleted, so an id once known stays right; a report's next revision mostly lists the components
-    of the last one, and finds their ids here rather than by thousands of index lookups."""
+class KnownRows(dict):
+    """What this process knows of rows that are never deleted, so that once known it stays right, up to LIMIT."""
     LIMIT = 50_000  # about 6 MiB
 
-    def remember(self, ids):
-        """Keep these ids too: all are forgotten first when they would not fit, and more than LIMIT are not kept."""
-        if len(self) + len(ids) > self.LIMIT:
+    def remember(self, rows):
+        """Keep these too: all are forgotten first when they would not fit, and more than LIMIT are not kept."""
+        if len(self) + len(rows) > self.LIMIT:
             self.clear()
-        if len(ids) <= self.LIMIT:
-            self.update(ids)
+        if len(rows) <= self.LIMIT:
+            self.update(rows)
+
+
+class KnownComponentIds(KnownRows):
+    """{digest: id} of the shared component rows this process has looked up or written. Those rows are never
+    changed, so an id once known stays right; a report's next revision mostly lists the components of the
+    last one, and finds their ids here rather than by thousands of index lookups."""
+
+
+class KnownReportedPaths(KnownRows):
+    """{store path: None} of the paths whose reported_paths row this process has seen written: a report's next
+    revision, or another report of much the same closure, mostly lists those, and skips probing for them."""
 
 
 COMPONENTS_PER_ID_CHUNK = 50_000
@@ -3173,23 +3255,29 @@ def batched(lines, size=2000):
 def open_questions(conn, report_id, builder, policy, after=None, limit=None):
     """Report paths that still need builds: fewer than the policy's minimum of its builders
     attested them, and the caller did not. Returns rows (out_path, builders), ordered by out_path.
+    Counted by SQLite from each path's reported_paths row, so that no request thread holds the interpreter for it.
     """
-    caller = builder["id"] if builder is not None else -1
-    # A count per path through the attestations index, not a GROUP BY over the joined attestations:
-    # the grouping's temporary b-trees cost as much as the rest of the query.
-    counted = "FROM attestations WHERE attestations.path_id = store_paths.id" + policy.attestations_clause()
-    sql = (f"SELECT report_paths.out_path, (SELECT COUNT(DISTINCT attestations.builder_id) {counted}"
-           f"{policy.trusted_clause()}) AS builders"
-           f" FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}"
-           " WHERE report_paths.report_id = ? AND NOT " + fixed_output_condition() +
-           f" AND NOT EXISTS (SELECT 1 {counted} AND attestations.builder_id = ?)" +
-           (" AND report_paths.out_path > ?" if after else "") +
-           " AND builders < ? ORDER BY report_paths.out_path")
-    parameters = [report_id, caller] + ([after] if after else []) + [policy.minimum]
+    if policy.builder_ids is None:
+        builders = f"ifnull(reported_paths.{'verified_builders' if policy.verified_only else 'builders'}, 0)"
+    else:
+        builders = " + ".join(attested_by(builder_id, policy.verified_only) for builder_id in sorted(policy.builder_ids))
+    caller = f" AND NOT {attested_by(builder['id'], policy.verified_only)}" if builder is not None else ""
+    sql = (f"SELECT report_paths.out_path, {builders} AS counted_builders FROM report_paths {REPORTED_PATHS_JOIN}"
+           f" WHERE report_paths.report_id = ? AND NOT {fixed_output_condition()}{caller}"
+           + (" AND report_paths.out_path > ?" if after else "") + " AND counted_builders < ? ORDER BY report_paths.out_path")
+    parameters = [report_id] + ([after] if after else []) + [policy.minimum]
     if limit is not None:
         sql += " LIMIT ?"
         parameters.append(limit)
     return [(out_path, builders) for out_path, builders in conn.execute(sql, parameters)]
+
+
+def attested_by(builder_id, verified_only):
+    """SQL: 1 if the joined reported_paths row's attested text holds an attestation by this builder (an id from the
+    database) that counts (a verified one, if so), else 0."""
+    entries = "(',' || replace(ifnull(reported_paths.attested, ''), '|', ',') || ',')"
+    marks = ("v",) if verified_only else ("", "v")
+    return "(" + " OR ".join(f"instr({entries}, ',{int(builder_id)}{mark},') > 0" for mark in marks) + ")"
 
 
 def suggestions(conn, report_id, builder, policy, limit):

@@ -12,7 +12,9 @@ memory (VmHWM) of the server and of each worker process it started from /proc/<p
 
 Every timed PUT really writes: each has a new revision label (the same body again without one is a no-op).
 Each format's PUT is timed twice: as a new revision of an existing report (whose replaced copy is removed),
-and as a new report under a name not used before.
+and as a new report under a name not used before. The SBOM's is timed a third time as the first report of
+another closure, attested as the first, none of whose paths any report lists yet: the server then works out
+who attested each path (reported_paths), where the other PUTs find that kept already.
 Every timed GET is cold: the first view of that report and format after an untimed PUT of a new revision,
 so a server that caches views still renders each one that is timed.
 
@@ -109,6 +111,13 @@ def median_time(repeat, run, prepare=lambda: None):
     return statistics.median(times)
 
 
+def post_attestations(session, url, tokens, batches):
+    for builder, bodies in batches.items():
+        for body in bodies:
+            checked_response(session.post(f"{url}/attestations", data=body, headers={
+                "Authorization": f"Bearer {tokens[builder]}", "Content-Type": "application/json"}))
+
+
 def checked_response(response):
     if response.status_code != 200:
         sys.exit(f"bench: {response.request.method} {response.url} -> {response.status_code}: {response.text[:300]}")
@@ -126,10 +135,7 @@ def run(args, directory):
     try:
         tokens = {builder: create_builder(db, builder) for builder in BUILDERS}
         with requests.Session() as session:
-            for builder, bodies in batches.items():
-                for body in bodies:
-                    checked_response(session.post(f"{url}/attestations", data=body, headers={
-                        "Authorization": f"Bearer {tokens[builder]}", "Content-Type": "application/json"}))
+            post_attestations(session, url, tokens, batches)
             print(f"closure: {len(paths)} paths, {len(raw_sbom) / 2**20:.1f} MiB of SBOM; "
                   f"{attested} paths attested by {len(BUILDERS)} builders", flush=True)
             report_url = f"{url}/reports/{REPORT}"
@@ -173,6 +179,13 @@ def run(args, directory):
                 put(raw_path_info, target, "application/x-nix-path-info+json")
 
             new_names = itertools.count(1)
+            unlisted, seeds = {}, itertools.count(100)
+
+            def attest_unlisted_closure():
+                """Another closure of the same size, none of whose paths a report lists yet, attested as the first."""
+                document = generate_sbom(args.paths, seed=next(seeds))
+                post_attestations(session, url, tokens, attestation_batches(closure_paths(document))[0])
+                unlisted["sbom"] = json.dumps(document).encode()
 
             def new_report_url():
                 return f"{report_url}-new-{next(new_names)}"
@@ -183,7 +196,9 @@ def run(args, directory):
             put()  # the report must exist before the GETs; the timed PUTs below redefine it
             rows = [("json.load", baseline, None),
                     ("PUT /reports/<name>", median_time(args.repeat, put), PUT_TARGET),
-                    ("PUT of a new report", median_time(args.repeat, lambda: put(target=new_report_url())), PUT_TARGET)]
+                    ("PUT of a new report", median_time(args.repeat, lambda: put(target=new_report_url())), PUT_TARGET),
+                    ("PUT of paths no report lists yet", median_time(
+                        args.repeat, lambda: put(unlisted["sbom"], new_report_url()), attest_unlisted_closure), PUT_TARGET)]
             # Every view is cold: the first of that report and format after a new revision (untimed) changed it.
             rows += [(f"cold GET as {what}", median_time(args.repeat, get_as(accept), put), GET_TARGET)
                      for what, accept in VIEWS]

@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+import web
 from post_build_hook import (COSIGNATURE_KEY_TYPE, Spool, fingerprint, leaf_hash, log_entry, new_submission, nix_base32_decode,
                              node_hash, parse_verifier_key, root_from_inclusion_proof, sign_fingerprint, split_note,
                              tile_path, tree_hash)
@@ -336,6 +337,9 @@ def test_report_hiding_a_logged_hash_is_caught_by_monitor(start_server, tmp_path
                      " WHERE id = ?", (entry, index))
         conn.execute(f"DELETE FROM attestations WHERE {of_path(closure.root)} AND nar_hash = ?",
                      (nix_base32_decode(nar_hash("x")[7:], 32),))
+        # and so does what report views read of its paths' attestations
+        conn.execute(f"UPDATE reported_paths SET attested = {web.attested_column('store_paths.id')} FROM store_paths"
+                     " WHERE store_paths.digest = reported_paths.digest AND store_paths.name = reported_paths.name")
     server.restart()  # the server keeps its report views in memory: a change behind its back shows after a restart
     monitored = run_client(monitor_env, "monitor", "--report", "r")
     assert monitored.returncode == 2
