@@ -123,7 +123,7 @@ CREATE TABLE report_paths (
 
 -- What the attestations say of each store path a report lists, one row per path however many reports and
 -- revisions list it: who attested which hash, as web.attested_column writes it ('1v,2|3': builder ids by hash,
--- 'v' for verified), 2/1/0 when a verified/unverified/no attestation says it is fixed-output, and how many
+-- 'v' for verified), 2 when a verified attestation says it is fixed-output (1 when only unverified ones do), how many
 -- distinct builders (with a verified attestation) attested it. Written when a report first lists the path, and
 -- brought up to date in the transaction of every attestation of it (web.refresh_reported_paths), so report views
 -- and suggestions read a row per path rather than search its attestations.

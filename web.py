@@ -812,9 +812,10 @@ def migrate_to_13(conn):
     conn.execute("CREATE TABLE reported_paths (digest BLOB NOT NULL, name TEXT NOT NULL, attested TEXT,"
                  " attested_fixed INTEGER NOT NULL DEFAULT 0, builders INTEGER NOT NULL DEFAULT 0,"
                  " verified_builders INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (digest, name)) WITHOUT ROWID")
-    conn.execute(f"INSERT OR IGNORE INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
-                 f" SELECT report_paths.digest, substr(report_paths.out_path, {PATH_PREFIX + 34}),"
-                 f" {attested_values('store_paths.id')} FROM report_paths LEFT JOIN store_paths ON {report_path_match('store_paths')}")
+    conn.execute(f"INSERT INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
+                 f" SELECT listed.digest, listed.name, {attested_values('store_paths.id')}"
+                 f" FROM (SELECT DISTINCT digest, substr(out_path, {PATH_PREFIX + 34}) AS name FROM report_paths) AS listed"
+                 f" LEFT JOIN store_paths ON {digest_match('store_paths', 'listed.digest')} AND store_paths.name = listed.name")
 
 
 # (version, function) pairs: the function brings a database from the version before to this one.
@@ -1262,11 +1263,6 @@ def path_match(table, column):
     """SQL: the store_paths row `table` is the path in the text column `column`."""
     return (f"{digest_match(table, f'nix32_digest(substr({column}, {PATH_PREFIX + 1}, 32))')}"
             f" AND {table}.name = substr({column}, {PATH_PREFIX + 34})")
-
-
-def report_path_match(table):
-    """SQL: the store_paths row `table` is the report path (report_paths.digest is its path_digest)."""
-    return f"{digest_match(table, 'report_paths.digest')} AND {table}.name = substr(report_paths.out_path, {PATH_PREFIX + 34})"
 
 
 def path_id_condition(column):
