@@ -51,7 +51,7 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
 from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
-from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict, verdict_of_counts  # noqa: F401
+from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
                              parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
@@ -813,9 +813,7 @@ def migrate_to_13(conn):
                  " attested_fixed INTEGER NOT NULL DEFAULT 0, builders INTEGER NOT NULL DEFAULT 0,"
                  " verified_builders INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (digest, name)) WITHOUT ROWID")
     conn.execute(f"INSERT INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
-                 f" SELECT listed.digest, listed.name, {attested_values('store_paths.id')}"
-                 f" FROM (SELECT DISTINCT digest, substr(out_path, {PATH_PREFIX + 34}) AS name FROM report_paths) AS listed"
-                 f" LEFT JOIN store_paths ON {digest_match('store_paths', 'listed.digest')} AND store_paths.name = listed.name")
+                 + reported_rows(f"SELECT DISTINCT digest, substr(out_path, {PATH_PREFIX + 34}) AS name FROM report_paths"))
 
 
 # (version, function) pairs: the function brings a database from the version before to this one.
@@ -1533,8 +1531,8 @@ def attested_fixed_column(path_id):
 
 def builder_count_column(path_id, verified_only):
     """SQL: how many distinct builders attested the store path (by id), counting only verified attestations if so."""
-    verified = " AND attestations.verified = 1" if verified_only else ""
-    return f"(SELECT COUNT(DISTINCT attestations.builder_id) FROM attestations WHERE attestations.path_id = {path_id}{verified})"
+    return (f"(SELECT COUNT(DISTINCT attestations.builder_id) FROM attestations WHERE attestations.path_id = {path_id}"
+            f"{Policy(verified_only=verified_only).attestations_clause()})")
 
 
 # What reported_paths keeps of each path's attestations, and the SQL that computes them from a store path id.
@@ -1545,6 +1543,12 @@ def attested_values(path_id):
     """SQL: the values of ATTESTED_COLUMNS for the store path whose id is the SQL expression path_id."""
     return ", ".join([attested_column(path_id), attested_fixed_column(path_id), builder_count_column(path_id, False),
                       builder_count_column(path_id, True)])
+
+
+def reported_rows(listed):
+    """SQL: (digest, name, ATTESTED_COLUMNS) of the store paths that the query `listed` gives as (digest, name)."""
+    return (f" SELECT listed.digest, listed.name, {attested_values('store_paths.id')} FROM ({listed}) AS listed"
+            f" LEFT JOIN store_paths ON {digest_match('store_paths', 'listed.digest')} AND store_paths.name = listed.name")
 
 
 def counted_builders_by_hash(attested, verified_only):
@@ -2716,10 +2720,8 @@ def report_row_statements(contents, reported):
 # with who attested each; ?1 is not used.
 NEW_REPORTED_PATHS = (
     f"INSERT OR IGNORE INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
-    f" SELECT listed.digest, listed.name, {attested_values('store_paths.id')}"
-    f" FROM (SELECT substr(?3, 20 * key + 1, 20) AS digest, substr(value, {PATH_PREFIX + 34}) AS name FROM json_each(?2))"
-    f" AS listed LEFT JOIN store_paths ON {digest_match('store_paths', 'listed.digest')} AND store_paths.name = listed.name"
-    " WHERE NOT EXISTS (SELECT 1 FROM reported_paths WHERE reported_paths.digest = listed.digest"
+    + reported_rows(f"SELECT substr(?3, 20 * key + 1, 20) AS digest, substr(value, {PATH_PREFIX + 34}) AS name FROM json_each(?2)")
+    + " WHERE NOT EXISTS (SELECT 1 FROM reported_paths WHERE reported_paths.digest = listed.digest"
     " AND reported_paths.name = listed.name)")
 
 
