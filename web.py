@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -75,6 +75,7 @@ VERDICT_BADGES = {REPRODUCED: ("reproduced", "R"), PARTIALLY: ("partial", "P"), 
 M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # from glibc's malloc.h
 PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 MAX_BATCH = 10_000
+SIGNATURE_BYTES = 64  # Ed25519's
 LARGE_BATCH = 1_000
 LARGE_BATCH_CACHE_KIB = 256 * 1024
 MAX_SUGGEST = 500
@@ -171,6 +172,7 @@ def create_app(config=None):
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
     app.extensions["tree_worker"] = TreeWorker(app)
+    app.extensions["attestation_writer"] = AttestationWriter(app)
     app.json.sort_keys = False
     app.json.compact = True
     app.teardown_appcontext(close_db)
@@ -985,7 +987,7 @@ def parse_attestation(item, where, drv_ident):
     output_sig = field(item, "output_sig", where, required=False) or ""
     if len(output_sig) > 1024:
         raise BadInput(f"{where}.output_sig: longer than 1024 characters")
-    signature = checked(f"{where}.output_sig", lambda sig: parse_key(sig, 64), output_sig) if output_sig else (None, None)
+    signature = checked(f"{where}.output_sig", lambda sig: parse_key(sig, SIGNATURE_BYTES), output_sig) if output_sig else (None, None)
     nar_size = field(item, "nar_size", where, kind=int, required=False)
     if nar_size is not None and not 0 < nar_size < 1 << 62:
         raise BadInput(f"{where}.nar_size: expected a positive size in bytes, got {nar_size}")
@@ -1066,15 +1068,29 @@ def verify_attestation(attestation, public_keys, foreign_key_names, where):
 
 def store_attestations(conn, builder, attestations):
     """Store and log the attestations; returns each one's log index, in request order."""
+    verify_attestations(conn, builder, attestations)
+    log_indexes = current_app.extensions["attestation_writer"].write(conn, builder, attestations)
+    current_app.extensions["report_changes"].note_attested(attestation["output_path"] for attestation in attestations)
+    return log_indexes
+
+
+def verify_attestations(conn, builder, attestations):
+    """Mark each attestation verified or not, as its signature under the builder's keys says; BadInput if one is wrong."""
     public_keys, foreign_key_names = registered_keys(conn, builder["id"])
-    created_at = int(time.time())
     for position, attestation in enumerate(attestations):
         attestation["verified"] = verify_attestation(attestation, public_keys, foreign_key_names, f"[{position}]")
+
+
+def write_attestations(conn, requests):
+    """Store and log the verified attestations of one or more requests [(builder, attestations)] in one
+    transaction; returns each request's log indexes, in its order."""
+    attestations = [attestation for builder, listed in requests for attestation in with_builder(builder, listed)]
+    created_at = int(time.time())
     with transaction(conn), cache_for(conn, len(attestations)):
         path_ids = interned_paths(conn, "store_paths", {attestation["output_path"] for attestation in attestations})
         # In index order: a batch's order means nothing, and equal attestations keep theirs.
         ordered = sorted(attestations, key=lambda attestation: path_ids[attestation["output_path"]])
-        stored = StoredVersions(conn, builder["id"], path_ids.values())
+        stored = StoredVersions(conn, {builder["id"] for builder, _listed in requests}, path_ids.values())
         new, upgrades = stored.changes(ordered, path_ids)
         size = log_size(conn)
         indexes = {}
@@ -1082,34 +1098,181 @@ def store_attestations(conn, builder, attestations):
         for offset, (attestation_id, attestation) in enumerate(upgrades):
             indexes[key_of(attestation)] = upgrade_attestation(conn, attestation_id, attestation, size + offset)
         first_new = size + len(upgrades)
-        insert_attestations(conn, builder, new, path_ids, first_new, created_at)
+        insert_attestations(conn, new, path_ids, first_new, created_at)
         indexes.update((key_of(attestation), first_new + offset) for offset, attestation in enumerate(new))
         store_complete_subtrees(conn, size, first_new + len(new))
         refresh_reported_paths(conn, {path_ids[attestation["output_path"]]
                                       for attestation in itertools.chain(new, (upgraded for _id, upgraded in upgrades))})
-        log_indexes = [indexes.get(key_of(attestation)) for attestation in attestations]
-        log_indexes = [stored.latest_index(conn, path_ids[attestation["output_path"]], attestation) if index is None
-                       else index for index, attestation in zip(log_indexes, attestations)]
-    current_app.extensions["report_changes"].note_attested(attestation["output_path"] for attestation in ordered)
-    return log_indexes
+        return [[log_index_of(conn, attestation, indexes, stored, path_ids) for attestation in listed]
+                for _builder, listed in requests]
+
+
+def log_index_of(conn, attestation, indexes, stored, path_ids):
+    """The log index this request's attestation got, or that of the stored one it left as it was."""
+    index = indexes.get(key_of(attestation))
+    return stored.latest_index(conn, path_ids[attestation["output_path"]], attestation) if index is None else index
+
+
+class WriteRequest:
+    """One request's attestations on their way to the database (AttestationWriter)."""
+
+    def __init__(self, builder, attestations):
+        self.builder, self.attestations = builder, attestations
+        self.woken = threading.Event()  # set once it is written
+        self.log_indexes = self.error = None
+
+    def finish(self, log_indexes=None, error=None):
+        self.log_indexes, self.error = log_indexes, error
+        self.woken.set()
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.log_indexes
+
+
+ATTESTATIONS_PER_GROUP = LARGE_BATCH
+WRITER_TIMEOUT_S = 2 * WRITE_LOCK_TIMEOUT_S
+WRITER_IDLE_S = 5  # then the writer's thread ends, and closes its connection, until it is wanted again
+
+
+class AttestationWriter:
+    """Writes the attestations of concurrent requests together, in one transaction (group commit). A request
+    that finds no write under way writes its own at once, in its thread, as if alone. Requests that come
+    meanwhile wait; then a thread of the writer's own writes every request waiting, up to ATTESTATIONS_PER_GROUP
+    attestations a transaction, until none is left.
+
+    Under load, a request that wrote only its own single attestation held the write lock for ten times the work
+    it did there: each of its dozen SQLite calls gives up the interpreter, and waits to get it back from the
+    other request threads. Written together, the attestations of every request waiting share those calls and
+    one commit. A group that fails is written again a request at a time, so that only a request at fault gets
+    the error; a request is answered only once its group has committed."""
+
+    def __init__(self, app):
+        self.database, self.background_checkpoints = app.config["DATABASE"], app.config["BACKGROUND_CHECKPOINTS"]
+        self.lock = threading.Lock()
+        self.turn = threading.Condition(self.lock)  # the writer's thread is woken when the waiting are its to write
+        self.waiting = deque()
+        self.busy = self.threads_turn = False  # a write is under way; it is the writer's thread's
+        self.thread = self.conn = None
+
+    def write(self, conn, builder, attestations):
+        """write_attestations of one request: its log indexes, once committed."""
+        request = WriteRequest(builder, attestations)
+        with self.lock:
+            writes_now = not self.busy
+            if writes_now:
+                self.busy = True
+            else:
+                self.waiting.append(request)
+        if writes_now:
+            try:
+                write_group(conn, [request])
+            finally:
+                self.hand_over()
+        elif not request.woken.wait(WRITER_TIMEOUT_S):
+            self.stop_waiting(request)
+        return request.outcome()
+
+    def hand_over(self):
+        """After a request's own write: the requests that came meanwhile are the writer's thread's to write."""
+        with self.lock:
+            if not self.waiting:
+                self.busy = False
+                return
+            self.threads_turn = True
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="attestation writer", daemon=True)
+                self.thread.start()
+            else:
+                self.turn.notify()
+
+    def stop_waiting(self, request):
+        """Give up a request that is still waiting; one in a group being written is waited for."""
+        with self.lock:
+            if request in self.waiting:
+                self.waiting.remove(request)
+                raise sqlite3.OperationalError(f"database is locked: not written within {WRITER_TIMEOUT_S} s")
+        request.woken.wait()
+
+    def run(self):
+        with self.lock:
+            while True:
+                if not self.threads_turn:
+                    if not self.turn.wait(WRITER_IDLE_S) and not self.threads_turn:
+                        self.thread = None
+                        self.close()
+                        return
+                elif not self.waiting:
+                    self.busy = self.threads_turn = False
+                else:
+                    group = self.next_group()
+                    self.lock.release()
+                    try:
+                        write_group(self.connection(), group)
+                        if any(request.error is not None for request in group):
+                            self.close()  # a fault of the database, say: the next group connects again
+                    finally:
+                        self.lock.acquire()
+
+    def next_group(self):
+        group, count = [], 0
+        while self.waiting and count < ATTESTATIONS_PER_GROUP:
+            group.append(self.waiting.popleft())
+            count += len(group[-1].attestations)
+        return group
+
+    def connection(self):
+        if self.conn is None:
+            self.conn = connect(self.database)
+            if self.background_checkpoints:
+                self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # wal_checkpointer does it
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def write_group(conn, group):
+    """Write the WriteRequests in one transaction and finish each; a group that fails is written a request at a time."""
+    try:
+        results = write_attestations(conn, [(request.builder, request.attestations) for request in group])
+    except Exception as error:
+        if len(group) == 1:
+            group[0].finish(error=error)
+        else:
+            for request in group:
+                write_group(conn, [request])
+        return
+    for request, log_indexes in zip(group, results):
+        request.finish(log_indexes)
+
+
+def with_builder(builder, attestations):
+    for attestation in attestations:
+        attestation["builder"] = builder
+    return attestations
 
 
 def key_of(attestation):
-    return attestation["output_path"], attestation["output_hash"]
+    return attestation["builder"]["id"], attestation["output_path"], attestation["output_hash"]
 
 
 class StoredVersions:
-    """What a builder has stored for some paths: {(path_id, nar hash bytes): (id, verified)}."""
+    """What some builders have stored for some paths: {(builder id, path_id, nar hash bytes): (id, verified)}."""
 
-    def __init__(self, conn, builder_id, path_ids, per_query=500):
+    def __init__(self, conn, builder_ids, path_ids, per_query=500):
         self.versions = {}
-        path_ids = sorted(path_ids)
+        path_ids, builder_ids = sorted(path_ids), sorted(builder_ids)
         for start in range(0, len(path_ids), per_query):
             chunk = path_ids[start:start + per_query]
-            for attestation_id, path_id, nar_hash, verified in conn.execute(
-                    f"SELECT id, path_id, nar_hash, verified FROM attestations WHERE path_id IN ({','.join('?' * len(chunk))})"
-                    " AND builder_id = ?", [*chunk, builder_id]):
-                self.versions[path_id, nar_hash] = (attestation_id, verified)
+            for attestation_id, builder_id, path_id, nar_hash, verified in conn.execute(
+                    "SELECT id, builder_id, path_id, nar_hash, verified FROM attestations"
+                    f" WHERE path_id IN ({','.join('?' * len(chunk))}) AND builder_id IN ({','.join('?' * len(builder_ids))})",
+                    [*chunk, *builder_ids]):
+                self.versions[builder_id, path_id, nar_hash] = (attestation_id, verified)
 
     def changes(self, ordered, path_ids):
         """(new attestations, [(id, attestation)] upgrades of stored unverified ones to verified).
@@ -1120,7 +1283,7 @@ class StoredVersions:
         new, upgrades, pending = [], [], {}
         for attestation in ordered:
             attestation["stored_hash"] = stored_hash(attestation["output_hash"])
-            key = (path_ids[attestation["output_path"]], attestation["stored_hash"])
+            key = (attestation["builder"]["id"], path_ids[attestation["output_path"]], attestation["stored_hash"])
             if key in pending:
                 first = pending[key]
                 if attestation["verified"] and not first["verified"]:
@@ -1137,7 +1300,7 @@ class StoredVersions:
 
     def latest_index(self, conn, path_id, attestation):
         """The index of the latest log entry of a stored attestation that this request left as it was."""
-        attestation_id, _verified = self.versions[path_id, stored_hash(attestation["output_hash"])]
+        attestation_id, _verified = self.versions[attestation["builder"]["id"], path_id, stored_hash(attestation["output_hash"])]
         later = conn.execute("SELECT MAX(idx) FROM log_entries WHERE attestation_id = ?", (attestation_id,)).fetchone()[0]
         return attestation_id if later is None else max(later, attestation_id)
 
@@ -1147,25 +1310,33 @@ def upgraded_fields(attestation):
     return {name: attestation[name] for name in ("output_sig", "signature", "nar_size", "references", "verified")}
 
 
-def insert_attestations(conn, builder, new, path_ids, first_id, created_at):
+def insert_attestations(conn, new, path_ids, first_id, created_at):
     drv_paths = [store_path(f"{attestation['drv_ident']}.drv") if attestation["drv_ident"] else None
                  for attestation in new]
     drv_ids = interned_paths(conn, "derivations", set(drv_paths) - {None})
     key_ids = key_name_ids(conn, {attestation["signature"][0] for attestation in new})
     time_text = stored_time_text(created_at)
-    rows = []
+    rows, hashes, sigs = [], [], []
     for offset, (attestation, drv_path) in enumerate(zip(new, drv_paths)):
         key_name, sig = attestation["signature"]
+        builder = attestation["builder"]
         entry = log_entry(builder["name"], attestation["output_path"], drv_path, attestation["output_hash"],
                           attestation["nar_size"], attestation["references"], attestation["output_sig"],
                           attestation["verified"], time_text)
+        hashes += (attestation["stored_hash"], leaf_hash(entry))
+        if sig is not None:
+            sigs.append(sig)
         rows.append((first_id + offset, path_ids[attestation["output_path"]], builder["id"], drv_ids.get(drv_path),
-                     attestation["stored_hash"], key_ids.get(key_name), sig, attestation["nar_size"],
+                     key_ids.get(key_name), None if sig is None else len(sigs) - 1, attestation["nar_size"],
                      stored_references(attestation["references"]), int(attestation["verified"]), created_at,
-                     attestation["source"], attestation.get("ca"), leaf_hash(entry)))
-    conn.executemany("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig,"
-                     " nar_size, refs, verified, created_at, source, ca, leaf_hash)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                     attestation["source"], attestation.get("ca")))
+    # One statement for all: see interned_paths. The hashes and signatures, of fixed sizes, are cut from two blobs.
+    conn.execute("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig,"
+                 " nar_size, refs, verified, created_at, source, ca, leaf_hash)"
+                 " SELECT value->>0, value->>1, value->>2, value->>3, substr(?2, 64 * key + 1, 32), value->>4,"
+                 f" iif(value->>5 IS NULL, NULL, substr(?3, {SIGNATURE_BYTES} * (value->>5) + 1, {SIGNATURE_BYTES})),"
+                 " value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, substr(?2, 64 * key + 33, 32)"
+                 " FROM json_each(?1)", (json_rows(rows), b"".join(hashes), b"".join(sigs)))
 
 
 def upgrade_attestation(conn, attestation_id, attestation, index):
@@ -1182,22 +1353,25 @@ def upgrade_attestation(conn, attestation_id, attestation, index):
     return index
 
 
-def interned_paths(conn, table, paths, per_query=500):
-    """{store path: id} in `table` (store_paths or derivations), adding the new ones."""
-    keys = {path: path_key(path) for path in paths}
-    path_of = {key: path for path, key in keys.items()}
-    prefixes, ids = sorted({digest[:DIGEST_INDEX_BYTES] for digest, _name in path_of}), {}
-    for start in range(0, len(prefixes), per_query):
-        chunk = prefixes[start:start + per_query]
-        for path_id, digest, name in conn.execute(f"SELECT id, digest, name FROM {table}"
-                                                  f" WHERE {indexed_prefix('digest')} IN ({','.join('?' * len(chunk))})", chunk):
-            if (digest, name) in path_of:
-                ids[path_of[digest, name]] = path_id
-    missing = sorted(keys.keys() - ids.keys(), key=keys.get)  # in index order
-    next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
-    rows = [(next_id + offset, *keys[path]) for offset, path in enumerate(missing)]
-    conn.executemany(f"INSERT INTO {table} (id, digest, name) VALUES (?, ?, ?)", rows)
-    ids.update(zip(missing, (row[0] for row in rows)))
+def interned_paths(conn, table, paths):
+    """{store path: id} in `table` (store_paths or derivations), adding the new ones, in index order. One statement
+    finds them and one adds those missing, whatever their number: a statement a row gives up the interpreter at
+    each, and under load waits each time to get it back, all the while holding the write lock."""
+    keyed = sorted((path_key(path), path) for path in paths)
+    paths = [path for _key, path in keyed]
+    listed = "SELECT key, value AS name, substr(?2, 20 * key + 1, 20) AS digest FROM json_each(?1)"
+    (found,) = conn.execute(f"SELECT json_group_array(json_array(listed.key, {table}.id)) FROM ({listed}) AS listed"
+                            f" JOIN {table} ON {digest_match(table, 'listed.digest')} AND {table}.name = listed.name",
+                            (json_rows([name for (_digest, name), _path in keyed]),
+                             b"".join([digest for (digest, _name), _path in keyed]))).fetchone()
+    ids = {paths[position]: path_id for position, path_id in msgspec.json.decode(found)}
+    missing = [(key, path) for key, path in keyed if path not in ids]
+    if missing:
+        next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
+        conn.execute(f"INSERT INTO {table} (id, digest, name) SELECT ?3 + key, substr(?2, 20 * key + 1, 20), value"
+                     " FROM json_each(?1)", (json_rows([name for (_digest, name), _path in missing]),
+                                             b"".join([digest for (digest, _name), _path in missing]), next_id))
+        ids.update((path, next_id + offset) for offset, (_key, path) in enumerate(missing))
     return ids
 
 
@@ -3260,14 +3434,22 @@ def open_questions(conn, report_id, builder, policy, after=None, limit=None):
     else:
         builders = " + ".join(attested_by(builder_id, policy.verified_only) for builder_id in sorted(policy.builder_ids))
     caller = f" AND NOT {attested_by(builder['id'], policy.verified_only)}" if builder is not None else ""
+    # The count first: most paths of a well-built report have enough builders, and it is the cheaper test.
     sql = (f"SELECT report_paths.out_path, {builders} AS counted_builders FROM report_paths {REPORTED_PATHS_JOIN}"
-           f" WHERE report_paths.report_id = ? AND NOT {fixed_output_condition()}{caller}"
-           + (" AND report_paths.out_path > ?" if after else "") + " AND counted_builders < ? ORDER BY report_paths.out_path")
-    parameters = [report_id] + ([after] if after else []) + [policy.minimum]
+           f" WHERE report_paths.report_id = ? AND counted_builders < ? AND NOT {fixed_output_condition()}{caller}"
+           + (" AND report_paths.out_path > ?" if after else "") + " ORDER BY report_paths.out_path")
+    parameters = [report_id, policy.minimum] + ([after] if after else [])
     if limit is not None:
         sql += " LIMIT ?"
         parameters.append(limit)
-    return [(out_path, builders) for out_path, builders in conn.execute(sql, parameters)]
+    return sorted(map(tuple, rows_in_one_step(conn, sql, parameters, ("out_path", "counted_builders"))))
+
+
+def rows_in_one_step(conn, sql, parameters, columns):
+    """The rows of a query, as lists of the columns named, from one step of SQLite's: each step gives up the
+    interpreter, and under load a request thread waits each time to get it back, a row at a time."""
+    (rows,) = conn.execute(f"SELECT json_group_array(json_array({', '.join(columns)})) FROM ({sql})", parameters).fetchone()
+    return msgspec.json.decode(rows)
 
 
 def attested_by(builder_id, verified_only):
@@ -3293,10 +3475,10 @@ def suggestion_objects(conn, report_id, out_paths):
     known = {}
     for start in range(0, len(out_paths), 500):
         chunk = out_paths[start:start + 500]
-        known.update((row[0], row) for row in conn.execute(
-            "SELECT out_path, drv_path, output FROM report_paths"
+        known.update((row[0], row) for row in rows_in_one_step(
+            conn, "SELECT out_path, drv_path, output FROM report_paths"
             f" WHERE report_paths.report_id = ? AND report_paths.out_path IN ({','.join('?' * len(chunk))})",
-            [report_id, *chunk]))
+            [report_id, *chunk], ("out_path", "drv_path", "output")))
     return [suggestion_object(*known[out_path]) for out_path in out_paths]
 
 
