@@ -1209,11 +1209,19 @@ class AttestationWriter:
                     group = self.next_group()
                     self.lock.release()
                     try:
-                        write_group(self.connection(), group)
-                        if any(request.error is not None for request in group):
-                            self.close()  # a fault of the database, say: the next group connects again
+                        self.write_waiting(group)
                     finally:
                         self.lock.acquire()
+
+    def write_waiting(self, group):
+        """write_group on the writer's connection; every request is finished, whatever fails."""
+        try:
+            write_group(self.connection(), group)
+        except Exception as error:  # no connection could be made
+            for request in group:
+                request.finish(error=error)
+        if any(request.error is not None for request in group):
+            self.close()  # a fault of the database, say: the next group connects again
 
     def next_group(self):
         group, count = [], 0

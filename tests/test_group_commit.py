@@ -3,7 +3,7 @@ request gets what it would have got written alone, requests that wait for a writ
 after it, a request at fault fails alone, and one that waits too long is refused and not written.
 test_concurrency and test_load_short post through the writer over HTTP, to web.py."""
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -188,3 +188,33 @@ def test_concurrent_requests_are_all_stored_at_log_indexes_of_their_own(app, tok
         for (attestation, _response), index in zip(posted, indexes):
             assert logged_attestation(conn, index)[2] == web.stored_hash(attestation["output_hash"])
     assert sum(sizes) == len(posted)
+
+
+def in_background(function, *args):
+    """A Future of function(*args), run by a daemon thread: a test that fails does not wait for it to end."""
+    future = Future()
+    threading.Thread(target=lambda: future.set_result(function(*args)), daemon=True).start()
+    return future
+
+
+def test_requests_the_writer_cannot_write_are_answered_503_and_it_writes_the_next(app, tokens, monkeypatch):
+    writer = app.extensions["attestation_writer"]
+    alice, bob = tokens("alice"), tokens("bob")
+
+    def unavailable():
+        raise web.sqlite3.OperationalError("unable to open database file")
+    with web.process_write_lock:
+        first = in_background(post_single, app.test_client(), alice)
+        wait_until(lambda: writer.busy, what="the first write to start")
+        monkeypatch.setattr(writer, "connection", unavailable)
+        second = in_background(post_single, app.test_client(), bob)
+        wait_until(lambda: len(writer.waiting) == 1, what="a request waiting")
+    assert first.result(timeout=30)[1].status_code == 200
+    assert second.result(timeout=30)[1].status_code == 503
+    monkeypatch.undo()
+    with web.process_write_lock:
+        first = in_background(post_single, app.test_client(), alice)
+        wait_until(lambda: writer.busy and not writer.threads_turn, what="the first write to start")
+        second = in_background(post_single, app.test_client(), bob)
+        wait_until(lambda: len(writer.waiting) == 1, what="a request waiting")
+    assert [future.result(timeout=30)[1].status_code for future in (first, second)] == [200, 200]
