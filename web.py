@@ -1324,27 +1324,41 @@ def insert_attestations(conn, new, path_ids, first_id, created_at):
     drv_ids = interned_paths(conn, "derivations", set(drv_paths) - {None})
     key_ids = key_name_ids(conn, {attestation["signature"][0] for attestation in new})
     time_text = stored_time_text(created_at)
-    rows, hashes, sigs = [], [], []
+    rows = []
     for offset, (attestation, drv_path) in enumerate(zip(new, drv_paths)):
         key_name, sig = attestation["signature"]
         builder = attestation["builder"]
         entry = log_entry(builder["name"], attestation["output_path"], drv_path, attestation["output_hash"],
                           attestation["nar_size"], attestation["references"], attestation["output_sig"],
                           attestation["verified"], time_text)
-        hashes += (attestation["stored_hash"], leaf_hash(entry))
+        rows.append(((first_id + offset, path_ids[attestation["output_path"]], builder["id"], drv_ids.get(drv_path),
+                      key_ids.get(key_name), attestation["nar_size"], stored_references(attestation["references"]),
+                      int(attestation["verified"]), created_at, attestation["source"], attestation.get("ca")),
+                     attestation["stored_hash"] + leaf_hash(entry), sig))
+    for chunk in chunks_of(rows, ROWS_PER_STATEMENT):
+        insert_attestation_rows(conn, chunk)
+
+
+# Rows are written a statement over JSON per ROWS_PER_STATEMENT, not a statement each: a statement gives up the
+# interpreter, and under load waits to get it back, all the while holding the write lock. Not more at once:
+# SQLite parses a statement's JSON whole, and a batch of 10,000 in one took 5 MiB more.
+ROWS_PER_STATEMENT = 2_000
+
+
+def insert_attestation_rows(conn, rows):
+    """Insert (column values, NAR hash and leaf hash bytes, signature bytes or None) rows in one statement; the
+    hashes and signatures, of fixed sizes, are cut from two blobs."""
+    values, sigs = [], []
+    for columns, _hashes, sig in rows:
+        values.append((*columns, None if sig is None else len(sigs)))
         if sig is not None:
             sigs.append(sig)
-        rows.append((first_id + offset, path_ids[attestation["output_path"]], builder["id"], drv_ids.get(drv_path),
-                     key_ids.get(key_name), None if sig is None else len(sigs) - 1, attestation["nar_size"],
-                     stored_references(attestation["references"]), int(attestation["verified"]), created_at,
-                     attestation["source"], attestation.get("ca")))
-    # One statement for all: see interned_paths. The hashes and signatures, of fixed sizes, are cut from two blobs.
     conn.execute("INSERT INTO attestations (id, path_id, builder_id, derivation_id, nar_hash, sig_key_id, sig,"
                  " nar_size, refs, verified, created_at, source, ca, leaf_hash)"
                  " SELECT value->>0, value->>1, value->>2, value->>3, substr(?2, 64 * key + 1, 32), value->>4,"
-                 f" iif(value->>5 IS NULL, NULL, substr(?3, {SIGNATURE_BYTES} * (value->>5) + 1, {SIGNATURE_BYTES})),"
-                 " value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, substr(?2, 64 * key + 33, 32)"
-                 " FROM json_each(?1)", (json_rows(rows), b"".join(hashes), b"".join(sigs)))
+                 f" iif(value->>11 IS NULL, NULL, substr(?3, {SIGNATURE_BYTES} * (value->>11) + 1, {SIGNATURE_BYTES})),"
+                 " value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, substr(?2, 64 * key + 33, 32)"
+                 " FROM json_each(?1)", (json_rows(values), b"".join([hashes for _columns, hashes, _sig in rows]), b"".join(sigs)))
 
 
 def upgrade_attestation(conn, attestation_id, attestation, index):
@@ -1362,25 +1376,32 @@ def upgrade_attestation(conn, attestation_id, attestation, index):
 
 
 def interned_paths(conn, table, paths):
-    """{store path: id} in `table` (store_paths or derivations), adding the new ones, in index order. One statement
-    finds them and one adds those missing, whatever their number: a statement a row gives up the interpreter at
-    each, and under load waits each time to get it back, all the while holding the write lock."""
+    """{store path: id} in `table` (store_paths or derivations), adding the new ones, in index order; found and
+    added a statement per ROWS_PER_STATEMENT paths."""
     keyed = sorted((path_key(path), path) for path in paths)
-    paths = [path for _key, path in keyed]
+    ids = {}
+    for chunk in chunks_of(keyed, ROWS_PER_STATEMENT):
+        ids.update(stored_path_ids(conn, table, chunk))
+    missing = [(key, path) for key, path in keyed if path not in ids]
+    if missing:
+        next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
+        for start in range(0, len(missing), ROWS_PER_STATEMENT):
+            chunk = missing[start:start + ROWS_PER_STATEMENT]
+            conn.execute(f"INSERT INTO {table} (id, digest, name) SELECT ?3 + key, substr(?2, 20 * key + 1, 20), value"
+                         " FROM json_each(?1)", (json_rows([name for (_digest, name), _path in chunk]),
+                                                 b"".join([digest for (digest, _name), _path in chunk]), next_id + start))
+        ids.update((path, next_id + offset) for offset, (_key, path) in enumerate(missing))
+    return ids
+
+
+def stored_path_ids(conn, table, keyed):
+    """{store path: id} of those of the ((digest, name), path) in `table`, from one statement."""
     listed = "SELECT key, value AS name, substr(?2, 20 * key + 1, 20) AS digest FROM json_each(?1)"
     (found,) = conn.execute(f"SELECT json_group_array(json_array(listed.key, {table}.id)) FROM ({listed}) AS listed"
                             f" JOIN {table} ON {digest_match(table, 'listed.digest')} AND {table}.name = listed.name",
                             (json_rows([name for (_digest, name), _path in keyed]),
                              b"".join([digest for (digest, _name), _path in keyed]))).fetchone()
-    ids = {paths[position]: path_id for position, path_id in msgspec.json.decode(found)}
-    missing = [(key, path) for key, path in keyed if path not in ids]
-    if missing:
-        next_id = (conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0) + 1
-        conn.execute(f"INSERT INTO {table} (id, digest, name) SELECT ?3 + key, substr(?2, 20 * key + 1, 20), value"
-                     " FROM json_each(?1)", (json_rows([name for (_digest, name), _path in missing]),
-                                             b"".join([digest for (digest, _name), _path in missing]), next_id))
-        ids.update((path, next_id + offset) for offset, (_key, path) in enumerate(missing))
-    return ids
+    return {keyed[position][1]: path_id for position, path_id in msgspec.json.decode(found)}
 
 
 def key_name_ids(conn, names):

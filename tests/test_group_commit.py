@@ -218,3 +218,26 @@ def test_requests_the_writer_cannot_write_are_answered_503_and_it_writes_the_nex
         second = in_background(post_single, app.test_client(), bob)
         wait_until(lambda: len(writer.waiting) == 1, what="a request waiting")
     assert [future.result(timeout=30)[1].status_code for future in (first, second)] == [200, 200]
+
+
+def test_a_batch_larger_than_a_statement_is_stored_whole_with_each_signature_in_its_place(app, tmp_path):
+    secret, public = nix_key_pair("alice-1")
+    token = create_user_in_process(app.config["DATABASE"], "alice", "--public-key", public)
+    count = 2 * web.ROWS_PER_STATEMENT + 500
+    items = [first_generation(out_path(), base32_form(nar_hash_bytes())) for _ in range(count)]
+    for position in (1, web.ROWS_PER_STATEMENT + 7, count - 1):
+        items[position] = signed_attestation(secret)
+    batch = [{**item, "drv_path": f"{web.STORE_DIR}/{drv_ident()}.drv"} for item in items]
+    response = app.test_client().post("/attestations", json=batch, headers=bearer(token))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert sorted(response.get_json()["log_index"]) == list(range(count))
+    with app.app_context():
+        conn = web.get_db()
+        assert conn.execute("SELECT COUNT(*) FROM derivations").fetchone()[0] == count
+        for item, index in zip(batch, response.get_json()["log_index"]):
+            row = conn.execute("SELECT a.nar_hash, a.sig, a.verified, d.name FROM attestations a"
+                               " JOIN derivations d ON d.id = a.derivation_id WHERE a.id = ?", (index,)).fetchone()
+            assert row["nar_hash"] == web.stored_hash(item["output_hash"])
+            assert row["name"] == item["drv_path"].rpartition("/")[2][33:]
+            assert row["verified"] == bool(item["output_sig"])
+            assert web.signature_text("alice-1", row["sig"]) == item["output_sig"]
