@@ -313,6 +313,12 @@ class transaction:
         try:
             if self.conn.in_transaction:
                 self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        except BaseException:
+            # A COMMIT that failed can leave the transaction open: what the connection writes next would join it.
+            with contextlib.suppress(sqlite3.Error):
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+            raise
         finally:
             process_write_lock.release()
         return False
@@ -1180,12 +1186,19 @@ class AttestationWriter:
             if not self.waiting:
                 self.busy = False
                 return
-            self.threads_turn = True
-            if self.thread is None:
-                self.thread = threading.Thread(target=self.run, name="attestation writer", daemon=True)
-                self.thread.start()
-            else:
+            if self.thread is not None:
+                self.threads_turn = True
                 self.turn.notify()
+                return
+            thread = threading.Thread(target=self.run, name="attestation writer", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as error:  # no thread to be had: the waiting are answered 503, not left to wait
+                while self.waiting:
+                    self.waiting.popleft().finish(error=sqlite3.OperationalError(f"database is busy: {error}"))
+                self.busy = False
+                return
+            self.thread, self.threads_turn = thread, True
 
     def stop_waiting(self, request):
         """Give up a request that is still waiting; one in a group being written is waited for."""
@@ -1239,7 +1252,8 @@ class AttestationWriter:
 
     def close(self):
         if self.conn is not None:
-            self.conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
             self.conn = None
 
 
@@ -1248,8 +1262,9 @@ def write_group(conn, group):
     try:
         results = write_attestations(conn, [(request.builder, request.attestations) for request in group])
     except Exception as error:
-        if len(group) == 1:
-            group[0].finish(error=error)
+        if len(group) == 1 or database_is_unavailable(error):  # then each alone would wait as long again
+            for request in group:
+                request.finish(error=error)
         else:
             for request in group:
                 write_group(conn, [request])
@@ -1293,16 +1308,17 @@ class StoredVersions:
             attestation["stored_hash"] = stored_hash(attestation["output_hash"])
             key = (attestation["builder"]["id"], path_ids[attestation["output_path"]], attestation["stored_hash"])
             if key in pending:
-                first = pending[key]
-                if attestation["verified"] and not first["verified"]:
-                    first.update(upgraded_fields(attestation))
+                position = pending[key]
+                if attestation["verified"] and not new[position]["verified"]:
+                    # A copy: the first may be another request's, which a failed group writes again alone.
+                    new[position] = {**new[position], **upgraded_fields(attestation)}
             elif key in self.versions:
                 attestation_id, verified = self.versions[key]
                 if attestation["verified"] and not verified:
                     upgrades.append((attestation_id, attestation))
                     self.versions[key] = (attestation_id, 1)
             else:
-                pending[key] = attestation
+                pending[key] = len(new)
                 new.append(attestation)
         return new, upgrades
 
@@ -4208,12 +4224,16 @@ def log_damaged(error):
 
 @routes.app_errorhandler(sqlite3.OperationalError)
 def database_unavailable(error):
-    if not any(symptom in str(error) for symptom in UNAVAILABLE_SYMPTOMS):
+    if not database_is_unavailable(error):
         raise error
     # SQLite silently opens a file it cannot write read-only; reconnect once the fault is gone.
     forget_connection()
     current_app.logger.error("database unavailable: %s", error)
     return error_body(f"database unavailable, try again later: {error}"), 503
+
+
+def database_is_unavailable(error):
+    return isinstance(error, sqlite3.OperationalError) and any(symptom in str(error) for symptom in UNAVAILABLE_SYMPTOMS)
 
 
 def error_body(message):
