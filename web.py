@@ -215,11 +215,17 @@ def get_db():
     path = current_app.config["DATABASE"]
     by_path = connections.__dict__.setdefault("by_path", {})
     if path not in by_path:
-        by_path[path] = connect(path)
-        if current_app.config["BACKGROUND_CHECKPOINTS"]:
-            by_path[path].execute("PRAGMA wal_autocheckpoint = 0")  # wal_checkpointer does it
+        by_path[path] = server_connection(path, current_app.config["BACKGROUND_CHECKPOINTS"])
     g.db = by_path[path]
     return g.db
+
+
+def server_connection(path, background_checkpoints):
+    """A connection of the server's threads: WAL checkpoints are wal_checkpointer's when it runs."""
+    conn = connect(path)
+    if background_checkpoints:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+    return conn
 
 
 # Set after a large batch's commit: the checkpointer starts at once.
@@ -1245,9 +1251,7 @@ class AttestationWriter:
 
     def connection(self):
         if self.conn is None:
-            self.conn = connect(self.database)
-            if self.background_checkpoints:
-                self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # wal_checkpointer does it
+            self.conn = server_connection(self.database, self.background_checkpoints)
         return self.conn
 
     def close(self):
