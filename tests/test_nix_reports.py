@@ -119,7 +119,10 @@ BAD_UPLOADS = [
     # Of the usual shape, read by the typed reader first: a path that climbs out of the store is still named.
     ("application/x-nix-path-info+json", [{"path": TOP, "references": []},
                                           {"path": "/nix/store/../../etc/passwd", "references": []}], "path-info [1].path"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": []}, {"path": DEP, "references": []},
+                                          {"path": TOP, "references": []}], f"path-info [2]: {TOP} is listed twice"),
     ("text/x-nix-paths", f"{TOP}\nhello\n", "line 2"),
+    ("text/x-nix-paths", f"{DEP}\n{TOP}\n{DEP}\n", f"line 1: {DEP} is listed twice"),
     ("text/x-nix-paths", f"{TOP_DRV}\n", "lists only .drv"),
     ("text/csv", "a,b\n", "Content-Type"),
 ]
@@ -137,10 +140,23 @@ def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(app, c
     assert database_dump(app) == before
 
 
+def test_a_server_with_its_tree_worker_refuses_bad_json_as_the_request_thread_alone_does(start_server):
+    """The served server reads path-info's references in its tree worker, and the rest without them."""
+    server = start_server()
+    token = server.create_user("owner")
+    for content_type, body, named in [upload for upload in BAD_UPLOADS if not isinstance(upload[1], str)]:
+        response = requests.put(f"{server.url}/reports/bad", data=json.dumps(body), timeout=10,
+                                headers={**bearer(token), "Content-Type": content_type})
+        assert response.status_code == 400 and named in response.json()["error"], (body, response.text)
+        assert requests.get(f"{server.url}/reports/bad", headers=JSON, timeout=10).status_code == 404
+
+
 def test_path_info_read_by_the_typed_reader_gives_the_items_read_one_by_one():
     typed = web.usual_path_info_items(json.dumps(nix_28_path_info()))
     assert any(item.ca for item in typed)
     assert typed == list(web.path_info_one_by_one(nix_28_path_info()))
+    without_references = web.usual_path_info_items(json.dumps(nix_28_path_info()), edges=False)
+    assert without_references == [item._replace(references=None) for item in typed]
 
 
 @pytest.mark.parametrize("fixture", ["path-info-keyed.json", "path-info-v2.json"])
