@@ -2637,10 +2637,10 @@ def remove_abandoned_reports(conn):
             remove_report(conn, name)
 
 
-def define_report(conn, name, owner, sbom, sbom_digest, label, parse, laid_out_tree):
+def define_report(conn, name, owner, sbom, sbom_digest, label, parse, worker_tree):
     """Publish the upload as the report's latest revision; returns its number.
     parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (UploadWriter).
-    laid_out_tree() gives the display tree's JSON when the contents have no edges (TreeWorker)."""
+    worker_tree (a WorkerTree) checks the edges and lays out the tree when the contents have no edges."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
@@ -2649,7 +2649,7 @@ def define_report(conn, name, owner, sbom, sbom_digest, label, parse, laid_out_t
         try:
             source_type, contents = parse()
             try:
-                revision = written_revision(conn, writer, label, sbom_digest, source_type, contents, laid_out_tree)
+                revision = written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree)
             finally:
                 writer.finished()  # before the lists it reads are emptied
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
@@ -2731,15 +2731,21 @@ class ReportRemovals:
         self.names.join()
 
 
-def written_revision(conn, writer, label, sbom_digest, source_type, contents, laid_out_tree):
+def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):
     """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
     while this one finds the ids of the shared component rows; the display tree is laid out here, or by
-    the tree worker when the contents have no edges (laid_out_tree())."""
+    the tree worker (worker_tree) when the contents have no edges.
+    The rows that stay when an upload is refused (reported_paths, shared components and trees) are written only
+    once the edges are known to be good: when the tree worker reads them, it is what finds them wrong."""
     reported = current_app.extensions["reported_paths"]
-    writer.write_rows(contents, reported)
+    large = len(contents.paths) >= LARGE_BATCH
+    writer.write_rows(report_row_statements(contents), large)
+    if contents.children is None:
+        worker_tree.edges_checked()
+    writer.write_rows(reported_path_statements(contents.paths, reported), large)
     ids = revision_component_ids(conn, contents.names, contents.drv_paths, contents.paths,
                                  current_app.extensions["component_ids"], writer.store_components)
-    tree = contents.tree_json() if contents.children is not None else laid_out_tree()
+    tree = contents.tree_json() if contents.children is not None else worker_tree.tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
     reported.remember(dict.fromkeys(out_path for out_path, _index, _output in contents.paths))
@@ -2774,9 +2780,10 @@ class TreeWorker:
                 self.executor.submit(os.getpid)
 
     def lay_out(self, upload):
-        """A Future of the display tree's JSON of the upload (upload_tree_json) from its bytes, or None when the worker
-        is busy, broken or not enabled. The bytes go through a file: down a pipe, each of a few hundred writes
-        would wait for the interpreter, which the request thread holds while it parses the same upload."""
+        """A WorkerTree of the upload from its bytes, or None when the worker is busy, broken or not enabled.
+        The bytes go through a file: down a pipe, each of a few hundred writes would wait for the interpreter,
+        which the request thread holds while it parses the same upload. The worker checks the edges first, and
+        says so, then lays out the tree: the shared rows the upload writes wait for the first only."""
         with self.lock:
             if not self.enabled or self.busy:
                 return None
@@ -2787,14 +2794,16 @@ class TreeWorker:
             if path is None:
                 return None
             try:
-                future = self.executor.submit(upload_file_tree_json, path, content_type, *limits)
+                checked = self.executor.submit(upload_file_edges, path, content_type, *limits)
+                laid_out = self.executor.submit(kept_tree_json)
             except concurrent.futures.BrokenExecutor:
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 self.executor = None  # killed (out of memory, say): the next upload starts another
                 return None
             self.busy = True
-        future.add_done_callback(functools.partial(self.done, path))
-        return future
+        laid_out.add_done_callback(functools.partial(self.done, path))
+        return WorkerTree(checked, laid_out, upload)
 
     def done(self, path, future):
         with contextlib.suppress(FileNotFoundError):
@@ -2804,16 +2813,36 @@ class TreeWorker:
             if isinstance(future.exception(), concurrent.futures.BrokenExecutor):
                 self.executor = None
 
-    @staticmethod
-    def tree(future, upload):
-        """The display tree the worker laid out; laid out here if the worker failed (killed, say).
-        What the upload holds wrong in its edges (too many, say) is raised as the worker found it."""
+
+
+class WorkerTree:
+    """An upload's display tree as the tree worker makes it: two Futures, of the check of its edges and of the
+    tree. What the worker could not do (killed, say) is done in this thread."""
+
+    def __init__(self, checked, laid_out, upload):
+        self.checked, self.laid_out, self.upload = checked, laid_out, upload
+        self.laid_out_here = None
+
+    def edges_checked(self):
+        """Returns once the upload's edges are checked; what they hold wrong (too many, say) is raised as the
+        worker found it."""
         try:
-            return future.result(timeout=TREE_WORKER_TIMEOUT_S)
+            self.checked.result(timeout=TREE_WORKER_TIMEOUT_S)
         except BadInput:
             raise
         except Exception:
-            return upload_tree_json(*upload)
+            if self.laid_out_here is None:
+                self.laid_out_here = upload_tree_json(*self.upload)
+
+    def tree(self):
+        """The display tree's JSON, once the edges are checked."""
+        self.edges_checked()
+        if self.laid_out_here is None:
+            with contextlib.suppress(Exception):
+                self.laid_out_here = self.laid_out.result(timeout=TREE_WORKER_TIMEOUT_S)
+        if self.laid_out_here is None:
+            self.laid_out_here = upload_tree_json(*self.upload)
+        return self.laid_out_here
 
 
 TREE_WORKER_TIMEOUT_S = 60
@@ -2834,18 +2863,39 @@ def upload_file(raw):
     return path
 
 
-def upload_file_tree_json(path, content_type, *limits):
-    """upload_tree_json of the upload whose bytes are in the file at path, which this removes."""
+# In the tree worker: the edges upload_file_edges checked, until kept_tree_json lays them out.
+kept_edges = None
+
+
+def upload_file_edges(path, content_type, *limits):
+    """Check the edges of the upload whose bytes are in the file at path, which this removes, and keep them."""
+    global kept_edges
+    kept_edges = None
     with open(path, "rb") as upload_file:
         body = upload_file.read()
     os.unlink(path)
-    return upload_tree_json(content_type, body, *limits)
+    with cyclic_gc_paused():
+        kept_edges = upload_edges(content_type, body, *limits)
+
+
+def kept_tree_json():
+    """The display tree's JSON of the edges upload_file_edges kept; None if it found them wrong."""
+    global kept_edges
+    edges, kept_edges = kept_edges, None
+    return None if edges is None else laid_out_tree_json(edges)
 
 
 def upload_tree_json(*upload):
     """The display tree's JSON of an upload (content type, body, root, max paths, max edges), from its edges alone."""
     with cyclic_gc_paused():
-        tree = tree_json(display_tree(*upload_edges(*upload)))
+        edges = upload_edges(*upload)
+    return laid_out_tree_json(edges)
+
+
+def laid_out_tree_json(edges):
+    """The display tree's JSON of (component count, children)."""
+    with cyclic_gc_paused():
+        tree = tree_json(display_tree(*edges))
     trim_malloc()
     return tree
 
@@ -2890,15 +2940,15 @@ class UploadWriter:
             self.failure = error
             raise
 
-    def write_rows(self, contents, reported):
-        """Queue the statements that write the upload's rows (report_row_statements). They are made in this thread
-        and run in the writer's, which holds no interpreter while SQLite writes. At most ROW_STATEMENTS_AHEAD wait,
-        so a large upload's are never all in memory; this thread goes on (revision_component_ids) while the last
-        of them run, which for a closure of 20,000 paths is all of them."""
-        large = len(contents.paths) >= LARGE_BATCH  # as cache_for, over jobs rather than a block
+    def write_rows(self, statements, large):
+        """Queue statements that write the upload's rows (report_row_statements, reported_path_statements). They are
+        made in this thread and run in the writer's, which holds no interpreter while SQLite writes. At most
+        ROW_STATEMENTS_AHEAD wait, so a large upload's are never all in memory; this thread goes on while the
+        last of them run, which for a closure of 20,000 paths is all of them. A large upload's are written with
+        a large page cache (as cache_for, over jobs rather than a block)."""
         if large:
             self.submit(lambda: set_cache_kib(self.conn, LARGE_BATCH_CACHE_KIB))
-        for statement, parameters in report_row_statements(contents, reported):
+        for statement, parameters in statements:
             if len(self.jobs) > ROW_STATEMENTS_AHEAD:
                 self.jobs[-ROW_STATEMENTS_AHEAD].result()
             self.submit(self.execute_in_transaction, statement, parameters)
@@ -2906,7 +2956,7 @@ class UploadWriter:
             self.submit(lambda: set_cache_kib(self.conn, DEFAULT_CACHE_KIB))  # its memory, while the ids are found
 
     def execute_in_transaction(self, statement, parameters):
-        """A statement of report_row_statements, its first parameter this upload's report id."""
+        """A statement of write_rows, its first parameter this upload's report id."""
         with transaction(self.conn):
             self.conn.execute(statement, (self.report_id, *parameters))
 
@@ -2942,27 +2992,29 @@ def json_rows(rows):
 ROW_STATEMENTS_AHEAD = 8  # about 1.5 MiB of JSON each
 
 
-def report_row_statements(contents, reported):
+def report_row_statements(contents):
     """(SQL, parameters after the first) that write the parsed upload's component pieces and path rows, a chunk
-    per statement, and the reported_paths rows of its paths not in `reported` (KnownReportedPaths) that are not
-    there yet; the first parameter (?1) is the unpublished report's id. Each is made as it is asked for."""
+    per statement; the first parameter (?1) is the unpublished report's id. Each is made as it is asked for."""
     fixed_output, drv_paths = contents.fixed_output.get, contents.drv_paths
     yield from component_piece_statements(contents.names, drv_paths)
     # A copy is sorted: contents.paths keeps its order.
     for chunk in chunks_of(sorted_in_runs(list(contents.paths)), ROWS_PER_TRANSACTION):
         rows = [(out_path, index, output, fixed_output(out_path), drv_paths[index]) for out_path, index, output in chunk]
-        out_paths = [row[0] for row in chunk]
-        digests = path_digests(out_paths)
         yield ("INSERT OR IGNORE INTO report_paths (report_id, out_path, component_idx, output, ca, digest, drv_path)"
                " SELECT ?1, value->>0, value->>1, value->>2, value->>3, substr(?3, 20 * key + 1, 20), value->>4"
-               " FROM json_each(?2)", (json_rows(rows), b"".join(digests)))
-        if not all(map(reported.__contains__, out_paths)):
-            unknown = [position for position, out_path in enumerate(out_paths) if out_path not in reported]
-            yield NEW_REPORTED_PATHS, (json_rows([out_paths[position] for position in unknown]),
-                                       b"".join([digests[position] for position in unknown]))
+               " FROM json_each(?2)", (json_rows(rows), b"".join(path_digests([row[0] for row in chunk]))))
 
 
-# The reported_paths rows of some of report_row_statements' paths (?2, their digests ?3) that are not there yet,
+def reported_path_statements(paths, reported):
+    """Statements as report_row_statements makes them that write the reported_paths rows of the upload's paths
+    not in `reported` (KnownReportedPaths) that are not there yet."""
+    unknown = [(out_path,) for out_path, _index, _output in paths if out_path not in reported]
+    for chunk in chunks_of(sorted_in_runs(unknown), ROWS_PER_TRANSACTION):
+        out_paths = [row[0] for row in chunk]
+        yield NEW_REPORTED_PATHS, (json_rows(out_paths), b"".join(path_digests(out_paths)))
+
+
+# The reported_paths rows of some of an upload's paths (?2, their digests ?3) that are not there yet,
 # with who attested each; ?1 is not used.
 NEW_REPORTED_PATHS = (
     f"INSERT OR IGNORE INTO reported_paths (digest, name, {', '.join(ATTESTED_COLUMNS)})"
@@ -4458,12 +4510,11 @@ def put_report(name):
             current_app.extensions["report_views"].forget_report(existing["id"])
         upload = (request.mimetype, body, request.args.get("root"), current_app.config["MAX_REPORT_PATHS"],
                   current_app.config["MAX_REPORT_EDGES"])
-        laid_out_tree = current_app.extensions["tree_worker"].lay_out(upload) if edges_read_apart(request.mimetype) else None
+        worker_tree = current_app.extensions["tree_worker"].lay_out(upload) if edges_read_apart(request.mimetype) else None
         with cyclic_gc_paused():
             try:
                 number = define_report(conn, name, builder, body, digest, label,
-                                       functools.partial(report_contents, *upload, edges=laid_out_tree is None),
-                                       functools.partial(TreeWorker.tree, laid_out_tree, upload))
+                                       functools.partial(report_contents, *upload, edges=worker_tree is None), worker_tree)
             except UnicodeEncodeError:
                 raise BadInput("SBOM: a string contains a lone UTF-16 surrogate escape, which is not text") from None
     return jsonify(report=name, status="defined", revision=number, label=label)

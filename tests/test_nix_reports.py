@@ -132,23 +132,26 @@ BAD_UPLOADS = [
 def test_bad_upload_is_refused_naming_what_is_wrong_and_nothing_is_stored(app, client, tokens, content_type, body, named):
     """Nothing at all: the upload's bytes are stored while it is parsed, and removed when it is refused."""
     token = tokens("owner")
-    before = database_dump(app)
+    before = database_dump(app.config["DATABASE"])
     response = put(client, token, "bad", body, content_type)
     assert response.status_code == 400
     assert named in response.get_json()["error"]
     assert client.get("/reports/bad", headers=JSON).status_code == 404
-    assert database_dump(app) == before
+    assert database_dump(app.config["DATABASE"]) == before
 
 
 def test_a_server_with_its_tree_worker_refuses_bad_json_as_the_request_thread_alone_does(start_server):
-    """The served server reads path-info's references in its tree worker, and the rest without them."""
+    """The served server reads path-info's references in its tree worker, and the rest without them: what the
+    worker refuses leaves nothing either, not even the rows reports share (reported paths, components)."""
     server = start_server()
     token = server.create_user("owner")
+    before = database_dump(server.db)
     for content_type, body, named in [upload for upload in BAD_UPLOADS if not isinstance(upload[1], str)]:
         response = requests.put(f"{server.url}/reports/bad", data=json.dumps(body), timeout=10,
                                 headers={**bearer(token), "Content-Type": content_type})
         assert response.status_code == 400 and named in response.json()["error"], (body, response.text)
         assert requests.get(f"{server.url}/reports/bad", headers=JSON, timeout=10).status_code == 404
+        assert database_dump(server.db) == before, body
 
 
 def test_path_info_read_by_the_typed_reader_gives_the_items_read_one_by_one():
@@ -165,8 +168,8 @@ def test_path_info_the_typed_reader_does_not_take_is_left_to_the_generic_reader(
         web.usual_path_info_items((DATA / fixture).read_text())
 
 
-def database_dump(app):
-    with sqlite3.connect(app.config["DATABASE"]) as conn:
+def database_dump(database):
+    with sqlite3.connect(database) as conn:
         return list(conn.iterdump())
 
 

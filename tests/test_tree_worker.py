@@ -64,8 +64,9 @@ def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lay
     worker.lay_out = lambda *args: laid_out.append(real_lay_out(*args)) or laid_out[-1]
     response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
     assert response.status_code == 200, response.get_json()
-    assert [type(future) for future in laid_out] == [concurrent.futures.Future]
-    assert laid_out[0].result() == tree_laid_out_here(CLOSURE.sbom)
+    assert [type(tree) for tree in laid_out] == [web.WorkerTree]
+    assert laid_out[0].checked.result() is None
+    assert laid_out[0].laid_out.result() == tree_laid_out_here(CLOSURE.sbom)
     assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
     wait_until(lambda: not os.listdir(upload_files), what="the upload's temporary file removed")
 
@@ -80,7 +81,7 @@ def test_path_info_is_laid_out_by_the_worker(worker_app):
     response = worker_app.test_client().put("/reports/life", json=path_info, headers=bearer(token(worker_app)))
     assert response.status_code == 200, response.get_json()
     expected = web.report_contents("application/json", json.dumps(path_info).encode(), None, 1000, 1000)[1].tree_json()
-    assert laid_out[0].result() == expected == stored_tree(worker_app, "life")
+    assert laid_out[0].laid_out.result() == expected == stored_tree(worker_app, "life")
 
 
 def test_nix_s_text_formats_are_laid_out_by_the_request_thread(worker_app):
@@ -100,15 +101,15 @@ def test_too_many_edges_found_by_the_worker_are_refused_naming_the_limit_and_not
         response = app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(owner))
         conn = sqlite3.connect(app.config["DATABASE"])
         try:
-            reports = conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
-            rows = conn.execute("SELECT COUNT(*) FROM report_paths").fetchone()[0]
+            counts = [conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in
+                      ("reports", "report_paths", "reported_paths", "revision_components", "revision_trees")]
         finally:
             conn.close()
     finally:
         app.extensions["tree_worker"].executor.shutdown(wait=True)
     assert response.status_code == 413
     assert "more than 2 distinct dependency edges" in response.get_json()["error"]
-    assert (reports, rows) == (0, 0)
+    assert counts == [0, 0, 0, 0, 0]  # not even the rows reports share
     assert not os.listdir(upload_files)
 
 
@@ -128,18 +129,24 @@ def test_an_upload_whose_worker_was_killed_gets_its_tree_all_the_same(worker_app
 
 @pytest.mark.parametrize("failure", [concurrent.futures.process.BrokenProcessPool("killed"), MemoryError()],
                          ids=["worker killed", "worker out of memory"])
-def test_a_tree_the_worker_could_not_lay_out_is_laid_out_by_the_request_thread(failure):
-    failed = concurrent.futures.Future()
+@pytest.mark.parametrize("checked_too", [True, False], ids=["failed checking the edges", "failed laying out"])
+def test_a_tree_the_worker_could_not_lay_out_is_laid_out_by_the_request_thread(failure, checked_too):
+    failed, checked = concurrent.futures.Future(), concurrent.futures.Future()
     failed.set_exception(failure)
+    checked.set_result(None)
     upload = ("application/json", json.dumps(CLOSURE.sbom).encode(), None, 1000, 1000)
-    assert web.TreeWorker.tree(failed, upload) == tree_laid_out_here(CLOSURE.sbom)
+    tree = web.WorkerTree(failed if checked_too else checked, failed, upload)
+    tree.edges_checked()
+    assert tree.tree() == tree_laid_out_here(CLOSURE.sbom)
 
 
 def test_what_the_worker_refuses_in_the_edges_is_refused():
-    refused = concurrent.futures.Future()
+    refused, never = concurrent.futures.Future(), concurrent.futures.Future()
     refused.set_exception(web.ReportTooLarge("SBOM: more than 2 distinct dependency edges"))
-    with pytest.raises(web.ReportTooLarge, match="more than 2"):
-        web.TreeWorker.tree(refused, ("application/json", b"{}", None, 1000, 1000))
+    tree = web.WorkerTree(refused, never, ("application/json", b"{}", None, 1000, 1000))
+    for step in (tree.edges_checked, tree.tree):
+        with pytest.raises(web.ReportTooLarge, match="more than 2"):
+            step()
 
 
 def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app, upload_files):
