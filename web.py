@@ -2130,9 +2130,10 @@ class PathInfoItem(msgspec.Struct):
 
 
 class PathInfoNode(msgspec.Struct):
-    """A path-info item without its references: when the tree worker reads those, decoding them too would
-    take the request thread twice as long."""
+    """A path-info item with its references undecoded (usual_path_info_items checks they are a list): when the
+    tree worker reads them, decoding them here too would take the request thread twice as long."""
     path: str
+    references: msgspec.Raw
     deriver: str | None = None
     ca: str | None = None
 
@@ -2192,6 +2193,8 @@ def usual_path_info_items(body, edges=True):
     all items at once; NotUsualShape for any other JSON (newer Nix's object keyed by path, basenames, errors).
     Without references (None) unless edges."""
     items = list(typed_items(typed_document(PATH_INFO_LIST, body), PATH_INFO_ITEMS if edges else PATH_INFO_NODES))
+    if not edges and not all(memoryview(item.references)[:1] == b"[" for item in items):
+        raise NotUsualShape  # not a list: the generic reader names the first item whose references are wrong
     paths = [item.path for item in items]
     if not (are_store_paths(paths) and are_store_paths([item.deriver for item in items if item.deriver is not None])):
         raise NotUsualShape
@@ -2640,7 +2643,7 @@ def remove_abandoned_reports(conn):
 def define_report(conn, name, owner, sbom, sbom_digest, label, parse, worker_tree):
     """Publish the upload as the report's latest revision; returns its number.
     parse() gives (source type, SbomContents); the upload's bytes are stored meanwhile (UploadWriter).
-    worker_tree (a WorkerTree) checks the edges and lays out the tree when the contents have no edges."""
+    worker_tree (a WorkerTree, or None) checks the edges and lays out the tree when the contents have no edges."""
     unpublished = current_app.extensions["unpublished_reports"]
     staging, replaced = unpublished_name("writing"), unpublished_name("replaced")
     unpublished.claim(replaced)  # until ReportRemovals has removed it, or nothing was replaced
@@ -2734,9 +2737,10 @@ class ReportRemovals:
 def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):
     """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
     while this one finds the ids of the shared component rows; the display tree is laid out here, or by
-    the tree worker (worker_tree) when the contents have no edges.
-    The rows that stay when an upload is refused (reported_paths, shared components and trees) are written only
-    once the edges are known to be good: when the tree worker reads them, it is what finds them wrong."""
+    the tree worker (worker_tree, which there is exactly when the contents have no edges).
+    The rows that stay when an upload is refused for what it holds (reported_paths, shared components and trees)
+    are written only once its edges are known to be good: when the tree worker reads them, it is what finds them
+    wrong. An upload that fails later, at publish_report, can leave some."""
     reported = current_app.extensions["reported_paths"]
     large = len(contents.paths) >= LARGE_BATCH
     writer.write_rows(report_row_statements(contents), large)
@@ -2748,6 +2752,8 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
     tree = contents.tree_json() if contents.children is not None else worker_tree.tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
+    if large:
+        wal_grown.set()  # as after a large batch: its tens of MiB are copied into the database at once
     reported.remember(dict.fromkeys(out_path for out_path, _index, _output in contents.paths))
     with transaction(conn):
         conn.execute("UPDATE reports SET root = ?, tree = ?, source_type = ? WHERE id = ?",
@@ -2783,7 +2789,7 @@ class TreeWorker:
         """A WorkerTree of the upload from its bytes, or None when the worker is busy, broken or not enabled.
         The bytes go through a file: down a pipe, each of a few hundred writes would wait for the interpreter,
         which the request thread holds while it parses the same upload. The worker checks the edges first, and
-        says so, then lays out the tree: the shared rows the upload writes wait for the first only."""
+        says so, then lays out the tree: the upload's shared rows but the tree's wait for the check only."""
         with self.lock:
             if not self.enabled or self.busy:
                 return None
@@ -2795,7 +2801,7 @@ class TreeWorker:
                 return None
             try:
                 checked = self.executor.submit(upload_file_edges, path, content_type, *limits)
-                laid_out = self.executor.submit(kept_tree_json)
+                laid_out = self.executor.submit(kept_tree_json, path)
             except concurrent.futures.BrokenExecutor:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -2817,32 +2823,37 @@ class TreeWorker:
 
 class WorkerTree:
     """An upload's display tree as the tree worker makes it: two Futures, of the check of its edges and of the
-    tree. What the worker could not do (killed, say) is done in this thread."""
+    tree, waited for until one deadline. What the worker could not do in time (killed, say) is done in this thread."""
 
     def __init__(self, checked, laid_out, upload):
         self.checked, self.laid_out, self.upload = checked, laid_out, upload
-        self.laid_out_here = None
+        self.deadline = time.monotonic() + TREE_WORKER_TIMEOUT_S
+        self.laid_out_here = None  # the tree, once this thread has it: nothing is waited for after that
 
     def edges_checked(self):
         """Returns once the upload's edges are checked; what they hold wrong (too many, say) is raised as the
         worker found it."""
+        if self.laid_out_here is not None:
+            return
         try:
-            self.checked.result(timeout=TREE_WORKER_TIMEOUT_S)
+            self.worker_result(self.checked)
         except BadInput:
             raise
         except Exception:
-            if self.laid_out_here is None:
-                self.laid_out_here = upload_tree_json(*self.upload)
+            self.laid_out_here = upload_tree_json(*self.upload)
 
     def tree(self):
         """The display tree's JSON, once the edges are checked."""
         self.edges_checked()
         if self.laid_out_here is None:
             with contextlib.suppress(Exception):
-                self.laid_out_here = self.laid_out.result(timeout=TREE_WORKER_TIMEOUT_S)
+                self.laid_out_here = self.worker_result(self.laid_out)
         if self.laid_out_here is None:
             self.laid_out_here = upload_tree_json(*self.upload)
         return self.laid_out_here
+
+    def worker_result(self, future):
+        return future.result(timeout=max(0.0, self.deadline - time.monotonic()))
 
 
 TREE_WORKER_TIMEOUT_S = 60
@@ -2868,21 +2879,23 @@ kept_edges = None
 
 
 def upload_file_edges(path, content_type, *limits):
-    """Check the edges of the upload whose bytes are in the file at path, which this removes, and keep them."""
+    """Check the edges of the upload whose bytes are in the file at path, which this removes, and keep them
+    under that path."""
     global kept_edges
     kept_edges = None
     with open(path, "rb") as upload_file:
         body = upload_file.read()
     os.unlink(path)
     with cyclic_gc_paused():
-        kept_edges = upload_edges(content_type, body, *limits)
+        kept_edges = (path, upload_edges(content_type, body, *limits))
 
 
-def kept_tree_json():
-    """The display tree's JSON of the edges upload_file_edges kept; None if it found them wrong."""
+def kept_tree_json(path):
+    """The display tree's JSON of the edges upload_file_edges kept of the upload at path; None if it found them
+    wrong, or kept none of that upload."""
     global kept_edges
-    edges, kept_edges = kept_edges, None
-    return None if edges is None else laid_out_tree_json(edges)
+    kept, kept_edges = kept_edges, None
+    return laid_out_tree_json(kept[1]) if kept is not None and kept[0] == path else None
 
 
 def upload_tree_json(*upload):
@@ -3008,7 +3021,7 @@ def report_row_statements(contents):
 def reported_path_statements(paths, reported):
     """Statements as report_row_statements makes them that write the reported_paths rows of the upload's paths
     not in `reported` (KnownReportedPaths) that are not there yet."""
-    unknown = [(out_path,) for out_path, _index, _output in paths if out_path not in reported]
+    unknown = [row for row in paths if row[0] not in reported]
     for chunk in chunks_of(sorted_in_runs(unknown), ROWS_PER_TRANSACTION):
         out_paths = [row[0] for row in chunk]
         yield NEW_REPORTED_PATHS, (json_rows(out_paths), b"".join(path_digests(out_paths)))
@@ -3034,9 +3047,9 @@ def component_piece_statements(names, drv_paths):
 
 
 def insert_shared_components(conn, rows):
-    """Shared component rows (digest, name, drv_path, outputs) not there yet, a chunk per transaction. In order
-    of digest, the key of the index they go into: in the order of the upload, a third slower."""
-    for chunk in chunks_of(sorted(rows), ROWS_PER_TRANSACTION):
+    """Shared component rows (digest, name, drv_path, outputs) not there yet, a chunk per transaction. In the order
+    of rows, so their ids follow the order the revision lists them in, and its delta-coded list of ids stays small."""
+    for chunk in chunks_of(rows, ROWS_PER_TRANSACTION):
         with transaction(conn):
             conn.execute("INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
                          " SELECT substr(?2, 16 * key + 1, 16), value->>0, value->>1, value->>2 FROM json_each(?1)",

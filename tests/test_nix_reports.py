@@ -114,6 +114,9 @@ BAD_UPLOADS = [
     # Two store paths in one string: the paths are checked together, joined by newlines.
     ("application/x-nix-path-info+json", [{"path": TOP, "references": []}, {"path": f"{DEP}\n{SRC}", "references": []}],
      "path-info [1].path"),
+    # References that are not a list are named before what is wrong further on, with the tree worker or without.
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": "abc"}, {"path": DEP, "references": [], "ca": SRC_CA}],
+     "path-info [0].references"),
     ("application/x-nix-path-info+json", [{"path": TOP, "references": [], "deriver": TOP_DRV},
                                           {"path": DEP, "references": [], "deriver": "dep.drv"}], "path-info [1].deriver"),
     # Of the usual shape, read by the typed reader first: a path that climbs out of the store is still named.

@@ -235,3 +235,13 @@ def test_component_ids_found_a_chunk_at_a_time_are_those_found_at_once(tmp_path,
     outputs = [sorted([out_path, output] for out_path, index, output in contents.paths if index == position)
                for position in range(len(contents.names))]
     assert [stored[component_id] for component_id in ids] == list(zip(contents.names, contents.drv_paths, outputs))
+
+
+def test_a_new_closure_s_components_get_ids_in_the_order_it_lists_them(client, tokens, app):
+    """So a revision's delta-coded list of ids compresses to a few bytes, not a few bytes per component."""
+    closure = samples.nix_build_sbom({f"node{number}": [] for number in range(200)})
+    assert client.put("/reports/ordered", json=closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    with app.app_context():
+        (packed,) = web.get_db().execute("SELECT component_ids FROM report_revisions").fetchone()
+    ids = web.unpacked_ids(packed)
+    assert len(ids) == 200 and ids == list(range(ids[0], ids[0] + 200))

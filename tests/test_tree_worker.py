@@ -140,6 +140,37 @@ def test_a_tree_the_worker_could_not_lay_out_is_laid_out_by_the_request_thread(f
     assert tree.tree() == tree_laid_out_here(CLOSURE.sbom)
 
 
+class RecordedFuture(concurrent.futures.Future):
+    """A Future that remembers how long each caller would wait for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.timeouts = []
+
+    def result(self, timeout=None):
+        self.timeouts.append(timeout)
+        return super().result(timeout)
+
+
+def test_a_worker_that_does_not_check_in_time_is_not_waited_for_again(monkeypatch):
+    monkeypatch.setattr(web, "TREE_WORKER_TIMEOUT_S", 0.05)
+    checked, laid_out = RecordedFuture(), RecordedFuture()  # neither ever done
+    upload = ("application/json", json.dumps(CLOSURE.sbom).encode(), None, 1000, 1000)
+    tree = web.WorkerTree(checked, laid_out, upload)
+    tree.edges_checked()
+    assert tree.tree() == tree_laid_out_here(CLOSURE.sbom)
+    assert len(checked.timeouts) == 1 and laid_out.timeouts == []
+
+
+def test_the_check_and_the_tree_share_one_deadline(monkeypatch):
+    monkeypatch.setattr(web, "TREE_WORKER_TIMEOUT_S", 0.05)
+    checked, laid_out = RecordedFuture(), RecordedFuture()
+    checked.set_result(None)
+    upload = ("application/json", json.dumps(CLOSURE.sbom).encode(), None, 1000, 1000)
+    assert web.WorkerTree(checked, laid_out, upload).tree() == tree_laid_out_here(CLOSURE.sbom)
+    assert len(laid_out.timeouts) == 1 and 0 <= laid_out.timeouts[0] < 0.05  # what is left of the one deadline
+
+
 def test_what_the_worker_refuses_in_the_edges_is_refused():
     refused, never = concurrent.futures.Future(), concurrent.futures.Future()
     refused.set_exception(web.ReportTooLarge("SBOM: more than 2 distinct dependency edges"))
