@@ -295,3 +295,15 @@ def test_a_64_mib_sbom_of_tiny_components_stays_under_600_mb_and_attestations_an
     assert peak < 600
     assert max(workers) < 450
     assert max(latencies) < 1.0
+
+
+def test_back_to_back_uploads_keep_the_wal_small(start_server):
+    """An upload's commits checkpoint the WAL themselves: left to the background checkpointer, which copies while
+    the next upload appends, the WAL never started again from its beginning and grew by every upload."""
+    server = start_server()
+    token = server.create_user("owner")
+    sbom_text = tiny_component_sbom(40_000)  # 4 MiB, 40,000 rows
+    for number in range(12):
+        response = put(server.url, token, f"r{number % 2}?revision=v{number}", sbom_text)
+        assert response.status_code == 200, response.text
+    assert Path(f"{server.db}-wal").stat().st_size < 48 * 2**20
