@@ -232,11 +232,6 @@ def server_connection(path, background_checkpoints):
     return conn
 
 
-def connection_maker(app):
-    """A function that opens a new connection of the server's threads (server_connection) to the app's database."""
-    return functools.partial(server_connection, app.config["DATABASE"], app.config["BACKGROUND_CHECKPOINTS"])
-
-
 # Set after a large batch's commit: the checkpointer starts at once.
 wal_grown = threading.Event()
 
@@ -1170,7 +1165,7 @@ class AttestationWriter:
     the error; a request is answered only once its group has committed."""
 
     def __init__(self, app):
-        self.new_connection = connection_maker(app)
+        self.database, self.background_checkpoints = app.config["DATABASE"], app.config["BACKGROUND_CHECKPOINTS"]
         self.lock = threading.Lock()
         self.turn = threading.Condition(self.lock)  # the writer's thread is woken when the waiting are its to write
         self.waiting = deque()
@@ -1260,7 +1255,7 @@ class AttestationWriter:
 
     def connection(self):
         if self.conn is None:
-            self.conn = self.new_connection()
+            self.conn = server_connection(self.database, self.background_checkpoints)
         return self.conn
 
     def close(self):
@@ -2819,7 +2814,6 @@ class TreeWorker:
             self.busy = False
             if isinstance(future.exception(), concurrent.futures.BrokenExecutor):
                 self.executor = None
-
 
 
 class WorkerTree:
