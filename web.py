@@ -168,6 +168,7 @@ def create_app(config=None):
     app.extensions["unpublished_reports"] = UnpublishedReports()
     app.extensions["report_removals"] = ReportRemovals(app)
     app.extensions["component_ids"] = KnownComponentIds()
+    app.extensions["pending_revisions"] = PendingRevisions(app)
     app.extensions["reported_paths"] = KnownReportedPaths()
     app.extensions["report_changes"] = ReportChanges()
     app.extensions["report_views"] = ReportViews(app)
@@ -2655,12 +2656,14 @@ def define_report(conn, name, owner, sbom, sbom_digest, label, parse, worker_tre
             finally:
                 writer.finished()  # before the lists it reads are emptied
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
-            number, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
+            settle_latest_revision(conn, name, current_app.extensions["component_ids"])
+            number, revision_id, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
         except BaseException:
             unpublished.release(replaced)
             writer.finished()
             remove_report_if_possible(conn, staging)
             raise
+    current_app.extensions["pending_revisions"].add(revision_id)
     if replaced_one:
         current_app.extensions["report_removals"].remove(replaced)
     else:
@@ -2733,20 +2736,18 @@ class ReportRemovals:
 
 
 def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):
-    """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
-    while this one finds the ids of the shared component rows; the display tree is laid out here, or by
-    the tree worker (worker_tree, which there is exactly when the contents have no edges).
-    The rows that stay when an upload is refused for what it holds (reported_paths, shared components and trees)
-    are written only once its edges are known to be good: when the tree worker reads them, it is what finds them
-    wrong. An upload that fails later, at publish_report, can leave some."""
+    """The upload written under its unpublished name, and its Revision, whose component ids are pending
+    (PendingRevisions). The writer's thread writes the rows while this one lays out the display tree, or the
+    tree worker does (worker_tree, which there is exactly when the contents have no edges).
+    The rows that stay when an upload is refused for what it holds (reported_paths, shared trees) are written
+    only once its edges are known to be good: when the tree worker reads them, it is what finds them wrong.
+    An upload that fails later, at publish_report, can leave some."""
     reported = current_app.extensions["reported_paths"]
     large = len(contents.paths) >= LARGE_BATCH
     writer.write_rows(report_row_statements(contents), large)
     if contents.children is None:
         worker_tree.edges_checked()
     writer.write_rows(reported_path_statements(contents.paths, reported), large)
-    ids = revision_component_ids(conn, contents.names, contents.drv_paths, contents.paths,
-                                 current_app.extensions["component_ids"], writer.store_components)
     tree = contents.tree_json() if contents.children is not None else worker_tree.tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
@@ -2756,8 +2757,7 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
                      (contents.root, tree, source_type, report_id))
     # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
     (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
-    return Revision(label, contents.root, stored_paths, sbom_digest, packed_ids(ids), tree_id.result(),
-                    now_iso())
+    return Revision(label, contents.root, stored_paths, sbom_digest, PENDING_IDS, tree_id.result(), now_iso())
 
 
 class TreeWorker:
@@ -2972,11 +2972,6 @@ class UploadWriter:
         """A Future of the tree's shared row id."""
         return self.submit(lambda: shared_tree_id(self.conn, tree))
 
-    def store_components(self, rows):
-        """Insert (digest, name, drv_path, outputs) shared component rows, once the jobs before have run."""
-        if rows:
-            self.submit(lambda: insert_shared_components(self.conn, rows)).result()
-
     def written(self):
         """The unpublished report's id once every job asked for so far has run; raises what stopped one."""
         for job in list(self.jobs):
@@ -3086,16 +3081,21 @@ def sorted_in_runs(rows, run_length=50_000):
 def publish_report(conn, staging, name, owner, replaced, revision):
     """Give the written report its name in one short transaction, with the earlier revisions and the new one;
     the latest revision before it, replaced as the report's own rows, is renamed to `replaced`.
-    Returns (the new revision's number, whether a report was replaced)."""
+    Returns (the new revision's number, its id, whether a report was replaced)."""
     with transaction(conn):
         existing = conn.execute("SELECT id, owner_id FROM reports WHERE name = ?", (name,)).fetchone()
         staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
         if existing is not None:
             check_may_change_report(existing, owner)
+            # Settled before this transaction (define_report) unless another upload has published since.
+            settle_latest_revision(conn, name, current_app.extensions["component_ids"])
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
             conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
         conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
-        return add_revision(conn, staged_id, revision), existing is not None
+        number = add_revision(conn, staged_id, revision)
+        revision_id = conn.execute("SELECT id FROM report_revisions WHERE report_id = ? AND number = ?",
+                                   (staged_id, number)).fetchone()[0]
+        return number, revision_id, existing is not None
 
 
 def remove_report(conn, name, before_each_chunk=lambda: None):
@@ -3287,6 +3287,85 @@ def unpacked_ids(blob):
     return list(itertools.accumulate(deltas))
 
 
+# A revision's component_ids until PendingRevisions has written them: packed_ids never gives an empty blob.
+PENDING_IDS = b""
+
+
+class PendingRevisions:
+    """Writes the shared component rows and ids of each new revision in a thread of its own, after the PUT that
+    made it has answered: for a closure the server had not seen, they took two fifths of the PUT. Until then the
+    revision's component_ids is PENDING_IDS, and what reads them reads the report's own rows, which hold the same
+    components (revision_components). Only a report's latest revision may be pending: an upload that replaces it
+    settles it first (settle_latest_revision). What a process that dies leaves pending, the next start queues."""
+
+    def __init__(self, app):
+        self.database, self.known_ids, self.logger = app.config["DATABASE"], app.extensions["component_ids"], app.logger
+        self.revision_ids = queue.Queue()
+        self.lock, self.thread = threading.Lock(), None
+
+    def add(self, *revision_ids):
+        for revision_id in revision_ids:
+            self.revision_ids.put(revision_id)
+        with self.lock:
+            if self.thread is None and revision_ids:
+                self.thread = threading.Thread(target=self.run, name="write pending revisions", daemon=True)
+                self.thread.start()
+
+    def run(self):
+        while True:
+            revision_id = self.revision_ids.get()
+            try:
+                with contextlib.closing(connect(self.database)) as conn:
+                    settle_revision(conn, revision_id, self.known_ids)
+            except sqlite3.Error as error:
+                self.logger.error("could not write the components of revision id %s yet: %s", revision_id, error)
+            finally:
+                self.revision_ids.task_done()
+
+    def wait(self):
+        """Until every revision queued so far is settled (tests, benchmarks)."""
+        self.revision_ids.join()
+
+
+def pending_revision_ids(conn):
+    return [row[0] for row in conn.execute("SELECT id FROM report_revisions WHERE component_ids = ?", (PENDING_IDS,))]
+
+
+def settle_latest_revision(conn, name, known_ids):
+    """Write the component ids of the latest revision of the report `name`, if it has one and they are pending."""
+    latest = conn.execute("SELECT report_revisions.id FROM reports JOIN report_revisions ON report_id = reports.id"
+                          " WHERE reports.name = ? ORDER BY number DESC LIMIT 1", (name,)).fetchone()
+    if latest is not None:
+        settle_revision(conn, latest[0], known_ids)
+
+
+def settle_revision(conn, revision_id, known_ids):
+    """Write a pending revision's shared component rows and ids from its report's own rows; nothing if they are
+    not pending (any more). In publish_report's transaction the rows are read in it, else in a snapshot of their own."""
+    with contextlib.nullcontext() if conn.in_transaction else read_snapshot(conn):
+        row = conn.execute("SELECT report_id FROM report_revisions WHERE id = ? AND component_ids = ?",
+                           (revision_id, PENDING_IDS)).fetchone()
+        if row is None:
+            return
+        names, drv_paths, paths = own_components(conn, row[0])
+    ids = revision_component_ids(conn, names, drv_paths, paths, known_ids, functools.partial(insert_shared_components, conn))
+    with transaction(conn):
+        conn.execute("UPDATE report_revisions SET component_ids = ? WHERE id = ? AND component_ids = ?",
+                     (packed_ids(ids), revision_id, PENDING_IDS))
+
+
+def own_components(conn, report_id):
+    """(names, drv_paths, [(out_path, component index, output)]) of a report's own rows, as its upload gave them."""
+    names, drv_paths = [], []
+    for (piece,) in conn.execute("SELECT piece FROM report_component_pieces WHERE report_id = ? ORDER BY seq", (report_id,)):
+        for name, drv_path in msgspec.json.decode(piece):
+            names.append(name)
+            drv_paths.append(drv_path)
+    paths = [tuple(row) for row in conn.execute("SELECT out_path, component_idx, output FROM report_paths"
+                                                " WHERE report_id = ?", (report_id,))]
+    return names, drv_paths, paths
+
+
 def add_revision(conn, report_id, revision):
     """Append a revision to a report, in the caller's transaction; its number is the next one."""
     if revision.label is not None and conn.execute("SELECT 1 FROM report_revisions WHERE report_id = ? AND label = ?",
@@ -3322,18 +3401,25 @@ def find_revision(conn, report, wanted):
 
 
 def revision_components(conn, *revision_ids):
-    """[{name, drv_path, outputs: [out_path]}] of each revision, by component index, from one read of the
-    shared rows they list: two revisions of a report mostly list the same ones."""
-    id_lists = revision_id_lists(conn, revision_ids)
-    by_id = shared_components(conn, set().union(*id_lists))
-    return [[by_id[component_id] for component_id in ids] for ids in id_lists]
+    """[{name, drv_path, outputs: [out_path], output_names}] of each revision, by component index, from one read
+    of the shared rows they list (two revisions of a report mostly list the same ones); a pending revision's
+    from its report's own rows."""
+    rows = {row[0]: row for row in conn.execute("SELECT id, report_id, component_ids FROM report_revisions"
+                                                " WHERE id IN (SELECT value FROM json_each(?))",
+                                                (json_rows(list(revision_ids)),))}
+    id_lists = {revision_id: unpacked_ids(rows[revision_id][2]) for revision_id in revision_ids
+                if rows[revision_id][2] != PENDING_IDS}
+    by_id = shared_components(conn, set().union(*id_lists.values()))
+    return [[by_id[component_id] for component_id in id_lists[revision_id]] if revision_id in id_lists
+            else own_component_objects(conn, rows[revision_id][1]) for revision_id in revision_ids]
 
 
-def revision_id_lists(conn, revision_ids):
-    """The shared component ids each revision lists, in the order of revision_ids."""
-    blobs = dict(conn.execute("SELECT id, component_ids FROM report_revisions WHERE id IN (SELECT value FROM json_each(?))",
-                              (json_rows(list(revision_ids)),)).fetchall())
-    return [unpacked_ids(blobs[revision_id]) for revision_id in revision_ids]
+def own_component_objects(conn, report_id):
+    """revision_components of a report's own rows."""
+    names, drv_paths, paths = own_components(conn, report_id)
+    return [{"name": name, "drv_path": drv_path, "outputs": [out_path for out_path, _output in listed],
+             "output_names": [output for _out_path, output in listed]}
+            for name, drv_path, listed in zip(names, drv_paths, component_outputs(len(names), paths))]
 
 
 def shared_components(conn, ids):
@@ -3355,12 +3441,10 @@ def revision_tree(conn, revision_id):
 
 def revision_counts(conn, revisions, policy):
     """(revision, verdict counts as of now) for each revision: one lookup of every path any of them lists."""
-    id_lists = revision_id_lists(conn, [revision["id"] for revision in revisions])
-    components = shared_components(conn, set().union(*id_lists))
-    verdicts = path_verdicts(conn, list({path for component in components.values() for path in component["outputs"]}),
-                             policy)
-    for revision, ids in zip(revisions, id_lists):
-        paths = {path for component_id in set(ids) for path in components[component_id]["outputs"]}
+    path_sets = [{path for component in components for path in component["outputs"]}
+                 for components in revision_components(conn, *[revision["id"] for revision in revisions])]
+    verdicts = path_verdicts(conn, list(set().union(*path_sets)), policy)
+    for revision, paths in zip(revisions, path_sets):
         yield revision, verdict_counts({path: verdicts[path] for path in paths})
 
 
@@ -5436,6 +5520,7 @@ def main(argv=None):
     with app.app_context():
         # No upload is under way in a server that is just starting: whatever is unpublished was abandoned.
         remove_abandoned_reports(get_db())
+        app.extensions["pending_revisions"].add(*pending_revision_ids(get_db()))  # left by a process that died
         print(f"transparency log key {app.config['LOG_KEY_FILE']}; give builders its verifier key:"
               f" {log_verifier_key()}", flush=True)
     limit_malloc_arenas()

@@ -54,6 +54,7 @@ def app(tmp_path):
     app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True})
     yield app
     app.extensions["report_removals"].wait()  # replaced reports are removed after the PUT has answered
+    app.extensions["pending_revisions"].wait()  # and revisions get their component ids
 
 
 @pytest.fixture

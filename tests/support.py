@@ -3,11 +3,13 @@
 Fixtures live in conftest.py; everything a test imports by name lives here.
 """
 import atexit
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,16 @@ NIX_CONFIG = "\n".join([
     "substituters =",
     "sandbox = false",
 ])
+
+
+def database_dump(path):
+    """The database's rows and schema as SQL, once no revision's component ids are pending: the server writes
+    them after a report's PUT has answered (web.PendingRevisions), which is not the next request's doing."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        wait_until(lambda: not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_revisions'").fetchone()
+                   or not conn.execute("SELECT 1 FROM report_revisions WHERE component_ids = x''").fetchone(),
+                   what="the revisions' component ids")
+        return list(conn.iterdump())
 
 
 def free_port():

@@ -10,7 +10,7 @@ import sbom_samples
 import web
 from attestation_samples import (base32_form, basename_of, batch_item, create_user_in_process, drv_ident,
                                  first_generation, lila_generation, nar_hash_bytes, out_path)
-from support import bearer, create_user
+from support import bearer, create_user, database_dump as dump
 
 SBOM = sbom_samples.nix_build_sbom(sbom_samples.DIAMOND).sbom
 OTHER_SBOM = sbom_samples.nix_build_sbom({"other": ["leaf"], "leaf": []}).sbom
@@ -28,11 +28,6 @@ def alices_report(client, team):
     response = client.put("/reports/diamond", json=SBOM, headers=bearer(team["alice"]))
     assert response.status_code == 200, response.get_json()
     return "diamond"
-
-
-def dump(db):
-    with sqlite3.connect(db) as conn:
-        return "\n".join(conn.iterdump())
 
 
 def builders_of(client, path):

@@ -1,7 +1,6 @@
 """Bad input: each request gets a 4xx whose JSON error names the field, and
 nothing at all is stored from it."""
 import json
-import sqlite3
 
 import pytest
 import requests
@@ -9,7 +8,7 @@ import requests
 import web
 from attestation_samples import (base32_form, batch_item, create_user_in_process, drv_ident, first_generation,
                                  lila_generation, nar_hash_bytes, out_path, sri_form, store_digest)
-from support import bearer
+from support import bearer, database_dump
 
 ATTESTATION_LIMIT = 64 * 1024
 SINGLE, BATCH = "single", "batch"
@@ -114,11 +113,6 @@ def token(app):
     response = app.test_client().post(f"/attestation/{drv_ident()}", json=[good()], headers=bearer(token))
     assert response.status_code == 200
     return token
-
-
-def database_dump(path):
-    with sqlite3.connect(path) as conn:
-        return list(conn.iterdump())
 
 
 def send(client, endpoint, body, token):

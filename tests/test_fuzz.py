@@ -13,7 +13,6 @@ import contextlib
 import copy
 import json
 import os
-import sqlite3
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -25,7 +24,7 @@ import sbom_samples
 import web
 from attestation_samples import (base32_form, batch_item, create_user_in_process, drv_ident, first_generation,
                                  lila_generation, nar_hash_bytes, out_path, store_digest)
-from support import bearer
+from support import bearer, database_dump
 
 EXAMPLES = int(os.environ.get("HASH_COLLECTION_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
@@ -144,8 +143,7 @@ class World:
     def dump(self):
         # A replaced report's rows are removed after its upload has answered: that is not the next request's doing.
         self.app.extensions["report_removals"].wait()
-        with sqlite3.connect(self.db) as conn:
-            return "\n".join(conn.iterdump())
+        return database_dump(self.db)
 
     def request(self, method, url, **kwargs):
         """Send one request and check the three promises; returns the response."""

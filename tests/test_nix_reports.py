@@ -1,6 +1,5 @@
 """Reports from Nix's own output (path-info JSON, --tree text, path lists), fixed-output paths, the headline and badge."""
 import json
-import sqlite3
 import subprocess
 import xml.etree.ElementTree as ElementTree
 
@@ -10,7 +9,7 @@ import requests
 import post_build_hook as hook
 import sbom_samples as samples
 import web
-from support import REPO, bearer, write_derivation
+from support import REPO, bearer, database_dump, write_derivation
 
 DATA = REPO / "tests" / "data"
 JSON = {"Accept": "application/json"}
@@ -169,11 +168,6 @@ def test_path_info_read_by_the_typed_reader_gives_the_items_read_one_by_one():
 def test_path_info_the_typed_reader_does_not_take_is_left_to_the_generic_reader(fixture):
     with pytest.raises(web.NotUsualShape):
         web.usual_path_info_items((DATA / fixture).read_text())
-
-
-def database_dump(database):
-    with sqlite3.connect(database) as conn:
-        return list(conn.iterdump())
 
 
 def test_root_outside_the_closure_is_refused(client, tokens):

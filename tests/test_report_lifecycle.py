@@ -9,7 +9,7 @@ import requests
 
 import sbom_samples as samples
 import web
-from support import bearer
+from support import bearer, database_dump
 
 JSON = {"Accept": "application/json"}
 CYCLONEDX = {"Accept": "application/vnd.cyclonedx+json"}
@@ -25,11 +25,7 @@ def defined(client, tokens):
 
 
 def dump(app):
-    conn = sqlite3.connect(app.config["DATABASE"])
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
+    return database_dump(app.config["DATABASE"])
 
 
 def report_paths(client, name="life"):

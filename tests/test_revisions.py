@@ -1,4 +1,5 @@
 """Report revisions, history and changes against a real server; the history chart in headless Chromium."""
+import contextlib
 import functools
 import json
 
@@ -7,7 +8,7 @@ import requests
 
 import sbom_samples as samples
 import web
-from support import bearer
+from support import bearer, wait_until
 from post_build_hook import name_of
 
 TIMEOUT = 10
@@ -221,7 +222,6 @@ def test_every_revision_lists_its_own_paths_whether_component_ids_are_remembered
 @pytest.mark.parametrize("per_chunk", [1, 2, 50_000])
 def test_component_ids_found_a_chunk_at_a_time_are_those_found_at_once(tmp_path, monkeypatch, per_chunk):
     """A million-component upload's ids are found a chunk of components at a time; its paths come in any order."""
-    import contextlib
     app = web.create_app({"DATABASE": str(tmp_path / "app.db")})
     closure = samples.sbomnix_sbom(samples.DIAMOND, {"shared": ["out", "dev"]})
     contents = web.report_contents("application/json", json.dumps(closure.sbom).encode(), None, 100, 100)[1]
@@ -241,7 +241,108 @@ def test_a_new_closure_s_components_get_ids_in_the_order_it_lists_them(client, t
     """So a revision's delta-coded list of ids compresses to a few bytes, not a few bytes per component."""
     closure = samples.nix_build_sbom({f"node{number}": [] for number in range(200)})
     assert client.put("/reports/ordered", json=closure.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    app.extensions["pending_revisions"].wait()
     with app.app_context():
         (packed,) = web.get_db().execute("SELECT component_ids FROM report_revisions").fetchone()
     ids = web.unpacked_ids(packed)
     assert len(ids) == 200 and ids == list(range(ids[0], ids[0] + 200))
+
+
+# ---------------------------------------------------------------- component ids, written after the PUT has answered
+
+def put_in_process(client, token, edges, label):
+    response = client.put("/reports/revised", json=closure_of(edges).sbom, query_string={"revision": label},
+                          headers=bearer(token))
+    assert response.status_code == 200, response.get_json()
+
+
+def post_results_in_process(client, tokens):
+    for name, posts in RESULTS.items():
+        for builder, result in posts:
+            response = client.post("/attestations", json=[samples.attestation(samples.out_path(name), result)],
+                                   headers=bearer(tokens(builder)))
+            assert response.status_code == 200, response.get_json()
+
+
+def make_pending(app, *numbers):
+    """Component ids as PendingRevisions leaves them until it has written them, or a process that died for good."""
+    with app.app_context(), web.transaction(web.get_db()) as conn:
+        conn.execute(f"UPDATE report_revisions SET component_ids = ? WHERE number IN ({','.join('?' * len(numbers))})",
+                     (web.PENDING_IDS, *numbers))
+
+
+def pending_numbers(app):
+    with app.app_context():
+        return [row[0] for row in web.get_db().execute("SELECT number FROM report_revisions WHERE component_ids = ?"
+                                                       " ORDER BY number", (web.PENDING_IDS,))]
+
+
+def revision_views(client):
+    """What every view that reads revisions' component ids gives."""
+    views = [client.get("/reports/revised/history", headers=JSON), client.get("/reports/revised/changes", headers=JSON),
+             client.get("/reports/revised/changes", query_string={"from": "1"}, headers=JSON),
+             *[client.get("/reports/revised", query_string={"revision": str(number)}, headers=JSON)
+               for number in range(1, len(REVISIONS))]]
+    assert all(view.status_code == 200 for view in views), [view.get_json() for view in views]
+    return [view.get_json() for view in views]
+
+
+def test_views_of_a_latest_revision_whose_component_ids_are_pending_read_the_report_s_own_rows(client, tokens, app):
+    for number, edges in enumerate(REVISIONS, start=1):
+        put_in_process(client, tokens("owner"), edges, f"r{number}")
+    post_results_in_process(client, tokens)
+    app.extensions["pending_revisions"].wait()
+    assert pending_numbers(app) == []
+    written = revision_views(client)
+    assert written[1]["regressions"] and written[1]["fixes"]  # the views compared below are not empty
+    make_pending(app, len(REVISIONS))
+    assert revision_views(client) == written
+
+
+def settled_outside_publish_only_in_its_transaction(monkeypatch):
+    """As when another upload of the report publishes between define_report's settle and publish_report's."""
+    settle = web.settle_latest_revision
+    monkeypatch.setattr(web, "settle_latest_revision", lambda conn, *args: settle(conn, *args) if conn.in_transaction else None)
+
+
+@pytest.mark.parametrize("when", ["by the upload that replaces it", "in publish's transaction"])
+def test_a_revision_whose_component_ids_are_pending_gets_them_before_it_is_replaced(client, tokens, app, monkeypatch, when):
+    """Only a report's latest revision may be pending: once replaced, its own rows are removed."""
+    if when == "in publish's transaction":
+        settled_outside_publish_only_in_its_transaction(monkeypatch)
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    app.extensions["pending_revisions"].wait()
+    make_pending(app, 1)  # and nothing queued to write them: a process that died
+    put_in_process(client, tokens("owner"), REVISIONS[1], "r2")
+    app.extensions["pending_revisions"].wait()
+    app.extensions["report_removals"].wait()
+    assert pending_numbers(app) == []
+    shown = client.get("/reports/revised", query_string={"revision": "1"}, headers=JSON).get_json()
+    assert set(shown["paths"]) == {samples.out_path(name) for name in REVISIONS[0]}
+
+
+def test_settling_a_revision_that_is_gone_or_already_written_does_nothing(client, tokens, app, monkeypatch):
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    app.extensions["pending_revisions"].wait()
+    monkeypatch.setattr(web, "revision_component_ids", lambda *args: pytest.fail("component ids found again"))
+    with app.app_context():
+        conn = web.get_db()
+        before = conn.execute("SELECT id, component_ids FROM report_revisions").fetchall()
+        for revision_id in (before[0][0], before[0][0] + 1):
+            web.settle_revision(conn, revision_id, web.KnownComponentIds())
+        assert conn.execute("SELECT id, component_ids FROM report_revisions").fetchall() == before
+
+
+def test_a_server_that_starts_writes_the_component_ids_a_dead_one_left_pending(server):
+    put(server, server.create_user("owner"), closure_of(REVISIONS[0]).sbom, "r1")
+    server.stop()
+    with contextlib.closing(web.connect(str(server.db))) as conn:
+        with web.transaction(conn):
+            conn.execute("UPDATE report_revisions SET component_ids = ?", (web.PENDING_IDS,))
+        server.start()
+        wait_until(lambda: conn.execute("SELECT component_ids FROM report_revisions").fetchone()[0] != web.PENDING_IDS,
+                   what="the revision's component ids")
+        revision_id, report_id = conn.execute("SELECT id, report_id FROM report_revisions").fetchone()
+        assert web.revision_components(conn, revision_id) == [web.own_component_objects(conn, report_id)]
+        assert {path for component in web.own_component_objects(conn, report_id) for path in component["outputs"]} == {
+            samples.out_path(name) for name in REVISIONS[0]}
