@@ -150,8 +150,8 @@ CREATE TABLE report_sbom_pieces (
 -- Every revision of a report, the latest too (whose components, paths and SBOM are the report's own rows).
 -- A revision lists its components as revision_components ids in index order, delta-coded 8-byte integers
 -- compressed with zlib; tree_id its display tree. Labels are aliases such as a git revision.
--- An empty component_ids is pending: written after the PUT has answered (web.PendingRevisions), and only
--- ever the report's latest revision's, whose components are the report's own rows meanwhile.
+-- An empty component_ids is pending: written after the PUT has answered (web.PendingRevisions, when the PUT
+-- found many new components), and only ever the report's latest revision's, whose components are its own rows.
 CREATE TABLE report_revisions (
     id INTEGER PRIMARY KEY,
     report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,

@@ -835,11 +835,16 @@ def migrate_to_13(conn):
                  + reported_rows(f"SELECT DISTINCT digest, substr(out_path, {PATH_PREFIX + 34}) AS name FROM report_paths"))
 
 
+def migrate_to_14(conn):
+    """Nothing to change: from this version a revision's component_ids may be pending (PENDING_IDS), which
+    servers of earlier versions cannot read, so they refuse a database of this one rather than fail on it."""
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
               (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10),
-              (11, migrate_to_11), (12, migrate_to_12), (13, migrate_to_13)]
+              (11, migrate_to_11), (12, migrate_to_12), (13, migrate_to_13), (14, migrate_to_14)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -2656,14 +2661,14 @@ def define_report(conn, name, owner, sbom, sbom_digest, label, parse, worker_tre
             finally:
                 writer.finished()  # before the lists it reads are emptied
                 release_in_slices(contents.paths, contents.names, contents.drv_paths)
-            settle_latest_revision(conn, name, current_app.extensions["component_ids"])
-            number, revision_id, replaced_one = publish_report(conn, staging, name, owner, replaced, revision)
+            number, revision_id, replaced_one = published_revision(conn, staging, name, owner, replaced, revision)
         except BaseException:
             unpublished.release(replaced)
             writer.finished()
             remove_report_if_possible(conn, staging)
             raise
-    current_app.extensions["pending_revisions"].add(revision_id)
+    if revision.component_ids == PENDING_IDS:
+        current_app.extensions["pending_revisions"].add(revision_id)
     if replaced_one:
         current_app.extensions["report_removals"].remove(replaced)
     else:
@@ -2736,18 +2741,27 @@ class ReportRemovals:
 
 
 def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):
-    """The upload written under its unpublished name, and its Revision, whose component ids are pending
-    (PendingRevisions). The writer's thread writes the rows while this one lays out the display tree, or the
-    tree worker does (worker_tree, which there is exactly when the contents have no edges).
-    The rows that stay when an upload is refused for what it holds (reported_paths, shared trees) are written
-    only once its edges are known to be good: when the tree worker reads them, it is what finds them wrong.
-    An upload that fails later, at publish_report, can leave some."""
+    """The upload written under its unpublished name, and its Revision. The writer's thread writes the rows
+    while this one finds the ids of the shared component rows, unless more than COMPONENTS_STORED_IN_PUT of them
+    are new, or of its paths new to this process (KnownReportedPaths): then they are pending (PendingRevisions).
+    The display tree is laid out here, or by the tree worker (worker_tree, which there is exactly when the
+    contents have no edges).
+    The rows that stay when an upload is refused for what it holds (reported_paths, shared components and trees)
+    are written only once its edges are known to be good: when the tree worker reads them, it is what finds them
+    wrong. An upload that fails later, at publish_report, can leave some."""
     reported = current_app.extensions["reported_paths"]
     large = len(contents.paths) >= LARGE_BATCH
     writer.write_rows(report_row_statements(contents), large)
     if contents.children is None:
         worker_tree.edges_checked()
-    writer.write_rows(reported_path_statements(contents.paths, reported), large)
+    unknown = unknown_reported_paths(contents.paths, reported)
+    writer.write_rows(reported_path_statements(unknown), large)
+    component_ids = PENDING_IDS
+    if len(unknown) <= COMPONENTS_STORED_IN_PUT:  # else its components are mostly new too: not worth looking up
+        with contextlib.suppress(ManyNewComponents):
+            component_ids = packed_ids(revision_component_ids(
+                conn, contents.names, contents.drv_paths, paths_as_stored(contents.paths),
+                current_app.extensions["component_ids"], storing_at_most(COMPONENTS_STORED_IN_PUT, writer.store_components)))
     tree = contents.tree_json() if contents.children is not None else worker_tree.tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
@@ -2757,7 +2771,7 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
                      (contents.root, tree, source_type, report_id))
     # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
     (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
-    return Revision(label, contents.root, stored_paths, sbom_digest, PENDING_IDS, tree_id.result(), now_iso())
+    return Revision(label, contents.root, stored_paths, sbom_digest, component_ids, tree_id.result(), now_iso())
 
 
 class TreeWorker:
@@ -2972,6 +2986,11 @@ class UploadWriter:
         """A Future of the tree's shared row id."""
         return self.submit(lambda: shared_tree_id(self.conn, tree))
 
+    def store_components(self, components):
+        """insert_shared_components, once the jobs before have run."""
+        if components:
+            self.submit(lambda: insert_shared_components(self.conn, components)).result()
+
     def written(self):
         """The unpublished report's id once every job asked for so far has run; raises what stopped one."""
         for job in list(self.jobs):
@@ -3008,10 +3027,20 @@ def report_row_statements(contents):
                " FROM json_each(?2)", (json_rows(rows), b"".join(path_digests([row[0] for row in chunk]))))
 
 
-def reported_path_statements(paths, reported):
-    """Statements as report_row_statements makes them that write the reported_paths rows of the upload's paths
-    not in `reported` (KnownReportedPaths) that are not there yet."""
-    unknown = [row for row in paths if row[0] not in reported]
+def paths_as_stored(paths):
+    """The (out_path, index, output) rows report_paths keeps of an upload's: a path that two components list
+    (CycloneDX allows it) under the first only, as the report's views and own_components show it."""
+    return list({row[0]: row for row in reversed(paths)}.values())
+
+
+def unknown_reported_paths(paths, reported):
+    """The (out_path, index, output) rows of the upload's paths not in `reported` (KnownReportedPaths)."""
+    return [row for row in paths if row[0] not in reported]
+
+
+def reported_path_statements(unknown):
+    """Statements as report_row_statements makes them that write the reported_paths rows of these paths
+    (unknown_reported_paths) that are not there yet."""
     for chunk in chunks_of(sorted_in_runs(unknown), ROWS_PER_TRANSACTION):
         out_paths = [row[0] for row in chunk]
         yield NEW_REPORTED_PATHS, (json_rows(out_paths), b"".join(path_digests(out_paths)))
@@ -3036,14 +3065,17 @@ def component_piece_statements(names, drv_paths):
         yield "INSERT INTO report_component_pieces (report_id, seq, piece) VALUES (?1, ?2, ?3)", (seq, piece)
 
 
-def insert_shared_components(conn, rows):
-    """Shared component rows (digest, name, drv_path, outputs) not there yet, a chunk per transaction. In the order
-    of rows, so their ids follow the order the revision lists them in, and its delta-coded list of ids stays small."""
-    for chunk in chunks_of(rows, ROWS_PER_TRANSACTION):
+def insert_shared_components(conn, components):
+    """Shared component rows of (digest, (name, drv_path, [(out_path, output)])) not there yet, a chunk per
+    transaction. In the order given, so their ids follow the order the revision lists them in, and its
+    delta-coded list of ids stays small."""
+    for chunk in chunks_of(components, ROWS_PER_TRANSACTION):
+        rows = json_rows([(name, drv_path, json.dumps(listed, separators=(",", ":")))
+                          for _digest, (name, drv_path, listed) in chunk])
         with transaction(conn):
             conn.execute("INSERT OR IGNORE INTO revision_components (digest, name, drv_path, outputs)"
                          " SELECT substr(?2, 16 * key + 1, 16), value->>0, value->>1, value->>2 FROM json_each(?1)",
-                         (json_rows([row[1:] for row in chunk]), b"".join([row[0] for row in chunk])))
+                         (rows, b"".join([digest for digest, _component in chunk])))
 
 
 def chunks_of(rows, length):
@@ -3078,6 +3110,28 @@ def sorted_in_runs(rows, run_length=50_000):
     return heapq.merge(*(itertools.islice(rows, start, start + run_length) for start in starts), key=key)
 
 
+class LatestPending(Exception):
+    """The report to be replaced has a latest revision whose component ids are pending."""
+
+
+def published_revision(conn, staging, name, owner, replaced, revision):
+    """publish_report, once the revision it replaces has its component ids: only a report's latest revision may
+    be pending. They are written first, outside publish_report's transaction, and again if another upload of the
+    report has published a pending one since (each time round, another upload has published)."""
+    while True:
+        settle_latest_revision(conn, name, current_app.extensions["component_ids"])
+        try:
+            return publish_report(conn, staging, name, owner, replaced, revision)
+        except LatestPending:
+            continue
+
+
+def latest_is_pending(conn, report_id):
+    latest = conn.execute("SELECT component_ids FROM report_revisions WHERE report_id = ? ORDER BY number DESC LIMIT 1",
+                          (report_id,)).fetchone()
+    return latest is not None and latest[0] == PENDING_IDS
+
+
 def publish_report(conn, staging, name, owner, replaced, revision):
     """Give the written report its name in one short transaction, with the earlier revisions and the new one;
     the latest revision before it, replaced as the report's own rows, is renamed to `replaced`.
@@ -3087,8 +3141,8 @@ def publish_report(conn, staging, name, owner, replaced, revision):
         staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
         if existing is not None:
             check_may_change_report(existing, owner)
-            # Settled before this transaction (define_report) unless another upload has published since.
-            settle_latest_revision(conn, name, current_app.extensions["component_ids"])
+            if latest_is_pending(conn, existing["id"]):
+                raise LatestPending  # nothing written yet: its ids are written outside this short transaction
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
             conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
         conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
@@ -3239,7 +3293,8 @@ COMPONENTS_PER_ID_CHUNK = 50_000
 
 
 def revision_component_ids(conn, names, drv_paths, paths, known_ids, store_components):
-    """The shared component row id of each component; store_components(rows) inserts the rows not there yet.
+    """The shared component row id of each component; store_components (as insert_shared_components) inserts
+    the rows not there yet.
     A chunk of components at a time: a million components' digests and rows at once took 700 MB more."""
     paths_of_chunk = [[] for _start in range(0, len(names), COMPONENTS_PER_ID_CHUNK)]
     for row in paths:
@@ -3259,12 +3314,28 @@ def component_ids(conn, components, known_ids, store_components):
     # Another upload may add to known_ids meanwhile, or clear it: what this one found is its own.
     found = {digest: known_ids.get(digest) for digest in digests}
     found.update(shared_component_ids(conn, [digest for digest, known in found.items() if known is None]))
-    missing = {digest: (digest, name, drv_path, json.dumps(listed, separators=(",", ":")))
-               for digest, (name, drv_path, listed) in zip(digests, components) if found[digest] is None}
-    store_components(list(missing.values()))
+    missing = {digest: component for digest, component in zip(digests, components) if found[digest] is None}
+    store_components(list(missing.items()))
     found.update(shared_component_ids(conn, list(missing)))
     known_ids.remember(found)
     return [found[digest] for digest in digests]
+
+
+class ManyNewComponents(Exception):
+    """More new shared component rows than a PUT stores itself."""
+
+
+def storing_at_most(count, store_components):
+    """store_components, raising ManyNewComponents instead once more than `count` would be stored in all."""
+    stored = 0
+
+    def store(components):
+        nonlocal stored
+        stored += len(components)
+        if stored > count:
+            raise ManyNewComponents
+        store_components(components)
+    return store
 
 
 def shared_component_ids(conn, digests):
@@ -3289,14 +3360,18 @@ def unpacked_ids(blob):
 
 # A revision's component_ids until PendingRevisions has written them: packed_ids never gives an empty blob.
 PENDING_IDS = b""
+# A PUT stores up to this many new shared component rows itself (a revision changing a tenth of a 20,000-path
+# closure): the views of a new revision read them at once. More wait for PendingRevisions.
+COMPONENTS_STORED_IN_PUT = 2_000
 
 
 class PendingRevisions:
-    """Writes the shared component rows and ids of each new revision in a thread of its own, after the PUT that
-    made it has answered: for a closure the server had not seen, they took two fifths of the PUT. Until then the
-    revision's component_ids is PENDING_IDS, and what reads them reads the report's own rows, which hold the same
-    components (revision_components). Only a report's latest revision may be pending: an upload that replaces it
-    settles it first (settle_latest_revision). What a process that dies leaves pending, the next start queues."""
+    """Writes the shared component rows and ids of a revision whose PUT found too many of them new
+    (COMPONENTS_STORED_IN_PUT), in a thread of its own, after the PUT has answered: for a closure the server had
+    not seen, they took two fifths of the PUT. Until then the revision's component_ids is PENDING_IDS, and what
+    reads them reads the report's own rows, which hold the same components (revision_components). Only a report's
+    latest revision may be pending: an upload that replaces it settles it first (settle_latest_revision). What a
+    process that dies leaves pending, the next start queues."""
 
     def __init__(self, app):
         self.database, self.known_ids, self.logger = app.config["DATABASE"], app.extensions["component_ids"], app.logger
@@ -3315,10 +3390,11 @@ class PendingRevisions:
         while True:
             revision_id = self.revision_ids.get()
             try:
-                with contextlib.closing(connect(self.database)) as conn:
+                with contextlib.closing(connect(self.database)) as conn, cyclic_gc_paused():
                     settle_revision(conn, revision_id, self.known_ids)
-            except sqlite3.Error as error:
-                self.logger.error("could not write the components of revision id %s yet: %s", revision_id, error)
+                trim_malloc()  # as after a report request: the rows read are freed in this thread's arena
+            except Exception:  # the revision stays pending until its report is replaced or the server restarts
+                self.logger.exception("could not write the components of revision id %s yet", revision_id)
             finally:
                 self.revision_ids.task_done()
 
@@ -3340,9 +3416,9 @@ def settle_latest_revision(conn, name, known_ids):
 
 
 def settle_revision(conn, revision_id, known_ids):
-    """Write a pending revision's shared component rows and ids from its report's own rows; nothing if they are
-    not pending (any more). In publish_report's transaction the rows are read in it, else in a snapshot of their own."""
-    with contextlib.nullcontext() if conn.in_transaction else read_snapshot(conn):
+    """Write a pending revision's shared component rows and ids from its report's own rows, read in one snapshot;
+    nothing if they are not pending (any more)."""
+    with read_snapshot(conn):
         row = conn.execute("SELECT report_id FROM report_revisions WHERE id = ? AND component_ids = ?",
                            (revision_id, PENDING_IDS)).fetchone()
         if row is None:
@@ -4631,6 +4707,8 @@ def delete_report(name):
             report = find_report(conn, name)
             check_may_change_report(report, builder)
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (deleted, report["id"]))
+            # Now, not with the report's row: a pending revision is written from rows removed a chunk at a time.
+            conn.execute("DELETE FROM report_revisions WHERE report_id = ?", (report["id"],))
         remove_report(conn, deleted)
     return jsonify(report=name, status="deleted")
 

@@ -30,13 +30,18 @@ NIX_CONFIG = "\n".join([
 
 
 def database_dump(path):
-    """The database's rows and schema as SQL, once no revision's component ids are pending: the server writes
-    them after a report's PUT has answered (web.PendingRevisions), which is not the next request's doing."""
+    """The database's rows and schema as SQL, once no revision's component ids are pending."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        wait_until(lambda: not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_revisions'").fetchone()
-                   or not conn.execute("SELECT 1 FROM report_revisions WHERE component_ids = x''").fetchone(),
-                   what="the revisions' component ids")
+        wait_for_pending_revisions(conn)
         return list(conn.iterdump())
+
+
+def wait_for_pending_revisions(conn):
+    """Until no revision's component ids are pending: the server may write them after a report's PUT has
+    answered (web.PendingRevisions), which is not the next request's doing."""
+    wait_until(lambda: not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'report_revisions'").fetchone()
+               or not conn.execute("SELECT 1 FROM report_revisions WHERE component_ids = x''").fetchone(),
+               what="the revisions' component ids")
 
 
 def free_port():

@@ -5,6 +5,7 @@ tests/data/schema-v1.sql is schema.sql as version 1 shipped it; never edit it. W
 a migration, add rows for what it changes to version_1_database and checks to this file.
 """
 import base64
+import contextlib
 import hashlib
 from html import escape
 import json
@@ -16,7 +17,7 @@ import requests
 
 import web
 from attestation_samples import base32_form, nar_hash_bytes, nix_key_pair, out_path, signed_attestation
-from support import REPO, ServerProcess, bearer
+from support import REPO, ServerProcess, bearer, wait_for_pending_revisions
 from post_build_hook import basename_of, consistency_holds, nix_base32_encode
 
 TIMEOUT = 30
@@ -211,7 +212,8 @@ def same_components_again(server):
         before = conn.execute("SELECT COUNT(*) FROM revision_components").fetchone()[0]
     response = requests.put(f"{server.url}/reports/old", json=sbom, headers=bearer(TOKENS["alice"]), timeout=TIMEOUT)
     assert response.status_code == 200 and response.json()["revision"] == 2
-    with sqlite3.connect(server.db) as conn:
+    with contextlib.closing(sqlite3.connect(server.db)) as conn:
+        wait_for_pending_revisions(conn)
         return before, conn.execute("SELECT COUNT(*) FROM revision_components").fetchone()[0]
 
 
@@ -245,6 +247,15 @@ def test_shared_component_rows_that_version_11_named_are_found_again(tmp_path, m
         assert same_components_again(server) == (3, 3)
     finally:
         server.stop()
+
+
+def test_a_server_of_version_13_refuses_a_database_whose_revisions_may_be_pending(tmp_path, monkeypatch):
+    """Version 14 may leave a revision's component ids pending (an empty blob), which version 13 cannot read."""
+    web.create_app({"DATABASE": str(tmp_path / "hashes.db")})
+    monkeypatch.setattr(web, "MIGRATIONS", [migration for migration in web.MIGRATIONS if migration[0] <= 13])
+    monkeypatch.setattr(web, "SCHEMA_VERSION", 13)
+    with pytest.raises(RuntimeError, match="unknown schema version"):
+        web.create_app({"DATABASE": str(tmp_path / "hashes.db")})
 
 
 def test_link_patterns_made_before_have_no_owner_and_only_admins_change_them(migrated):

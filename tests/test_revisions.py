@@ -278,11 +278,9 @@ def pending_numbers(app):
 
 
 def revision_views(client):
-    """What every view that reads revisions' component ids gives."""
+    """What the views that read revisions' component ids give: history and changes."""
     views = [client.get("/reports/revised/history", headers=JSON), client.get("/reports/revised/changes", headers=JSON),
-             client.get("/reports/revised/changes", query_string={"from": "1"}, headers=JSON),
-             *[client.get("/reports/revised", query_string={"revision": str(number)}, headers=JSON)
-               for number in range(1, len(REVISIONS))]]
+             client.get("/reports/revised/changes", query_string={"from": "1"}, headers=JSON)]
     assert all(view.status_code == 200 for view in views), [view.get_json() for view in views]
     return [view.get_json() for view in views]
 
@@ -299,26 +297,82 @@ def test_views_of_a_latest_revision_whose_component_ids_are_pending_read_the_rep
     assert revision_views(client) == written
 
 
-def settled_outside_publish_only_in_its_transaction(monkeypatch):
-    """As when another upload of the report publishes between define_report's settle and publish_report's."""
-    settle = web.settle_latest_revision
-    monkeypatch.setattr(web, "settle_latest_revision", lambda conn, *args: settle(conn, *args) if conn.in_transaction else None)
+def test_a_put_stores_a_few_new_components_itself_and_leaves_more_pending(client, tokens, app, monkeypatch):
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 2)
+    queued = []
+    monkeypatch.setattr(app.extensions["pending_revisions"], "add", lambda *revision_ids: queued.extend(revision_ids))
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")  # five components the server has not seen
+    assert pending_numbers(app) == [1] and len(queued) == 1
+    with app.app_context():
+        web.settle_revision(web.get_db(), queued[0], web.KnownComponentIds())
+    put_in_process(client, tokens("owner"), REVISIONS[1], "r2")  # two of them changed
+    assert pending_numbers(app) == [] and len(queued) == 1
+    renamed = samples.nix_build_sbom(REVISIONS[1], names={name: "renamed-" + name for name in REVISIONS[1]})
+    assert client.put("/reports/revised", json=renamed.sbom, query_string={"revision": "r3"},
+                      headers=bearer(tokens("owner"))).status_code == 200  # the same paths, five new components
+    assert pending_numbers(app) == [3] and len(queued) == 2
 
 
-@pytest.mark.parametrize("when", ["by the upload that replaces it", "in publish's transaction"])
+def another_upload_publishes_after_the_next_settle(monkeypatch):
+    """The next settle_latest_revision finds nothing to do, as when another upload of the report publishes a
+    pending revision between it and publish_report."""
+    settle, calls = web.settle_latest_revision, []
+
+    def settle_but_the_first(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            settle(*args)
+    monkeypatch.setattr(web, "settle_latest_revision", settle_but_the_first)
+
+
+@pytest.mark.parametrize("when", ["by the upload that replaces it", "after another upload publishes meanwhile"])
 def test_a_revision_whose_component_ids_are_pending_gets_them_before_it_is_replaced(client, tokens, app, monkeypatch, when):
     """Only a report's latest revision may be pending: once replaced, its own rows are removed."""
-    if when == "in publish's transaction":
-        settled_outside_publish_only_in_its_transaction(monkeypatch)
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 0)  # pending, with no shared rows: settling inserts them
+    monkeypatch.setattr(app.extensions["pending_revisions"], "add", lambda *revision_ids: None)  # a process that died
     put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
-    app.extensions["pending_revisions"].wait()
-    make_pending(app, 1)  # and nothing queued to write them: a process that died
+    assert pending_numbers(app) == [1]
+    if when == "after another upload publishes meanwhile":
+        another_upload_publishes_after_the_next_settle(monkeypatch)
     put_in_process(client, tokens("owner"), REVISIONS[1], "r2")
-    app.extensions["pending_revisions"].wait()
     app.extensions["report_removals"].wait()
-    assert pending_numbers(app) == []
+    assert pending_numbers(app) == [2]
     shown = client.get("/reports/revised", query_string={"revision": "1"}, headers=JSON).get_json()
     assert set(shown["paths"]) == {samples.out_path(name) for name in REVISIONS[0]}
+
+
+def test_a_deleted_report_s_pending_revision_is_never_written_from_its_rows_being_removed(client, tokens, app, monkeypatch):
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 0)
+    queued = []
+    monkeypatch.setattr(app.extensions["pending_revisions"], "add", lambda *revision_ids: queued.extend(revision_ids))
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    remove_report = web.remove_report
+
+    def settled_while_removing(conn, name, *args):
+        web.settle_revision(conn, queued[0], web.KnownComponentIds())  # as PendingRevisions may, meanwhile
+        remove_report(conn, name, *args)
+    monkeypatch.setattr(web, "remove_report", settled_while_removing)
+    assert client.delete("/reports/revised", headers=bearer(tokens("owner"))).status_code == 200
+    with app.app_context():
+        assert web.get_db().execute("SELECT COUNT(*) FROM revision_components").fetchone()[0] == 0
+
+
+def test_a_path_two_components_list_is_the_first_one_s_whether_the_put_or_pending_revisions_write_the_ids(client, tokens, app):
+    """CycloneDX lets two components list one path; the report's rows, and so its views, keep it under the first."""
+    def component(ref, name, out_path):
+        return {"bom-ref": ref, "name": name, "properties": [{"name": "nix:out_path", "value": out_path}]}
+    shared = samples.out_path("shared-1.0")
+    sbom = {"bomFormat": "CycloneDX", "metadata": {"component": component("app", "app", samples.out_path("app-1"))},
+            "components": [component("first", "first", shared), component("second", "second", shared)],
+            "dependencies": [{"ref": "app", "dependsOn": ["first", "second"]}]}
+    assert client.put("/reports/twice", json=sbom, headers=bearer(tokens("owner"))).status_code == 200
+    app.extensions["pending_revisions"].wait()
+    with app.app_context():
+        conn = web.get_db()
+        revision_id, report_id = conn.execute("SELECT id, report_id FROM report_revisions").fetchone()
+        written = web.revision_components(conn, revision_id)[0]
+        assert written == web.own_component_objects(conn, report_id)
+        assert [component["outputs"] for component in written] == [[samples.out_path("app-1")], [shared], []]
 
 
 def test_settling_a_revision_that_is_gone_or_already_written_does_nothing(client, tokens, app, monkeypatch):
