@@ -2692,8 +2692,7 @@ class ReportRemovals:
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
-        self.names = queue.Queue()
-        self.lock, self.thread = threading.Lock(), None
+        self.removals = WorkQueue("remove replaced reports", app.logger)
         self.uploads = 0
         self.no_uploads = threading.Condition()
         self.rendering = lambda: app.extensions["report_views"].rendering_now()
@@ -2717,27 +2716,50 @@ class ReportRemovals:
 
     def remove(self, name):
         """Remove the unpublished report `name`, which the caller has claimed, and release the name."""
-        self.names.put(name)
+        self.removals.put(self.remove_now, name)
+
+    def remove_now(self, name):
+        try:
+            with contextlib.closing(connect(self.database)) as conn:  # SQLite's checkpoints: see server_connection
+                remove_report(conn, name, before_each_chunk=self.wait_until_idle)
+        except sqlite3.Error as error:
+            self.logger.error("could not remove the replaced report %s yet: %s", name, error)
+        finally:
+            self.unpublished.release(name)
+
+    def wait(self):
+        """Until every removal asked for so far is done (tests)."""
+        self.removals.join()
+
+
+class WorkQueue:
+    """Jobs run one after another by a daemon thread of their own, started with the first; one that fails is
+    logged, and the next one runs."""
+
+    def __init__(self, name, logger):
+        self.name, self.logger = name, logger
+        self.jobs = queue.Queue()
+        self.lock, self.thread = threading.Lock(), None
+
+    def put(self, job, *args):
+        self.jobs.put((job, args))
         with self.lock:
             if self.thread is None:
-                self.thread = threading.Thread(target=self.run, name="remove replaced reports", daemon=True)
+                self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
                 self.thread.start()
 
     def run(self):
         while True:
-            name = self.names.get()
+            job, args = self.jobs.get()
             try:
-                with contextlib.closing(connect(self.database)) as conn:  # SQLite's checkpoints: see server_connection
-                    remove_report(conn, name, before_each_chunk=self.wait_until_idle)
-            except sqlite3.Error as error:
-                self.logger.error("could not remove the replaced report %s yet: %s", name, error)
+                job(*args)
+            except Exception:
+                self.logger.exception("%s: %s%r failed", self.name, job.__name__, args)
             finally:
-                self.unpublished.release(name)
-                self.names.task_done()
+                self.jobs.task_done()
 
-    def wait(self):
-        """Until every removal asked for so far is done (tests)."""
-        self.names.join()
+    def join(self):
+        self.jobs.join()
 
 
 def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):
@@ -3374,33 +3396,22 @@ class PendingRevisions:
     process that dies leaves pending, the next start queues."""
 
     def __init__(self, app):
-        self.database, self.known_ids, self.logger = app.config["DATABASE"], app.extensions["component_ids"], app.logger
-        self.revision_ids = queue.Queue()
-        self.lock, self.thread = threading.Lock(), None
+        self.database, self.known_ids = app.config["DATABASE"], app.extensions["component_ids"]
+        self.settles = WorkQueue("write pending revisions", app.logger)
 
     def add(self, *revision_ids):
         for revision_id in revision_ids:
-            self.revision_ids.put(revision_id)
-        with self.lock:
-            if self.thread is None and revision_ids:
-                self.thread = threading.Thread(target=self.run, name="write pending revisions", daemon=True)
-                self.thread.start()
+            self.settles.put(self.settle, revision_id)
 
-    def run(self):
-        while True:
-            revision_id = self.revision_ids.get()
-            try:
-                with contextlib.closing(connect(self.database)) as conn, cyclic_gc_paused():
-                    settle_revision(conn, revision_id, self.known_ids)
-                trim_malloc()  # as after a report request: the rows read are freed in this thread's arena
-            except Exception:  # the revision stays pending until its report is replaced or the server restarts
-                self.logger.exception("could not write the components of revision id %s yet", revision_id)
-            finally:
-                self.revision_ids.task_done()
+    def settle(self, revision_id):
+        """A revision that fails stays pending until its report is replaced or the server starts again."""
+        with contextlib.closing(connect(self.database)) as conn, cyclic_gc_paused():
+            settle_revision(conn, revision_id, self.known_ids)
+        trim_malloc()  # as after a report request: the rows read are freed in this thread's arena
 
     def wait(self):
-        """Until every revision queued so far is settled (tests, benchmarks)."""
-        self.revision_ids.join()
+        """Until every revision queued so far is settled (tests)."""
+        self.settles.join()
 
 
 def pending_revision_ids(conn):

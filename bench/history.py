@@ -47,6 +47,14 @@ def database_bytes(conn):
     return page_size * (pages - free)
 
 
+def settled_database_bytes(app, conn):
+    """database_bytes once the server's work after its PUTs is done: a revision's shared component rows,
+    when the PUT left them pending, and the removal of the copy it replaced."""
+    app.extensions["pending_revisions"].wait()
+    app.extensions["report_removals"].wait()
+    return database_bytes(conn)
+
+
 def main(argv=None):
     import web
     from create_user import main as create_user_main
@@ -74,9 +82,9 @@ def main(argv=None):
                                   headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
             assert response.status_code == 200, response.get_data(as_text=True)
             if number == 1:
-                first = database_bytes(conn)
+                first = settled_database_bytes(app, conn)
             sbom_text = changed_sbom_text(sbom_text, args.change, rng)
-        last = database_bytes(conn)
+        last = settled_database_bytes(app, conn)
         seconds = time.perf_counter() - started
     growth_mb = (last - first) / 1e6
     later = args.revisions - 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from attestation_samples import create_user_in_process
-from support import REPO, Hook, ServerProcess, nix_env, nonce
+from support import REPO, Hook, ServerProcess, finished_within, nix_env, nonce
 
 
 NIX_FIXTURES = {"nix", "nix_key", "reachable_client"}
@@ -53,8 +53,9 @@ def app(tmp_path):
     import web
     app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True})
     yield app
-    app.extensions["report_removals"].wait()  # replaced reports are removed after the PUT has answered
-    app.extensions["pending_revisions"].wait()  # and revisions get their component ids
+    # Replaced reports are removed after the PUT has answered, and some revisions get their component ids then.
+    for background in (app.extensions["report_removals"], app.extensions["pending_revisions"]):
+        assert finished_within(background.wait), f"{type(background).__name__} did not finish its work"
 
 
 @pytest.fixture

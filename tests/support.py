@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,14 @@ def database_dump(path):
     with contextlib.closing(sqlite3.connect(path)) as conn:
         wait_for_pending_revisions(conn)
         return list(conn.iterdump())
+
+
+def finished_within(wait, timeout=60.0):
+    """Whether wait() returned within timeout: a background thread that died would make it wait forever."""
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    return not waiter.is_alive()
 
 
 def wait_for_pending_revisions(conn):

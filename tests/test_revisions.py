@@ -8,7 +8,7 @@ import requests
 
 import sbom_samples as samples
 import web
-from support import bearer, wait_until
+from support import bearer, finished_within, wait_until
 from post_build_hook import name_of
 
 TIMEOUT = 10
@@ -373,6 +373,23 @@ def test_a_path_two_components_list_is_the_first_one_s_whether_the_put_or_pendin
         written = web.revision_components(conn, revision_id)[0]
         assert written == web.own_component_objects(conn, report_id)
         assert [component["outputs"] for component in written] == [[samples.out_path("app-1")], [shared], []]
+
+
+def test_pending_revisions_go_on_after_one_fails(client, tokens, app, monkeypatch):
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 0)
+    settle, failures = web.settle_revision, []
+
+    def failing_once(*args):
+        if not failures:
+            failures.append(args)
+            raise RuntimeError("the disk is on fire")
+        settle(*args)
+    monkeypatch.setattr(web, "settle_revision", failing_once)
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    app.extensions["pending_revisions"].wait()
+    assert failures and pending_numbers(app) == [1]  # written when replaced, or at the next start
+    put_in_process(client, tokens("owner"), REVISIONS[1], "r2")
+    assert finished_within(app.extensions["pending_revisions"].wait, timeout=10) and pending_numbers(app) == []
 
 
 def test_settling_a_revision_that_is_gone_or_already_written_does_nothing(client, tokens, app, monkeypatch):
