@@ -2678,6 +2678,7 @@ def define_report(conn, name, owner, sbom, sbom_digest, label, parse, worker_tre
 
 REMOVAL_WAIT_S = 10
 REMOVAL_POLL_S = 0.02
+REMOVAL_BACKLOG = 2  # replaced copies waiting to be removed, past which removals wait for nothing
 
 
 class ReportRemovals:
@@ -2687,8 +2688,9 @@ class ReportRemovals:
     gone; a process that dies first leaves it for remove_abandoned_reports at the next start or upload.
 
     Before each chunk of rows it waits while an upload is being written or a view rendered (for REMOVAL_WAIT_S
-    at most, so that a busy server cannot keep garbage without end): the next upload's writes, under the one
-    write lock, and the new revision's first views come first."""
+    at most, and not at all while REMOVAL_BACKLOG more copies wait, so that a busy server cannot keep garbage
+    without end): the next upload's writes, under the one write lock, and the new revision's first views come
+    first. Without the backlog, 100 back-to-back uploads of a 20,000-path report left 99 copies, 600 MB."""
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
@@ -2711,7 +2713,8 @@ class ReportRemovals:
     def wait_until_idle(self):
         deadline = time.monotonic() + REMOVAL_WAIT_S
         with self.no_uploads:
-            while (self.uploads or self.rendering()) and time.monotonic() < deadline:
+            while ((self.uploads or self.rendering()) and time.monotonic() < deadline
+                   and self.removals.backlog() < REMOVAL_BACKLOG):
                 self.no_uploads.wait(REMOVAL_POLL_S)  # woken when an upload ends; renders are polled
 
     def remove(self, name):
@@ -2760,6 +2763,10 @@ class WorkQueue:
 
     def join(self):
         self.jobs.join()
+
+    def backlog(self):
+        """How many jobs wait, besides the one running."""
+        return self.jobs.qsize()
 
 
 def written_revision(conn, writer, label, sbom_digest, source_type, contents, worker_tree):

@@ -1,4 +1,5 @@
 """Defining, redefining and deleting reports; every bad upload is refused with its own 400, changing nothing."""
+import contextlib
 import json
 import sqlite3
 import threading
@@ -9,7 +10,7 @@ import requests
 
 import sbom_samples as samples
 import web
-from support import bearer, database_dump
+from support import bearer, database_dump, wait_until
 
 JSON = {"Accept": "application/json"}
 CYCLONEDX = {"Accept": "application/vnd.cyclonedx+json"}
@@ -144,6 +145,19 @@ def test_a_stream_of_uploads_does_not_keep_a_replaced_copy_for_ever(app, client,
         client.put("/reports/life", json=SECOND.sbom, headers=bearer(tokens("owner")))
         app.extensions["report_removals"].wait()
         assert rows_of_reports(app) == len(SECOND.all_paths)
+
+
+def test_a_burst_of_uploads_leaves_a_bounded_backlog_of_replaced_copies(app, client, tokens, defined):
+    """Past REMOVAL_BACKLOG copies waiting, removals go on while uploads are under way."""
+    with app.extensions["report_removals"].upload_under_way():
+        for sbom in [SECOND, FIRST] * 3:
+            assert client.put("/reports/life", json=sbom.sbom, headers=bearer(tokens("owner"))).status_code == 200
+        wait_until(lambda: replaced_copies(app) <= web.REMOVAL_BACKLOG + 1, timeout=5, what="a short backlog")
+
+
+def replaced_copies(app):
+    with contextlib.closing(sqlite3.connect(app.config["DATABASE"])) as conn:
+        return conn.execute("SELECT COUNT(*) FROM reports WHERE name LIKE '.replaced-%'").fetchone()[0]
 
 
 def test_a_replaced_copy_a_crash_left_behind_is_removed_by_the_next_upload(app, client, tokens, defined):
