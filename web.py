@@ -2690,7 +2690,7 @@ class ReportRemovals:
     Before each chunk of rows it waits while an upload is being written or a view rendered (for REMOVAL_WAIT_S
     at most, and not at all while REMOVAL_BACKLOG more copies wait, so that a busy server cannot keep garbage
     without end): the next upload's writes, under the one write lock, and the new revision's first views come
-    first. Without the backlog, 100 back-to-back uploads of a 20,000-path report left 99 copies, 600 MB."""
+    first. Without the backlog, 100 back-to-back uploads of a 20,000-path report left 99 copies, 660 MB."""
 
     def __init__(self, app):
         self.database, self.unpublished, self.logger = app.config["DATABASE"], app.extensions["unpublished_reports"], app.logger
@@ -2786,7 +2786,9 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
     unknown = unknown_reported_paths(contents.paths, reported)
     writer.write_rows(reported_path_statements(unknown), large)
     component_ids = PENDING_IDS
-    if len(unknown) <= COMPONENTS_STORED_IN_PUT:  # else its components are mostly new too: not worth looking up
+    # Many paths this process has not seen reported: their components are new too, not worth looking up. Unless
+    # the report is larger than what the process remembers (KnownReportedPaths.LIMIT): then every path is unknown.
+    if len(unknown) <= COMPONENTS_STORED_IN_PUT or len(contents.paths) > KnownReportedPaths.LIMIT:
         with contextlib.suppress(ManyNewComponents):
             component_ids = packed_ids(revision_component_ids(
                 conn, contents.names, contents.drv_paths, paths_as_stored(contents.paths),
@@ -3411,7 +3413,8 @@ class PendingRevisions:
             self.settles.put(self.settle, revision_id)
 
     def settle(self, revision_id):
-        """A revision that fails stays pending until its report is replaced or the server starts again."""
+        """A revision that fails stays pending: the next upload of its report, or the next start, tries again (and
+        that upload fails with the same error, if it is one that stays)."""
         with contextlib.closing(connect(self.database)) as conn, cyclic_gc_paused():
             settle_revision(conn, revision_id, self.known_ids)
         trim_malloc()  # as after a report request: the rows read are freed in this thread's arena

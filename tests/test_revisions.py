@@ -313,6 +313,18 @@ def test_a_put_stores_a_few_new_components_itself_and_leaves_more_pending(client
     assert pending_numbers(app) == [3] and len(queued) == 2
 
 
+def test_a_report_larger_than_the_paths_remembered_still_finds_its_known_components_in_the_put(client, tokens, app, monkeypatch):
+    """Past KnownReportedPaths.LIMIT nothing is remembered, so every path is unknown: that says nothing of its components."""
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 2)
+    monkeypatch.setattr(web.KnownReportedPaths, "LIMIT", 3)
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    app.extensions["pending_revisions"].wait()
+    queued = []
+    monkeypatch.setattr(app.extensions["pending_revisions"], "add", lambda *revision_ids: queued.extend(revision_ids))
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r2")  # five paths: none remembered, all components known
+    assert queued == [] and pending_numbers(app) == []
+
+
 def another_upload_publishes_after_the_next_settle(monkeypatch):
     """The next settle_latest_revision finds nothing to do, as when another upload of the report publishes a
     pending revision between it and publish_report."""
@@ -357,8 +369,11 @@ def test_a_deleted_report_s_pending_revision_is_never_written_from_its_rows_bein
         assert web.get_db().execute("SELECT COUNT(*) FROM revision_components").fetchone()[0] == 0
 
 
-def test_a_path_two_components_list_is_the_first_one_s_whether_the_put_or_pending_revisions_write_the_ids(client, tokens, app):
+@pytest.mark.parametrize("most_new", [2_000, 0], ids=["the PUT", "PendingRevisions"])
+def test_a_path_two_components_list_is_the_first_one_s_whether_the_put_or_pending_revisions_write_the_ids(
+        client, tokens, app, monkeypatch, most_new):
     """CycloneDX lets two components list one path; the report's rows, and so its views, keep it under the first."""
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", most_new)
     def component(ref, name, out_path):
         return {"bom-ref": ref, "name": name, "properties": [{"name": "nix:out_path", "value": out_path}]}
     shared = samples.out_path("shared-1.0")
