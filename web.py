@@ -2785,14 +2785,7 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
         worker_tree.edges_checked()
     unknown = unknown_reported_paths(contents.paths, reported)
     writer.write_rows(reported_path_statements(unknown), large)
-    component_ids = PENDING_IDS
-    # Many paths this process has not seen reported: their components are new too, not worth looking up. Unless
-    # the report is larger than what the process remembers (KnownReportedPaths.LIMIT): then every path is unknown.
-    if len(unknown) <= COMPONENTS_STORED_IN_PUT or len(contents.paths) > KnownReportedPaths.LIMIT:
-        with contextlib.suppress(ManyNewComponents):
-            component_ids = packed_ids(revision_component_ids(
-                conn, contents.names, contents.drv_paths, paths_as_stored(contents.paths),
-                current_app.extensions["component_ids"], storing_at_most(COMPONENTS_STORED_IN_PUT, writer.store_components)))
+    component_ids = packed_component_ids_or_pending(conn, writer, contents, len(unknown))
     tree = contents.tree_json() if contents.children is not None else worker_tree.tree()
     tree_id = writer.store_tree(tree)
     report_id = writer.written()
@@ -2803,6 +2796,20 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
     # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
     (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
     return Revision(label, contents.root, stored_paths, sbom_digest, component_ids, tree_id.result(), now_iso())
+
+
+def packed_component_ids_or_pending(conn, writer, contents, unknown_paths):
+    """The upload's packed component ids, with up to COMPONENTS_STORED_IN_PUT new shared rows written; PENDING_IDS
+    if more are new. Many paths this process has not seen reported (unknown_paths) say that without looking their
+    components up, unless the report is larger than what the process remembers: then every path is unknown."""
+    if unknown_paths > COMPONENTS_STORED_IN_PUT and len(contents.paths) <= KnownReportedPaths.LIMIT:
+        return PENDING_IDS
+    try:
+        return packed_ids(revision_component_ids(
+            conn, contents.names, contents.drv_paths, paths_as_stored(contents.paths),
+            current_app.extensions["component_ids"], storing_at_most(COMPONENTS_STORED_IN_PUT, writer.store_components)))
+    except ManyNewComponents:
+        return PENDING_IDS
 
 
 class TreeWorker:
@@ -3157,10 +3164,11 @@ def published_revision(conn, staging, name, owner, replaced, revision):
             continue
 
 
-def latest_is_pending(conn, report_id):
-    latest = conn.execute("SELECT component_ids FROM report_revisions WHERE report_id = ? ORDER BY number DESC LIMIT 1",
+def pending_latest_revision(conn, report_id):
+    """The id of the report's latest revision if its component ids are pending, else None."""
+    latest = conn.execute("SELECT id, component_ids FROM report_revisions WHERE report_id = ? ORDER BY number DESC LIMIT 1",
                           (report_id,)).fetchone()
-    return latest is not None and latest[0] == PENDING_IDS
+    return latest[0] if latest is not None and latest[1] == PENDING_IDS else None
 
 
 def publish_report(conn, staging, name, owner, replaced, revision):
@@ -3172,15 +3180,12 @@ def publish_report(conn, staging, name, owner, replaced, revision):
         staged_id = conn.execute("SELECT id FROM reports WHERE name = ?", (staging,)).fetchone()[0]
         if existing is not None:
             check_may_change_report(existing, owner)
-            if latest_is_pending(conn, existing["id"]):
+            if pending_latest_revision(conn, existing["id"]) is not None:
                 raise LatestPending  # nothing written yet: its ids are written outside this short transaction
             conn.execute("UPDATE reports SET name = ? WHERE id = ?", (replaced, existing["id"]))
             conn.execute("UPDATE report_revisions SET report_id = ? WHERE report_id = ?", (staged_id, existing["id"]))
         conn.execute("UPDATE reports SET name = ?, created_at = ? WHERE id = ?", (name, now_iso(), staged_id))
-        number = add_revision(conn, staged_id, revision)
-        revision_id = conn.execute("SELECT id FROM report_revisions WHERE report_id = ? AND number = ?",
-                                   (staged_id, number)).fetchone()[0]
-        return number, revision_id, existing is not None
+        return *add_revision(conn, staged_id, revision), existing is not None
 
 
 def remove_report(conn, name, before_each_chunk=lambda: None):
@@ -3429,11 +3434,11 @@ def pending_revision_ids(conn):
 
 
 def settle_latest_revision(conn, name, known_ids):
-    """Write the component ids of the latest revision of the report `name`, if it has one and they are pending."""
-    latest = conn.execute("SELECT report_revisions.id FROM reports JOIN report_revisions ON report_id = reports.id"
-                          " WHERE reports.name = ? ORDER BY number DESC LIMIT 1", (name,)).fetchone()
-    if latest is not None:
-        settle_revision(conn, latest[0], known_ids)
+    """Write the component ids of the latest revision of the report `name`, if there is one and they are pending."""
+    report = conn.execute("SELECT id FROM reports WHERE name = ?", (name,)).fetchone()
+    pending = pending_latest_revision(conn, report[0]) if report is not None else None
+    if pending is not None:
+        settle_revision(conn, pending, known_ids)
 
 
 def settle_revision(conn, revision_id, known_ids):
@@ -3454,26 +3459,26 @@ def settle_revision(conn, revision_id, known_ids):
 def own_components(conn, report_id):
     """(names, drv_paths, [(out_path, component index, output)]) of a report's own rows, as its upload gave them."""
     names, drv_paths = [], []
-    for (piece,) in conn.execute("SELECT piece FROM report_component_pieces WHERE report_id = ? ORDER BY seq", (report_id,)):
-        for name, drv_path in msgspec.json.decode(piece):
-            names.append(name)
-            drv_paths.append(drv_path)
+    for name, drv_path in component_pieces(conn, report_id):
+        names.append(name)
+        drv_paths.append(drv_path)
     paths = [tuple(row) for row in conn.execute("SELECT out_path, component_idx, output FROM report_paths"
                                                 " WHERE report_id = ?", (report_id,))]
     return names, drv_paths, paths
 
 
 def add_revision(conn, report_id, revision):
-    """Append a revision to a report, in the caller's transaction; its number is the next one."""
+    """Append a revision to a report, in the caller's transaction; its number is the next one.
+    Returns (its number, its id)."""
     if revision.label is not None and conn.execute("SELECT 1 FROM report_revisions WHERE report_id = ? AND label = ?",
                                                    (report_id, revision.label)).fetchone():
         raise LabelTaken(f"revision label {shorten(revision.label)!r} is already used by this report")
     number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM report_revisions WHERE report_id = ?",
                           (report_id,)).fetchone()[0]
-    conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
-                 " component_ids, tree_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (report_id, number, *revision))
-    return number
+    inserted = conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
+                            " component_ids, tree_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (report_id, number, *revision))
+    return number, inserted.lastrowid
 
 
 REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256 FROM report_revisions"
@@ -3703,15 +3708,18 @@ def reports_holding(conn, report_ids, out_paths, per_query=500):
 
 def report_components(conn, report_id):
     """[{name, drv_path, outputs: [out_path]}] by component index."""
-    components = [{"name": name, "drv_path": drv_path, "outputs": []}
-                  for (piece,) in conn.execute("SELECT piece FROM report_component_pieces WHERE report_id = ? ORDER BY seq",
-                                               (report_id,))
-                  for name, drv_path in msgspec.json.decode(piece)]
+    components = [{"name": name, "drv_path": drv_path, "outputs": []} for name, drv_path in component_pieces(conn, report_id)]
     # In the primary key's order, which needs no sort: each component's outputs come out ordered by path.
     for out_path, index in conn.execute(
             "SELECT out_path, component_idx FROM report_paths WHERE report_id = ? ORDER BY out_path", (report_id,)):
         components[index]["outputs"].append(out_path)
     return components
+
+
+def component_pieces(conn, report_id):
+    """(name, drv_path) of each of a report's components, in index order."""
+    for (piece,) in conn.execute("SELECT piece FROM report_component_pieces WHERE report_id = ? ORDER BY seq", (report_id,)):
+        yield from msgspec.json.decode(piece)
 
 
 def report_tree(conn, report_id):
