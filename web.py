@@ -28,7 +28,6 @@ import secrets
 import signal
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -2835,33 +2834,33 @@ class TreeWorker:
 
     def lay_out(self, upload):
         """A WorkerTree of the upload from its bytes, or None when the worker is busy, broken or not enabled.
-        The bytes go through a file: down a pipe, each of a few hundred writes would wait for the interpreter,
-        which the request thread holds while it parses the same upload. The worker checks the edges first, and
-        says so, then lays out the tree: the upload's shared rows but the tree's wait for the check only."""
+        The bytes go through a file in memory (upload_memory_file): down a pipe, each of a few hundred writes
+        would wait for the interpreter, which the request thread holds while it parses the same upload; a file on
+        disk took tens of milliseconds to write while SQLite wrote the database. The worker checks the edges
+        first, and says so, then lays out the tree: the upload's shared rows but the tree's wait for the check only."""
         with self.lock:
             if not self.enabled or self.busy:
                 return None
             if self.executor is None:
                 self.executor = worker_executor(start_tree_worker)
             content_type, body, *limits = upload
-            path = upload_file(body)
-            if path is None:
+            memory_file = upload_memory_file(body)
+            if memory_file is None:
                 return None
+            fd, path = memory_file
             try:
                 checked = self.executor.submit(upload_file_edges, path, content_type, *limits)
                 laid_out = self.executor.submit(kept_tree_json, path)
             except concurrent.futures.BrokenExecutor:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                os.close(fd)
                 self.executor = None  # killed (out of memory, say): the next upload starts another
                 return None
             self.busy = True
-        laid_out.add_done_callback(functools.partial(self.done, path))
+        laid_out.add_done_callback(functools.partial(self.done, fd))
         return WorkerTree(checked, laid_out, upload)
 
-    def done(self, path, future):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # the worker's, unless it died first
+    def done(self, fd, future):
+        os.close(fd)  # the worker has read the file, or died
         with self.lock:
             self.busy = False
             if isinstance(future.exception(), concurrent.futures.BrokenExecutor):
@@ -2906,19 +2905,20 @@ class WorkerTree:
 TREE_WORKER_TIMEOUT_S = 60
 
 
-def upload_file(raw):
-    """The path of a new temporary file, readable by this user only, that holds raw; None if none can be written."""
+def upload_memory_file(raw):
+    """(descriptor, path) of a new file in memory (memfd) that holds raw: another process of this user opens it
+    by that path, and it is gone once the descriptor is closed, or this process dies. None if none can be made."""
     try:
-        fd, path = tempfile.mkstemp(prefix="hash-collection-upload-")
-    except OSError:
+        fd = os.memfd_create("hash-collection-upload")
+    except (AttributeError, OSError):  # not Linux, or not allowed
         return None
     try:
-        with open(fd, "wb") as file:
+        with open(fd, "wb", closefd=False) as file:
             file.write(raw)
     except OSError:
-        os.unlink(path)
+        os.close(fd)
         return None
-    return path
+    return fd, f"/proc/{os.getpid()}/fd/{fd}"
 
 
 # In the tree worker: the edges upload_file_edges checked, until kept_tree_json lays them out.
@@ -2926,13 +2926,12 @@ kept_edges = None
 
 
 def upload_file_edges(path, content_type, *limits):
-    """Check the edges of the upload whose bytes are in the file at path, which this removes, and keep them
+    """Check the edges of the upload whose bytes are in the file at path (upload_memory_file), and keep them
     under that path."""
     global kept_edges
     kept_edges = None
     with open(path, "rb") as upload_file:
         body = upload_file.read()
-    os.unlink(path)
     with cyclic_gc_paused():
         kept_edges = (path, upload_edges(content_type, body, *limits))
 

@@ -3,13 +3,13 @@
 The worker is a real process (spawned, as web.py starts it); these tests run it in-process apps with TREE_WORKER on.
 The end-to-end tests run it too, through web.py, for every report they define.
 """
+import contextlib
 import concurrent.futures
 import concurrent.futures.process
 import json
 import os
 import signal
 import sqlite3
-import tempfile
 
 import pytest
 import requests
@@ -22,17 +22,18 @@ from support import bearer, wait_until
 CLOSURE = samples.nix_build_sbom(samples.DIAMOND)
 
 
-@pytest.fixture
-def upload_files(tmp_path, monkeypatch):
-    """The directory the uploads' temporary files go to, this test's own."""
-    directory = tmp_path / "uploads"
-    directory.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(directory))
-    return directory
+def upload_memory_files():
+    """The upload files in memory (web.upload_memory_file) this process holds open."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:hash-collection-upload"):
+                held.append(fd)
+    return held
 
 
 @pytest.fixture
-def worker_app(tmp_path, upload_files):
+def worker_app(tmp_path):
     app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True, "TREE_WORKER": True})
     yield app
     app.extensions["report_removals"].wait()
@@ -57,7 +58,7 @@ def token(app, name="owner"):
     return create_user_in_process(app.config["DATABASE"], name)
 
 
-def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lays_out(worker_app, upload_files):
+def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lays_out(worker_app):
     worker = worker_app.extensions["tree_worker"]
     laid_out = []
     real_lay_out = worker.lay_out
@@ -68,7 +69,7 @@ def test_a_report_defined_through_the_worker_has_the_tree_the_request_thread_lay
     assert laid_out[0].checked.result() is None
     assert laid_out[0].laid_out.result() == tree_laid_out_here(CLOSURE.sbom)
     assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
-    wait_until(lambda: not os.listdir(upload_files), what="the upload's temporary file removed")
+    wait_until(lambda: not upload_memory_files(), what="the upload's file in memory closed")
 
 
 def test_path_info_is_laid_out_by_the_worker(worker_app):
@@ -93,7 +94,7 @@ def test_nix_s_text_formats_are_laid_out_by_the_request_thread(worker_app):
     assert response.status_code == 200, response.get_json()
 
 
-def test_too_many_edges_found_by_the_worker_are_refused_naming_the_limit_and_nothing_is_stored(tmp_path, upload_files):
+def test_too_many_edges_found_by_the_worker_are_refused_naming_the_limit_and_nothing_is_stored(tmp_path):
     app = web.create_app({"DATABASE": str(tmp_path / "app.db"), "TESTING": True, "TREE_WORKER": True,
                           "MAX_REPORT_EDGES": 2})
     try:
@@ -110,7 +111,7 @@ def test_too_many_edges_found_by_the_worker_are_refused_naming_the_limit_and_not
     assert response.status_code == 413
     assert "more than 2 distinct dependency edges" in response.get_json()["error"]
     assert counts == [0, 0, 0, 0, 0]  # not even the rows reports share
-    assert not os.listdir(upload_files)
+    assert not upload_memory_files()
 
 
 def test_an_upload_whose_worker_was_killed_gets_its_tree_all_the_same(worker_app):
@@ -180,18 +181,20 @@ def test_what_the_worker_refuses_in_the_edges_is_refused():
             step()
 
 
-def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app, upload_files):
+def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app):
     worker = worker_app.extensions["tree_worker"]
     worker.busy = True  # another upload's tree is being laid out
     assert worker.lay_out(("application/json", b"{}", None, 1000, 1000)) is None
-    assert not os.listdir(upload_files)
+    assert not upload_memory_files()
     response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
     assert response.status_code == 200
     assert stored_tree(worker_app, "life") == tree_laid_out_here(CLOSURE.sbom)
 
 
-def test_an_upload_that_cannot_write_its_temporary_file_lays_out_its_tree_itself(worker_app, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+def test_an_upload_that_cannot_make_its_file_in_memory_lays_out_its_tree_itself(worker_app, monkeypatch):
+    def refused(_name):
+        raise PermissionError("memfd_create: not allowed here")
+    monkeypatch.setattr(os, "memfd_create", refused)
     worker = worker_app.extensions["tree_worker"]
     assert worker.lay_out(("application/json", b"{}", None, 1000, 1000)) is None
     response = worker_app.test_client().put("/reports/life", json=CLOSURE.sbom, headers=bearer(token(worker_app)))
