@@ -3440,19 +3440,26 @@ def settle_latest_revision(conn, name, known_ids):
         settle_revision(conn, pending, known_ids)
 
 
+# Held while a revision is settled: an upload that must settle the revision it replaces, while PendingRevisions
+# is settling it, waits for that rather than doing the same work beside it, each at half speed.
+settling = threading.Lock()
+
+
 def settle_revision(conn, revision_id, known_ids):
     """Write a pending revision's shared component rows and ids from its report's own rows, read in one snapshot;
     nothing if they are not pending (any more)."""
-    with read_snapshot(conn):
-        row = conn.execute("SELECT report_id FROM report_revisions WHERE id = ? AND component_ids = ?",
-                           (revision_id, PENDING_IDS)).fetchone()
-        if row is None:
-            return
-        names, drv_paths, paths = own_components(conn, row[0])
-    ids = revision_component_ids(conn, names, drv_paths, paths, known_ids, functools.partial(insert_shared_components, conn))
-    with transaction(conn):
-        conn.execute("UPDATE report_revisions SET component_ids = ? WHERE id = ? AND component_ids = ?",
-                     (packed_ids(ids), revision_id, PENDING_IDS))
+    with settling:
+        with read_snapshot(conn):
+            row = conn.execute("SELECT report_id FROM report_revisions WHERE id = ? AND component_ids = ?",
+                               (revision_id, PENDING_IDS)).fetchone()
+            if row is None:
+                return
+            names, drv_paths, paths = own_components(conn, row[0])
+        ids = revision_component_ids(conn, names, drv_paths, paths, known_ids,
+                                     functools.partial(insert_shared_components, conn))
+        with transaction(conn):
+            conn.execute("UPDATE report_revisions SET component_ids = ? WHERE id = ? AND component_ids = ?",
+                         (packed_ids(ids), revision_id, PENDING_IDS))
 
 
 def own_components(conn, report_id):

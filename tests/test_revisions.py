@@ -2,6 +2,7 @@
 import contextlib
 import functools
 import json
+import threading
 
 import pytest
 import requests
@@ -405,6 +406,51 @@ def test_pending_revisions_go_on_after_one_fails(client, tokens, app, monkeypatc
     assert failures and pending_numbers(app) == [1]  # written when replaced, or at the next start
     put_in_process(client, tokens("owner"), REVISIONS[1], "r2")
     assert finished_within(app.extensions["pending_revisions"].wait, timeout=10) and pending_numbers(app) == []
+
+
+class ObservedLock:
+    """A lock that counts the threads waiting for it."""
+
+    def __init__(self):
+        self.lock, self.waiting = threading.Lock(), 0
+
+    def __enter__(self):
+        self.waiting += 1
+        self.lock.acquire()
+        self.waiting -= 1
+
+    def __exit__(self, *_exception):
+        self.lock.release()
+
+
+def test_an_upload_replacing_a_revision_pending_revisions_is_writing_waits_for_it_rather_than_writing_it_again(
+        client, tokens, app, monkeypatch):
+    monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 0)
+    monkeypatch.setattr(web, "settling", ObservedLock())
+    read_for, in_background, release = [], threading.Event(), threading.Event()
+    own_components, component_ids = web.own_components, web.revision_component_ids
+
+    def recorded_own_components(conn, report_id):
+        read_for.append(report_id)
+        return own_components(conn, report_id)
+
+    def held_in_background(*args):
+        if threading.current_thread().name == "write pending revisions" and not in_background.is_set():
+            in_background.set()
+            release.wait(TIMEOUT)
+        return component_ids(*args)
+    monkeypatch.setattr(web, "own_components", recorded_own_components)
+    monkeypatch.setattr(web, "revision_component_ids", held_in_background)
+    put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
+    wait_until(in_background.is_set, what="PendingRevisions writing revision 1")
+    replacing = threading.Thread(target=put_in_process, args=(app.test_client(), tokens("owner"), REVISIONS[1], "r2"))
+    replacing.start()
+    wait_until(lambda: web.settling.waiting or not replacing.is_alive(), what="the upload settling revision 1")
+    release.set()
+    replacing.join(TIMEOUT)
+    app.extensions["pending_revisions"].wait()
+    assert not replacing.is_alive() and pending_numbers(app) == []
+    assert read_for.count(read_for[0]) == 1  # revision 1's rows read once, by PendingRevisions
 
 
 def test_settling_a_revision_that_is_gone_or_already_written_does_nothing(client, tokens, app, monkeypatch):
