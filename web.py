@@ -2824,6 +2824,7 @@ class TreeWorker:
         self.lock = threading.Lock()
         self.busy = False
         self.executor = None
+        self.upload_numbers = itertools.count()
 
     def start(self):
         """Start the worker now, so that the first upload does not wait for it."""
@@ -2847,20 +2848,28 @@ class TreeWorker:
             memory_file = upload_memory_file(body)
             if memory_file is None:
                 return None
-            fd, path = memory_file
             try:
-                checked = self.executor.submit(upload_file_edges, path, content_type, *limits)
-                laid_out = self.executor.submit(kept_tree_json, path)
+                checked, laid_out = self.submitted(*memory_file, content_type, limits)
             except concurrent.futures.BrokenExecutor:
-                os.close(fd)
                 self.executor = None  # killed (out of memory, say): the next upload starts another
                 return None
             self.busy = True
-        laid_out.add_done_callback(functools.partial(self.done, fd))
+        laid_out.add_done_callback(self.done)
         return WorkerTree(checked, laid_out, upload)
 
-    def done(self, fd, future):
-        os.close(fd)  # the worker has read the file, or died
+    def submitted(self, fd, path, content_type, limits):
+        """The Futures of the worker's check and layout of the upload in the memory file (fd, path), which is
+        closed once the check has read it, or has failed; at once if the check cannot be asked for."""
+        number = next(self.upload_numbers)
+        try:
+            checked = self.executor.submit(upload_file_edges, path, number, content_type, *limits)
+        except BaseException:
+            os.close(fd)
+            raise
+        checked.add_done_callback(lambda _checked: os.close(fd))
+        return checked, self.executor.submit(kept_tree_json, number)
+
+    def done(self, future):
         with self.lock:
             self.busy = False
             if isinstance(future.exception(), concurrent.futures.BrokenExecutor):
@@ -2925,23 +2934,23 @@ def upload_memory_file(raw):
 kept_edges = None
 
 
-def upload_file_edges(path, content_type, *limits):
+def upload_file_edges(path, number, content_type, *limits):
     """Check the edges of the upload whose bytes are in the file at path (upload_memory_file), and keep them
-    under that path."""
+    under the upload's number."""
     global kept_edges
     kept_edges = None
     with open(path, "rb") as upload_file:
         body = upload_file.read()
     with cyclic_gc_paused():
-        kept_edges = (path, upload_edges(content_type, body, *limits))
+        kept_edges = (number, upload_edges(content_type, body, *limits))
 
 
-def kept_tree_json(path):
-    """The display tree's JSON of the edges upload_file_edges kept of the upload at path; None if it found them
-    wrong, or kept none of that upload."""
+def kept_tree_json(number):
+    """The display tree's JSON of the edges upload_file_edges kept of the upload of that number; None if it found
+    them wrong, or kept none of that upload."""
     global kept_edges
     kept, kept_edges = kept_edges, None
-    return laid_out_tree_json(kept[1]) if kept is not None and kept[0] == path else None
+    return laid_out_tree_json(kept[1]) if kept is not None and kept[0] == number else None
 
 
 def upload_tree_json(*upload):
@@ -3440,15 +3449,36 @@ def settle_latest_revision(conn, name, known_ids):
         settle_revision(conn, pending, known_ids)
 
 
+class RevisionLocks:
+    """A lock per revision id, there while a thread holds or waits for it."""
+
+    def __init__(self):
+        self.guard, self.locks = threading.Lock(), {}  # {revision id: [lock, threads holding or waiting]}
+
+    @contextlib.contextmanager
+    def holding(self, revision_id):
+        with self.guard:
+            entry = self.locks.setdefault(revision_id, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self.guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self.locks[revision_id]
+
+
 # Held while a revision is settled: an upload that must settle the revision it replaces, while PendingRevisions
 # is settling it, waits for that rather than doing the same work beside it, each at half speed.
-settling = threading.Lock()
+settling = RevisionLocks()
 
 
 def settle_revision(conn, revision_id, known_ids):
     """Write a pending revision's shared component rows and ids from its report's own rows, read in one snapshot;
     nothing if they are not pending (any more)."""
-    with settling:
+    with settling.holding(revision_id):
         with read_snapshot(conn):
             row = conn.execute("SELECT report_id FROM report_revisions WHERE id = ? AND component_ids = ?",
                                (revision_id, PENDING_IDS)).fetchone()

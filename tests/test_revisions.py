@@ -408,25 +408,10 @@ def test_pending_revisions_go_on_after_one_fails(client, tokens, app, monkeypatc
     assert finished_within(app.extensions["pending_revisions"].wait, timeout=10) and pending_numbers(app) == []
 
 
-class ObservedLock:
-    """A lock that counts the threads waiting for it."""
-
-    def __init__(self):
-        self.lock, self.waiting = threading.Lock(), 0
-
-    def __enter__(self):
-        self.waiting += 1
-        self.lock.acquire()
-        self.waiting -= 1
-
-    def __exit__(self, *_exception):
-        self.lock.release()
-
-
 def test_an_upload_replacing_a_revision_pending_revisions_is_writing_waits_for_it_rather_than_writing_it_again(
         client, tokens, app, monkeypatch):
     monkeypatch.setattr(web, "COMPONENTS_STORED_IN_PUT", 0)
-    monkeypatch.setattr(web, "settling", ObservedLock())
+    monkeypatch.setattr(web, "settling", web.RevisionLocks())
     read_for, in_background, release = [], threading.Event(), threading.Event()
     own_components, component_ids = web.own_components, web.revision_component_ids
 
@@ -443,13 +428,26 @@ def test_an_upload_replacing_a_revision_pending_revisions_is_writing_waits_for_i
     monkeypatch.setattr(web, "revision_component_ids", held_in_background)
     put_in_process(client, tokens("owner"), REVISIONS[0], "r1")
     wait_until(in_background.is_set, what="PendingRevisions writing revision 1")
-    replacing = threading.Thread(target=put_in_process, args=(app.test_client(), tokens("owner"), REVISIONS[1], "r2"))
+    with app.app_context():
+        (first,) = web.get_db().execute("SELECT id FROM report_revisions WHERE number = 1").fetchone()
+    failures, waited = [], []
+
+    def replace():
+        try:
+            put_in_process(app.test_client(), tokens("owner"), REVISIONS[1], "r2")
+        except BaseException as error:  # noqa: B036 - reported to the test's thread below
+            failures.append(error)
+    replacing = threading.Thread(target=replace)
     replacing.start()
-    wait_until(lambda: web.settling.waiting or not replacing.is_alive(), what="the upload settling revision 1")
+    wait_until(lambda: waited.append(web.settling.locks.get(first, [None, 0])[1]) or waited[-1] == 2
+               or not replacing.is_alive(), what="the upload waiting to write revision 1")
     release.set()
     replacing.join(TIMEOUT)
     app.extensions["pending_revisions"].wait()
-    assert not replacing.is_alive() and pending_numbers(app) == []
+    assert not replacing.is_alive() and failures == []
+    assert 2 in waited  # the upload waited for the thread writing revision 1
+    revisions = client.get("/reports/revised/history", headers=JSON).get_json()["revisions"]
+    assert [revision["revision"] for revision in revisions] == [1, 2] and pending_numbers(app) == []
     assert read_for.count(read_for[0]) == 1  # revision 1's rows read once, by PendingRevisions
 
 

@@ -181,6 +181,53 @@ def test_what_the_worker_refuses_in_the_edges_is_refused():
             step()
 
 
+class HeldExecutor:
+    """An executor whose jobs never run: the test settles their Futures, or refuses them from the nth on."""
+
+    def __init__(self, refused_from=None, error=RuntimeError("cannot schedule new futures after shutdown")):
+        self.futures, self.refused_from, self.error = [], refused_from, error
+
+    def submit(self, *_job):
+        if self.refused_from is not None and len(self.futures) >= self.refused_from:
+            raise self.error
+        self.futures.append(concurrent.futures.Future())
+        return self.futures[-1]
+
+    def shutdown(self, wait=True):
+        pass
+
+
+def test_the_upload_s_file_in_memory_is_closed_once_the_worker_has_checked_it_not_after_the_layout(worker_app):
+    worker = worker_app.extensions["tree_worker"]
+    worker.executor = executor = HeldExecutor()
+    tree = worker.lay_out(("application/json", b"{}", None, 1000, 1000))
+    checked, laid_out = executor.futures
+    assert tree is not None and len(upload_memory_files()) == 1
+    checked.set_result(None)
+    assert upload_memory_files() == [] and worker.busy
+    laid_out.set_result("[]")
+    assert not worker.busy
+
+
+@pytest.mark.parametrize("refused_from", [0, 1], ids=["the check refused", "the layout refused"])
+def test_an_upload_the_worker_refuses_leaves_no_file_in_memory_open(worker_app, refused_from):
+    worker = worker_app.extensions["tree_worker"]
+    worker.executor = executor = HeldExecutor(refused_from)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        worker.lay_out(("application/json", b"{}", None, 1000, 1000))
+    for future in executor.futures:  # the check asked for runs, and reads the file, before it is closed
+        assert upload_memory_files() != []
+        future.set_exception(concurrent.futures.CancelledError())
+    assert upload_memory_files() == [] and not worker.busy
+
+
+def test_a_broken_worker_is_not_kept_and_leaves_no_file_in_memory_open(worker_app):
+    worker = worker_app.extensions["tree_worker"]
+    worker.executor = HeldExecutor(0, concurrent.futures.process.BrokenProcessPool("killed"))
+    assert worker.lay_out(("application/json", b"{}", None, 1000, 1000)) is None
+    assert worker.executor is None and upload_memory_files() == [] and not worker.busy
+
+
 def test_an_upload_that_finds_the_worker_busy_lays_out_its_tree_itself(worker_app):
     worker = worker_app.extensions["tree_worker"]
     worker.busy = True  # another upload's tree is being laid out
