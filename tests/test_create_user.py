@@ -11,7 +11,7 @@ import requests
 
 import web
 from attestation_samples import base32_form, drv_ident, first_generation, nar_hash_bytes, out_path
-from support import REPO, ServerProcess, bearer, create_user, free_port, wait_until
+from support import REPO, ServerProcess, bearer, create_user_command as create_user, free_port, wait_until
 
 
 def run_create_user(*args, env=None):
@@ -41,7 +41,7 @@ def database_files(db):
 # ---------------------------------------------------------------- tokens
 
 def test_create_user_prints_a_token_that_the_server_accepts(server):
-    token = server.create_user("alice")
+    token = create_user(server.db, "alice")
     assert post_one(server, token).status_code == 200
 
 
@@ -56,7 +56,7 @@ def test_generated_tokens_differ(tmp_path):
 
 
 def test_given_token_is_printed_and_accepted(server):
-    token = server.create_user("bob", "token-from-the-original-readme")
+    token = create_user(server.db, "bob", "token-from-the-original-readme")
     assert token == "token-from-the-original-readme"
     assert post_one(server, token).status_code == 200
 
@@ -70,14 +70,14 @@ def test_one_token_cannot_belong_to_two_builders(tmp_path):
 
 
 def test_builder_may_hold_several_tokens(server):
-    first, second = server.create_user("alice"), server.create_user("alice")
+    first, second = create_user(server.db, "alice"), create_user(server.db, "alice")
     assert first != second
     assert post_one(server, first).status_code == 200
     assert post_one(server, second).status_code == 200
 
 
 def test_posts_through_two_tokens_of_one_builder_count_once(server):
-    first, second = server.create_user("alice"), server.create_user("alice")
+    first, second = create_user(server.db, "alice"), create_user(server.db, "alice")
     ident, path, nar_hash = drv_ident(), out_path(), base32_form(nar_hash_bytes())
     post_one(server, first, ident, path, nar_hash)
     post_one(server, second, ident, path, nar_hash)
@@ -85,14 +85,14 @@ def test_posts_through_two_tokens_of_one_builder_count_once(server):
 
 
 def test_revoked_token_gets_401(server):
-    token = server.create_user("alice")
-    server.create_user("--revoke", token)
+    token = create_user(server.db, "alice")
+    create_user(server.db, "--revoke", token)
     assert post_one(server, token).status_code == 401
 
 
 def test_revoking_one_token_keeps_the_builders_other_tokens(server):
-    revoked, kept = server.create_user("alice"), server.create_user("alice")
-    server.create_user("--revoke", revoked)
+    revoked, kept = create_user(server.db, "alice"), create_user(server.db, "alice")
+    create_user(server.db, "--revoke", revoked)
     assert post_one(server, kept).status_code == 200
 
 
@@ -129,7 +129,7 @@ def test_database_files_never_contain_a_token(tmp_path):
 
 
 def test_database_files_of_a_running_server_never_contain_a_token(server):
-    token = server.create_user("alice")
+    token = create_user(server.db, "alice")
     assert post_one(server, token).status_code == 200
     contents = b"".join(path.read_bytes() for path in database_files(server.db))
     assert token.encode() not in contents
@@ -194,7 +194,7 @@ def test_new_database_records_the_schema_version(tmp_path):
 
 
 def test_restarting_the_server_on_an_existing_database_keeps_its_data(server):
-    token = server.create_user("alice")
+    token = create_user(server.db, "alice")
     ident, path, nar_hash = drv_ident(), out_path(), base32_form(nar_hash_bytes())
     assert post_one(server, token, ident, path, nar_hash).status_code == 200
     server.restart()
@@ -203,7 +203,7 @@ def test_restarting_the_server_on_an_existing_database_keeps_its_data(server):
 
 
 def test_restart_keeps_the_schema_version(server):
-    server.create_user("alice")
+    create_user(server.db, "alice")
     server.restart()
     with sqlite3.connect(server.db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == web.SCHEMA_VERSION
