@@ -4,7 +4,7 @@ import requests
 from playwright.sync_api import sync_playwright
 
 import sbom_samples as samples
-from support import bearer
+from support import ServerProcess, bearer
 from web import REPRODUCED, VERDICTS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -18,33 +18,48 @@ CLOSURE = {
 }
 
 
-@pytest.fixture
-def report_url(server):
-    closure = samples.nix_build_sbom(CLOSURE, names={"browser-tool": "<b>tool</b> \"quoted\""})
-    owner = server.create_user("owner")
-    assert requests.put(f"{server.url}/reports/browser", json=closure.sbom, headers=bearer(owner),
-                        timeout=10).status_code == 200
-    for builder in ("alice", "bob"):
-        token = server.create_user(builder)
-        response = requests.post(f"{server.url}/attestations", json=[samples.attestation(closure.out("browser-lib"))],
-                                 headers=bearer(token), timeout=10)
-        assert response.status_code == 200
-    return f"{server.url}/reports/browser"
+@pytest.fixture(scope="module")
+def report_url(tmp_path_factory):
+    """One server and report for the module's tests, which only read the page: each has a page of its own."""
+    server = ServerProcess(tmp_path_factory.mktemp("browser") / "hashes.db").start()
+    try:
+        closure = samples.nix_build_sbom(CLOSURE, names={"browser-tool": "<b>tool</b> \"quoted\""})
+        owner = server.create_user("owner")
+        assert requests.put(f"{server.url}/reports/browser", json=closure.sbom, headers=bearer(owner),
+                            timeout=10).status_code == 200
+        for builder in ("alice", "bob"):
+            token = server.create_user(builder)
+            response = requests.post(f"{server.url}/attestations", json=[samples.attestation(closure.out("browser-lib"))],
+                                     headers=bearer(token), timeout=10)
+            assert response.status_code == 200
+        yield f"{server.url}/reports/browser"
+    finally:
+        server.stop()
 
 
-@pytest.fixture
-def browser_page():
+@pytest.fixture(scope="module")
+def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.console_errors = []
-            page.on("console", lambda message: message.type == "error" and page.console_errors.append(
-                f"{message.text} at {message.location.get('url')}"))
-            page.on("pageerror", lambda error: page.console_errors.append(str(error)))
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    """A page in a context of its own (cookies, storage, viewport), collecting the console's errors."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.console_errors = []
+        page.on("console", lambda message: message.type == "error" and page.console_errors.append(
+            f"{message.text} at {message.location.get('url')}"))
+        page.on("pageerror", lambda error: page.console_errors.append(str(error)))
+        yield page
+    finally:
+        context.close()
 
 
 def test_counts_are_visible(browser_page, report_url):
