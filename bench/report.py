@@ -7,8 +7,9 @@ some of them disagreeing. Then, in one run, it times
   text, JSON and CycloneDX, and GET /reports/<name>/suggest,
 
 prints each time and its ratio to json.load; then json.load and PUT of the same closure as
-`nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); and reads the peak resident
-memory (VmHWM) of the server and of each worker process it started from /proc/<pid>/status at the end.
+`nix path-info --json -r` prints it (Content-Type application/x-nix-path-info+json); then both json.loads again, to
+show whether the machine's speed held during the run (the ratios are only as sure as that); and reads the peak
+resident memory (VmHWM) of the server and of each worker process it started from /proc/<pid>/status at the end.
 
 Every timed PUT really writes: each has a new revision label (the same body again without one is a no-op).
 Each format's PUT is timed twice: as a new revision of an existing report (whose replaced copy is removed),
@@ -58,6 +59,7 @@ VIEWS = (("text/html", "text/html"), ("text/plain", "text/plain"), ("application
          ("CycloneDX", "application/vnd.cyclonedx+json"))
 POLICY = {"trust": ",".join(BUILDERS[:2]), "min": "2"}
 RSS_TARGET_MB = 200
+DRIFT_WARNING = 0.15  # json.load at the end against the start
 
 
 def write_sbom(path, paths):
@@ -212,12 +214,15 @@ def run(args, directory):
                 ("PUT path-info", median_time(args.repeat, put_path_info), PATH_INFO_TARGET, path_info_baseline),
                 ("PUT path-info of a new report", median_time(args.repeat, lambda: put_path_info(new_report_url())),
                  PATH_INFO_TARGET, path_info_baseline)]
+            # Again at the end: the ratios are only as good as the machine's speed was steady during the run.
+            drift = [(what, start, median_time(args.repeat, again)) for what, start, again in (
+                ("json.load", baseline, load), ("json.load of path-info", path_info_baseline, load_path_info))]
         rss = memory_kib(process.pid, "VmHWM") / 1024
         workers_rss = [memory_kib(pid, "VmHWM") / 1024 for pid in child_pids(process.pid)]
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return rows, policy_rows, rss, workers_rss
+    return rows, policy_rows, drift, rss, workers_rss
 
 
 def main(argv=None):
@@ -226,7 +231,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median counts (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hash-collection-bench-") as directory:
-        rows, policy_rows, rss, workers_rss = run(args, Path(directory))
+        rows, policy_rows, drift, rss, workers_rss = run(args, Path(directory))
     missed = []
     for what, seconds, target, baseline in rows:
         ratio = seconds / baseline
@@ -240,6 +245,11 @@ def main(argv=None):
             missed.append(what)
         print(f"{what:38} {seconds * 1000:9.1f} ms  {ratio:6.2f}x without  target <= {target:g}x"
               f"  {'ok' if ratio <= target else 'MISSED'}")
+    for what, start, end in drift:
+        change = end / start - 1
+        print(f"{what + ', at the end':38} {end * 1000:9.1f} ms  {change:+.0%} against the start"
+              + (f"  (the machine's speed changed by more than {DRIFT_WARNING:.0%}: the ratios above are unsure)"
+                 if abs(change) > DRIFT_WARNING else ""))
     rss_ok = rss <= RSS_TARGET_MB
     print(f"{'server peak RSS (VmHWM)':38} {rss:9.1f} MB  target <= {RSS_TARGET_MB} MB  {'ok' if rss_ok else 'MISSED'}")
     print(f"{'its worker processes, each (VmHWM)':38} {', '.join(f'{worker:.1f}' for worker in workers_rss)} MB"
