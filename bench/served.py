@@ -64,3 +64,22 @@ def child_pids(pid):
     for task in Path(f"/proc/{pid}/task").iterdir():
         children += [int(child) for child in (task / "children").read_text().split()]
     return children
+
+
+def cpu_seconds(pid):
+    """User and system CPU time a process has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(pid, quiet_s=0.5, timeout_s=30):
+    """Until the server and its workers have used almost no CPU for quiet_s (or timeout_s has passed): work it
+    does after answering, such as removing a replaced report, would otherwise slow what is timed next."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = [pid, *child_pids(pid)]
+        before = sum(map(cpu_seconds, pids))
+        time.sleep(quiet_s)
+        if sum(map(cpu_seconds, pids)) - before < 0.05 * quiet_s:
+            return
