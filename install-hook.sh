@@ -28,7 +28,7 @@ EOF
 
 BLOCK_BEGIN="# hash-collection: begin (written by install-hook.sh; install-hook.sh --uninstall removes it)"
 BLOCK_END="# hash-collection: end"
-CLIENT_FILES=(post_build_hook.py hook-wrapper.sh post-build-hook diff-hook)
+CLIENT_FILES=(post_build_hook.py hook-wrapper.sh run-client.py post-build-hook diff-hook)
 CHECK_DEADLINE=30
 
 here=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
@@ -239,6 +239,12 @@ install_client() {
     install -d -m 0755 -o root -g root "$prefix"
     install -C -m 0755 -o root -g root "$here/post_build_hook.py" "$prefix/post_build_hook.py"
     install -C -m 0755 -o root -g root "$here/nix/hook-wrapper.sh" "$prefix/hook-wrapper.sh"
+    install -C -m 0644 -o root -g root "$here/nix/run-client.py" "$prefix/run-client.py"
+    # Its bytecode, which run-client.py loads instead of compiling the client at every run; readable by the build
+    # users, whose diff hook runs it too.
+    install -d -m 0755 -o root -g root "$prefix/__pycache__"
+    "$python" -m py_compile "$prefix/post_build_hook.py"
+    chmod 0644 "$prefix"/__pycache__/post_build_hook.*.pyc
     write_launcher post-build-hook "" "$state_dir/spool" \
         "export HASH_COLLECTION_BUILD_USER_SPOOL=$(sh_quote "$state_dir/build-user-spool")" \
         "export HASH_COLLECTION_BUILD_USERS_GROUP=$(sh_quote "$group")"
@@ -404,6 +410,7 @@ uninstall_hook() {
     for name in "${CLIENT_FILES[@]}"; do
         rm -f "${prefix:?}/$name"
     done
+    rm -rf "${prefix:?}/__pycache__"
     rmdir "$prefix" 2>/dev/null || true
     rm -f "$state_dir/credentials/token" "$state_dir/credentials/secret-key"
     rmdir "$state_dir/credentials" 2>/dev/null || true

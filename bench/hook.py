@@ -5,9 +5,11 @@ usage: python3 bench/hook.py [RUNS]
 
 Starts its own server (`python web.py`) on a free port with a fresh database,
 builds one one-output derivation with /bin/sh, then times:
-  - the hook reporting it (with OUT_PATHS given, and empty as in Nix 2.8),
+  - the hook reporting it (with OUT_PATHS given, and empty as in Nix 2.8), run as install-hook.sh
+    installs it (nix/run-client.py, from bytecode compiled at install),
     against `python3 -c "import requests, nacl.signing"` in the same run
-    (target: at most 2x, so interpreter start-up dominates);
+    (target: at most 2x, so interpreter start-up dominates); and, for comparison,
+    the client run as a script, which Python compiles at every run;
   - the hook with the server unreachable (connection refused, and a socket
     that accepts but never answers), against its timeout (target: within it).
 Needs nix-build, nix-store and nix on PATH, and Flask for the server.
@@ -27,6 +29,17 @@ from served import REPO, create_builder, free_port, start_server
 CLIENT = REPO / "post_build_hook.py"
 NIX_CONFIG = "experimental-features = nix-command\nsubstituters =\nsandbox = false"
 UNREACHABLE_TIMEOUT = 2.0
+
+
+def installed_client(directory):
+    """The hook's command as install-hook.sh installs it: nix/run-client.py running post_build_hook.py from the
+    bytecode compiled at install, in a directory of its own rather than the checkout's __pycache__."""
+    prefix = Path(directory) / "client"
+    prefix.mkdir()
+    for source in (CLIENT, REPO / "nix" / "run-client.py"):
+        shutil.copy2(source, prefix / source.name)
+    subprocess.run([sys.executable, "-m", "py_compile", str(prefix / CLIENT.name)], check=True)
+    return [sys.executable, str(prefix / "run-client.py"), str(prefix / CLIENT.name)]
 
 
 def nix(*args):
@@ -73,19 +86,23 @@ def main():
         settings = {"HASH_COLLECTION_SERVER": url, "HASH_COLLECTION_TOKEN": create_builder(db, "bench"),
                     "HASH_COLLECTION_SECRET_KEY_FILE": str(key_file),
                     "HASH_COLLECTION_SPOOL": str(Path(directory) / "spool")}
-        hook = [sys.executable, str(CLIENT)]
+        hook = installed_client(directory)
         print(f"{runs} runs each, median, {sys.executable}")
-        # Interleaved, so that load from elsewhere on the machine hits all three alike.
-        timings = {"imports": [], "given": [], "recovered": []}
+        # Interleaved, so that load from elsewhere on the machine hits all alike.
+        timings = {"imports": [], "given": [], "recovered": [], "script": []}
         for _ in range(runs):
             timings["imports"].append(seconds_of([sys.executable, "-c", "import requests, nacl.signing"]))
             timings["given"].append(seconds_of(hook, hook_env(settings, drv_path, out_path)))
             timings["recovered"].append(seconds_of(hook, hook_env(settings, drv_path, "")))
-        imports, given, recovered = (statistics.median(timings[kind]) for kind in ("imports", "given", "recovered"))
+            timings["script"].append(seconds_of([sys.executable, str(CLIENT)], hook_env(settings, drv_path, out_path)))
+        imports, given, recovered, script = (statistics.median(timings[kind])
+                                             for kind in ("imports", "given", "recovered", "script"))
         print(f"import requests, nacl.signing:        {imports * 1000:7.1f} ms")
         print(f"hook, OUT_PATHS given:                {given * 1000:7.1f} ms  ratio {given / imports:.2f} (target <= 2)")
         print(f"hook, OUT_PATHS empty (Nix 2.8):      {recovered * 1000:7.1f} ms  "
               f"ratio {recovered / imports:.2f} (target <= 2)")
+        print(f"the same, run as a script:            {script * 1000:7.1f} ms  ratio {script / imports:.2f}"
+              " (compiled at every run; no target)")
 
         offline = {**settings, "HASH_COLLECTION_TIMEOUT": str(UNREACHABLE_TIMEOUT)}
         refused = seconds_of(hook, hook_env({**offline, "HASH_COLLECTION_SERVER": f"http://127.0.0.1:{free_port()}"},

@@ -63,4 +63,9 @@ if [ ! -r "$client" ]; then
     fail "cannot read the client $client (set HASH_COLLECTION_CLIENT)" "$@"
 fi
 
+# run-client.py runs the client from its compiled bytecode: as a script, it would be compiled at every run.
+# A wrapper copied without it (by hand, from an older version) still runs the client.
+if [ -r "$here/run-client.py" ]; then
+    exec "$python" "$here/run-client.py" "$client" "$@"
+fi
 exec "$python" "$client" "$@"

@@ -23,6 +23,7 @@ stdenvNoCC.mkDerivation {
       # create_user, fetch-from-cache.sh and rebuilder.sh source it first.
       ../scripts/python.sh
       ./hook-wrapper.sh
+      ./run-client.py
     ];
   };
 
@@ -39,6 +40,9 @@ stdenvNoCC.mkDerivation {
     mkdir -p "$share" "$out/bin"
     cp -r . "$share"
     chmod +x "$share"/create_user "$share"/fetch-from-cache.sh "$share"/rebuilder.sh "$share"/nix/hook-wrapper.sh
+    # The hooks run the client from this bytecode (nix/run-client.py); checked against the source's hash, as the
+    # store resets every file's time.
+    ${python.interpreter} -m compileall -q --invalidation-mode checked-hash "$share/post_build_hook.py"
 
     makeWrapper ${python.interpreter} "$out/bin/hash-collection-server" \
       --add-flags "$share/web.py"

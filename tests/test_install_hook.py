@@ -188,6 +188,8 @@ def test_files_have_the_owners_and_modes_root_and_the_build_users_need(layout, c
     expected = {
         layout.prefix / "post_build_hook.py": (0o755, 0),
         layout.prefix / "hook-wrapper.sh": (0o755, 0),
+        layout.prefix / "run-client.py": (0o644, 0),
+        layout.prefix / "__pycache__": (0o755, 0),
         layout.prefix / "post-build-hook": (0o755, 0),
         layout.prefix / "diff-hook": (0o755, 0),
         layout.state_dir / "credentials": (0o750, group),
@@ -201,6 +203,11 @@ def test_files_have_the_owners_and_modes_root_and_the_build_users_need(layout, c
         assert (stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid) == (mode, 0, gid), path
     assert (layout.prefix / "post_build_hook.py").read_bytes() == (REPO / "post_build_hook.py").read_bytes()
     assert (layout.prefix / "hook-wrapper.sh").read_bytes() == (REPO / "nix" / "hook-wrapper.sh").read_bytes()
+    assert (layout.prefix / "run-client.py").read_bytes() == (REPO / "nix" / "run-client.py").read_bytes()
+    # The client's bytecode, which the root hook runs: nobody but root may write it.
+    (bytecode,) = (layout.prefix / "__pycache__").iterdir()
+    assert bytecode.name.startswith("post_build_hook.") and bytecode.suffix == ".pyc"
+    assert (stat.S_IMODE(bytecode.stat().st_mode), bytecode.stat().st_uid) == (0o644, 0)
 
 
 def test_root_and_the_build_users_each_get_their_own_spool(layout, credentials):

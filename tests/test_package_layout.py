@@ -48,3 +48,10 @@ def test_the_package_ships_no_checkout_state(package):
     share = package / "share" / "nix-hash-collection"
     assert not (share / ".venv").exists()
     assert not (share / "tests").exists()
+
+
+def test_the_hooks_client_is_compiled_and_checked_by_the_sources_hash(package):
+    """nix/run-client.py runs the client from this bytecode. The store sets every file's time to 1, so a
+    timestamp-checked .pyc would never match its source and the client would be compiled at every run."""
+    (bytecode,) = (package / "share" / "nix-hash-collection" / "__pycache__").glob("post_build_hook.*.pyc")
+    assert int.from_bytes(bytecode.read_bytes()[4:8], "little") == 0b11  # PEP 552: hash-based, checked
