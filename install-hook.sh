@@ -130,7 +130,7 @@ build_users_group() {
 
 check_python() {
     [ -x "$python" ] || die "--python $python is not an executable file"
-    "$python" -c 'import nacl.signing, requests' 2>/dev/null ||
+    "$python" -I -c 'import nacl.signing, requests' 2>/dev/null ||
         die "$python cannot import requests and nacl: on Debian, apt-get install python3-requests python3-nacl"
 }
 
@@ -221,7 +221,7 @@ refuse_symlinked_conf() {
 # Root writes into these and trusts what is in them: only root may have been able to write there before.
 refuse_unsafe_directories() {
     local directory owner mode
-    for directory in "$prefix" "$state_dir" "$state_dir/credentials" "$state_dir/spool"; do
+    for directory in "$prefix" "$prefix/__pycache__" "$state_dir" "$state_dir/credentials" "$state_dir/spool"; do
         [ -e "$directory" ] || [ -L "$directory" ] || continue
         if [ -L "$directory" ] || [ ! -d "$directory" ]; then
             die "$directory exists and is not a directory"
@@ -241,9 +241,10 @@ install_client() {
     install -C -m 0755 -o root -g root "$here/nix/hook-wrapper.sh" "$prefix/hook-wrapper.sh"
     install -C -m 0644 -o root -g root "$here/nix/run-client.py" "$prefix/run-client.py"
     # Its bytecode, which run-client.py loads instead of compiling the client at every run; readable by the build
-    # users, whose diff hook runs it too.
+    # users, whose diff hook runs it too. Compiled afresh: none left by another Python stays.
     install -d -m 0755 -o root -g root "$prefix/__pycache__"
-    "$python" -m py_compile "$prefix/post_build_hook.py"
+    rm -f "$prefix"/__pycache__/post_build_hook.*.pyc
+    "$python" -I -m py_compile "$prefix/post_build_hook.py"
     chmod 0644 "$prefix"/__pycache__/post_build_hook.*.pyc
     write_launcher post-build-hook "" "$state_dir/spool" \
         "export HASH_COLLECTION_BUILD_USER_SPOOL=$(sh_quote "$state_dir/build-user-spool")" \
@@ -319,7 +320,7 @@ check_installation() {
 # Asks the server for the attestation of one output path; prints what it found.
 attestation_on_server() {
     local out_path=$1
-    timeout "$CHECK_DEADLINE" "$python" - "$prefix" "$server" "$out_path" "$key_file" <<'EOF'
+    timeout "$CHECK_DEADLINE" "$python" -I - "$prefix" "$server" "$out_path" "$key_file" <<'EOF'
 import json, os, sys
 prefix, server, out_path, key_file = sys.argv[1:]
 sys.path.insert(0, prefix)
@@ -410,7 +411,8 @@ uninstall_hook() {
     for name in "${CLIENT_FILES[@]}"; do
         rm -f "${prefix:?}/$name"
     done
-    rm -rf "${prefix:?}/__pycache__"
+    rm -f "${prefix:?}"/__pycache__/post_build_hook.*.pyc
+    rmdir "$prefix/__pycache__" 2>/dev/null || true
     rmdir "$prefix" 2>/dev/null || true
     rm -f "$state_dir/credentials/token" "$state_dir/credentials/secret-key"
     rmdir "$state_dir/credentials" 2>/dev/null || true

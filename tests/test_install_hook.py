@@ -298,6 +298,28 @@ def test_refuses_a_spool_others_could_write_before(layout, credentials):
     assert stat.S_IMODE(spool.stat().st_mode) == 0o2770
 
 
+def test_refuses_a_bytecode_directory_others_could_write_before(layout, credentials):
+    """Root's hook runs what is there (nix/run-client.py): a bytecode file planted by anyone else must not stay."""
+    pycache = layout.prefix / "__pycache__"
+    pycache.mkdir(parents=True)
+    layout.prefix.chmod(0o755)
+    pycache.chmod(0o777)
+    completed = install_hook(layout, *credentials, *layout.options(), "--yes")
+    assert completed.returncode == 1
+    assert f"{pycache} already exists, owned by uid 0 with mode 777" in completed.stderr
+    assert layout.nix_conf.read_text() == ORIGINAL_NIX_CONF
+
+
+def test_reinstalling_compiles_the_client_afresh(layout, credentials):
+    """Bytecode a Python before an upgrade left, or anyone's, does not stay beside the new."""
+    installed(layout, credentials)
+    stale = layout.prefix / "__pycache__" / "post_build_hook.cpython-39.pyc"
+    stale.write_bytes(b"stale")
+    installed(layout, credentials)
+    (compiled,) = (layout.prefix / "__pycache__").iterdir()
+    assert compiled.name.startswith("post_build_hook.cpython-") and compiled.name != stale.name
+
+
 def test_without_yes_or_a_terminal_it_shows_the_change_and_changes_nothing(layout, credentials):
     completed = install_hook(layout, *credentials, *layout.options())
     assert completed.returncode == 1
