@@ -261,6 +261,15 @@ def test_uninstall_restores_nix_conf_byte_for_byte_and_removes_what_it_installed
     assert not layout.state_dir.exists()
 
 
+def test_uninstall_removes_only_the_clients_bytecode(layout, credentials):
+    installed(layout, credentials)
+    other = layout.prefix / "__pycache__" / "something_else.cpython-311.pyc"
+    other.write_bytes(b"not ours")
+    completed = install_hook(layout, "--uninstall", *layout.options())
+    assert completed.returncode == 0, completed.stderr
+    assert [path.name for path in (layout.prefix / "__pycache__").iterdir()] == [other.name]
+
+
 def test_uninstall_keeps_a_spool_holding_submissions_and_says_so(layout, credentials):
     installed(layout, credentials)
     waiting = layout.state_dir / "build-user-spool" / "waiting.json"

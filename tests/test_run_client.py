@@ -80,25 +80,32 @@ def test_the_client_sees_what_a_script_sees_through_a_symbolic_link_too(tmp_path
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     client = installed(tmp_path / "installed", probe)
+    # As nix/package.nix lays them out: the wrapper and run-client.py in nix/, below the client's directory.
+    wrappers = client.parent / "nix"
+    wrappers.mkdir()
+    for name in ("hook-wrapper.sh", "run-client.py"):
+        (client.parent / name).rename(wrappers / name)
     link = tmp_path / "link.py"
     link.symlink_to(client)
     for path, args, env in itertools.product((client, link), ((), ("3",), ("raise",)),
                                              ({}, {"PYTHONSAFEPATH": "1"})):
-        wrapped = through_wrapper(path, "flush", *args, wrapper=client.parent / "hook-wrapper.sh", **env)
+        wrapped = through_wrapper(path, "flush", *args, wrapper=wrappers / "hook-wrapper.sh", **env)
         script = as_script(path, "flush", *args, **env)
         assert (wrapped.returncode, wrapped.stdout) == (script.returncode, script.stdout)
         assert wrapped.stderr.splitlines()[-1:] == script.stderr.splitlines()[-1:]
 
 
 def test_bytecode_others_could_have_written_is_never_run(tmp_path):
-    for case in ("group-writable directory", "file of another user", "symbolic link"):
+    for case in ("group-writable directory", "directory others may write", "file of another user", "symbolic link"):
         client = installed(tmp_path / case.replace(" ", "-"))
         bytecode = plant_bytecode(client, "print('planted')")
         if case == "group-writable directory":
             os.chmod(os.path.dirname(bytecode), 0o775)
+        elif case == "directory others may write":
+            os.chmod(os.path.dirname(bytecode), 0o757)
         elif case == "file of another user":
             os.chown(bytecode, NOBODY, NOBODY)
-        else:
+        else:  # refused by its mode too (0777 on Linux); the link check is there all the same
             elsewhere = tmp_path / f"elsewhere-{client.parent.name}"
             os.rename(os.path.dirname(bytecode), elsewhere)
             os.symlink(elsewhere, os.path.dirname(bytecode))
