@@ -27,7 +27,7 @@ def run_as_main(path, args):
     module.__file__, module.__loader__ = os.path.abspath(path), loader
     sys.modules["__main__"] = module
     sys.argv = [path, *args]
-    if not sys.flags.safe_path:
+    if not getattr(sys.flags, "safe_path", False):  # PYTHONSAFEPATH, from Python 3.11; the client runs on 3.8 too
         sys.path[0] = os.path.dirname(source)
     exec(code, module.__dict__)  # noqa: S102 - the client, as `python path` would run it
 

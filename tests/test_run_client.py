@@ -163,3 +163,18 @@ def test_a_hook_wrapper_copied_without_run_client_still_runs_the_client(tmp_path
     (tmp_path / "run-client.py").unlink()
     completed = through_wrapper(client, "no-such-command")
     assert completed.returncode == 2 and completed.stderr.startswith("usage: post_build_hook.py"), completed.stderr
+
+
+def test_runs_on_pythons_before_3_11_which_have_no_safe_path_flag(tmp_path):
+    """The client runs on Python 3.8 and later; sys.flags.safe_path (PYTHONSAFEPATH) came in 3.11. This Python's
+    flags without it stand in for an older one's: a hook that failed there would stop every build."""
+    client = installed(tmp_path)
+    older = ("import runpy, sys, types\n"
+             "flags = {name: getattr(sys.flags, name) for name in dir(sys.flags) if not name.startswith('_')}\n"
+             "flags.pop('safe_path', None)\n"
+             "sys.flags = types.SimpleNamespace(**{k: v for k, v in flags.items() if not callable(v)})\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    completed = subprocess.run([sys.executable, "-c", older, str(tmp_path / "run-client.py"), str(client),
+                                "no-such-command"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and completed.stderr.startswith("usage: post_build_hook.py"), completed.stderr
