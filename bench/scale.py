@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from post_build_hook import NIX_BASE32, STORE_DIR  # noqa: E402
 from closure import PACKAGES, generate_sbom  # noqa: E402
 from report import closure_paths  # noqa: E402
-from served import create_builder, start_server  # noqa: E402
+from served import cpu_seconds, create_builder, start_server  # noqa: E402
 
 BATCH_SIZE = 10_000
 BUILDERS = ("a", "b", "c")
@@ -112,13 +112,6 @@ def checked(response):
     if response.status_code != 200:
         sys.exit(f"bench: {response.request.method} {response.url} -> {response.status_code}: {response.text[:300]}")
     return response
-
-
-def cpu_seconds(pid):
-    """User and system CPU time of a process so far: on a shared machine, what its work cost."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Ingest:

@@ -67,7 +67,7 @@ def child_pids(pid):
 
 
 def cpu_seconds(pid):
-    """User and system CPU time a process has used, from /proc/<pid>/stat."""
+    """User and system CPU time a process has used, from /proc/<pid>/stat: on a shared machine, what its work cost."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
