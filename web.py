@@ -144,6 +144,9 @@ def limits_from_env():
     return {key: whole_number_from_env(variable, default) for key, (variable, default) in SERVER_LIMITS.items()}
 
 
+DEFAULT_THREADS = 16
+
+
 def create_app(config=None):
     app = Flask(__name__)
     app.config.from_mapping(
@@ -157,6 +160,7 @@ def create_app(config=None):
         LOG_ORIGIN=log_origin_from_env(),
         CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
         RENDER_WORKER=False,
+        VIEW_WAITERS=DEFAULT_THREADS // 2,
         TREE_WORKER=False,
         BACKGROUND_CHECKPOINTS=False,
         **limits_from_env(),
@@ -178,6 +182,7 @@ def create_app(config=None):
     app.teardown_appcontext(close_db)
     app.after_request(release_freed_memory)
     app.after_request(note_other_writes)
+    app.after_request(vary_by_accept)
     app.jinja_env.filters["output_href"] = output_href
     app.jinja_env.filters["name_of"] = name_of
     app.jinja_env.filters["badge"] = verdict_badge
@@ -839,11 +844,21 @@ def migrate_to_14(conn):
     servers of earlier versions cannot read, so they refuse a database of this one rather than fail on it."""
 
 
+def migrate_to_15(conn):
+    """Each revision keeps the paths its upload marks fixed-output. The latest revision's are its report's own rows';
+    an older revision's upload is gone: it counts as fixed-output what attestations, or revisions it is shown with, mark so."""
+    conn.execute("ALTER TABLE report_revisions ADD COLUMN fixed_output TEXT")
+    conn.execute("UPDATE report_revisions SET fixed_output = (SELECT nullif(json_group_array(out_path), '[]') FROM (SELECT"
+                 " out_path FROM report_paths WHERE report_paths.report_id = report_revisions.report_id AND ca IS NOT NULL"
+                 " ORDER BY out_path)) WHERE number = (SELECT MAX(number) FROM report_revisions AS later"
+                 " WHERE later.report_id = report_revisions.report_id)")
+
+
 # (version, function) pairs: the function brings a database from the version before to this one.
 # Append, never edit; the last version is the schema this code speaks.
 MIGRATIONS = [(2, migrate_to_2), (3, migrate_to_3), (4, migrate_to_4), (5, migrate_to_5), (6, migrate_to_6),
               (7, migrate_to_7), (8, migrate_to_8), (9, migrate_to_9), (10, migrate_to_10),
-              (11, migrate_to_11), (12, migrate_to_12), (13, migrate_to_13), (14, migrate_to_14)]
+              (11, migrate_to_11), (12, migrate_to_12), (13, migrate_to_13), (14, migrate_to_14), (15, migrate_to_15)]
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -959,7 +974,7 @@ def utf8_text(raw):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise BadInput(f"body is not JSON: not UTF-8 at byte {error.start}") from None
+        raise BadInput(f"body is not UTF-8 text: invalid at byte {error.start}") from None
 
 
 def parsed_json(text):
@@ -1644,8 +1659,11 @@ def policy_of(conn, names, minimum, verified, name=None):
         raise BadInput("verified: this server counts only verified attestations (verified-only mode); verified=0 is refused")
     verified_only = require_signatures if verified is None else verified
     if names is None:
-        if minimum < 2:
-            raise BadInput(f"min: expected at least 2, got {minimum}")
+        # At most the number of builders, as with a trust list: each larger min is the same verdicts, and a view
+        # of its own to render.
+        (builders,) = conn.execute("SELECT COUNT(*) FROM builders").fetchone()
+        if not 2 <= minimum <= max(2, builders):
+            raise BadInput(f"min: expected 2 to {max(2, builders)} (the number of builders), got {minimum}")
         return Policy(None, None, minimum, verified_only, name)
     ids = builder_ids_of(conn, names)
     if not 2 <= minimum <= len(ids):
@@ -1733,14 +1751,17 @@ def policy_object(row):
             "owner": row["owner"], "updated_at": row["updated_at"]}
 
 
-def path_verdicts(conn, out_paths, policy):
-    """{out_path: verdict} for any store paths, such as an older revision's, under a policy: from their attestations
-    now, where report_labels reads what reported_paths keeps."""
-    rows = conn.execute(f"SELECT paths.value, {attested_column('store_paths.id')} FROM json_each(?) AS paths"
+def path_verdicts(conn, out_paths, policy, fixed_output=frozenset()):
+    """{out_path: label} for any store paths, such as an older revision's, under a policy: from their attestations
+    now, where report_labels reads what reported_paths keeps. FIXED_OUTPUT for the paths of fixed_output (which their
+    uploads marked so: revision_fixed_output) and those a counted attestation marks so, as report_labels does."""
+    rows = conn.execute(f"SELECT paths.value, {attested_column('store_paths.id')},"
+                        f" {attested_fixed_column('store_paths.id')} >= {counted_fixed_output()} FROM json_each(?) AS paths"
                         f" LEFT JOIN store_paths ON {path_match('store_paths', 'paths.value')}",
                         (json.dumps(list(dict.fromkeys(out_paths))),))
     verdict_of = verdict_of_attested(policy)
-    return {out_path: verdict_of(attested) for out_path, attested in rows}
+    return {out_path: FIXED_OUTPUT if fixed or out_path in fixed_output else verdict_of(attested)
+            for out_path, attested, fixed in rows}
 
 
 def attested_column(path_id):
@@ -1802,11 +1823,15 @@ def verdict_of_attested(policy):
     return verdict_of
 
 
+def counted_fixed_output():
+    """The least attested_fixed_column that makes a path fixed-output: a verified attestation's in verified-only mode."""
+    return 2 if default_policy().verified_only else 1
+
+
 def fixed_output_condition():
     """SQL: the report path is fixed-output, as its upload (path-info's ca) or a counted attestation says
     (for a query that has joined its reported_paths row: REPORTED_PATHS_JOIN)."""
-    return (f"(report_paths.ca IS NOT NULL OR ifnull(reported_paths.attested_fixed, 0)"
-            f" >= {2 if default_policy().verified_only else 1})")
+    return f"(report_paths.ca IS NOT NULL OR ifnull(reported_paths.attested_fixed, 0) >= {counted_fixed_output()})"
 
 
 # The reported_paths row of each report path, for the views.
@@ -1988,7 +2013,7 @@ def component_outputs_of(ref, properties, index):
     drv_path = properties["nix:drv_path"][0] if "nix:drv_path" in properties else None
     if drv_path is None and ref.endswith(".drv"):
         drv_path = ref if ref.startswith(STORE_DIR + "/") else store_path(ref)
-    if drv_path is not None and not STORE_PATH_RE.fullmatch(drv_path):
+    if drv_path is not None and not (STORE_PATH_RE.fullmatch(drv_path) and drv_path.endswith(".drv")):
         drv_path = None
     candidates = properties.get("nix:out_path", []) + properties.get("nix:output_path", [])
     if not candidates and not ref.endswith(".drv"):
@@ -2131,6 +2156,7 @@ class PathInfoItem(msgspec.Struct):
     references: list[str]
     deriver: str | None = None
     ca: str | None = None
+    valid: object = True  # Nix 2.8 prints false, and no references, for a path that is not in the store
 
 
 class PathInfoNode(msgspec.Struct):
@@ -2140,6 +2166,7 @@ class PathInfoNode(msgspec.Struct):
     references: msgspec.Raw
     deriver: str | None = None
     ca: str | None = None
+    valid: object = True
 
 
 USUAL_SBOM = msgspec.json.Decoder(UsualSbom)
@@ -2200,10 +2227,12 @@ def usual_path_info_items(body, edges=True):
     if not edges and not all(memoryview(item.references)[:1] == b"[" for item in items):
         raise NotUsualShape  # not a list: the generic reader names the first item whose references are wrong
     paths = [item.path for item in items]
-    if not (are_store_paths(paths) and are_store_paths([item.deriver for item in items if item.deriver is not None])):
+    derivers = [item.deriver for item in items if item.deriver is not None]
+    if not (are_store_paths(paths) and are_store_paths(derivers) and all(item.valid is True for item in items)
+            and all(deriver.endswith(".drv") for deriver in derivers)):
         raise NotUsualShape
     wheres = [f"path-info [{position}]" for position in range(len(items))]
-    cas = [path_info_ca(item.ca, path, where) for item, path, where in zip(items, paths, wheres)]
+    cas = [path_info_ca(item.ca, path, where, item.references) for item, path, where in zip(items, paths, wheres)]
     return [ClosureItem(item.path, item.references if edges else None, item.deriver, ca, where)
             for item, ca, where in zip(items, cas, wheres)]
 
@@ -2218,7 +2247,8 @@ NIX_TREE_TYPE = "text/x-nix-tree"
 NIX_PATHS_TYPE = "text/x-nix-paths"
 REPORT_TYPES = (CYCLONEDX_TYPE, PATH_INFO_TYPE, NIX_TREE_TYPE, NIX_PATHS_TYPE)
 # One level of `nix-store -q --tree`: "├───" or "└───" before a path, "│   " or four spaces above it.
-TREE_LINE_RE = re.compile(r"((?:\u2502   |    )*)([\u251c\u2514]\u2500\u2500\u2500)?(\S+?)( \[\.\.\.\])?")
+# Possessive (*+): the indentation is matched without a backtracking frame per level, which took 35 times a body's size.
+TREE_LINE_RE = re.compile(r"((?:\u2502   |    )*+)([\u251c\u2514]\u2500\u2500\u2500)?(\S+?)( \[\.\.\.\])?")
 
 
 class ClosureItem(NamedTuple):
@@ -2269,57 +2299,105 @@ def path_info_items(document):
 def path_info_one_by_one(document):
     for path_text, info, where in path_info_entries(document):
         path = full_store_path(path_text, where, "path")
+        if info.get("valid", True) is not True:
+            raise BadInput(f"{where}: {shorten(path)} is not a valid path (\"valid\": {json.dumps(info['valid'])})")
         references = field(info, "references", where, kind=list, required=False) or []
         deriver = info.get("deriver")
-        deriver = full_store_path(deriver, where, "deriver") if deriver is not None else None
-        yield ClosureItem(path, references, deriver, path_info_ca(info.get("ca"), path, where), where)
+        deriver = path_info_deriver(deriver, where) if deriver is not None else None
+        yield ClosureItem(path, references, deriver, path_info_ca(info.get("ca"), path, where, references), where)
 
 
-def path_info_ca(ca, path, where):
-    """An item's ca as "fixed:…" once checked to be the content address of its path; None if it has none."""
+def path_info_deriver(text, where):
+    deriver = full_store_path(text, where, "deriver")
+    if not deriver.endswith(".drv"):
+        raise BadInput(f"{where}.deriver: expected the .drv store path that built it, got {shorten(deriver)!r}")
+    return deriver
+
+
+def path_info_ca(ca, path, where, references):
+    """An item's ca as "fixed:…" once checked to be the content address of its path; None if it has none, or one
+    that does not make it fixed-output: a .drv's text:…, or the output of a content-addressed derivation, which
+    has references (Nix refuses a fixed-output path that has any). references: a list, or its raw JSON."""
     if ca is None:
         return None
-    ca = checked(f"{where}.ca", fixed_content_address, ca)
-    return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), ca)
+    if not isinstance(ca, (str, dict)):
+        raise BadInput(f"{where}.ca: expected a content address, text or an object, got {type(ca).__name__}")
+    fixed = checked(f"{where}.ca", fixed_content_address, ca)
+    if fixed is None or lists_any(references):
+        return None
+    return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), fixed)
 
 
-def nix_tree_items(text):
-    """Items of `nix-store -q --tree` output: a line's parent is the nearest line above it one level up."""
-    references, where_of, parents = {}, {}, []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        depth, path = tree_line(line, number)
+def lists_any(references):
+    """Whether references, a list or its raw JSON (PathInfoNode), lists anything."""
+    if isinstance(references, msgspec.Raw):
+        return bool(bytes(references).strip(b"[] \t\r\n"))
+    return bool(references)
+
+
+def nix_tree_items(text, max_lines):
+    """Items of `nix-store -q --tree` output: a line's parent is the nearest line above it one level up. As Nix
+    prints it, a path marked [...] was shown above, and nothing is listed under it."""
+    references, where_of, parents = {}, {}, []  # parents: (path, marked [...]) of the lines above, by depth
+    for number, line in text_lines(text, max_lines):
+        depth, path, repeated = tree_line(line, number)
         if depth > len(parents):
             raise BadInput(f"tree line {number}: indented deeper than the line above it allows, in {shorten(line)!r}")
         del parents[depth:]
-        if parents and path not in references[parents[-1]]:
-            references[parents[-1]].append(path)
-        references.setdefault(path, [])
+        if parents:
+            parent, parent_repeated = parents[-1]
+            if parent_repeated:
+                raise BadInput(f"tree line {number}: {shorten(path)} is listed under a line marked [...],"
+                               " which Nix never expands")
+            references[parent][path] = None
+        if repeated and path not in references:
+            raise BadInput(f"tree line {number}: {shorten(path)} is marked [...], shown above, but no line above shows it")
+        references.setdefault(path, {})
         where_of.setdefault(path, f"tree line {number}")
-        parents.append(path)
-    return [ClosureItem(path, refs, None, None, where_of[path]) for path, refs in references.items()]
+        parents.append((path, repeated))
+    return [ClosureItem(path, list(refs), None, None, where_of[path]) for path, refs in references.items()]
 
 
 def tree_line(line, number):
-    """(depth, store path) of one line of `nix-store -q --tree`; a path marked [...] was shown above."""
+    """(depth, store path, whether it is marked [...]) of one line of `nix-store -q --tree`."""
     match = TREE_LINE_RE.fullmatch(line)
     if not match or (match.group(1) and not match.group(2)):
         raise BadInput(f"tree line {number}: expected a store path indented by `nix-store -q --tree`"
                        f" (├───, └───, │), got {shorten(line)!r}")
     path = checked(f"tree line {number}", lambda value: parse_store_path(value) and value, match.group(3))
-    return len(match.group(1)) // 4 + bool(match.group(2)), path
+    return len(match.group(1)) // 4 + bool(match.group(2)), path, match.group(4) is not None
 
 
-def nix_paths_items(text):
+def text_lines(text, max_lines):
+    """(number, line) of each line of Nix's text output that is not blank, split at "\n" alone, as Nix ends its lines
+    (a "\r" before it is dropped): str.splitlines also splits at control characters, and would name the wrong line.
+    A line at a time, and a body of more than max_lines is refused first: a body of empty lines would otherwise
+    cost a list of tens of millions."""
+    if text.count("\n") > max_lines:
+        raise ReportTooLarge(f"body: more than {max_lines} lines; this server allows as many as its limits of store paths"
+                             " and references per report (--max-report-paths, --max-report-edges)")
+    start = 0
+    for number in itertools.count(1):
+        end = text.find("\n", start)
+        line = text[start:] if end < 0 else text[start:end]
+        if line.strip():
+            yield number, line.removesuffix("\r")
+        if end < 0:
+            return
+        start = end + 1
+
+
+def nix_paths_items(text, max_lines):
     """Items of `nix-store -qR [--include-outputs]` output, one path a line; each output is linked to the
     listed .drv of its name, when exactly one matches. The path asked for is the last line."""
     listed = [(number, checked(f"line {number}", lambda value: parse_store_path(value) and value, line.strip()))
-              for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    drvs_by_name = defaultdict(list)
+              for number, line in text_lines(text, max_lines)]
+    drvs_by_name = defaultdict(list)  # up to two: one is a match, two are none, and more would be searched for each output
     for _number, path in listed:
         if path.endswith(".drv"):
-            drvs_by_name[parse_store_path(path)[1][:-len(".drv")]].append(path)
+            same_name = drvs_by_name[parse_store_path(path)[1][:-len(".drv")]]
+            if len(same_name) < 2:
+                same_name.append(path)
     items = [ClosureItem(path, [], deriver_by_name(path, drvs_by_name), None, f"line {number}") for number, path in listed]
     return items[-1:] + items[:-1]
 
@@ -2339,6 +2417,8 @@ def closure_contents(items, root, max_paths, max_edges, edges=True):
     Without edges (children None) when the tree worker reads them (usual_path_info_edges).
     A list at a time: a loop over the items took half as long again."""
     items = root_first(list(items), root)
+    if not items:
+        raise BadInput("closure: the upload lists no store path")
     index_of = closure_index(items[:max_paths + 1])
     if len(items) > max_paths:
         raise ReportTooLarge(f"closure: more than {max_paths} store paths; this server's limit is {max_paths}"
@@ -2433,9 +2513,9 @@ def report_contents(content_type, body, root, max_paths, max_edges, edges=True):
     is detected. edges=False leaves the edges of JSON (CycloneDX or path-info) to the tree worker; the text formats
     read theirs."""
     if content_type == NIX_TREE_TYPE:
-        return NIX_TREE_TYPE, closure_contents(nix_tree_items(body.decode()), root, max_paths, max_edges)
+        return NIX_TREE_TYPE, closure_contents(nix_tree_items(body.decode(), max_paths + max_edges), root, max_paths, max_edges)
     if content_type == NIX_PATHS_TYPE:
-        return NIX_PATHS_TYPE, closure_contents(nix_paths_items(body.decode()), root, max_paths, max_edges)
+        return NIX_PATHS_TYPE, closure_contents(nix_paths_items(body.decode(), max_paths + max_edges), root, max_paths, max_edges)
     try:
         return usual_report_contents(content_type, body, root, max_paths, max_edges, edges)
     except NotUsualShape:
@@ -2584,6 +2664,10 @@ def report_to_replace(conn, name, builder, label):
                                           (existing["id"], label)).fetchone():
         raise LabelTaken(f"revision label {shorten(label)!r} is already used by report {name!r}")
     return existing
+
+
+class ViewsBusy(Exception):
+    """Too many views wait for the render worker."""
 
 
 class UploadsBusy(Exception):
@@ -2794,7 +2878,8 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
                      (contents.root, tree, source_type, report_id))
     # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
     (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
-    return Revision(label, contents.root, stored_paths, sbom_digest, component_ids, tree_id.result(), now_iso())
+    return Revision(label, contents.root, stored_paths, sbom_digest, component_ids, tree_id.result(), now_iso(),
+                    json_rows(sorted(contents.fixed_output)) if contents.fixed_output else None)
 
 
 def packed_component_ids_or_pending(conn, writer, contents, unknown_paths):
@@ -3252,6 +3337,7 @@ class Revision(NamedTuple):
     component_ids: bytes
     tree_id: int
     created_at: str
+    fixed_output: str | None = None  # a JSON list of the paths the upload marks fixed-output; None: none
 
 
 class LabelTaken(Exception):
@@ -3511,13 +3597,20 @@ def add_revision(conn, report_id, revision):
         raise LabelTaken(f"revision label {shorten(revision.label)!r} is already used by this report")
     number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM report_revisions WHERE report_id = ?",
                           (report_id,)).fetchone()[0]
-    inserted = conn.execute("INSERT INTO report_revisions (report_id, number, label, root, path_count, sbom_sha256,"
-                            " component_ids, tree_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (report_id, number, *revision))
+    # A revision without fixed-output paths leaves their column out: migrate_to_8 adds revisions to a table without it.
+    columns = Revision._fields if revision.fixed_output is not None else Revision._fields[:-1]
+    inserted = conn.execute(f"INSERT INTO report_revisions (report_id, number, {', '.join(columns)})"
+                            f" VALUES (?, ?, {', '.join('?' * len(columns))})", (report_id, number, *revision[:len(columns)]))
     return number, inserted.lastrowid
 
 
-REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256 FROM report_revisions"
+REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256, fixed_output FROM report_revisions"
+
+
+def revision_fixed_output(*revisions):
+    """The paths that the uploads of these revisions mark fixed-output: a content address is the path's own, in any
+    revision that lists it."""
+    return frozenset(path for revision in revisions for path in json.loads(revision["fixed_output"] or "[]"))
 
 
 def latest_revision(conn, report_id):
@@ -3581,7 +3674,7 @@ def revision_counts(conn, revisions, policy):
     """(revision, verdict counts as of now) for each revision: one lookup of every path any of them lists."""
     path_sets = [{path for component in components for path in component["outputs"]}
                  for components in revision_components(conn, *[revision["id"] for revision in revisions])]
-    verdicts = path_verdicts(conn, list(set().union(*path_sets)), policy)
+    verdicts = path_verdicts(conn, list(set().union(*path_sets)), policy, revision_fixed_output(*revisions))
     for revision, paths in zip(revisions, path_sets):
         yield revision, verdict_counts({path: verdicts[path] for path in paths})
 
@@ -3629,7 +3722,7 @@ def revision_changes(conn, old, new, policy):
     old_names, new_names = map(component_of_paths, revision_components(conn, old["id"], new["id"]))
     added = sorted(new_names.keys() - old_names.keys())
     removed = sorted(old_names.keys() - new_names.keys())
-    verdicts = path_verdicts(conn, added + removed, policy)
+    verdicts = path_verdicts(conn, added + removed, policy, revision_fixed_output(old, new))
     successors = unique_by_key(added, new_names)
     changes = {"regressions": [], "fixes": [], "unchanged": []}
     for key, old_path in sorted(unique_by_key(removed, old_names).items()):
@@ -3720,6 +3813,13 @@ class ReportChanges:
 ATTESTATION_ENDPOINTS = ("routes.post_attestation", "routes.post_attestations")
 
 
+def vary_by_accept(response):
+    """Report views, lists and pages are HTML, JSON, text or the upload by Accept: a cache must keep them apart."""
+    if request.method in ("GET", "HEAD"):
+        response.vary.add("Accept")
+    return response
+
+
 def note_other_writes(response):
     """A successful write other than an attestation (a report, policy, link pattern, diff) may change any view."""
     if request.method not in ("GET", "HEAD", "OPTIONS") and response.status_code < 400 \
@@ -3762,11 +3862,22 @@ def report_tree(conn, report_id):
     return msgspec.json.decode(conn.execute("SELECT tree FROM reports WHERE id = ?", (report_id,)).fetchone()[0])
 
 
+TEXT_INDENT_LEVELS = 50
+
+
+def text_indent(depth):
+    """Two spaces a level, up to TEXT_INDENT_LEVELS; a line deeper still says its level: indented by its depth, each line
+    of a chain of 20,000 paths made a view of 400 MB."""
+    if depth <= TEXT_INDENT_LEVELS:
+        return "  " * depth
+    return "  " * TEXT_INDENT_LEVELS + f"(level {depth}) "
+
+
 def text_tree_lines(tree, components, verdicts):
-    """The text view, a line per store path indented two spaces a level; a row of references is one string."""
+    """The text view, a line per store path indented by text_indent; a row of references is one string."""
     lines_of = [component["outputs"] or [component["name"] or "(component without store path)"] for component in components]
     for depth, indices, expanded in tree:
-        indent = "  " * depth
+        indent = text_indent(depth)
         if expanded:
             for path in lines_of[indices]:
                 yield f"{indent}{path} {verdicts.get(path, '')}\n"
@@ -4425,9 +4536,14 @@ def wants_html():
     return accept["text/html"] > accept["application/json"]
 
 
+def accepted_types():
+    """The types the client's Accept names, but those it refuses (q=0)."""
+    return {mimetype for mimetype, quality in request.accept_mimetypes if quality > 0}
+
+
 def report_format():
     """The first of these that the client names explicitly; anything else gets the text tree."""
-    named = set(request.accept_mimetypes.values())
+    named = accepted_types()
     return next((mimetype for mimetype in (*REPORT_TYPES, "application/json", "text/html") if mimetype in named),
                 "text/plain")
 
@@ -4436,7 +4552,7 @@ def uploaded_document(conn, report, latest, wanted):
     """The report as uploaded, in the format it was uploaded in. A report made from Nix's output has no
     CycloneDX SBOM to give, and a converted one would be ours, not the uploader's: that is a 406."""
     source_type = report["source_type"]
-    if source_type not in set(request.accept_mimetypes.values()):
+    if source_type not in accepted_types():
         abort(406, f"this report was uploaded as {source_type}, not {wanted}; ask for Accept: {source_type}")
     digest = latest["sbom_sha256"]  # the upload's own: no attestation changes it
     if request.if_none_match.contains(digest):
@@ -4521,6 +4637,11 @@ def label_taken(error):
 @routes.app_errorhandler(UploadsBusy)
 def uploads_busy(error):
     return jsonify(error=str(error)), 503, {"Retry-After": str(UPLOAD_RETRY_AFTER_S)}
+
+
+@routes.app_errorhandler(ViewsBusy)
+def views_busy(error):
+    return jsonify(error=f"{error}; retry in {VIEW_RETRY_AFTER_S} seconds"), 503, {"Retry-After": str(VIEW_RETRY_AFTER_S)}
 
 
 @routes.app_errorhandler(HTTPException)
@@ -4809,17 +4930,18 @@ def show_report(name):
 
 def show_older_revision(conn, report, revision, latest, policy, wanted):
     """A revision before the latest, from its shared component rows: its SBOM is gone (410)."""
-    if wanted == CYCLONEDX_TYPE:
-        abort(410, f"report {report['name']!r} keeps the SBOM of its latest revision ({latest['number']}) only;"
+    if wanted in REPORT_TYPES:
+        abort(410, f"report {report['name']!r} keeps the upload of its latest revision ({latest['number']}) only;"
                    f" revision {revision['number']} keeps its paths and tree")
     with cyclic_gc_paused():
         (components,) = revision_components(conn, revision["id"])
         out_paths = [out_path for component in components for out_path in component["outputs"]]
-        verdicts = path_verdicts(conn, out_paths, policy)
+        verdicts = path_verdicts(conn, out_paths, policy, revision_fixed_output(revision))
         diffs = paths_diffs(conn, out_paths)
         if wanted == "application/json":
-            return jsonify(name=report["name"], root=revision["root"], counts=verdict_counts(verdicts), paths=verdicts,
-                           diffs=diffs, revision=revision_object(revision))
+            counts = verdict_counts(verdicts)
+            return jsonify(name=report["name"], root=revision["root"], counts=counts, headline=headline(counts),
+                           paths=verdicts, diffs=diffs, revision=revision_object(revision))
         tree = revision_tree(conn, revision["id"])
     if wanted == "text/plain":
         return Response(batched(text_tree_lines(tree, components, verdicts)), mimetype="text/plain")
@@ -4830,6 +4952,8 @@ def show_older_revision(conn, report, revision, latest, policy, wanted):
 @routes.get("/reports/<name>/history")
 def report_history(name):
     conn = get_db()
+    if not request.environ.get(RENDERING):
+        return cached_revisions_view(conn, name, "history")
     with read_snapshot(conn), cyclic_gc_paused():
         report = find_report(conn, name)
         policy = request_policy(conn)
@@ -4844,6 +4968,8 @@ def report_history(name):
 @routes.get("/reports/<name>/changes")
 def report_changes(name):
     conn = get_db()
+    if not request.environ.get(RENDERING):
+        return cached_revisions_view(conn, name, "changes")
     with read_snapshot(conn), cyclic_gc_paused():
         report = find_report(conn, name)
         policy = request_policy(conn)
@@ -4853,6 +4979,19 @@ def report_changes(name):
     if not wants_html():
         return jsonify(name=report["name"], **changes)
     return render_template("changes.html", report=report, changes=changes, policy=policy)
+
+
+def cached_revisions_view(conn, name, kind):
+    """The response for /history or /changes (kind), from the view cache as a report's views are: each counts the
+    attestations of every path of several revisions, which took the request thread half a second a time."""
+    with read_snapshot(conn):
+        report = find_report(conn, name)
+        policy = request_policy(conn)
+        revisions = report_revisions(conn, report["id"])
+        compared = compared_revisions(conn, report, revisions) if kind == "changes" else ()
+        wanted = "text/html" if wants_html() else "application/json"
+        return cached_report_view(conn, report, revisions[-1], revisions[-1], policy, wanted,
+                                  (kind, *[revision["id"] for revision in compared]))
 
 
 @routes.get("/reports/<name>/badge.svg")
@@ -5098,9 +5237,18 @@ def post_cosignature():
 MAX_STALE_S = 2.0
 RENDER_TIMEOUT_S = 300
 VIEW_CACHE_BYTES = 48 * MiB
+# A larger view is not kept: kept, it would push every other view out of the cache.
+LARGEST_CACHED_VIEW_BYTES = VIEW_CACHE_BYTES // 2
 RENDER_NICENESS = 10
 SWITCH_INTERVAL_S = 0.0005
 RENDERING = "hash_collection.rendering"  # in the WSGI environ of a render; no client can set it
+
+
+# Distinct views being rendered or queued for the render worker, and (VIEW_WAITERS) request threads waiting for them,
+# beyond which a view that must be rendered is 503: views of many policies or revisions, asked at once, would hold
+# every request thread, and attestations would wait.
+MAX_RENDERS = 8
+VIEW_RETRY_AFTER_S = 2
 
 
 class CachedView(NamedTuple):
@@ -5129,6 +5277,7 @@ class ReportViews:
         self.rendering = {}  # key -> (Future of the CachedView being rendered, its counter)
         self.again = {}  # key -> (counter, job) to render once the render under way is done
         self.executor = None
+        self.waiting, self.most_waiting = 0, app.config["VIEW_WAITERS"]  # request threads waiting for a render
 
     def view(self, key, counter, job, arrived):
         """A view rendered from at most MAX_STALE_S before `arrived`, or from after its last change."""
@@ -5140,6 +5289,8 @@ class ReportViews:
                     if view.counter == counter:
                         return view
                 if key not in self.rendering:
+                    if len(self.rendering) >= MAX_RENDERS:
+                        raise ViewsBusy(f"{MAX_RENDERS} other views are being rendered")
                     future = self.start_render(key, counter, job)
                 else:
                     future, rendering_counter = self.rendering[key]
@@ -5147,7 +5298,14 @@ class ReportViews:
                         self.again[key] = (counter, job)
                     if view is not None and servable(view, counter, arrived):
                         return view
-            view = future.result(timeout=RENDER_TIMEOUT_S)
+                if self.waiting >= self.most_waiting:
+                    raise ViewsBusy(f"{self.waiting} requests already wait for views to be rendered")
+                self.waiting += 1
+            try:
+                view = future.result(timeout=RENDER_TIMEOUT_S)
+            finally:
+                with self.lock:
+                    self.waiting -= 1
             if servable(view, counter, arrived):
                 return view
             # That render began too long before this request: the next one begins after it.
@@ -5175,7 +5333,7 @@ class ReportViews:
                 outcome.set_exception(done.exception())
                 return
             view = CachedView(counter, *done.result())
-            if view.status == 200:
+            if view.status == 200 and view_size(view) <= LARGEST_CACHED_VIEW_BYTES:
                 self.views[key] = view
                 self.evict()
             if again is not None:
@@ -5197,6 +5355,8 @@ class ReportViews:
             return view.body
 
     def keep(self, key, body):
+        if len(body) > LARGEST_CACHED_VIEW_BYTES:
+            return
         with self.lock:
             self.views[key] = CachedView(None, time.time(), 200, None, body, None)
             self.evict()
@@ -5231,11 +5391,13 @@ def view_size(view):
     return len(view.body) if isinstance(view.body, bytes) else 1024
 
 
-def cached_report_view(conn, report, revision, latest, policy, wanted):
-    """The response for a view of a report's verdicts, from the cache."""
+def cached_report_view(conn, report, revision, latest, policy, wanted, of_revisions=()):
+    """The response for a view of a report's verdicts, from the cache. of_revisions names a view of several revisions,
+    such as /history ("history") or /changes ("changes", from, to), which older revisions' paths change too."""
     arrived = time.time()
-    counter = current_app.extensions["report_changes"].counter(conn, report["id"], revision["id"] == latest["id"])
-    key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name)
+    counter = current_app.extensions["report_changes"].counter(
+        conn, report["id"], revision["id"] == latest["id"] and not of_revisions)
+    key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name, *of_revisions)
     job = (render_view_job, request.path, request.query_string.decode("latin-1"), wanted)
     leave_snapshot(conn)  # the render may take seconds
     view = current_app.extensions["report_views"].view(key, counter, job, arrived)
@@ -5368,7 +5530,9 @@ def render_view_job(path, query_string, wanted):
         response = app.full_dispatch_request()
         body = response.get_data()
         response.close()
-    return started, response.status_code, response.mimetype, body, body_etag(body)
+        # The page says when its verdicts are from (report.html): a page rendered again with the same verdicts keeps its ETag.
+        compared = body.replace(g.view_as_of.encode(), b"", 2) if response.mimetype == "text/html" else body
+    return started, response.status_code, response.mimetype, body, body_etag(compared)
 
 
 def render_counts_job(report_id, policy):
@@ -5657,7 +5821,7 @@ def main(argv=None):
     app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
                        "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
                        "CHECKPOINT_INTERVAL": args.checkpoint_interval, "RENDER_WORKER": True, "TREE_WORKER": True,
-                       "BACKGROUND_CHECKPOINTS": True,
+                       "BACKGROUND_CHECKPOINTS": True, "VIEW_WAITERS": max(1, args.threads // 2),
                        **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
     check_file_descriptors(args.connection_limit)
     with app.app_context():
@@ -5689,8 +5853,9 @@ def parse_arguments(argv):
     parser.add_argument("--require-signatures", action="store_true",
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=16,
-                        help="request threads; a view being rendered holds one without using the CPU (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="request threads; a view being rendered holds one without using the CPU, and half of them"
+                             " at most wait for renders (default: %(default)s)")
     parser.add_argument("--log-key", default=log_key_from_env(),
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")

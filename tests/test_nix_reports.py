@@ -1,5 +1,6 @@
 """Reports from Nix's own output (path-info JSON, --tree text, path lists), fixed-output paths, the headline and badge."""
 import json
+import sqlite3
 import subprocess
 import xml.etree.ElementTree as ElementTree
 
@@ -9,6 +10,7 @@ import requests
 import post_build_hook as hook
 import sbom_samples as samples
 import web
+from attestation_samples import create_user_in_process
 from support import REPO, bearer, database_dump, write_derivation
 
 DATA = REPO / "tests" / "data"
@@ -16,6 +18,7 @@ JSON = {"Accept": "application/json"}
 TOP = "/nix/store/12rw54nxyrf1zbx74clsvjpyjhl04hik-top"
 SRC = "/nix/store/svf8sc2h744f55dn5kpbggmq16zvc0bz-src.txt"  # fixed-output: "echo hello" by sha256
 DEP = "/nix/store/zrvnb2xzslqxq45xga6zd8q9imrz48gd-dep"
+OTHER_DEP = "/nix/store/1rvnb2xzslqxq45xga6zd8q9imrz48gd-dep"
 TOP_DRV = "/nix/store/wj07b91zxhy0ymb6l9f4hxc49076b7g9-top.drv"
 SRC_CA = "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
 
@@ -87,6 +90,68 @@ def test_path_list_links_outputs_to_the_drv_of_their_name_and_ends_with_the_root
     assert {"out_path": DEP} in suggested  # its .drv is not listed
 
 
+def test_an_older_revision_of_a_report_from_nix_has_no_upload_but_its_headline(client, tokens):
+    for label, body in (("r1", nix_28_path_info()), ("r2", nix_28_path_info()[::-1])):
+        response = put(client, tokens("owner"), "revised", body, "application/x-nix-path-info+json", f"?revision={label}")
+        assert response.status_code == 200, response.get_json()
+    older = client.get("/reports/revised?revision=r1", headers={"Accept": "application/x-nix-path-info+json"})
+    assert older.status_code == 410 and "upload of its latest revision (2)" in older.get_json()["error"]
+    latest = client.get("/reports/revised", headers={"Accept": "application/x-nix-path-info+json"})
+    assert latest.status_code == 200 and json.loads(latest.data) == nix_28_path_info()[::-1]
+    assert summary(client, "revised?revision=r1")["headline"] == {"reproduced": 0, "total": 2, "percent": 0.0, "fixed_output": 1}
+
+
+def test_history_and_changes_count_the_paths_an_upload_marks_fixed_output_apart(client, tokens):
+    """The latest revision's counts in the history are its view's; an older one keeps its upload's fixed-output paths."""
+    attest(client, tokens("alice"), SRC)
+    attest(client, tokens("bob"), SRC)  # reproduced, were it not fixed-output
+    for label in ("r1", "r2"):
+        assert put(client, tokens("owner"), "revised", nix_28_path_info(), "application/json", f"?revision={label}").status_code == 200
+    counts = summary(client, "revised")["counts"]
+    history = client.get("/reports/revised/history", headers=JSON).get_json()["revisions"]
+    assert [revision["counts"] for revision in history] == [counts, counts]
+    assert counts[web.FIXED_OUTPUT] == 1 and counts[web.REPRODUCED] == 0
+    assert summary(client, "revised?revision=r1")["paths"][SRC] == web.FIXED_OUTPUT
+    tree = f"{TOP}\n\u251c\u2500\u2500\u2500{DEP}\n\u2514\u2500\u2500\u2500{SRC}\n"
+    assert put(client, tokens("owner"), "other", nix_28_path_info(), "application/json", "?revision=a").status_code == 200
+    assert put(client, tokens("owner"), "other", tree.replace(DEP, OTHER_DEP), "text/x-nix-tree", "?revision=b").status_code == 200
+    changed = client.get("/reports/other/changes", headers=JSON).get_json()
+    assert {entry["path"]: entry["verdict"] for entry in changed["removed"]} == {DEP: web.NO_BUILDS}
+    assert changed["kept"] == 2  # SRC too, fixed-output in the first revision only: its ca is the path's own
+
+
+def test_history_and_an_older_revision_count_the_paths_an_attestation_marks_fixed_output_apart(client, tokens):
+    tree = f"{TOP}\n\u251c\u2500\u2500\u2500{DEP}\n\u2514\u2500\u2500\u2500{SRC}\n"
+    for label in ("r1", "r2"):
+        assert put(client, tokens("owner"), "attested", tree, "text/x-nix-tree", f"?revision={label}").status_code == 200
+    attest(client, tokens("alice"), SRC, ca=SRC_CA)
+    history = client.get("/reports/attested/history", headers=JSON).get_json()["revisions"]
+    assert [revision["counts"].get(web.FIXED_OUTPUT) for revision in history] == [1, 1]
+    assert summary(client, "attested?revision=r1")["paths"][SRC] == web.FIXED_OUTPUT
+
+
+def test_a_version_14_database_keeps_the_fixed_output_paths_of_each_reports_latest_revision(tmp_path):
+    """Written by this code, then taken back to version 14 as that version wrote it: no fixed_output column."""
+    db = tmp_path / "v14.db"
+    app = web.create_app({"DATABASE": str(db), "TESTING": True})
+    token = create_user_in_process(db, "owner")
+    for label in ("r1", "r2"):
+        assert put(app.test_client(), token, "old", nix_28_path_info(), "application/json", f"?revision={label}").status_code == 200
+    assert put(app.test_client(), token, "tree", f"{TOP}\n\u2514\u2500\u2500\u2500{SRC}\n", "text/x-nix-tree").status_code == 200
+    app.extensions["report_removals"].wait()
+    with app.app_context():
+        web.forget_connection()  # this thread's: SQLite checks an ALTER TABLE against the schema it last read
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE report_revisions DROP COLUMN fixed_output")
+        conn.execute("PRAGMA user_version = 14")
+    migrated = web.create_app({"DATABASE": str(db), "TESTING": True}).test_client()
+    history = migrated.get("/reports/old/history", headers=JSON).get_json()["revisions"]
+    assert [revision["counts"].get(web.FIXED_OUTPUT, 0) for revision in history] == [1, 1]  # the latest's marks count in both
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT fixed_output FROM report_revisions ORDER BY report_id, number").fetchall() == [
+            (None,), (json.dumps([SRC]),), (None,)]
+
+
 def test_a_report_from_nix_is_given_back_as_uploaded_and_not_as_cyclonedx(client, tokens):
     tree = f"{TOP}\n└───{DEP}\n"
     put(client, tokens("owner"), "orig", tree, "text/x-nix-tree")
@@ -126,6 +191,23 @@ BAD_UPLOADS = [
     ("text/x-nix-paths", f"{TOP}\nhello\n", "line 2"),
     ("text/x-nix-paths", f"{DEP}\n{TOP}\n{DEP}\n", f"line 1: {DEP} is listed twice"),
     ("text/x-nix-paths", f"{TOP_DRV}\n", "lists only .drv"),
+    ("text/x-nix-paths", "\n \n", "lists no store path"),
+    ("application/x-nix-path-info+json", [], "lists no store path"),
+    # Split at newlines alone: a control character that str.splitlines splits at does not make two lines of one.
+    ("text/x-nix-paths", f"{TOP}\x0b{DEP}\n", "line 1:"),
+    ("text/x-nix-paths", f"{TOP}\n\x0c\x0cjunk\n", "line 2:"),
+    ("text/x-nix-tree", f"{TOP}\n\u2514\u2500\u2500\u2500{DEP}\x85{SRC}\n", "tree line 2"),
+    # Shapes Nix never prints: a repeat of a path not shown above, and paths listed under a repeat.
+    ("text/x-nix-tree", f"{TOP}\n\u2514\u2500\u2500\u2500{DEP} [...]\n", f"tree line 2: {DEP} is marked [...]"),
+    ("text/x-nix-tree", f"{TOP}\n\u251c\u2500\u2500\u2500{DEP}\n\u2514\u2500\u2500\u2500{DEP} [...]\n    \u2514\u2500\u2500\u2500{SRC}\n",
+     "tree line 4: " + SRC + " is listed under a line marked [...]"),
+    # Nix 2.8 prints a path that is not in the store so, without references; with them it is read by the typed reader.
+    ("application/x-nix-path-info+json", [{"path": TOP, "valid": False}], "path-info [0]: " + TOP + " is not a valid path"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "valid": False, "references": []}], "is not a valid path"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [], "deriver": DEP}],
+     "path-info [0].deriver: expected the .drv"),
+    ("application/x-nix-path-info+json", [{"path": TOP, "references": [], "ca": 5}],
+     "path-info [0].ca: expected a content address"),
     ("text/csv", "a,b\n", "Content-Type"),
 ]
 
@@ -162,6 +244,36 @@ def test_path_info_read_by_the_typed_reader_gives_the_items_read_one_by_one():
     assert typed == list(web.path_info_one_by_one(nix_28_path_info()))
     without_references = web.usual_path_info_items(json.dumps(nix_28_path_info()), edges=False)
     assert without_references == [item._replace(references=None) for item in typed]
+
+
+def test_a_content_address_that_makes_no_fixed_output_path_is_not_fixed_output():
+    """A .drv's text:… (in any derivation closure), and a content-addressed derivation's output, which has references:
+    neither is refused, and neither counted apart."""
+    drv_text = "text:sha256:15ddavfvd42r1w8qfvnl1n5c6s3pr1z9ahfyfgji5w7bvkvzn852"
+    assert web.path_info_ca(drv_text, TOP_DRV, "here", []) is None
+    assert web.path_info_ca({"method": "text", "hash": "sha256-" + "A" * 43 + "="}, TOP_DRV, "here", []) is None
+    assert web.path_info_ca(SRC_CA, SRC, "here", [DEP]) is None
+    assert web.path_info_ca(SRC_CA, SRC, "here", web.msgspec.Raw(b'["x"]')) is None
+    assert web.path_info_ca(SRC_CA, SRC, "here", web.msgspec.Raw(b"[ ]")) == SRC_CA
+    with pytest.raises(web.BadInput, match="here.ca"):
+        web.path_info_ca(SRC_CA, DEP, "here", [])
+
+
+def test_text_formats_refuse_a_body_of_more_lines_than_the_limits_allow_before_reading_them():
+    with pytest.raises(web.ReportTooLarge, match="more than 10 lines"):
+        web.report_contents("text/x-nix-paths", b"\n" * 11 + TOP.encode(), None, 5, 5)
+    assert web.report_contents("text/x-nix-paths", b"\n" * 9 + TOP.encode(), None, 5, 5)[1].root == TOP
+
+
+def test_path_list_links_an_output_to_the_drv_of_its_name_only_when_one_is_listed():
+    """Of several .drv files of one name only two are kept, which is enough to know that there is not exactly one."""
+    drvs = [f"/nix/store/{n:032d}-a.drv".replace("0", "a", 1) for n in range(3)]
+    b_drv, a_out, b_out = ("/nix/store/" + "b" * 32 + "-b.drv", "/nix/store/" + "c" * 32 + "-a",
+                           "/nix/store/" + "d" * 32 + "-b-dev")
+    items = web.nix_paths_items("\n".join([*drvs, b_drv, a_out, b_out]), 100)
+    derivers = {item.path: item.deriver for item in items}
+    assert derivers[a_out] is None and derivers[b_out] == b_drv
+    assert {item.path: item.deriver for item in web.nix_paths_items(f"{drvs[0]}\n{a_out}\n", 100)}[a_out] == drvs[0]
 
 
 @pytest.mark.parametrize("fixture", ["path-info-keyed.json", "path-info-v2.json"])
@@ -290,3 +402,18 @@ def test_the_hook_attests_ca_of_a_fixed_output_path_and_the_build_report_counts_
                            headers=bearer(tokens("alice")))
     assert response.status_code == 200, response.get_json()
     assert summary(client, "build")["paths"][SRC] == web.FIXED_OUTPUT
+
+
+def test_real_nix_derivation_closure_path_info_is_a_report(client, tokens, built_closure, tmp_path):
+    """`nix path-info --json -r --derivation` lists .drv files, whose ca is text:…, and the sources they use, whose
+    ca is fixed:r:…: the .drv files are read as the components they are, and a source is fixed-output."""
+    (tmp_path / "build.sh").write_text("echo built > $out\n")
+    top = write_derivation(tmp_path, "nixreports-sourced", "sh $src", extra="src = ./build.sh;")
+    drv = built_closure["run"]("nix-instantiate", str(top)).strip()
+    listed = json.loads(built_closure["run"]("nix", "--extra-experimental-features", "nix-command", "path-info", "--json",
+                                              "-r", "--derivation", drv))
+    assert {info["ca"].split(":")[0] for info in listed if info["path"].endswith(".drv")} == {"text"}
+    [source] = [info["path"] for info in listed if not info["path"].endswith(".drv")]
+    response = put(client, tokens("owner"), "derivations", listed, "application/x-nix-path-info+json", f"?root={drv}")
+    assert response.status_code == 200, response.get_json()
+    assert summary(client, "derivations")["paths"] == {source: web.FIXED_OUTPUT}

@@ -1,5 +1,6 @@
 """Trust policies: verdicts that count only the builders a reader trusts, against real servers,
 and `challenge --trust` applying the same rule to the same data with real Nix builds."""
+import sqlite3
 import subprocess
 import sys
 
@@ -118,6 +119,15 @@ def test_min_outside_2_to_the_policy_size_is_400(server, report, minimum):
                             headers=JSON, timeout=TIMEOUT)
     assert response.status_code == 400
     assert response.json()["error"].startswith("min:")
+
+
+def test_min_above_the_number_of_builders_is_400_without_a_trust_list_too(server, report):
+    """Every larger min gives the same verdicts: each would be a view of its own to render, for anyone to ask."""
+    (builders,) = sqlite3.connect(server.db).execute("SELECT COUNT(*) FROM builders").fetchone()
+    for minimum, status in ((builders, 200), (builders + 1, 400), (9999, 400)):
+        response = requests.get(f"{server.url}/reports/policies", params={"min": str(minimum)}, headers=JSON, timeout=TIMEOUT)
+        assert response.status_code == status, response.text
+    assert response.json()["error"] == f"min: expected 2 to {builders} (the number of builders), got 9999"
 
 
 def signed_item(secret, path, result):

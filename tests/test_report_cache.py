@@ -148,6 +148,45 @@ def test_the_page_says_as_of_when_its_verdicts_are(client, report):
     assert response.headers["Last-Modified"]
 
 
+def test_a_page_rendered_again_with_the_same_verdicts_keeps_its_etag(client, tokens, report, renders, monkeypatch):
+    """Only the time the page says its verdicts are from differs; a browser asking again gets 304."""
+    first = client.get("/reports/cached", headers=HTML)
+    ticks = iter(range(1, 100))
+    monkeypatch.setattr(web, "iso_time", lambda _seconds: f"2030-01-01T00:00:{next(ticks):02}Z")
+    put = client.put("/policies/unrelated", json={"trust": ["alice", "owner"]}, headers=bearer(tokens("owner")))
+    assert put.status_code == 200  # any write but an attestation: every view is rendered again
+    again = client.get("/reports/cached", headers={**HTML, "If-None-Match": first.headers["ETag"]})
+    assert len(renders) == 2 and again.status_code == 304
+    whole = client.get("/reports/cached", headers=HTML)
+    assert "2030-01-01T00:00:" in whole.get_data(as_text=True) and whole.headers["ETag"] == first.headers["ETag"]
+    attest(client, tokens("bob"), report.out("cache-lib"), "good")
+    assert client.get("/reports/cached", headers=HTML).headers["ETag"] != first.headers["ETag"]
+
+
+def test_a_view_larger_than_half_the_cache_is_not_kept_and_keeps_the_others(client, report, renders, monkeypatch):
+    small = len(client.get("/reports/cached", headers=JSON).data)
+    monkeypatch.setattr(web, "LARGEST_CACHED_VIEW_BYTES", small + 1)
+    for _ in range(2):
+        assert client.get("/reports/cached", headers=HTML).status_code == 200  # larger than that
+        assert client.get("/reports/cached", headers=JSON).status_code == 200
+    assert [wanted for _path, _query, wanted in renders] == ["application/json", "text/html", "text/html"]
+    sbom = client.get("/reports/cached", headers=CYCLONEDX)
+    assert sbom.status_code == 200 and len(sbom.data) > small + 1
+    assert all(len(view.body) <= small + 1 for view in client.application.extensions["report_views"].views.values())
+
+
+@pytest.mark.parametrize("path", ["/reports/cached", "/reports", "/reports/cached/history"])
+def test_views_chosen_by_accept_say_so_in_vary(client, report, path):
+    assert "Accept" in client.get(path, headers=HTML).headers.get("Vary", "")
+
+
+def test_a_type_refused_with_q_0_is_not_chosen(client, report):
+    response = client.get("/reports/cached", headers={"Accept": "application/json;q=0, text/html"})
+    assert response.mimetype == "text/html"
+    response = client.get("/reports/cached", headers={"Accept": "application/vnd.cyclonedx+json;q=0, text/plain"})
+    assert response.mimetype == "text/plain"
+
+
 def test_other_formats_say_their_age_in_headers(client, report):
     for accept in (TEXT, JSON):
         response = client.get("/reports/cached", headers=accept)
@@ -285,3 +324,65 @@ def test_the_worker_shows_a_new_verdict_within_the_bound(server, closure):
     assert after.json()["paths"][library] == web.REPRODUCED
     assert requests.get(f"{server.url}/reports/cached", headers={**JSON, "If-None-Match": after.headers["ETag"]},
                         timeout=30).status_code == 304
+
+
+def waiting_for_renders(views, count):
+    deadline = time.monotonic() + 10
+    while views.waiting < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return views.waiting
+
+
+def test_a_request_that_would_wait_for_a_render_beyond_the_waiters_allowed_is_refused(app):
+    """Request threads are for attestations too: half of them at most wait for renders (VIEW_WAITERS)."""
+    held = HeldRenders(app)
+    held.views.most_waiting = 1
+    starter = held.start_view((0, 1))
+    try:
+        assert waiting_for_renders(held.views, 1) == 1
+        with pytest.raises(web.ViewsBusy, match="1 requests already wait"):
+            held.views.view("key", (0, 1), held.job(), time.time())
+    finally:
+        held.release.set()
+    assert starter.result(timeout=10).body == b"render 1"
+    assert held.views.waiting == 0
+    assert held.views.view("key", (0, 1), held.job(), time.time()).body == b"render 1"  # kept: no wait
+
+
+def test_a_view_beyond_the_renders_allowed_is_refused_and_one_under_way_is_not(app, monkeypatch):
+    monkeypatch.setattr(web, "MAX_RENDERS", 1)
+    held = HeldRenders(app)
+    starter = held.start_view((0, 1))
+    try:
+        with pytest.raises(web.ViewsBusy, match="1 other views are being rendered"):
+            held.views.view("another key", (0, 1), held.job(), time.time())
+    finally:
+        held.release.set()
+    assert starter.result(timeout=10).body == b"render 1"
+    assert held.views.view("another key", (0, 1), held.job(), time.time()).body == b"render 2"
+
+
+def test_a_busy_render_worker_answers_503_with_retry_after(client, report, monkeypatch):
+    def busy(*_args):
+        raise web.ViewsBusy("8 other views are being rendered")
+    monkeypatch.setattr(client.application.extensions["report_views"], "view", busy)
+    for path in ("/reports/cached", "/reports/cached/history", "/reports/cached/changes"):
+        response = client.get(path, headers=JSON)
+        assert response.status_code == 503 and response.headers["Retry-After"] == str(web.VIEW_RETRY_AFTER_S)
+        assert response.get_json()["error"] == f"8 other views are being rendered; retry in {web.VIEW_RETRY_AFTER_S} seconds"
+
+
+def test_history_and_changes_are_rendered_once_per_change(client, tokens, report, renders):
+    changed = samples.nix_build_sbom({**CLOSURE, "cache-root": ["cache-lib", "cache-new"], "cache-new": []})
+    assert client.put("/reports/cached", json=changed.sbom, headers=bearer(tokens("owner"))).status_code == 200
+    for _ in range(2):
+        for path in ("/reports/cached/history", "/reports/cached/changes", "/reports/cached/changes?from=1&to=2"):
+            for accept in (JSON, HTML):
+                assert client.get(path, headers=accept).status_code == 200
+    assert len(renders) == 4  # from=1&to=2 names the default two revisions: the same view
+    before = client.get("/reports/cached/history", headers=JSON)
+    attest(client, tokens("bob"), report.out("cache-lib"), "good")
+    after = client.get("/reports/cached/history", headers=JSON)
+    assert len(renders) == 5 and after.headers["ETag"] != before.headers["ETag"]
+    assert after.get_json()["revisions"][-1]["counts"][web.REPRODUCED] == 1
+    assert client.get("/reports/cached/history", headers={**JSON, "If-None-Match": after.headers["ETag"]}).status_code == 304

@@ -288,7 +288,7 @@ def sbom_without_store_paths():
 BAD_BODIES = [
     pytest.param(b"", "empty", id="empty-body"),
     pytest.param(b"{not json", "not JSON", id="not-json"),
-    pytest.param(b"\xff\xfe\x00garbage", "not JSON", id="binary-garbage"),
+    pytest.param(b"\xff\xfe\x00garbage", "not UTF-8", id="binary-garbage"),
     pytest.param(json.dumps([1, 2]).encode(), "CycloneDX", id="json-list-not-cyclonedx"),
     pytest.param(json.dumps({"spdxVersion": "SPDX-2.3"}).encode(), "CycloneDX", id="spdx-not-cyclonedx"),
     pytest.param(json.dumps({**FIRST.sbom, "bomFormat": "SPDX"}).encode(), "CycloneDX", id="wrong-bom-format"),
