@@ -974,7 +974,7 @@ def utf8_text(raw):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise BadInput(f"body is not UTF-8 text: invalid at byte {error.start}") from None
+        raise BadInput(f"body is not UTF-8, so neither JSON nor text: invalid at byte {error.start}") from None
 
 
 def parsed_json(text):
@@ -5395,11 +5395,13 @@ def cached_report_view(conn, report, revision, latest, policy, wanted, of_revisi
     """The response for a view of a report's verdicts, from the cache. of_revisions names a view of several revisions,
     such as /history ("history") or /changes ("changes", from, to), which older revisions' paths change too."""
     arrived = time.time()
+    # Out of the request's snapshot first: the counter reads which reports list the paths attested since it was last
+    # read, and a report published since the snapshot began must be among them. The render may take seconds, too.
+    leave_snapshot(conn)
     counter = current_app.extensions["report_changes"].counter(
         conn, report["id"], revision["id"] == latest["id"] and not of_revisions)
     key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name, *of_revisions)
     job = (render_view_job, request.path, request.query_string.decode("latin-1"), wanted)
-    leave_snapshot(conn)  # the render may take seconds
     view = current_app.extensions["report_views"].view(key, counter, job, arrived)
     if view.status == 200 and request.if_none_match.contains(view.etag):
         response = Response(status=304)
