@@ -144,9 +144,6 @@ def limits_from_env():
     return {key: whole_number_from_env(variable, default) for key, (variable, default) in SERVER_LIMITS.items()}
 
 
-DEFAULT_THREADS = 16
-
-
 def create_app(config=None):
     app = Flask(__name__)
     app.config.from_mapping(
@@ -160,7 +157,6 @@ def create_app(config=None):
         LOG_ORIGIN=log_origin_from_env(),
         CHECKPOINT_INTERVAL=DEFAULT_CHECKPOINT_INTERVAL,
         RENDER_WORKER=False,
-        VIEW_WAITERS=DEFAULT_THREADS // 2,
         TREE_WORKER=False,
         BACKGROUND_CHECKPOINTS=False,
         **limits_from_env(),
@@ -5244,9 +5240,9 @@ SWITCH_INTERVAL_S = 0.0005
 RENDERING = "hash_collection.rendering"  # in the WSGI environ of a render; no client can set it
 
 
-# Distinct views being rendered or queued for the render worker, and (VIEW_WAITERS) request threads waiting for them,
-# beyond which a view that must be rendered is 503: views of many policies or revisions, asked at once, would hold
-# every request thread, and attestations would wait.
+# Distinct views being rendered or queued for the render worker, beyond which a view that must be rendered is 503:
+# views of many policies or revisions, asked at once, would each hold a request thread while attestations wait.
+# Requests for a view under way wait for it, however many: a builder's report page, asked by many, is one render.
 MAX_RENDERS = 8
 VIEW_RETRY_AFTER_S = 2
 
@@ -5277,7 +5273,6 @@ class ReportViews:
         self.rendering = {}  # key -> (Future of the CachedView being rendered, its counter)
         self.again = {}  # key -> (counter, job) to render once the render under way is done
         self.executor = None
-        self.waiting, self.most_waiting = 0, app.config["VIEW_WAITERS"]  # request threads waiting for a render
 
     def view(self, key, counter, job, arrived):
         """A view rendered from at most MAX_STALE_S before `arrived`, or from after its last change."""
@@ -5298,14 +5293,7 @@ class ReportViews:
                         self.again[key] = (counter, job)
                     if view is not None and servable(view, counter, arrived):
                         return view
-                if self.waiting >= self.most_waiting:
-                    raise ViewsBusy(f"{self.waiting} requests already wait for views to be rendered")
-                self.waiting += 1
-            try:
-                view = future.result(timeout=RENDER_TIMEOUT_S)
-            finally:
-                with self.lock:
-                    self.waiting -= 1
+            view = future.result(timeout=RENDER_TIMEOUT_S)
             if servable(view, counter, arrived):
                 return view
             # That render began too long before this request: the next one begins after it.
@@ -5823,7 +5811,7 @@ def main(argv=None):
     app = app_or_exit({"DATABASE": args.db, "REQUIRE_SIGNATURES": args.require_signatures,
                        "LOG_KEY_FILE": args.log_key or default_log_key_file(args.db), "LOG_ORIGIN": args.log_origin,
                        "CHECKPOINT_INTERVAL": args.checkpoint_interval, "RENDER_WORKER": True, "TREE_WORKER": True,
-                       "BACKGROUND_CHECKPOINTS": True, "VIEW_WAITERS": max(1, args.threads // 2),
+                       "BACKGROUND_CHECKPOINTS": True,
                        **{key: getattr(args, key.lower()) for key in SERVER_LIMITS}})
     check_file_descriptors(args.connection_limit)
     with app.app_context():
@@ -5855,9 +5843,8 @@ def parse_arguments(argv):
     parser.add_argument("--require-signatures", action="store_true",
                         default=signatures_required_by_env(),
                         help="count only attestations whose signature was verified")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="request threads; a view being rendered holds one without using the CPU, and half of them"
-                             " at most wait for renders (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=16,
+                        help="request threads; a view being rendered holds one without using the CPU (default: %(default)s)")
     parser.add_argument("--log-key", default=log_key_from_env(),
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")

@@ -326,29 +326,6 @@ def test_the_worker_shows_a_new_verdict_within_the_bound(server, closure):
                         timeout=30).status_code == 304
 
 
-def waiting_for_renders(views, count):
-    deadline = time.monotonic() + 10
-    while views.waiting < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return views.waiting
-
-
-def test_a_request_that_would_wait_for_a_render_beyond_the_waiters_allowed_is_refused(app):
-    """Request threads are for attestations too: half of them at most wait for renders (VIEW_WAITERS)."""
-    held = HeldRenders(app)
-    held.views.most_waiting = 1
-    starter = held.start_view((0, 1))
-    try:
-        assert waiting_for_renders(held.views, 1) == 1
-        with pytest.raises(web.ViewsBusy, match="1 requests already wait"):
-            held.views.view("key", (0, 1), held.job(), time.time())
-    finally:
-        held.release.set()
-    assert starter.result(timeout=10).body == b"render 1"
-    assert held.views.waiting == 0
-    assert held.views.view("key", (0, 1), held.job(), time.time()).body == b"render 1"  # kept: no wait
-
-
 def test_a_view_beyond_the_renders_allowed_is_refused_and_one_under_way_is_not(app, monkeypatch):
     monkeypatch.setattr(web, "MAX_RENDERS", 1)
     held = HeldRenders(app)
