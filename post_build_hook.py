@@ -165,6 +165,23 @@ def fixed_output_path(ca, name):
     return make_store_path("output:out", inner, name)
 
 
+def check_content_addressed(out_path, ca, references):
+    """ca itself when out_path is the output of a content-addressed derivation with ca and these references (store
+    paths; out_path among them if it refers to itself), as Nix computes it: of type "source", each other reference,
+    and ":self"; else ValueError saying why not. A fixed-output path has no references."""
+    match = FIXED_CA_RE.fullmatch(ca) if isinstance(ca, str) else None
+    if not match or match.group(1) is None or match.group(2) != "sha256":
+        raise ValueError(f"expected fixed:r:sha256:<nix base32>, the only content address of a path with references,"
+                         f" got {shorten(ca)!r}")
+    others = sorted(set(references) - {out_path})
+    path_type = "source" + "".join(f":{reference}" for reference in others) + (":self" if out_path in references else "")
+    hex_hash = nix_base32_decode(match.group(3), CA_HASH_BYTES["sha256"]).hex()
+    if make_store_path(path_type, hex_hash, parse_store_path(out_path)[1]) != out_path:
+        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)} with its references:"
+                         " the store path differs")
+    return ca
+
+
 def fixed_content_address(ca):
     """A path-info `ca` as "fixed:…" text when it marks a fixed-output path, else None (text:…, absent).
 

@@ -163,9 +163,10 @@ CREATE TABLE report_revisions (
     sbom_sha256 TEXT NOT NULL,
     component_ids BLOB NOT NULL,
     tree_id INTEGER NOT NULL REFERENCES revision_trees(id),
-    -- A JSON list of the paths the upload marks fixed-output (path-info's ca), which views of the revision count apart
-    -- once the upload is gone; NULL: none. Revisions older than their report's latest at schema version 15 have none.
-    fixed_output TEXT,
+    -- The components whose paths the upload marks fixed-output (path-info's ca), which views of the revision count
+    -- apart once the upload is gone: their indices, packed as component_ids; NULL: none. Revisions older than their
+    -- report's latest at schema version 15 have none.
+    fixed_output BLOB,
     UNIQUE (report_id, number),
     UNIQUE (report_id, label)
 );

@@ -49,7 +49,8 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
-from post_build_hook import CANONICAL_SHA256_RE, changed_aspects, check_fixed_output, fixed_content_address
+from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, check_content_addressed, check_fixed_output
+from post_build_hook import fixed_content_address
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
@@ -843,11 +844,14 @@ def migrate_to_14(conn):
 def migrate_to_15(conn):
     """Each revision keeps the paths its upload marks fixed-output. The latest revision's are its report's own rows';
     an older revision's upload is gone: it counts as fixed-output what attestations, or revisions it is shown with, mark so."""
-    conn.execute("ALTER TABLE report_revisions ADD COLUMN fixed_output TEXT")
-    conn.execute("UPDATE report_revisions SET fixed_output = (SELECT nullif(json_group_array(out_path), '[]') FROM (SELECT"
-                 " out_path FROM report_paths WHERE report_paths.report_id = report_revisions.report_id AND ca IS NOT NULL"
-                 " ORDER BY out_path)) WHERE number = (SELECT MAX(number) FROM report_revisions AS later"
-                 " WHERE later.report_id = report_revisions.report_id)")
+    conn.execute("ALTER TABLE report_revisions ADD COLUMN fixed_output BLOB")
+    latest = conn.execute("SELECT id, report_id FROM report_revisions WHERE number = (SELECT MAX(number)"
+                          " FROM report_revisions AS later WHERE later.report_id = report_revisions.report_id)").fetchall()
+    for revision_id, report_id in latest:
+        indices = [index for (index,) in conn.execute("SELECT DISTINCT component_idx FROM report_paths"
+                                                      " WHERE report_id = ? AND ca IS NOT NULL ORDER BY 1", (report_id,))]
+        if indices:
+            conn.execute("UPDATE report_revisions SET fixed_output = ? WHERE id = ?", (packed_ids(indices), revision_id))
 
 
 # (version, function) pairs: the function brings a database from the version before to this one.
@@ -1747,17 +1751,16 @@ def policy_object(row):
             "owner": row["owner"], "updated_at": row["updated_at"]}
 
 
-def path_verdicts(conn, out_paths, policy, fixed_output=frozenset()):
+def path_verdicts(conn, out_paths, policy):
     """{out_path: label} for any store paths, such as an older revision's, under a policy: from their attestations
-    now, where report_labels reads what reported_paths keeps. FIXED_OUTPUT for the paths of fixed_output (which their
-    uploads marked so: revision_fixed_output) and those a counted attestation marks so, as report_labels does."""
+    now, where report_labels reads what reported_paths keeps. FIXED_OUTPUT where a counted attestation says so, as
+    report_labels does; what an upload says is the revision's (as_listed)."""
     rows = conn.execute(f"SELECT paths.value, {attested_column('store_paths.id')},"
                         f" {attested_fixed_column('store_paths.id')} >= {counted_fixed_output()} FROM json_each(?) AS paths"
                         f" LEFT JOIN store_paths ON {path_match('store_paths', 'paths.value')}",
                         (json.dumps(list(dict.fromkeys(out_paths))),))
     verdict_of = verdict_of_attested(policy)
-    return {out_path: FIXED_OUTPUT if fixed or out_path in fixed_output else verdict_of(attested)
-            for out_path, attested, fixed in rows}
+    return {out_path: FIXED_OUTPUT if fixed else verdict_of(attested) for out_path, attested, fixed in rows}
 
 
 def attested_column(path_id):
@@ -2311,17 +2314,46 @@ def path_info_deriver(text, where):
 
 
 def path_info_ca(ca, path, where, references):
-    """An item's ca as "fixed:…" once checked to be the content address of its path; None if it has none, or one
-    that does not make it fixed-output: a .drv's text:…, or the output of a content-addressed derivation, which
-    has references (Nix refuses a fixed-output path that has any). references: a list, or its raw JSON."""
-    if ca is None:
+    """An item's ca as "fixed:…" once checked to be the content address of its path; None if it has none, or a well
+    formed one that does not make it fixed-output: a .drv's text:…, or the output of a content-addressed derivation,
+    which has references (Nix refuses a fixed-output path that has any). references: a list, or its raw JSON."""
+    if ca is None or checked(f"{where}.ca", is_text_content_address, ca):
         return None
-    if not isinstance(ca, (str, dict)):
-        raise BadInput(f"{where}.ca: expected a content address, text or an object, got {type(ca).__name__}")
     fixed = checked(f"{where}.ca", fixed_content_address, ca)
-    if fixed is None or lists_any(references):
+    if fixed is None:
+        raise BadInput(f"{where}.ca: expected a content address, fixed:…, text:sha256:… or an object with method and hash,"
+                       f" got {shorten(json.dumps(ca))}")
+    if lists_any(references):
+        paths = reference_paths(references)
+        if paths is not None:  # else closure_children names what is wrong with them
+            checked(f"{where}.ca", lambda value: check_content_addressed(path, value, paths), fixed)
         return None
     return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), fixed)
+
+
+def reference_paths(references):
+    """The store paths of path-info references, full paths or basenames, in a list or its raw JSON (PathInfoNode);
+    None unless they are a list of text."""
+    if isinstance(references, msgspec.Raw):
+        try:
+            references = msgspec.json.decode(references)
+        except msgspec.DecodeError:
+            return None
+    if type(references) is not list or not all(type(reference) is str for reference in references):
+        return None
+    return [as_full_path(reference) for reference in references]
+
+
+TEXT_CA_RE = re.compile(f"text:sha256:[{NIX_BASE32}]{{52}}")
+
+
+def is_text_content_address(ca):
+    """Whether ca is a well formed content address of a path made from text (a .drv) or git: Nix 2.8's text:sha256:…,
+    or newer Nix's {"method": "text"|"git", "hash": SRI}. ValueError for such an object whose hash is not one."""
+    if isinstance(ca, dict) and ca.get("method") in ("text", "git"):
+        fixed_content_address({"method": "flat", "hash": ca.get("hash")})  # the same check of its SRI hash
+        return True
+    return isinstance(ca, str) and TEXT_CA_RE.fullmatch(ca) is not None
 
 
 def lists_any(references):
@@ -2875,7 +2907,7 @@ def written_revision(conn, writer, label, sbom_digest, source_type, contents, wo
     # Counted by SQLite, not as a set of a million paths: that set was the upload's peak of memory.
     (stored_paths,) = conn.execute("SELECT COUNT(*) FROM report_paths WHERE report_id = ?", (report_id,)).fetchone()
     return Revision(label, contents.root, stored_paths, sbom_digest, component_ids, tree_id.result(), now_iso(),
-                    json_rows(sorted(contents.fixed_output)) if contents.fixed_output else None)
+                    fixed_output_indices(contents))
 
 
 def packed_component_ids_or_pending(conn, writer, contents, unknown_paths):
@@ -3333,7 +3365,7 @@ class Revision(NamedTuple):
     component_ids: bytes
     tree_id: int
     created_at: str
-    fixed_output: str | None = None  # a JSON list of the paths the upload marks fixed-output; None: none
+    fixed_output: bytes | None = None  # fixed_output_indices
 
 
 class LabelTaken(Exception):
@@ -3600,13 +3632,29 @@ def add_revision(conn, report_id, revision):
     return number, inserted.lastrowid
 
 
-REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256, fixed_output FROM report_revisions"
+REVISION_COLUMNS = "SELECT id, number, label, created_at, root, path_count, sbom_sha256 FROM report_revisions"
 
 
-def revision_fixed_output(*revisions):
-    """The paths that the uploads of these revisions mark fixed-output: a content address is the path's own, in any
-    revision that lists it."""
-    return frozenset(path for revision in revisions for path in json.loads(revision["fixed_output"] or "[]"))
+def revision_fixed_output(conn, revision, components):
+    """The paths that the revision's upload marks fixed-output, of its components (revision_components). Kept as the
+    components' indices (packed_ids), as few bytes as its component ids, and read only by the views that count them."""
+    (packed,) = conn.execute("SELECT fixed_output FROM report_revisions WHERE id = ?", (revision["id"],)).fetchone()
+    if packed is None:
+        return frozenset()
+    return frozenset(path for index in unpacked_ids(packed) for path in components[index]["outputs"])
+
+
+def fixed_output_indices(contents):
+    """revision_fixed_output's packed component indices of an upload's SbomContents; None when it marks no path."""
+    fixed_output = contents.fixed_output
+    if not fixed_output:
+        return None
+    return packed_ids(sorted({index for out_path, index, _output in contents.paths if out_path in fixed_output}))
+
+
+def as_listed(verdicts, fixed_output):
+    """path_verdicts' {path: label}, with the paths of fixed_output (revision_fixed_output) fixed-output."""
+    return {path: FIXED_OUTPUT if path in fixed_output else label for path, label in verdicts.items()}
 
 
 def latest_revision(conn, report_id):
@@ -3668,11 +3716,12 @@ def revision_tree(conn, revision_id):
 
 def revision_counts(conn, revisions, policy):
     """(revision, verdict counts as of now) for each revision: one lookup of every path any of them lists."""
-    path_sets = [{path for component in components for path in component["outputs"]}
-                 for components in revision_components(conn, *[revision["id"] for revision in revisions])]
-    verdicts = path_verdicts(conn, list(set().union(*path_sets)), policy, revision_fixed_output(*revisions))
-    for revision, paths in zip(revisions, path_sets):
-        yield revision, verdict_counts({path: verdicts[path] for path in paths})
+    components_of = revision_components(conn, *[revision["id"] for revision in revisions])
+    path_sets = [{path for component in components for path in component["outputs"]} for components in components_of]
+    verdicts = path_verdicts(conn, list(set().union(*path_sets)), policy)
+    for revision, components, paths in zip(revisions, components_of, path_sets):
+        fixed_output = revision_fixed_output(conn, revision, components)
+        yield revision, verdict_counts(as_listed({path: verdicts[path] for path in paths}, fixed_output))
 
 
 def compared_revisions(conn, report, revisions):
@@ -3715,10 +3764,13 @@ def unique_by_key(out_paths, names):
 def revision_changes(conn, old, new, policy):
     """Paths added and removed from revision `old` to `new`, and their pairs by name, as regressions,
     fixes (reproduced before and not now, or the reverse) and unchanged; verdicts as of now."""
-    old_names, new_names = map(component_of_paths, revision_components(conn, old["id"], new["id"]))
+    old_components, new_components = revision_components(conn, old["id"], new["id"])
+    old_names, new_names = component_of_paths(old_components), component_of_paths(new_components)
     added = sorted(new_names.keys() - old_names.keys())
     removed = sorted(old_names.keys() - new_names.keys())
-    verdicts = path_verdicts(conn, added + removed, policy, revision_fixed_output(old, new))
+    verdicts = path_verdicts(conn, added + removed, policy)
+    verdicts = {**as_listed({path: verdicts[path] for path in removed}, revision_fixed_output(conn, old, old_components)),
+                **as_listed({path: verdicts[path] for path in added}, revision_fixed_output(conn, new, new_components))}
     successors = unique_by_key(added, new_names)
     changes = {"regressions": [], "fixes": [], "unchanged": []}
     for key, old_path in sorted(unique_by_key(removed, old_names).items()):
@@ -4906,6 +4958,8 @@ def show_report(name):
         revision = find_revision(conn, report, request.args["revision"]) if "revision" in request.args else latest
         if wanted in REPORT_TYPES and revision["number"] == latest["number"]:
             return uploaded_document(conn, report, latest, wanted)
+        if wanted in REPORT_TYPES:
+            no_older_upload(report, revision, latest)
         if not request.environ.get(RENDERING):
             return cached_report_view(conn, report, revision, latest, policy, wanted)
         if revision["number"] != latest["number"]:
@@ -4924,15 +4978,18 @@ def show_report(name):
                            report_diff_links(conn, report["id"]))
 
 
+def no_older_upload(report, revision, latest):
+    """410: an older revision's upload is gone, in any format."""
+    abort(410, f"report {report['name']!r} keeps the upload of its latest revision ({latest['number']}) only;"
+               f" revision {revision['number']} keeps its paths and tree")
+
+
 def show_older_revision(conn, report, revision, latest, policy, wanted):
-    """A revision before the latest, from its shared component rows: its SBOM is gone (410)."""
-    if wanted in REPORT_TYPES:
-        abort(410, f"report {report['name']!r} keeps the upload of its latest revision ({latest['number']}) only;"
-                   f" revision {revision['number']} keeps its paths and tree")
+    """A revision before the latest, from its shared component rows (its upload is gone: no_older_upload)."""
     with cyclic_gc_paused():
         (components,) = revision_components(conn, revision["id"])
         out_paths = [out_path for component in components for out_path in component["outputs"]]
-        verdicts = path_verdicts(conn, out_paths, policy, revision_fixed_output(revision))
+        verdicts = as_listed(path_verdicts(conn, out_paths, policy), revision_fixed_output(conn, revision, components))
         diffs = paths_diffs(conn, out_paths)
         if wanted == "application/json":
             counts = verdict_counts(verdicts)
@@ -5233,7 +5290,7 @@ def post_cosignature():
 MAX_STALE_S = 2.0
 RENDER_TIMEOUT_S = 300
 VIEW_CACHE_BYTES = 48 * MiB
-# A larger view is not kept: kept, it would push every other view out of the cache.
+# A larger view is kept apart, one at a time (ReportViews.store): in the cache, it would push every other view out.
 LARGEST_CACHED_VIEW_BYTES = VIEW_CACHE_BYTES // 2
 RENDER_NICENESS = 10
 SWITCH_INTERVAL_S = 0.0005
@@ -5270,6 +5327,7 @@ class ReportViews:
         self.app = app
         self.lock = threading.RLock()  # a render already done calls back at once, under the lock
         self.views = {}  # key -> CachedView, least recently used first
+        self.large = {}  # key -> CachedView: at most one, larger than LARGEST_CACHED_VIEW_BYTES, kept apart
         self.rendering = {}  # key -> (Future of the CachedView being rendered, its counter)
         self.again = {}  # key -> (counter, job) to render once the render under way is done
         self.executor = None
@@ -5278,13 +5336,13 @@ class ReportViews:
         """A view rendered from at most MAX_STALE_S before `arrived`, or from after its last change."""
         while True:
             with self.lock:
-                view = self.views.pop(key, None)
-                if view is not None:
-                    self.views[key] = view
-                    if view.counter == counter:
-                        return view
+                view = self.looked_up(key)
+                if view is not None and view.counter == counter:
+                    return view
                 if key not in self.rendering:
                     if len(self.rendering) >= MAX_RENDERS:
+                        if view is not None and servable(view, counter, arrived):
+                            return view
                         raise ViewsBusy(f"{MAX_RENDERS} other views are being rendered")
                     future = self.start_render(key, counter, job)
                 else:
@@ -5321,37 +5379,46 @@ class ReportViews:
                 outcome.set_exception(done.exception())
                 return
             view = CachedView(counter, *done.result())
-            if view.status == 200 and view_size(view) <= LARGEST_CACHED_VIEW_BYTES:
-                self.views[key] = view
-                self.evict()
+            if view.status == 200:
+                self.store(key, view)
             if again is not None:
                 with contextlib.suppress(concurrent.futures.BrokenExecutor):
                     self.start_render(key, *again)
         outcome.set_result(view)
 
-    def evict(self):
+    def looked_up(self, key):
+        """The view kept under key, now the most recently used; None if there is none. Under the lock."""
+        view = self.views.pop(key, None)
+        if view is not None:
+            self.views[key] = view
+            return view
+        return self.large.get(key)
+
+    def store(self, key, view):
+        """Keep the view under key, under the lock. One larger than LARGEST_CACHED_VIEW_BYTES is kept apart, in place of
+        the last such: in the cache, it would push every other view out."""
+        self.views.pop(key, None)
+        self.large.pop(key, None)
+        if view_size(view) > LARGEST_CACHED_VIEW_BYTES:
+            self.large = {key: view}
+            return
+        self.views[key] = view
         while len(self.views) > 1 and sum(view_size(view) for view in self.views.values()) > VIEW_CACHE_BYTES:
             del self.views[next(iter(self.views))]
 
     def kept(self, key):
         """The body kept under key, for what is read, not rendered; None if there is none."""
         with self.lock:
-            view = self.views.pop(key, None)
-            if view is None:
-                return None
-            self.views[key] = view
-            return view.body
+            view = self.looked_up(key)
+            return None if view is None else view.body
 
     def keep(self, key, body):
-        if len(body) > LARGEST_CACHED_VIEW_BYTES:
-            return
         with self.lock:
-            self.views[key] = CachedView(None, time.time(), 200, None, body, None)
-            self.evict()
+            self.store(key, CachedView(None, time.time(), 200, None, body, None))
 
     def forget(self):
         with self.lock:
-            self.views = {}
+            self.views, self.large = {}, {}
 
     def rendering_now(self):
         with self.lock:
@@ -5361,6 +5428,7 @@ class ReportViews:
         """Drop a report's views (every key begins with its id) and so their memory."""
         with self.lock:
             self.views = {key: view for key, view in self.views.items() if key[0] != report_id}
+            self.large = {key: view for key, view in self.large.items() if key[0] != report_id}
 
     def start_worker(self):
         """Start the render worker now, so that the first view does not wait for it."""
@@ -5391,11 +5459,12 @@ def cached_report_view(conn, report, revision, latest, policy, wanted, of_revisi
     key = (report["id"], revision["id"], wanted, policy.cache_key, policy.name, *of_revisions)
     job = (render_view_job, request.path, request.query_string.decode("latin-1"), wanted)
     view = current_app.extensions["report_views"].view(key, counter, job, arrived)
-    if view.status == 200 and request.if_none_match.contains(view.etag):
+    if view.status == 200 and request.if_none_match.contains_weak(view.etag):
         response = Response(status=304)
     else:
         response = body_response(view.body, view.mimetype, view.status)
-    response.set_etag(view.etag)
+    # Weak for a page: one rendered again with the same verdicts keeps its ETag, but says another time (render_view_job).
+    response.set_etag(view.etag, weak=view.mimetype == "text/html")
     response.headers["Cache-Control"] = "no-cache"  # keep it, but ask with If-None-Match first
     response.headers["Age"] = str(int(max(0.0, time.time() - view.started)))
     response.last_modified = datetime.fromtimestamp(view.started, timezone.utc)

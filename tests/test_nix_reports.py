@@ -11,7 +11,7 @@ import post_build_hook as hook
 import sbom_samples as samples
 import web
 from attestation_samples import create_user_in_process
-from support import REPO, bearer, database_dump, write_derivation
+from support import REPO, bearer, database_dump, nix_env, write_derivation
 
 DATA = REPO / "tests" / "data"
 JSON = {"Accept": "application/json"}
@@ -146,10 +146,12 @@ def test_a_version_14_database_keeps_the_fixed_output_paths_of_each_reports_late
         conn.execute("PRAGMA user_version = 14")
     migrated = web.create_app({"DATABASE": str(db), "TESTING": True}).test_client()
     history = migrated.get("/reports/old/history", headers=JSON).get_json()["revisions"]
-    assert [revision["counts"].get(web.FIXED_OUTPUT, 0) for revision in history] == [1, 1]  # the latest's marks count in both
+    # The latest revision's marks are its report's rows'; the older one's upload was gone before version 15.
+    assert [revision["counts"].get(web.FIXED_OUTPUT, 0) for revision in history] == [0, 1]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT fixed_output FROM report_revisions ORDER BY report_id, number").fetchall() == [
-            (None,), (json.dumps([SRC]),), (None,)]
+        packed = conn.execute("SELECT fixed_output FROM report_revisions ORDER BY report_id, number").fetchall()
+    assert packed[0] == packed[2] == (None,)
+    assert web.unpacked_ids(packed[1][0]) == [[item["path"] for item in nix_28_path_info()].index(SRC)]
 
 
 def test_a_report_from_nix_is_given_back_as_uploaded_and_not_as_cyclonedx(client, tokens):
@@ -208,6 +210,9 @@ BAD_UPLOADS = [
      "path-info [0].deriver: expected the .drv"),
     ("application/x-nix-path-info+json", [{"path": TOP, "references": [], "ca": 5}],
      "path-info [0].ca: expected a content address"),
+    *[("application/x-nix-path-info+json", [{"path": TOP_DRV, "references": [], "ca": ca}], "path-info [0].ca")
+      for ca in ("bogus", "", "text:garbage", "text:sha256:" + "e" * 52, {"method": "bogus", "hash": "x"},
+                 {"method": "text", "hash": "garbage"})],
     ("text/csv", "a,b\n", "Content-Type"),
 ]
 
@@ -252,11 +257,14 @@ def test_a_content_address_that_makes_no_fixed_output_path_is_not_fixed_output()
     drv_text = "text:sha256:15ddavfvd42r1w8qfvnl1n5c6s3pr1z9ahfyfgji5w7bvkvzn852"
     assert web.path_info_ca(drv_text, TOP_DRV, "here", []) is None
     assert web.path_info_ca({"method": "text", "hash": "sha256-" + "A" * 43 + "="}, TOP_DRV, "here", []) is None
-    assert web.path_info_ca(SRC_CA, SRC, "here", [DEP]) is None
-    assert web.path_info_ca(SRC_CA, SRC, "here", web.msgspec.Raw(b'["x"]')) is None
     assert web.path_info_ca(SRC_CA, SRC, "here", web.msgspec.Raw(b"[ ]")) == SRC_CA
     with pytest.raises(web.BadInput, match="here.ca"):
         web.path_info_ca(SRC_CA, DEP, "here", [])
+    # With references, it must be the content address of a content-addressed derivation's output with them.
+    with pytest.raises(web.BadInput, match="here.ca: expected fixed:r:sha256"):
+        web.path_info_ca(SRC_CA, SRC, "here", [DEP])
+    with pytest.raises(web.BadInput, match="here.ca: .* with its references: the store path differs"):
+        web.path_info_ca(SRC_CA.replace("fixed:", "fixed:r:"), SRC, "here", web.msgspec.Raw(f'["{DEP}"]'.encode()))
 
 
 def test_text_formats_refuse_a_body_of_more_lines_than_the_limits_allow_before_reading_them():
@@ -417,3 +425,24 @@ def test_real_nix_derivation_closure_path_info_is_a_report(client, tokens, built
     response = put(client, tokens("owner"), "derivations", listed, "application/x-nix-path-info+json", f"?root={drv}")
     assert response.status_code == 200, response.get_json()
     assert summary(client, "derivations")["paths"] == {source: web.FIXED_OUTPUT}
+
+
+def test_real_nix_content_addressed_derivation_output_is_checked_and_not_fixed_output(client, tokens, tmp_path, nix):
+    """A content-addressed derivation's output (experimental in Nix 2.8) has ca fixed:r:sha256 and references: its
+    store path is made from both, and whether it reproduces is what a report is for."""
+    env = nix_env(NIX_CONFIG="experimental-features = nix-command ca-derivations")
+    dep = write_derivation(tmp_path, "nixreports-ca-dep", "echo dep > $out")
+    top = write_derivation(tmp_path, "nixreports-ca-top", "echo $dep $out > $out", extra=f"dep = import {dep};"
+                           ' __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";')
+    out = subprocess.run(["nix-build", "--no-out-link", str(top)], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    listed = json.loads(subprocess.run(["nix", "path-info", "--json", "-r", out], env=env, capture_output=True,
+                                       text=True, check=True).stdout)
+    [item] = [item for item in listed if item["path"] == out]
+    assert item["ca"].startswith("fixed:r:sha256:") and out in item["references"] and len(item["references"]) == 2
+    response = put(client, tokens("owner"), "ca", listed, "application/x-nix-path-info+json", f"?root={out}")
+    assert response.status_code == 200, response.get_json()
+    assert set(summary(client, "ca")["paths"].values()) == {web.NO_BUILDS}
+    item["ca"] = item["ca"][:-1] + ("0" if item["ca"][-1] != "0" else "1")
+    response = put(client, tokens("owner"), "ca", listed, "application/x-nix-path-info+json", f"?root={out}")
+    assert response.status_code == 400 and "with its references: the store path differs" in response.get_json()["error"]
