@@ -112,12 +112,14 @@ def test_history_and_changes_count_the_paths_an_upload_marks_fixed_output_apart(
     assert [revision["counts"] for revision in history] == [counts, counts]
     assert counts[web.FIXED_OUTPUT] == 1 and counts[web.REPRODUCED] == 0
     assert summary(client, "revised?revision=r1")["paths"][SRC] == web.FIXED_OUTPUT
-    tree = f"{TOP}\n\u251c\u2500\u2500\u2500{DEP}\n\u2514\u2500\u2500\u2500{SRC}\n"
-    assert put(client, tokens("owner"), "other", nix_28_path_info(), "application/json", "?revision=a").status_code == 200
-    assert put(client, tokens("owner"), "other", tree.replace(DEP, OTHER_DEP), "text/x-nix-tree", "?revision=b").status_code == 200
-    changed = client.get("/reports/other/changes", headers=JSON).get_json()
-    assert {entry["path"]: entry["verdict"] for entry in changed["removed"]} == {DEP: web.NO_BUILDS}
-    assert changed["kept"] == 2  # SRC too, fixed-output in the first revision only: its ca is the path's own
+    # Each revision's own upload says which of its paths are fixed-output: the first's removed, the third's added.
+    for label, body, content_type in (("a", nix_28_path_info(), "application/json"),
+                                      ("b", f"{TOP}\n\u2514\u2500\u2500\u2500{OTHER_DEP}\n", "text/x-nix-tree"),
+                                      ("c", nix_28_path_info(), "application/json")):
+        assert put(client, tokens("owner"), "other", body, content_type, f"?revision={label}").status_code == 200
+    for old, new, listed in (("a", "b", "removed"), ("b", "c", "added")):
+        changed = client.get(f"/reports/other/changes?from={old}&to={new}", headers=JSON).get_json()
+        assert {entry["path"]: entry["verdict"] for entry in changed[listed]} == {DEP: web.NO_BUILDS, SRC: web.FIXED_OUTPUT}
 
 
 def test_history_and_an_older_revision_count_the_paths_an_attestation_marks_fixed_output_apart(client, tokens):
