@@ -51,8 +51,9 @@ def generate_path_info(paths, seed=1, edges=6, fixed_share=0.05):
     for number, node in enumerate(nodes):
         later = range(number + 1, paths)
         count = min(len(later), rng.randint(0, 2 * edges) if number else 3 * edges)
+        references = [nodes[other]["out"] for other in sorted(rng.sample(later, count))]
         info = {"path": node["out"], "narHash": "sha256-" + base64.b64encode(rng.randbytes(32)).decode(),
-                "narSize": rng.randint(100, 10**8), "references": [nodes[other]["out"] for other in sorted(rng.sample(later, count))],
+                "narSize": rng.randint(100, 10**8), "references": [] if "ca" in node else references,  # as Nix requires
                 "deriver": node["drv"], "registrationTime": 1700000000, "ultimate": True}
         if "ca" in node:
             info["ca"] = node["ca"]
