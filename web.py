@@ -4674,7 +4674,7 @@ def diff_too_large(error):
 
 @routes.app_errorhandler(ReportTooLarge)
 def report_too_large(error):
-    return jsonify(error=str(error)), 413
+    return error_body(str(error)), 413
 
 
 @routes.app_errorhandler(LabelTaken)
@@ -4684,12 +4684,12 @@ def label_taken(error):
 
 @routes.app_errorhandler(UploadsBusy)
 def uploads_busy(error):
-    return jsonify(error=str(error)), 503, {"Retry-After": str(UPLOAD_RETRY_AFTER_S)}
+    return error_body(str(error)), 503, {"Retry-After": str(UPLOAD_RETRY_AFTER_S)}
 
 
 @routes.app_errorhandler(ViewsBusy)
 def views_busy(error):
-    return jsonify(error=f"{error}; retry in {VIEW_RETRY_AFTER_S} seconds"), 503, {"Retry-After": str(VIEW_RETRY_AFTER_S)}
+    return error_body(f"{error}; retry in {VIEW_RETRY_AFTER_S} seconds"), 503, {"Retry-After": str(VIEW_RETRY_AFTER_S)}
 
 
 @routes.app_errorhandler(HTTPException)

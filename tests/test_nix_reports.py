@@ -303,6 +303,7 @@ def test_oversized_closure_is_refused(start_server):
     response = requests.put(f"{server.url}/reports/big", data=json.dumps(nix_28_path_info()),
                             headers={**bearer(token), "Content-Type": "application/json"}, timeout=10)
     assert response.status_code == 413 and "--max-report-paths" in response.json()["error"]
+    assert response.json()["detail"] == response.json()["error"]  # as lila's clients read it
     assert requests.get(f"{server.url}/reports/big", headers=JSON, timeout=10).status_code == 404
 
 

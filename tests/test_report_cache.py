@@ -354,7 +354,8 @@ def test_a_busy_render_worker_answers_503_with_retry_after(client, report, monke
     for path in ("/reports/cached", "/reports/cached/history", "/reports/cached/changes"):
         response = client.get(path, headers=JSON)
         assert response.status_code == 503 and response.headers["Retry-After"] == str(web.VIEW_RETRY_AFTER_S)
-        assert response.get_json()["error"] == f"8 other views are being rendered; retry in {web.VIEW_RETRY_AFTER_S} seconds"
+        assert response.get_json() == {"error": f"8 other views are being rendered; retry in {web.VIEW_RETRY_AFTER_S} seconds",
+                                       "detail": f"8 other views are being rendered; retry in {web.VIEW_RETRY_AFTER_S} seconds"}
 
 
 def test_history_and_changes_are_rendered_once_per_change(client, tokens, report, renders):

@@ -127,7 +127,7 @@ def test_an_upload_beyond_the_slots_is_503_with_retry_after(start_server):
     refused, defined = responses
     assert refused.status_code == 503
     assert refused.headers["Retry-After"].isdigit()
-    assert "1 report uploads" in refused.json()["error"]
+    assert "1 report uploads" in refused.json()["error"] and refused.json()["detail"] == refused.json()["error"]
     assert defined.status_code == 200
 
 
