@@ -151,8 +151,10 @@ def make_store_path(path_type, inner_hash_hex, name):
     return f"{STORE_DIR}/{nix_base32_encode(folded.to_bytes(20, 'little'))}-{name}"
 
 
-def fixed_output_path(ca, name):
-    """The store path Nix gives a fixed-output path named `name` with content address `ca`, or ValueError."""
+def fixed_output_path(ca, name, references=(), self_reference=False):
+    """The store path Nix gives a path named `name` with content address `ca` and these references (other store paths)
+    or none, or ValueError. A fixed-output path has none; the output of a content-addressed derivation (fixed:r:sha256)
+    may have some: its type is "source", each reference, and ":self" if it refers to itself."""
     match = FIXED_CA_RE.fullmatch(ca) if isinstance(ca, str) else None
     if not match:
         raise ValueError(f"expected a fixed-output content address fixed:[r:]<sha256|sha512|sha1|md5>:<nix base32>,"
@@ -160,26 +162,13 @@ def fixed_output_path(ca, name):
     recursive, algorithm, encoded = match.groups()
     hex_hash = nix_base32_decode(encoded, CA_HASH_BYTES[algorithm]).hex()
     if recursive and algorithm == "sha256":
-        return make_store_path("source", hex_hash, name)
-    inner = hashlib.sha256(f"fixed:out:{recursive or ''}{algorithm}:{hex_hash}:".encode()).hexdigest()
-    return make_store_path("output:out", inner, name)
-
-
-def check_content_addressed(out_path, ca, references):
-    """ca itself when out_path is the output of a content-addressed derivation with ca and these references (store
-    paths; out_path among them if it refers to itself), as Nix computes it: of type "source", each other reference,
-    and ":self"; else ValueError saying why not. A fixed-output path has no references."""
-    match = FIXED_CA_RE.fullmatch(ca) if isinstance(ca, str) else None
-    if not match or match.group(1) is None or match.group(2) != "sha256":
+        path_type = "source" + "".join(f":{reference}" for reference in sorted(references)) + (":self" if self_reference else "")
+        return make_store_path(path_type, hex_hash, name)
+    if references or self_reference:
         raise ValueError(f"expected fixed:r:sha256:<nix base32>, the only content address of a path with references,"
                          f" got {shorten(ca)!r}")
-    others = sorted(set(references) - {out_path})
-    path_type = "source" + "".join(f":{reference}" for reference in others) + (":self" if out_path in references else "")
-    hex_hash = nix_base32_decode(match.group(3), CA_HASH_BYTES["sha256"]).hex()
-    if make_store_path(path_type, hex_hash, parse_store_path(out_path)[1]) != out_path:
-        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)} with its references:"
-                         " the store path differs")
-    return ca
+    inner = hashlib.sha256(f"fixed:out:{recursive or ''}{algorithm}:{hex_hash}:".encode()).hexdigest()
+    return make_store_path("output:out", inner, name)
 
 
 def fixed_content_address(ca):
@@ -191,21 +180,29 @@ def fixed_content_address(ca):
         return ca if ca.startswith("fixed:") else None
     if not isinstance(ca, dict) or ca.get("method") not in ("flat", "nar"):
         return None
-    algorithm, _dash, encoded = str(ca.get("hash", "")).partition("-")
+    algorithm, raw = sri_hash(ca.get("hash"))
+    return f"fixed:{'r:' if ca['method'] == 'nar' else ''}{algorithm}:{nix_base32_encode(raw)}"
+
+
+def sri_hash(text):
+    """(algorithm, bytes) of an SRI hash as newer Nix writes a ca's: <md5|sha1|sha256|sha512>-<base64>; else ValueError."""
+    algorithm, _dash, encoded = str(text).partition("-")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except ValueError:
         raw = b""
     if CA_HASH_BYTES.get(algorithm) != len(raw):
-        raise ValueError(f"ca.hash: expected an SRI hash such as sha256-<base64>, got {shorten(ca.get('hash'))!r}")
-    return f"fixed:{'r:' if ca['method'] == 'nar' else ''}{algorithm}:{nix_base32_encode(raw)}"
+        raise ValueError(f"ca.hash: expected an SRI hash such as sha256-<base64>, got {shorten(text)!r}")
+    return algorithm, raw
 
 
-def check_fixed_output(out_path, ca):
-    """ca itself when out_path is the fixed-output path of ca; else ValueError saying why not."""
+def check_fixed_output(out_path, ca, references=()):
+    """ca itself when out_path is the path Nix makes of ca and these references (store paths; out_path among them if it
+    refers to itself), as fixed_output_path; else ValueError saying why not."""
     _digest, name = parse_store_path(out_path)
-    if fixed_output_path(ca, name) != out_path:
-        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)}: the store path differs")
+    if fixed_output_path(ca, name, set(references) - {out_path}, out_path in references) != out_path:
+        raise ValueError(f"{shorten(ca)!r} is not the content address of {shorten(out_path)}"
+                         f"{' with its references' if references else ''}: the store path differs")
     return ca
 
 

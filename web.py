@@ -49,8 +49,7 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
-from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, check_content_addressed, check_fixed_output
-from post_build_hook import fixed_content_address
+from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, check_fixed_output, fixed_content_address, sri_hash
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
@@ -843,7 +842,7 @@ def migrate_to_14(conn):
 
 def migrate_to_15(conn):
     """Each revision keeps the paths its upload marks fixed-output. The latest revision's are its report's own rows';
-    an older revision's upload is gone: it counts as fixed-output what attestations, or revisions it is shown with, mark so."""
+    an older revision's upload is gone: it counts as fixed-output only what attestations mark so."""
     conn.execute("ALTER TABLE report_revisions ADD COLUMN fixed_output BLOB")
     latest = conn.execute("SELECT id, report_id FROM report_revisions WHERE number = (SELECT MAX(number)"
                           " FROM report_revisions AS later WHERE later.report_id = report_revisions.report_id)").fetchall()
@@ -2316,19 +2315,19 @@ def path_info_deriver(text, where):
 def path_info_ca(ca, path, where, references):
     """An item's ca as "fixed:…" once checked to be the content address of its path; None if it has none, or a well
     formed one that does not make it fixed-output: a .drv's text:…, or the output of a content-addressed derivation,
-    which has references (Nix refuses a fixed-output path that has any). references: a list, or its raw JSON."""
+    which has references (Nix refuses a fixed-output path that has any), checked with them. references: a list, or
+    its raw JSON."""
     if ca is None or checked(f"{where}.ca", is_text_content_address, ca):
         return None
     fixed = checked(f"{where}.ca", fixed_content_address, ca)
     if fixed is None:
         raise BadInput(f"{where}.ca: expected a content address, fixed:…, text:sha256:… or an object with method and hash,"
                        f" got {shorten(json.dumps(ca))}")
-    if lists_any(references):
-        paths = reference_paths(references)
-        if paths is not None:  # else closure_children names what is wrong with them
-            checked(f"{where}.ca", lambda value: check_content_addressed(path, value, paths), fixed)
+    paths = reference_paths(references)
+    if paths is None:  # closure_children names what is wrong with them
         return None
-    return checked(f"{where}.ca", lambda value: check_fixed_output(path, value), fixed)
+    checked(f"{where}.ca", lambda value: check_fixed_output(path, value, paths), fixed)
+    return None if paths else fixed
 
 
 def reference_paths(references):
@@ -2351,16 +2350,9 @@ def is_text_content_address(ca):
     """Whether ca is a well formed content address of a path made from text (a .drv) or git: Nix 2.8's text:sha256:…,
     or newer Nix's {"method": "text"|"git", "hash": SRI}. ValueError for such an object whose hash is not one."""
     if isinstance(ca, dict) and ca.get("method") in ("text", "git"):
-        fixed_content_address({"method": "flat", "hash": ca.get("hash")})  # the same check of its SRI hash
+        sri_hash(ca.get("hash"))
         return True
     return isinstance(ca, str) and TEXT_CA_RE.fullmatch(ca) is not None
-
-
-def lists_any(references):
-    """Whether references, a list or its raw JSON (PathInfoNode), lists anything."""
-    if isinstance(references, msgspec.Raw):
-        return bool(bytes(references).strip(b"[] \t\r\n"))
-    return bool(references)
 
 
 def nix_tree_items(text, max_lines):
@@ -4956,10 +4948,11 @@ def show_report(name):
         policy = request_policy(conn)
         latest = latest_revision(conn, report["id"])
         revision = find_revision(conn, report, request.args["revision"]) if "revision" in request.args else latest
-        if wanted in REPORT_TYPES and revision["number"] == latest["number"]:
-            return uploaded_document(conn, report, latest, wanted)
         if wanted in REPORT_TYPES:
-            no_older_upload(report, revision, latest)
+            if revision["number"] != latest["number"]:
+                abort(410, f"report {report['name']!r} keeps the upload of its latest revision ({latest['number']}) only;"
+                           f" revision {revision['number']} keeps its paths and tree")
+            return uploaded_document(conn, report, latest, wanted)
         if not request.environ.get(RENDERING):
             return cached_report_view(conn, report, revision, latest, policy, wanted)
         if revision["number"] != latest["number"]:
@@ -4978,14 +4971,8 @@ def show_report(name):
                            report_diff_links(conn, report["id"]))
 
 
-def no_older_upload(report, revision, latest):
-    """410: an older revision's upload is gone, in any format."""
-    abort(410, f"report {report['name']!r} keeps the upload of its latest revision ({latest['number']}) only;"
-               f" revision {revision['number']} keeps its paths and tree")
-
-
 def show_older_revision(conn, report, revision, latest, policy, wanted):
-    """A revision before the latest, from its shared component rows (its upload is gone: no_older_upload)."""
+    """A revision before the latest, from its shared component rows (its upload is gone: show_report answers 410)."""
     with cyclic_gc_paused():
         (components,) = revision_components(conn, revision["id"])
         out_paths = [out_path for component in components for out_path in component["outputs"]]
