@@ -531,7 +531,11 @@ in
           LockPersonality = true;
           RemoveIPC = true;
           SystemCallArchitectures = "native";
-          SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+          # setpriority, of @resources, is allowed again: the render worker lowers its own priority
+          # (os.nice), and a call the filter denies would kill it, and with it every report view.
+          SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" "setpriority" ];
+          # A call denied fails with EPERM rather than killing the process, which web.py can survive.
+          SystemCallErrorNumber = "EPERM";
           UMask = "0077";
           # MemoryDenyWriteExecute is left off: cffi (under pynacl) may need
           # writable and executable memory for callbacks.

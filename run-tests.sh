@@ -13,6 +13,8 @@ install_system_packages() {
     command -v shellcheck >/dev/null || missing+=(shellcheck)
     # The diff hook runs as the build user, who cannot reach root's Python: it uses Debian's.
     /usr/bin/python3 -c 'import nacl.signing, requests' 2>/dev/null || missing+=(python3-nacl python3-requests)
+    # The NixOS module's system-call filter is played by libseccomp (tests/seccomp_exec.py).
+    /usr/bin/python3 -c 'import seccomp' 2>/dev/null || missing+=(python3-seccomp)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     # The transparency log is checked against Go's reference code, built offline from Debian's packages.
     command -v go >/dev/null || missing+=(golang-go)

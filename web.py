@@ -5548,6 +5548,16 @@ def die_with_server(server_pid):
         os._exit(0)
 
 
+def lower_priority(niceness):
+    """os.nice, or a warning where a service manager's system-call filter forbids it (EPERM): the views are then
+    rendered at the server's own priority rather than not at all."""
+    try:
+        os.nice(niceness)
+    except OSError as error:
+        print(f"web.py: the render worker keeps the server's priority: setpriority failed: {error}",
+              file=sys.stderr, flush=True)
+
+
 render_app = threading.local()  # app(): the app a render thread or worker renders with
 
 
@@ -5557,7 +5567,7 @@ def start_render_thread(app_reference):
 
 def start_render_worker(config, server_pid):
     die_with_server(server_pid)
-    os.nice(RENDER_NICENESS)  # the server's threads, which take attestations, come first
+    lower_priority(RENDER_NICENESS)  # the server's threads, which take attestations, come first
     limit_malloc_arenas()
     app = create_app({**config, "RENDER_WORKER": False})
     start_render_thread(lambda: app)

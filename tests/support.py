@@ -71,16 +71,17 @@ def wait_until(condition, timeout=15.0, what="condition"):
 class ServerProcess:
     """`python web.py` on a free loopback port, as a user starts it."""
 
-    def __init__(self, db, extra_args=()):
+    def __init__(self, db, extra_args=(), launcher=()):
         self.db = Path(db)
         self.extra_args = list(extra_args)
+        self.launcher = list(launcher)  # a command that runs the server's command line given after it
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.db.with_name(self.db.name + ".server.log")
         self.process = None
 
     def start(self):
-        command = [sys.executable, str(REPO / "web.py"), "--host", "127.0.0.1",
+        command = [*self.launcher, sys.executable, str(REPO / "web.py"), "--host", "127.0.0.1",
                    "--port", str(self.port), "--db", str(self.db), *self.extra_args]
         # A file, not a pipe: nobody reads a pipe during the test, and a full one
         # would block the server the next time it logs.

@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from module_layout import evaluate_module, in_private_mounts, module_scripts
-from support import REPO, write_derivation
+import sbom_samples
+from support import DEBIAN_PYTHON, REPO, ServerProcess, bearer, write_derivation
 
 LIB_SHIM = REPO / "tests" / "nix" / "lib-shim.nix"
 HOOK_WRAPPER = REPO / "nix" / "hook-wrapper.sh"
@@ -275,6 +276,34 @@ def test_server_is_hardened(nix):
     assert service["ProtectHome"] is True
     assert service["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX"]
     assert "@system-service" in service["SystemCallFilter"]
+
+
+def test_server_filter_lets_the_render_worker_lower_its_priority_and_fails_denied_calls_with_eperm(nix):
+    """systemd applies SystemCallFilter's entries in order: after an allow-list, "~@resources" takes setpriority
+    away and a later "setpriority" gives it back. Denied, it killed the render worker with SIGSYS (every view 500)."""
+    service = server_service(evaluate(nix, "services.hash-collection-server.enable = true;"))
+    filters = service["SystemCallFilter"]
+    assert filters[0] == "@system-service"
+    assert filters.index("setpriority") > filters.index("~@resources")
+    assert service["SystemCallErrorNumber"] == "EPERM"
+
+
+def test_a_server_whose_filter_denies_setpriority_still_renders_report_views(tmp_path):
+    """The server started as the unit would start it under a filter that denies setpriority with EPERM
+    (libseccomp, through tests/seccomp_exec.py): views are rendered at the server's own priority."""
+    launcher = [DEBIAN_PYTHON, str(REPO / "tests" / "seccomp_exec.py"), "setpriority"]
+    server = ServerProcess(tmp_path / "hashes.db", launcher=launcher).start()
+    try:
+        put = requests.put(f"{server.url}/reports/filtered", json=sbom_samples.nix_build_sbom(sbom_samples.DIAMOND).sbom,
+                           headers=bearer(server.create_user("alice")), timeout=30)
+        assert put.status_code == 200, put.text
+        for accept in ("text/html", "application/json"):
+            view = requests.get(f"{server.url}/reports/filtered", headers={"Accept": accept}, timeout=60)
+            assert view.status_code == 200, view.text
+        assert requests.get(f"{server.url}/reports/filtered/badge.svg", timeout=60).status_code == 200
+    finally:
+        server.stop()
+    assert "setpriority failed" in server.log.read_text()
 
 
 def test_open_firewall_opens_the_port(nix):
