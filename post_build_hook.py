@@ -826,8 +826,20 @@ def read_secret(env, name):
     """The secret from NAME_FILE (recommended) or NAME (the original's interface), or None when neither is set."""
     path = env.get(name + "_FILE")
     if path:
-        return read_secret_file(f"{name}_FILE={path}", path)
-    return env.get(name, "").strip() or None
+        return one_word_secret(f"{name}_FILE={path}", read_secret_file(f"{name}_FILE={path}", path))
+    return one_word_secret(name, env.get(name, "").strip()) or None
+
+
+def one_word_secret(setting, secret):
+    """Tokens and keys are one word of visible ASCII. Anything else (two lines of a command's output, say) would
+    fail at every request, and the HTTP library's error would print the secret: refused here, not shown."""
+    if secret and not SECRET_WORD_RE.fullmatch(secret):
+        raise ConfigError(f"{setting} is not one word: a token or key has no spaces, line breaks or control"
+                          " characters; did the command that wrote it print more than the token or key?")
+    return secret
+
+
+SECRET_WORD_RE = re.compile(r"[!-~]+")
 
 
 def read_secret_file(setting, path):

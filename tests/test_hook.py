@@ -431,6 +431,29 @@ def test_unreadable_secret_key_file_is_named(tmp_path):
     assert secret_key is None and f"cannot read HASH_COLLECTION_SECRET_KEY_FILE={key_dir}" in problem
 
 
+@pytest.mark.parametrize("text", ["alice\nt0ken-secret\n", "t0ken secret", "t0ken\x1bsecret"], ids=["two-lines", "space", "control"])
+def test_token_that_is_not_one_word_is_refused_by_name_without_showing_it(tmp_path, text):
+    """`create_user NAME --public-key KEY | awk '{print $NF}'` writes the builder's name and token on two lines:
+    sent as a header, the HTTP library refused it and its error printed the token."""
+    token_file = tmp_path / "token"
+    token_file.write_text(text)
+    for env in ({"HASH_COLLECTION_TOKEN_FILE": str(token_file)}, {"HASH_COLLECTION_TOKEN": text}):
+        with pytest.raises(post_build_hook.ConfigError, match="is not one word") as refused:
+            post_build_hook.read_secret(env, "HASH_COLLECTION_TOKEN")
+        assert "secret" not in str(refused.value).replace("HASH_COLLECTION", "")
+
+
+def test_hook_with_a_two_line_token_file_says_so_and_never_prints_the_token(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("alice\nt0ken-secret\n")
+    result = subprocess.run([sys.executable, str(CLIENT), "flush"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HASH_COLLECTION_SERVER": "http://127.0.0.1:9",
+                                 "HASH_COLLECTION_TOKEN_FILE": str(token_file),
+                                 "HASH_COLLECTION_SPOOL_DIR": str(tmp_path / "spool")})
+    assert f"HASH_COLLECTION_TOKEN_FILE={token_file} is not one word" in result.stderr
+    assert "t0ken-secret" not in result.stdout + result.stderr
+
+
 def test_empty_token_file_is_named_not_called_unset(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("\n")
