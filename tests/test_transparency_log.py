@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -415,3 +416,57 @@ def test_bad_checkpoint_signature_is_caught(start_server, tmp_path):
     audited = run_client({**client_env(server, tmp_path), "HASH_COLLECTION_LOG_KEY": verifier_key(other)}, "audit")
     assert audited.returncode == 2
     assert "bad signature" in audited.stderr
+
+
+class UpgradeBetweenReads:
+    """The request's connection, which runs `upgrade` in another thread (another connection) right after
+    logged_entries has read log_entries and before it reads the attestations."""
+
+    def __init__(self, conn, upgrade):
+        self.conn, self.upgrade = conn, upgrade
+
+    def execute(self, sql, *args):
+        cursor = self.conn.execute(sql, *args)
+        if sql.startswith("SELECT idx, attestation_id, entry FROM log_entries") and self.upgrade is not None:
+            upgrade, self.upgrade = self.upgrade, None
+            thread = threading.Thread(target=upgrade)
+            thread.start()
+            thread.join()
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_an_entry_read_while_its_attestation_is_upgraded_still_hashes_to_its_leaf(app, client, tokens, monkeypatch):
+    """Reviewed: the entries and the attestation rows were read outside one snapshot, so an upgrade committed
+    between the two reads gave index 0 the upgraded row's bytes, served as an immutable tile."""
+    from nacl.signing import SigningKey
+    seed = SigningKey.generate()
+    secret = "k1:" + base64.b64encode(bytes(seed) + bytes(seed.verify_key)).decode()
+    token = tokens("alice", "--public-key", "k1:" + base64.b64encode(bytes(seed.verify_key)).decode())
+    path, hash_ = out_path(nonce()), nar_hash(nonce())
+    plain = {"output_path": path, "output_hash": hash_, "output_sig": "", "nar_size": 5, "references": []}
+    signed = {**plain, "output_sig": sign_fingerprint(secret, fingerprint(path, hash_, 5, []))}
+    assert client.post("/attestations", json=[plain], headers=bearer(token)).status_code == 200
+
+    upgraded = []
+
+    def upgrade():
+        upgraded.append(client.post("/attestations", json=[signed], headers=bearer(token)).json["log_index"])
+    request_thread, real_get_db = threading.current_thread(), web.get_db
+    monkeypatch.setattr(web, "get_db", lambda: UpgradeBetweenReads(real_get_db(), upgrade)
+                        if threading.current_thread() is request_thread else real_get_db())
+    bundle = client.get("/log/tile/entries/000.p/1")
+    monkeypatch.undo()
+    assert upgraded == [[1]] and bundle.status_code == 200
+    entry = bundle.data[2:]  # after the entry bundle's two-byte length
+    assert b"verified 0\n" in entry
+    assert client.get("/log/tile/0/000.p/2").data[:32] == leaf_hash(entry)
+
+
+@pytest.mark.parametrize("level", ["0", "1", "entries"])
+def test_a_tile_index_beyond_sqlites_integers_is_404_not_500(client, tokens, level):
+    client.post("/attestations", json=items(3), headers=bearer(tokens("alice")))
+    response = client.get(f"/log/tile/{level}/" + "x999/" * 7 + "000")
+    assert response.status_code == 404 and "the log has 3 entries" in response.json["error"]
