@@ -53,8 +53,8 @@ from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, ch
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
-                             parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, split_note, split_point,
-                             tree_hash, verifier_key_text, verifier_of_signer)
+                             parse_signer_key, parse_tile_index, parse_verifier_key, sign_note, signature_line,
+                             split_note, split_point, tree_hash, verifier_key_text, verifier_of_signer)
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -4538,16 +4538,20 @@ def store_cosignature(conn, builder, size, line):
     if checkpoint is None:
         abort(404, f"no checkpoint of size {size}")
     text, _signatures = split_note(checkpoint["note"])
+    line = line if line.endswith("\n") else line + "\n"
     try:
+        if "\n" in line[:-1]:  # split_note reads the signatures after the last blank line, and would ignore the rest
+            raise ValueError
         ((name, raw),) = split_note(text + "\n" + line)[1]
     except ValueError:
         raise BadInput("body: expected one cosignature line '\u2014 <name> <base64>'") from None
     for key_id, verifier_key in conn.execute("SELECT id, verifier_key FROM witness_keys WHERE builder_id = ?",
                                              (builder["id"],)):
-        if cosignature_time(text, parse_verifier_key(verifier_key), name, raw) is not None:
-            with transaction(conn):
+        witness = parse_verifier_key(verifier_key)
+        if cosignature_time(text, witness, name, raw) is not None:
+            with transaction(conn):  # the line as checked, made again: nothing else the body held
                 conn.execute("INSERT OR REPLACE INTO log_cosignatures (size, witness_key_id, line) VALUES (?, ?, ?)",
-                             (size, key_id, line))
+                             (size, key_id, signature_line(witness, raw)))
             return
     raise BadInput(f"body: not a valid cosignature of checkpoint {size} by a witness key registered to "
                    f"{builder['name']!r}")

@@ -470,3 +470,26 @@ def test_a_tile_index_beyond_sqlites_integers_is_404_not_500(client, tokens, lev
     client.post("/attestations", json=items(3), headers=bearer(tokens("alice")))
     response = client.get(f"/log/tile/{level}/" + "x999/" * 7 + "000")
     assert response.status_code == 404 and "the log has 3 entries" in response.json["error"]
+
+
+def test_a_cosignature_body_of_more_than_one_line_is_refused_and_the_served_note_stays_verifiable(tmp_path, start_server):
+    """Reviewed: only what followed the body's last blank line was checked, and the whole body was served."""
+    from post_build_hook import cosign, parse_signer_key
+    server = log_server(start_server)
+    key_file, witness_vkey = witness_key(tmp_path, "witness.example")
+    token = server.create_user("wit", "--witness-key", witness_vkey)
+    post(server, server.create_user("alice"), items(2))
+    note = requests.get(server.url + "/log/checkpoint", timeout=5).text
+    text, _signatures = split_note(note)
+    line = cosign(text, parse_signer_key(key_file.read_text().strip()), int(time.time()))
+
+    def cosignature(body):
+        return requests.post(server.url + "/log/cosignature?size=2", data=body.encode(), headers=bearer(token), timeout=5)
+    for hostile in ("\u2014 evil AAAAAAAAAAAA\nX\n\n" + line, line + "trailing\n", "\n" + line):
+        refused = cosignature(hostile)
+        assert refused.status_code == 400 and "one cosignature line" in refused.json()["error"]
+    assert requests.get(server.url + "/log/checkpoint", timeout=5).text == note
+    assert cosignature(line.rstrip("\n")).status_code == 200
+    served = requests.get(server.url + "/log/checkpoint", timeout=5).text
+    assert served == note + line
+    assert [name for name, _raw in split_note(served)[1]][-1] == "witness.example"
