@@ -4102,8 +4102,8 @@ def narinfo_text(attestation):
     ]
     if attestation["drv_path"]:
         lines.append(f"Deriver: {basename_of(attestation['drv_path'])}")
-    if attestation["ca"]:
-        lines.append(f"CA: {attestation['ca']}")
+    # No CA: line, though the attestation may have one: Nix trusts a content-addressed path with no signature
+    # at all, and this export vouches only for what the builder signed.
     # is_signature: a signature stored before version 2 may hold a line break.
     if is_signature(attestation["output_sig"]):
         lines.append(f"Sig: {attestation['output_sig']}")

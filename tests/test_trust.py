@@ -21,7 +21,7 @@ import requests
 
 import web
 from support import REPO, bearer, write_derivation
-from post_build_hook import drv_ident_of, fingerprint, verify_signature
+from post_build_hook import drv_ident_of, fingerprint, fixed_output_path, nix_base32_encode, verify_signature
 
 TIMEOUT = 10
 
@@ -437,6 +437,21 @@ def test_nix_store_verify_rejects_the_export_with_another_key(server, nix, nix_k
     verify = nix_store_verify(nix, f"{server.url}/signatures/alice", impostor_key["public"], built)
     assert verify.returncode != 0
     assert "untrusted" in verify.stderr
+
+
+def test_nix_store_verify_does_not_trust_an_unsigned_fixed_output_attestation(server, nix, nix_key):
+    """Reviewed: with a CA: line, Nix trusts a content-addressed path without any signature, and with --no-contents
+    never checks its NarHash: the export vouched for a hash nobody signed. The export has no CA: line."""
+    token = server.create_user("alice", "--public-key", nix_key["public"])
+    ca = "fixed:sha256:" + nix_base32_encode(bytes(range(32)))
+    path = fixed_output_path(ca, f"src-{uuid.uuid4().hex[:8]}.tar.gz")
+    unsigned = {"output_path": path, "output_hash": "sha256:" + "1" * 52, "output_sig": "", "nar_size": 1234,
+                "references": [], "ca": ca}
+    assert post_batch(server, token, [unsigned]).status_code == 200
+    verify = subprocess.run(["nix", "store", "verify", "--no-contents", "--store", f"{server.url}/signatures/alice",
+                             "--trusted-public-keys", nix_key["public"], "--sigs-needed", "1", path],
+                            env=nix(), capture_output=True, text=True, timeout=60)
+    assert verify.returncode != 0 and "untrusted" in verify.stderr, verify.stderr
 
 
 # ---------------------------------------------------------------- builders and their keys
