@@ -206,6 +206,14 @@ def check_fixed_output(out_path, ca, references=()):
     return ca
 
 
+def fixed_output_mark(out_path, ca, references):
+    """ca when out_path is the fixed-output path of it; None when out_path is a content-addressed derivation's output
+    (it has references: its path is checked the same way, but whether it reproduces is still worth knowing);
+    else ValueError, as check_fixed_output."""
+    check_fixed_output(out_path, ca, references)
+    return None if references else ca
+
+
 # ---------------------------------------------------------------- NAR hashes
 
 CANONICAL_SHA256_RE = re.compile(r"sha256:[01][0123456789abcdfghijklmnpqrsvwxyz]{51}")
@@ -2488,7 +2496,7 @@ def narinfo_attestation(cache, pending, narinfo):
         parse_store_path(reference)
     ca = fixed_content_address(narinfo.get("CA"))
     if ca is not None:
-        check_fixed_output(out_path, ca)
+        ca = fixed_output_mark(out_path, ca, references)
     message = fingerprint(out_path, nar_hash, nar_size, references)
     trusted = [sig for sig in narinfo["Sig"] if sig.partition(":")[0] in cache.trusted_keys]
     if not trusted:

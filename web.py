@@ -49,7 +49,7 @@ from post_build_hook import (DIGEST_RE, KEY_NAME_RE, STORE_DIR, drv_ident_of, fi
                              is_store_path, normalize_nar_hash, parse_key, parse_store_basename, parse_store_path, running_as,
                              shorten, verify_signature)
 from post_build_hook import STORE_PATH_RE, TO_STANDARD_BASE32, are_store_paths, basename_of, name_of, nix_base32_encode, nix_base32_number, store_path
-from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, check_fixed_output, fixed_content_address, sri_hash
+from post_build_hook import CANONICAL_SHA256_RE, NIX_BASE32, changed_aspects, fixed_content_address, fixed_output_mark, sri_hash
 from post_build_hook import NO_BUILDS, NONDETERMINISTIC, ONE_BUILD, PARTIALLY, REPRODUCED, verdict  # noqa: F401
 from post_build_hook import (ED25519_KEY_TYPE, EMPTY_TREE_HASH, TILE_HEIGHT, TILE_WIDTH, checkpoint_text,
                              cosignature_time, entry_bundle, generate_note_key, leaf_hash, log_entry, node_hash,
@@ -1033,7 +1033,7 @@ def parse_attestation(item, where, drv_ident):
         references = sorted(set(references))
     ca = field(item, "ca", where, required=False)
     if ca is not None:
-        checked(f"{where}.ca", lambda value: check_fixed_output(output_path, value), ca)
+        ca = checked(f"{where}.ca", lambda value: fixed_output_mark(output_path, value, references or ()), ca)
     return {"drv_ident": drv_ident, "output_path": output_path, "output_hash": output_hash,
             "output_sig": output_sig, "signature": signature, "nar_size": nar_size, "references": references,
             "source": attestation_source(item, where), "ca": ca}
@@ -2326,8 +2326,7 @@ def path_info_ca(ca, path, where, references):
     paths = reference_paths(references)
     if paths is None:  # closure_children names what is wrong with them
         return None
-    checked(f"{where}.ca", lambda value: check_fixed_output(path, value, paths), fixed)
-    return None if paths else fixed
+    return checked(f"{where}.ca", lambda value: fixed_output_mark(path, value, paths), fixed)
 
 
 def reference_paths(references):

@@ -1,4 +1,5 @@
 """Reports from Nix's own output (path-info JSON, --tree text, path lists), fixed-output paths, the headline and badge."""
+import base64
 import json
 import sqlite3
 import subprocess
@@ -430,17 +431,41 @@ def test_real_nix_derivation_closure_path_info_is_a_report(client, tokens, built
     assert summary(client, "derivations")["paths"] == {source: web.FIXED_OUTPUT}
 
 
-def test_real_nix_content_addressed_derivation_output_is_checked_and_not_fixed_output(client, tokens, tmp_path, nix):
-    """A content-addressed derivation's output (experimental in Nix 2.8) has ca fixed:r:sha256 and references: its
-    store path is made from both, and whether it reproduces is what a report is for."""
+def content_addressed_output(tmp_path):
+    """(out path, `nix path-info --json -r` of it) of a content-addressed derivation's output that refers to
+    itself and to a dependency, built by real Nix with the experimental feature on in its own configuration."""
     env = nix_env(NIX_CONFIG="experimental-features = nix-command ca-derivations")
     dep = write_derivation(tmp_path, "nixreports-ca-dep", "echo dep > $out")
     top = write_derivation(tmp_path, "nixreports-ca-top", "echo $dep $out > $out", extra=f"dep = import {dep};"
                            ' __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";')
     out = subprocess.run(["nix-build", "--no-out-link", str(top)], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
-    listed = json.loads(subprocess.run(["nix", "path-info", "--json", "-r", out], env=env, capture_output=True,
-                                       text=True, check=True).stdout)
+    return out, json.loads(subprocess.run(["nix", "path-info", "--json", "-r", out], env=env, capture_output=True,
+                                          text=True, check=True).stdout)
+
+
+def test_real_nix_content_addressed_output_is_attested_with_its_ca_and_not_counted_fixed_output(client, tokens,
+                                                                                                 tmp_path, nix):
+    """Reviewed: an attestation's ca was checked without its references, so a content-addressed derivation's
+    output was refused with its whole batch."""
+    out, listed = content_addressed_output(tmp_path)
+    [item] = [item for item in listed if item["path"] == out]
+    attestation = {"output_path": out, "output_hash": item["narHash"], "output_sig": "", "nar_size": item["narSize"],
+                   "references": item["references"], "ca": item["ca"]}
+    response = client.post("/attestations", json=[attestation], headers=bearer(tokens("alice")))
+    assert response.status_code == 200, response.get_json()
+    response = put(client, tokens("owner"), "ca-attested", listed, "application/x-nix-path-info+json", f"?root={out}")
+    assert response.status_code == 200, response.get_json()
+    assert summary(client, "ca-attested")["paths"][out] == web.ONE_BUILD
+    wrong = {**attestation, "ca": item["ca"][:-1] + ("0" if item["ca"][-1] != "0" else "1")}
+    response = client.post("/attestations", json=[wrong], headers=bearer(tokens("alice")))
+    assert response.status_code == 400 and "with its references: the store path differs" in response.get_json()["error"]
+
+
+def test_real_nix_content_addressed_derivation_output_is_checked_and_not_fixed_output(client, tokens, tmp_path, nix):
+    """A content-addressed derivation's output (experimental in Nix 2.8) has ca fixed:r:sha256 and references: its
+    store path is made from both, and whether it reproduces is what a report is for."""
+    out, listed = content_addressed_output(tmp_path)
     [item] = [item for item in listed if item["path"] == out]
     assert item["ca"].startswith("fixed:r:sha256:") and out in item["references"] and len(item["references"]) == 2
     response = put(client, tokens("owner"), "ca", listed, "application/x-nix-path-info+json", f"?root={out}")
@@ -449,3 +474,24 @@ def test_real_nix_content_addressed_derivation_output_is_checked_and_not_fixed_o
     item["ca"] = item["ca"][:-1] + ("0" if item["ca"][-1] != "0" else "1")
     response = put(client, tokens("owner"), "ca", listed, "application/x-nix-path-info+json", f"?root={out}")
     assert response.status_code == 400 and "with its references: the store path differs" in response.get_json()["error"]
+
+
+def test_the_cache_importer_takes_a_content_addressed_output_with_references_as_not_fixed_output(tmp_path, nix):
+    """The narinfo a binary cache serves for a real content-addressed derivation's output (its fields from Nix's
+    path-info of it, its Sig made with a key the importer trusts): imported, without a fixed-output mark."""
+    from nacl.signing import SigningKey
+    out, listed = content_addressed_output(tmp_path)
+    [item] = [item for item in listed if item["path"] == out]
+    seed = SigningKey.generate()
+    secret = "cache-1:" + base64.b64encode(bytes(seed) + bytes(seed.verify_key)).decode()
+    nar_hash = hook.normalize_nar_hash(item["narHash"])
+    message = hook.fingerprint(out, nar_hash, item["narSize"], item["references"])
+    narinfo = {"StorePath": out, "NarHash": item["narHash"], "NarSize": str(item["narSize"]), "CA": item["ca"],
+               "References": " ".join(hook.basename_of(path) for path in item["references"]),
+               "Deriver": hook.basename_of(item["deriver"]),
+               "Sig": [hook.sign_fingerprint(secret, message)]}
+    public = "cache-1:" + base64.b64encode(bytes(seed.verify_key)).decode()
+    cache = hook.Cache("http://127.0.0.1:9", {"cache-1": public}, 5)
+    outcome, attestation = hook.narinfo_attestation(cache, {"out_path": out}, narinfo)
+    assert outcome == hook.CACHE_VERIFIED, attestation
+    assert "ca" not in attestation and attestation["references"] == sorted(item["references"])
