@@ -918,11 +918,12 @@ def register_public_key(conn, builder_id, key_text):
 
 
 def registered_keys(conn, builder_id):
-    """({key name: public key} of this builder, names of keys registered to other builders)."""
-    own, foreign_names = {}, set()
+    """({key name: [public keys]} of this builder, names of keys registered to other builders). A name may have
+    several keys: `nix key generate-secret` with the same --key-name again, say, while rotating."""
+    own, foreign_names = defaultdict(list), set()
     for owner, key_name, public_key in conn.execute("SELECT builder_id, key_name, public_key FROM public_keys"):
         if owner == builder_id:
-            own[key_name] = public_key
+            own[key_name].append(public_key)
         else:
             foreign_names.add(key_name)
     return own, foreign_names
@@ -1095,7 +1096,7 @@ def verify_attestation(attestation, public_keys, foreign_key_names, where):
         return False
     message = fingerprint(attestation["output_path"], attestation["output_hash"],
                           attestation["nar_size"], attestation["references"])
-    if not verify_signature(public_keys[key_name], message, signature):
+    if not any(verify_signature(public_key, message, signature) for public_key in public_keys[key_name]):
         raise BadInput(f"{where}.output_sig: the signature by key {key_name!r} does not verify over "
                        f"the fingerprint of {attestation['output_path']}")
     return True

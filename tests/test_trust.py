@@ -274,6 +274,16 @@ def test_signature_by_another_key_under_the_builders_key_name_is_rejected(server
     assert database_dump(server) == before
 
 
+def test_two_keys_of_one_name_registered_to_a_builder_both_verify(server, nix, nix_key, impostor_key, built):
+    """Reviewed: the later key of a name replaced the earlier one, whose signatures were then refused."""
+    token = server.create_user("alice", "--public-key", nix_key["public"])
+    server.create_user("alice", "--public-key", impostor_key["public"])
+    for key in (nix_key, impostor_key):
+        response = post_attestation(server, token, built, nix_signature(nix, key, built))
+        assert response.status_code == 200, response.text
+    assert [stored["verified"] for stored in by_output(server, built)] == [True]
+
+
 def test_signature_under_another_builders_key_is_rejected(server, nix, nix_key, bob_key, built):
     """alice posts a signature that bob's registered key made: it is not alice's to give."""
     alice = server.create_user("alice", "--public-key", nix_key["public"])
