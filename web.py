@@ -4154,9 +4154,10 @@ def parse_diff_side(side, where):
         return None
     if not isinstance(side, dict):
         raise BadInput(f"{where}: expected an object or null, got {type(side).__name__}")
-    if side.get("type") not in DIFF_SIDE_TYPES:
-        raise BadInput(f"{where}.type: expected one of {', '.join(sorted(DIFF_SIDE_TYPES))}, got {shorten(repr(side.get('type')))}")
-    parsed = {"type": side["type"]}
+    kind = side.get("type")
+    if type(kind) is not str or kind not in DIFF_SIDE_TYPES:  # a list or object is no set member: TypeError
+        raise BadInput(f"{where}.type: expected one of {', '.join(sorted(DIFF_SIDE_TYPES))}, got {shorten(repr(kind))}")
+    parsed = {"type": kind}
     size = field(side, "size", where, kind=int, required=False)
     if size is not None and size < 0:
         raise BadInput(f"{where}.size: expected a size in bytes, got {size}")

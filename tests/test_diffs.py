@@ -139,6 +139,8 @@ def test_bad_store_path_is_400(client, tokens, attested):
     ({"files": {"differing": [{"path": "x", "a": None, "b": None}]}}, "missing on both sides"),
     ({"files": {"differing": [{"path": "", "a": {"type": "regular"}}]}}, "path: expected 1 to"),
     ({"files": {"differing": [{"path": "x", "a": {"type": "socket"}}]}}, "a.type: expected one of"),
+    ({"files": {"differing": [{"path": "x", "a": {"type": ["regular"]}}]}}, "a.type: expected one of"),
+    ({"files": {"differing": [{"path": "x", "b": {"type": {"regular": 1}}}]}}, "b.type: expected one of"),
     ({"files": {"differing": [{"path": "x", "a": {"type": "regular", "size": -1}}]}}, "a.size"),
     ({"files": {"differing": [{"path": "x", "a": {"type": "regular", "sha256": "XYZ"}}]}}, "a.sha256"),
     ({"files": {"differing": [{"path": "x", "b": {"type": "regular", "executable": "yes"}}]}}, "b.executable"),
