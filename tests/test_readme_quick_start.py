@@ -1,17 +1,18 @@
 """The README's quick start, read from README.md itself and run as written.
 
-Only the server start is replaced: `./serve.sh &` becomes `python web.py` on a free port with a
+Only where the server listens and keeps its database change: `./serve.sh &` gets a free port and a
 temporary database, which the other commands reach through HASH_COLLECTION_DB and the port.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import requests
 
 from post_build_hook import basename_of
-from support import REPO
+from support import REPO, free_port
 from web import NO_BUILDS, ONE_BUILD
 
 SERVER_START = "./serve.sh &"
@@ -23,16 +24,25 @@ def quick_start_commands():
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
 
 
-def test_quick_start_defines_the_example_report_with_alice_build(server):
+def test_quick_start_defines_the_example_report_with_alice_build(tmp_path):
     commands = quick_start_commands()
     assert SERVER_START in commands, "the quick start no longer starts the server as this test expects"
-    script = commands.replace(SERVER_START, "").replace("http://127.0.0.1:8000", server.url)
-    completed = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, capture_output=True, text=True,
-                               env={**os.environ, "HASH_COLLECTION_DB": str(server.db), "PYTHON": sys.executable},
-                               timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    report = re.search(r"/reports/([A-Za-z0-9._-]+)", commands).group(1)
-    summary = requests.get(f"{server.url}/reports/{report}", headers={"Accept": "application/json"}, timeout=10).json()
+    db, port = tmp_path / "hashes.db", free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = commands.replace(SERVER_START, f"./serve.sh --port {port} --db {db} &").replace("http://127.0.0.1:8000", url)
+    # A session of its own: the server that serve.sh leaves running is stopped with the script's process group.
+    # Output to a file, not a pipe, which would stay open as long as that server runs.
+    output = tmp_path / "quick-start.log"
+    with open(output, "wb") as log:
+        quick_start = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, stdout=log, stderr=log,
+                                       start_new_session=True,
+                                       env={**os.environ, "HASH_COLLECTION_DB": str(db), "PYTHON": sys.executable})
+    try:
+        assert quick_start.wait(timeout=180) == 0, output.read_text()
+        report = re.search(r"/reports/([A-Za-z0-9._-]+)", commands).group(1)
+        summary = requests.get(f"{url}/reports/{report}", headers={"Accept": "application/json"}, timeout=10).json()
+    finally:
+        os.killpg(quick_start.pid, signal.SIGTERM)
     htop = "/nix/store/5mz92n6yrn38ypfv7irxbk609p8214rd-htop-3.3.0"
     assert summary["paths"][htop] == ONE_BUILD
     assert summary["counts"][NO_BUILDS] == len(summary["paths"]) - 1 >= 3

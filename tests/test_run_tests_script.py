@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import sys
 
-from support import REPO
+from support import REPO, wait_until
 
 
 def test_run_tests_says_what_it_installs_before_running_apt(tmp_path):
@@ -25,3 +25,21 @@ def test_run_tests_says_what_it_installs_before_running_apt(tmp_path):
     first_line = ran.stderr.splitlines()[0]
     assert first_line.startswith("run-tests.sh: installing ") and "nix-bin" in first_line and "chromium" in first_line
     assert calls.read_text().startswith("apt-get update")
+
+
+def test_a_server_and_create_user_started_together_on_a_fresh_checkout_share_one_venv(tmp_path):
+    """The README starts ./serve.sh in the background and runs ./create_user at once: on a fresh checkout
+    create_user found serve.sh's half-made venv (python there, pip not yet) and failed. Both make the venv through
+    scripts/venv.sh, here with no requirements (nothing to download)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "venv.sh", tmp_path / "scripts" / "venv.sh")
+    (tmp_path / "requirements.txt").write_text("")
+    serve = subprocess.Popen(["bash", "-euc", ". scripts/venv.sh && ensure_venv requirements.txt"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: (tmp_path / ".venv" / "bin" / "python").exists(), timeout=30, what="serve.sh's venv to begin")
+    create_user = subprocess.run(["bash", "-euc", ". scripts/venv.sh && ensure_venv requirements.txt --if-missing"
+                                  " && .venv/bin/python -m pip --version"], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=120)
+    assert serve.wait(timeout=120) == 0, serve.stdout.read()
+    assert create_user.returncode == 0, create_user.stderr
+    assert create_user.stdout.startswith("pip ")
