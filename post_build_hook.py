@@ -1779,7 +1779,13 @@ class Spool:
 
     def subdirectory(self, name):
         path = os.path.join(self.directory, name)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if is_shared_spool(os.lstat(self.directory)):
+            # Every build user's diff hook writes here: one's own 0700 directory would shut the others out.
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path)
+                os.chmod(path, 0o2770)
+        else:
+            os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
     def write(self, name, content, subdirectory=None):
@@ -1818,7 +1824,9 @@ def spool_problem(directory):
         return (f"others can write it (mode {stat.filemode(info.st_mode)}); "
                 f"make it {'root-owned 0700' if os.geteuid() == 0 else 'not world-writable'}")
     # Left from the shared spool of old versions, a symbolic link here, or a directory of a build
-    # user's with links in it, would let a build user steer root's writes.
+    # user's with links in it, would let a build user steer root's writes. In the build users' spool, which
+    # a build user's diff hook shares with the others (is_shared_spool), a directory another one made is
+    # as trusted as the spool itself.
     for name in SPOOL_SUBDIRECTORIES:
         try:
             inner = os.lstat(os.path.join(directory, name))
@@ -1826,9 +1834,15 @@ def spool_problem(directory):
             continue
         if not stat.S_ISDIR(inner.st_mode):
             return f"{name} in it is not a directory (a symbolic link?); move it away"
-        if inner.st_uid != info.st_uid:
+        if inner.st_uid != info.st_uid and not is_shared_spool(info):
             return f"{name} in it belongs to uid {inner.st_uid}, not to the spool's owner; move it away"
     return None
+
+
+def is_shared_spool(info):
+    """Whether a spool directory (its lstat) is the build users' one as a build user sees it: another's (root's)
+    that this user may write as a member of its group. Never root's own: root refuses a spool others can write."""
+    return info.st_uid != os.geteuid() and bool(info.st_mode & stat.S_IWGRP)
 
 
 # ---------------------------------------------------------------- delivery

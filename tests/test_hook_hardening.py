@@ -510,3 +510,32 @@ def test_a_fifo_left_as_the_ledger_in_the_old_shared_spool_does_not_hold_the_hoo
 def build_user_uid():
     import pwd
     return pwd.getpwnam("nixbld1").pw_uid
+
+
+def test_build_users_in_turn_spool_their_diffs_in_the_build_users_spool(reachable_client, shared_directory):
+    """Reviewed: the first build user's diff hook made tmp/ its own (0700), and from then on every diff hook
+    refused the spool, so with the server down each diff was lost. Here two build users spool in turn, as the
+    diff hook does (Spool.add), with Debian's Python; root then reads both as the post-build hook does."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    import pwd
+    spool = shared_directory / f"build-user-spool-{os.urandom(4).hex()}"
+    spool.mkdir()
+    os.chown(spool, 0, grp.getgrnam("nixbld").gr_gid)
+    spool.chmod(0o2770)  # as install-hook.sh and the NixOS module make it
+    add = (f"import sys; sys.path.insert(0, {str(reachable_client.parent)!r}); import post_build_hook as hook;"
+           f" spool = hook.Spool({str(spool)!r}); spool.check();"
+           " spool.add(hook.new_submission('/nix/store/' + 'a' * 32 + '-x.drv', [{'n': 1}]))")
+    for user in ("nixbld1", "nixbld2", "nixbld1"):
+        ran = subprocess.run(["/usr/bin/python3", "-c", add], user=user, group=pwd.getpwnam(user).pw_gid,
+                             extra_groups=[grp.getgrnam("nixbld").gr_gid], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, f"{user}: {ran.stderr}"
+    assert len(list(spool.glob("*.json"))) == 3
+    descriptor = post_build_hook.open_directory(str(spool))
+    try:
+        may_own = post_build_hook.build_user_ids("nixbld").__contains__
+        read = [post_build_hook.read_spooled_file(descriptor, name, may_own)
+                for name in post_build_hook.submission_names(descriptor)]
+    finally:
+        os.close(descriptor)
+    assert [spooled.problem for spooled in read] == [None] * 3
