@@ -1384,6 +1384,20 @@ class HttpError(Exception):
     """No usable answer: the connection failed, the deadline passed or the answer was too large."""
 
 
+def parsed_json(text):
+    """json.loads of text from elsewhere (a server, a spool, a state file): ValueError for anything that is not
+    JSON, which includes NaN and Infinity (no JSON encoder takes them back: a spooled one could never be sent) and
+    nesting too deep for the parser, whose RecursionError nothing would catch."""
+    try:
+        return json.loads(text, parse_constant=refuse_json_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def refuse_json_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class Answer:
     """A complete HTTP answer, read within its deadline and size cap."""
 
@@ -1398,7 +1412,7 @@ class Answer:
         return self.body.decode("utf-8", errors="replace")
 
     def json(self):
-        return json.loads(self.body)
+        return parsed_json(self.body)
 
 
 def http_request(method, url, seconds, max_bytes, **kwargs):
@@ -1606,7 +1620,7 @@ def parse_submission(raw):
     except UnicodeDecodeError as error:
         raise ValueError(f"it is not UTF-8 ({error.reason} at byte {error.start})") from None
     try:
-        submission = json.loads(text)
+        submission = parsed_json(text)
     except ValueError as error:
         raise ValueError(f"it is not JSON ({error})") from None
     if not isinstance(submission, dict):
@@ -1706,15 +1720,19 @@ def open_directory(path):
 
 
 def submission_names(directory_fd, limit=None):
-    """Names of spooled submissions, oldest first (the names begin with the time)."""
+    """Names of spooled submissions, oldest first (the names begin with the time); with a limit, at most that many,
+    from at most ENTRIES_SCANNED_PER_NAME times as many entries of any name."""
     names = []
     with os.scandir(directory_fd) as entries:
-        for entry in entries:
+        for scanned, entry in enumerate(entries, 1):
             if entry.name.endswith(".json"):
                 names.append(entry.name)
-            if limit is not None and len(names) >= limit:
+            if limit is not None and (len(names) >= limit or scanned >= limit * ENTRIES_SCANNED_PER_NAME):
                 break
     return sorted(names)
+
+
+ENTRIES_SCANNED_PER_NAME = 10  # in the build users' spool, where a build may leave a million other names
 
 
 # ---------------------------------------------------------------- the spool
@@ -1779,7 +1797,7 @@ class Spool:
 
     def subdirectory(self, name):
         path = os.path.join(self.directory, name)
-        if is_shared_spool(os.lstat(self.directory)):
+        if self.is_shared():
             # Every build user's diff hook writes here: one's own 0700 directory would shut the others out.
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path)
@@ -1787,6 +1805,12 @@ class Spool:
         else:
             os.makedirs(path, mode=0o700, exist_ok=True)
         return path
+
+    def is_shared(self):
+        try:
+            return is_shared_spool(os.lstat(self.directory))
+        except FileNotFoundError:
+            return False  # made by os.makedirs, as this user's own
 
     def write(self, name, content, subdirectory=None):
         import tempfile
@@ -1866,11 +1890,9 @@ class Delivery:
     def post(self, submission):
         """(DELIVERED | REJECTED | KEPT, reason) of one submission; a bad answer for one does not stop the next."""
         import requests  # noqa: F401 - before measuring what is left: the import alone takes a tenth of a second
-        remaining = self.time_left()
-        if self.stopped_because is None and remaining <= 0:
-            self.stopped_because = f"the {self.config.timeout:g} s time budget is spent"
-        if self.stopped_because:
+        if self.out_of_time():
             return KEPT, self.stopped_because
+        remaining = self.time_left()
         method, url, body = submission_request(self.config.server, submission)
         try:
             answer = http_request(method, url, remaining, SUBMISSION_ANSWER_CAP, json=body,
@@ -1886,6 +1908,13 @@ class Delivery:
             return KEPT, redirect_reason(answer)
         reason = server_reason(answer)
         return (REJECTED if answer.status_code in REJECTING_STATUSES else KEPT), reason
+
+    def out_of_time(self):
+        """Whether delivery has stopped: the server is unreachable or the run's time budget is spent. Asked before
+        each spooled file too, as reading one that is never posted (set aside) also takes time."""
+        if self.stopped_because is None and self.deadline is not None and self.time_left() <= 0:
+            self.stopped_because = f"the {self.config.timeout:g} s time budget is spent"
+        return self.stopped_because is not None
 
     def time_left(self):
         if self.deadline is None:
@@ -1930,7 +1959,7 @@ def deliver_spool(spool, delivery):
     descriptor = open_directory(spool.directory)
     try:
         for name in submission_names(descriptor):
-            if delivery.stopped_because:
+            if delivery.out_of_time():
                 return
             # Not owned by us: left from the shared spool of old versions. Read like anything else, with care.
             spooled = read_spooled_file(descriptor, name, may_own=lambda uid: True)
@@ -1979,7 +2008,7 @@ class BuildUserSpool:
         ledger, kept_ledger = self.read_ledger(), {}
         try:
             for name in submission_names(descriptor, limit=BUILD_USER_FILES_PER_RUN):
-                if delivery.stopped_because:
+                if delivery.out_of_time():
                     break
                 self.deliver_one(descriptor, name, may_own, delivery, ledger, kept_ledger)
         finally:
@@ -2020,7 +2049,7 @@ class BuildUserSpool:
                 return {}
             raw = handle.read(LEDGER_CAP + 1)
         try:
-            ledger = json.loads(raw) if len(raw) <= LEDGER_CAP else {}
+            ledger = parsed_json(raw) if len(raw) <= LEDGER_CAP else {}
         except ValueError:
             return {}
         return ledger if isinstance(ledger, dict) else {}
@@ -2065,8 +2094,8 @@ def deliver_submission(config, submission, delivery, with_spools=True):
     try:
         if with_spools:
             deliver_spools(config, delivery)
-    except (OSError, ConfigError) as error:
-        say(f"spooled submissions not delivered this time: {error}")
+    except Exception as error:  # whatever a spool holds, this build's own submission is kept below
+        say(f"spooled submissions not delivered this time: {error if isinstance(error, (OSError, ConfigError)) else repr(error)}")
     if outcome == DELIVERED:
         return
     spool = Spool(config.spool)
@@ -3019,7 +3048,7 @@ def fetch_log(server, path, limit):
 
 def fetch_proof(server, path):
     try:
-        answer = json.loads(fetch_log(server, path, MAX_PROOF_BYTES))
+        answer = parsed_json(fetch_log(server, path, MAX_PROOF_BYTES))
         return [base64.b64decode(hash_, validate=True) for hash_ in answer["hashes"]], answer
     except (ValueError, KeyError, TypeError) as error:
         raise LogProblem(f"GET /log/{path}: not a proof: {error}") from None

@@ -390,6 +390,77 @@ def test_hook_is_done_within_its_timeout_plus_one_second_whatever_the_server_doe
     assert len(spooled_attestations(tmp_path / "spool")) == 1
 
 
+def deeply_nested_error(_server, connection, _method, _path):
+    reply(connection, "503 Service Unavailable", body=b"[" * 60_000)
+
+
+@pytest.mark.parametrize("hook", ["post-build-hook", "diff-hook"])
+def test_an_answer_nested_too_deeply_for_the_json_parser_still_leaves_the_submission_spooled(
+        loopback, prebuilt, tmp_path, hook):
+    """Reviewed: its RecursionError escaped, and the build's submission was lost."""
+    hostile = loopback(deeply_nested_error)
+    drv_path, out_path = prebuilt
+    check_path = tmp_path / "rebuilt.check"
+    check_path.write_text("rebuilt\n")
+    arguments = ["diff-hook", out_path, str(check_path), drv_path] if hook == "diff-hook" else []
+    ran = run_client(hook_settings(hostile.url, tmp_path), *arguments,
+                     extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=30)
+    assert ran.returncode == 0 and "RecursionError" not in ran.stderr, ran.stderr
+    assert len(spooled_attestations(tmp_path / "spool")) == 1
+
+
+def build_user_spool_holding(tmp_path, files):
+    """A build users' spool of files {name: bytes}, each a build user's (nixbld1), as a build could leave them."""
+    spool = tmp_path / "build-user-spool"
+    spool.mkdir()
+    for name, content in files.items():
+        (spool / name).write_bytes(content)
+        os.chown(spool / name, build_user_uid(), grp.getgrnam("nixbld").gr_gid)
+    return spool
+
+
+def test_hostile_json_in_the_build_users_spool_is_skipped_and_the_rest_delivered(server, prebuilt, tmp_path):
+    """Reviewed: a file nested too deeply killed every flush with a RecursionError, and NaN (which no JSON
+    encoder sends) was taken for an unreachable server, which stopped delivery for good."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    good = submission("spooled-good")
+    nan = json.dumps(submission("spooled-nan")).replace('"nar_size": 1', '"nar_size": NaN').encode()
+    spool = build_user_spool_holding(tmp_path, {"0000-deep.json": b"[" * 100_000, "0001-nan.json": nan,
+                                                "0002-good.json": json.dumps(good).encode()})
+    drv_path, out_path = prebuilt
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_BUILD_USER_SPOOL": spool,
+                "HASH_COLLECTION_TIMEOUT": str(HOOK_TIMEOUT)}
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert "0000-deep.json, left for the build users: it is not JSON (JSON nested too deeply)" in ran.stderr
+    assert "0001-nan.json, left for the build users: it is not JSON (NaN is not a JSON number)" in ran.stderr
+    flushed = run_client(settings, "flush", timeout=30)
+    assert flushed.returncode == 0, flushed.stderr
+    good_path = post_build_hook.attested_path(good["attestations"][0])
+    assert requests.get(f"{server.url}/attestations/by-output/{good_path.removeprefix('/nix/store/')}",
+                        timeout=10).json() != []
+
+
+def test_large_files_in_the_build_users_spool_hold_the_hook_no_longer_than_its_budget(server, prebuilt, tmp_path):
+    """Reviewed: files that are read and set aside, never posted, never spent the budget: a thousand links to one
+    8 MiB file held root's post-build hook for five minutes; here a hundred."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    spool = build_user_spool_holding(tmp_path, {"big": b"[" + b"0," * ((4 << 20) - 10) + b"0]"})  # just under the cap
+    for number in range(100):
+        os.link(spool / "big", spool / f"{number:04d}.json")
+    drv_path, out_path = prebuilt
+    settings = {"HASH_COLLECTION_SERVER": server.url, "HASH_COLLECTION_TOKEN": server.create_user("builder"),
+                "HASH_COLLECTION_SPOOL": tmp_path / "spool", "HASH_COLLECTION_BUILD_USER_SPOOL": spool,
+                "HASH_COLLECTION_TIMEOUT": str(HOOK_TIMEOUT)}
+    started = time.monotonic()
+    ran = run_client(settings, extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert time.monotonic() - started <= HOOK_TIMEOUT + 1, ran.stderr[-2000:]
+
+
 def test_nix_build_with_the_hook_against_a_dripping_server_is_held_at_most_timeout_plus_one(
         nix, loopback, tmp_path):
     slow = loopback(drip_body)
