@@ -363,25 +363,37 @@ def nar_chunks(path):
     yield from nar_node(os.fsencode(path))
 
 
-def nar_node(path):
-    info = os.lstat(path)
-    yield nar_string(b"(") + nar_string(b"type")
-    if stat.S_ISLNK(info.st_mode):
-        yield nar_string(b"symlink") + nar_string(b"target") + nar_string(os.readlink(path))
-    elif stat.S_ISDIR(info.st_mode):
-        yield nar_string(b"directory")
-        for entry in sorted(os.listdir(path)):
-            yield nar_string(b"entry") + nar_string(b"(") + nar_string(b"name") + nar_string(entry) + nar_string(b"node")
-            yield from nar_node(os.path.join(path, entry))
+def nar_node(root):
+    """The NAR serialisation of the file at root, in chunks. With a stack of what is left to do, not recursion:
+    an output may be nested deeper than Python's recursion limit (a thousand levels)."""
+    pending = [(NAR_PATH, root)]  # popped from the end: (NAR_PATH, a path to serialise) or (NAR_BYTES, bytes)
+    while pending:
+        kind, value = pending.pop()
+        if kind is NAR_BYTES:
+            yield value
+            continue
+        info = os.lstat(value)
+        yield nar_string(b"(") + nar_string(b"type")
+        if stat.S_ISLNK(info.st_mode):
+            yield nar_string(b"symlink") + nar_string(b"target") + nar_string(os.readlink(value)) + nar_string(b")")
+        elif stat.S_ISDIR(info.st_mode):
+            yield nar_string(b"directory")
+            pending.append((NAR_BYTES, nar_string(b")")))
+            for entry in sorted(os.listdir(value), reverse=True):
+                pending += [(NAR_BYTES, nar_string(b")")), (NAR_PATH, os.path.join(value, entry)),
+                            (NAR_BYTES, nar_string(b"entry") + nar_string(b"(") + nar_string(b"name")
+                             + nar_string(entry) + nar_string(b"node"))]
+        elif stat.S_ISREG(info.st_mode):
+            yield nar_string(b"regular")
+            if info.st_mode & stat.S_IXUSR:
+                yield nar_string(b"executable") + nar_string(b"")
+            yield from nar_file_contents(value, info.st_size)
             yield nar_string(b")")
-    elif stat.S_ISREG(info.st_mode):
-        yield nar_string(b"regular")
-        if info.st_mode & stat.S_IXUSR:
-            yield nar_string(b"executable") + nar_string(b"")
-        yield from nar_file_contents(path, info.st_size)
-    else:
-        raise ValueError(f"{os.fsdecode(path)}: cannot serialise a file of this type into a NAR")
-    yield nar_string(b")")
+        else:
+            raise ValueError(f"{os.fsdecode(value)}: cannot serialise a file of this type into a NAR")
+
+
+NAR_PATH, NAR_BYTES = "path", "bytes"
 
 
 def nar_file_contents(path, size):

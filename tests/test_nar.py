@@ -65,6 +65,23 @@ def test_tree_output_really_holds_every_kind(built_nodes):
         assert marker in dumped
 
 
+DEEP_SCRIPT = """
+mkdir $out; cd $out; i=0
+while [ $i -lt 1200 ]; do mkdir a; cd a; i=$((i + 1)); done
+printf deep > f
+"""
+
+
+def test_an_output_nested_deeper_than_pythons_recursion_limit_is_hashed_as_nix_does(nix, tmp_path):
+    """Reviewed: the serialiser recursed, and an output 1,000 directories deep ended the diff hook in a RecursionError."""
+    env = nix()
+    drv_path = nix_output(["nix-instantiate", str(write_derivation(tmp_path, "nar-deep", DEEP_SCRIPT))], env).strip()
+    path = nix_output(["nix-store", "--realise", drv_path], env).strip()
+    expected_hash = nix_output(["nix-store", "-q", "--hash", path], env).strip()
+    expected_size = int(nix_output(["nix-store", "-q", "--size", path], env))
+    assert nar_hash_and_size(path) == (expected_hash, expected_size)
+
+
 # ---------------------------------------------------------------- hash encodings
 
 SAMPLE_DIGESTS = [hashlib.sha256(text).digest() for text in (b"", b"nix", b"hash-collection" * 99)] + [
