@@ -1472,9 +1472,11 @@ def exception_chain(error):
 
 
 def capped_body(response, max_bytes, watchdog):
-    body = bytearray()
-    for chunk in response.iter_content(chunk_size=64 << 10):
-        body += chunk
+    """At most max_bytes of the answer's body, decoded: the cap holds for what a compressed body decodes to, not
+    for the bytes sent (4 MB of gzip are 4 GiB of zeros), so a body is decoded here, a bounded piece at a time."""
+    body, decode = bytearray(), body_decoder(response)
+    for chunk in response.raw.stream(64 << 10, decode_content=False):
+        body += decode(chunk, max_bytes + 1 - len(body))
         if len(body) > max_bytes:
             raise HttpError(f"the answer from {response.url} is larger than {max_bytes} bytes")
         if watchdog.expired:
@@ -1482,6 +1484,27 @@ def capped_body(response, max_bytes, watchdog):
     if watchdog.expired:
         raise HttpError(f"no complete answer from {response.url} within {watchdog.seconds:g} s")
     return bytes(body)
+
+
+def body_decoder(response):
+    """decode(chunk, at most) of the answer's Content-Encoding: gzip, deflate or none. At most `at most` bytes come
+    of one chunk (and zlib keeps the rest), which capped_body makes one more than the cap allows."""
+    import zlib
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return lambda chunk, _at_most: chunk
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise HttpError(f"the answer from {response.url} is in Content-Encoding {shorten(encoding)!r}, which this client"
+                        " neither asked for nor reads")
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
+
+    def decode(chunk, at_most):
+        try:
+            decoded = decompressor.decompress(chunk, max(at_most, 1))
+        except zlib.error as error:
+            raise HttpError(f"the answer from {response.url} is not valid {encoding}: {error}") from None
+        return decoded
+    return decode
 
 
 WATCHED = None  # per thread: the Watchdog of the request running in it
@@ -1583,6 +1606,7 @@ def watched_session():
     session = requests.Session()
     for scheme in ("http://", "https://"):
         session.mount(scheme, WatchedAdapter())
+    session.headers["Accept-Encoding"] = "identity"  # a compressed answer is decoded under the cap (capped_body)
     return session
 
 

@@ -5,6 +5,7 @@ slow and hostile servers are tiny socket servers on loopback.
 """
 import contextlib
 import grp
+import gzip
 import json
 import os
 import socket
@@ -12,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 import requests
 
 import post_build_hook
-from support import CLIENT, HOOK_VARIABLES, nix_env, nix_string, write_derivation
+from support import CLIENT, DEBIAN_PYTHON, HOOK_VARIABLES, nix_env, nix_string, write_derivation
 from post_build_hook import NIX_BASE32, drv_ident_of
 
 HOOK_TIMEOUT = 2  # seconds; the hooks must be done within HOOK_TIMEOUT + 1
@@ -407,6 +409,32 @@ def test_an_answer_nested_too_deeply_for_the_json_parser_still_leaves_the_submis
                      extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, timeout=30)
     assert ran.returncode == 0 and "RecursionError" not in ran.stderr, ran.stderr
     assert len(spooled_attestations(tmp_path / "spool")) == 1
+
+
+def gzip_bomb(_server, connection, _method, _path):
+    reply(connection, "200 OK", body=GZIP_BOMB, headers=["Content-Encoding: gzip"])
+
+
+def gzip_small(_server, connection, _method, _path):
+    reply(connection, "200 OK", body=gzip.compress(b'{"small": true}'), headers=["Content-Encoding: gzip"])
+
+
+GZIP_BOMB = zlib.compress(bytes(64 << 20), 9, wbits=31)  # gzip: 64 MiB of zeros in 64 KiB, one piece of a read
+
+
+@pytest.mark.parametrize("python", [sys.executable, DEBIAN_PYTHON], ids=["venv", "debian"])
+def test_the_answer_cap_holds_for_what_a_compressed_answer_decodes_to(loopback, reachable_client, python):
+    """Reviewed: Debian's urllib3 1.26, which the diff hook runs with, decoded each 64 KiB piece whole, so a
+    64 KiB cap let a gzip answer take 157 MiB. The client asks a server each way, in a process of its own."""
+    bomb, small = loopback(gzip_bomb), loopback(gzip_small)
+    script = (f"import resource, sys; sys.path.insert(0, {str(reachable_client.parent)!r}); import post_build_hook as hook\n"
+              f"try:\n    hook.http_request('GET', {bomb.url!r}, 10, 64 << 10)\nexcept hook.HttpError as error:\n"
+              f"    print(error)\nprint(hook.http_request('GET', {small.url!r}, 10, 64 << 10).json())\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    ran = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=60)
+    refused, small_answer, peak_kib = ran.stdout.splitlines()
+    assert "larger than 65536 bytes" in refused and small_answer == "{'small': True}"
+    assert int(peak_kib) < 60 << 10, f"{int(peak_kib) >> 10} MiB"  # a Python with requests: about 28 MiB
 
 
 def build_user_spool_holding(tmp_path, files):
