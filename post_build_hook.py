@@ -1516,6 +1516,7 @@ class Watchdog:
     def __init__(self, seconds):
         import threading
         self.seconds = seconds
+        self.ends = time.monotonic() + seconds
         self.expired = False
         self.sockets = []
         self.timer = threading.Timer(seconds, self.expire)
@@ -1557,10 +1558,39 @@ def watched():
     return WATCHED
 
 
+def addresses_within_deadline(host, port):
+    """The addresses of host, in getaddrinfo's order, or OSError; an address is itself. Resolved in a thread
+    of its own and waited for until the thread's Watchdog ends: a resolver that never answers held the hook
+    for ten seconds or more past its budget."""
+    import ipaddress
+    import socket
+    import threading
+    with contextlib.suppress(ValueError):
+        return [str(ipaddress.ip_address(host.strip("[]")))]
+    found = {}
+
+    def resolve():
+        try:
+            found["addresses"] = list(dict.fromkeys(
+                info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+        except OSError as error:
+            found["error"] = error
+    resolver = threading.Thread(target=resolve, daemon=True)
+    resolver.start()
+    watchdog = getattr(watched(), "watchdog", None)
+    resolver.join(None if watchdog is None else max(0.0, watchdog.ends - time.monotonic()))
+    if resolver.is_alive():
+        raise socket.timeout(f"no address for {host} within the deadline")
+    if "error" in found:
+        raise found["error"]
+    return found["addresses"] or [host]
+
+
 def watched_connection_classes():
     """urllib3 connection pools whose connections show themselves to the thread's Watchdog."""
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
     def show(connection):
         watchdog = getattr(watched(), "watchdog", None)
@@ -1569,7 +1599,20 @@ def watched_connection_classes():
 
     class WatchedHTTPConnection(HTTPConnection):
         def connect(self):
+            """Each address of the host in turn, as socket.create_connection would try them, once they are known
+            within the deadline: name resolution comes before any socket that the Watchdog could shut down."""
             show(self)
+            *others, last = addresses_within_deadline(self._dns_host, self.port)
+            for address in others:
+                self._dns_host = address
+                try:
+                    return self.connect_to_address()
+                except (NewConnectionError, ConnectTimeoutError):
+                    continue
+            self._dns_host = last
+            self.connect_to_address()
+
+        def connect_to_address(self):
             super().connect()
             show(self)
 
