@@ -2761,7 +2761,7 @@ def require_hooks(env):
         raise ConfigError(
             f"refusing to rebuild: {', '.join(missing)} not configured according to `nix show-config`, so the "
             f"server would never hear of these rebuilds. Set post-build-hook, diff-hook and run-diff-hook = true "
-            f"in nix.conf or NIX_CONFIG (see the README).")
+            f"in nix.conf or NIX_CONFIG: ./install-hook.sh does (docs/builder.md).")
 
 
 def store_path_is_valid(path, env):
