@@ -422,16 +422,22 @@ uninstall_hook() {
     echo "uninstalled the hooks from $prefix"
 }
 
+# Submissions are the spool's *.json files and rejected/'s; log/ keeps the log indexes the server gave this
+# builder's attestations, which `audit` checks; tmp/ and the ledger are the hook's working files.
 remove_spool_unless_waiting() {
     local spool=$1 waiting
     [ -d "$spool" ] || return 0
-    waiting=$(find "$spool" ! -type d | wc -l)
-    if [ "$waiting" -eq 0 ]; then
+    waiting=$(find "$spool" -maxdepth 2 -type f -name '*.json' ! -path "$spool/tmp/*" ! -path "$spool/log/*" | wc -l)
+    if [ "$waiting" -gt 0 ]; then
+        echo "kept $spool: it holds $waiting submission(s) not delivered yet or rejected by the server." \
+            "To deliver them, install again and run '$prefix/post-build-hook flush'; or delete the directory."
+    elif [ -s "$spool/log/log-indexes" ]; then
+        find "$spool" -mindepth 1 -maxdepth 1 ! -name log -exec rm -r {} +
+        echo "kept $spool/log: the log indexes of this builder's attestations, which 'post_build_hook.py audit'" \
+            "checks with HASH_COLLECTION_SPOOL=$spool; delete it if you will not audit them again."
+    else
         rm -r "$spool"
-        return
     fi
-    echo "kept $spool: it holds $waiting file(s), submissions not delivered yet or rejected by the server." \
-        "To deliver them, install again and run '$prefix/post-build-hook flush'; or delete the directory."
 }
 
 main() {

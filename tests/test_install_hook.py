@@ -282,6 +282,20 @@ def test_uninstall_keeps_a_spool_holding_submissions_and_says_so(layout, credent
     assert not (layout.state_dir / "credentials").exists()
 
 
+def test_uninstall_keeps_only_the_log_indexes_audit_needs_and_counts_no_submission(layout, credentials):
+    """Reviewed: the hook's own log/log-indexes was counted as an undelivered submission, and the advice to delete
+    the directory would have thrown away what `audit` checks."""
+    installed(layout, credentials)
+    spool = layout.state_dir / "spool"
+    (spool / "log").mkdir(parents=True)
+    (spool / "log" / "log-indexes").write_text("0 /nix/store/x sha256:y 1\n")
+    (spool / "tmp").mkdir()
+    completed = install_hook(layout, "--uninstall", *layout.options())
+    assert completed.returncode == 0, completed.stderr
+    assert "submission" not in completed.stdout and f"kept {spool / 'log'}" in completed.stdout
+    assert [path.name for path in spool.iterdir()] == ["log"]
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_refuses_to_replace_a_post_build_hook_it_did_not_write(layout, credentials):
