@@ -3435,6 +3435,9 @@ def main(argv=None, env=None):
         print(usage(), file=sys.stderr)
         return 2
     command, is_hook = COMMANDS[argv[0]]
+    if wants_help(argv[1:]) and command not in (fetch_from_cache, rebuild):  # those two print their own
+        print(usage())
+        return 0
     return run(command, argv[1:], env, is_hook)
 
 

@@ -449,9 +449,23 @@ def test_hook_with_a_two_line_token_file_says_so_and_never_prints_the_token(tmp_
     result = subprocess.run([sys.executable, str(CLIENT), "flush"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "HASH_COLLECTION_SERVER": "http://127.0.0.1:9",
                                  "HASH_COLLECTION_TOKEN_FILE": str(token_file),
-                                 "HASH_COLLECTION_SPOOL_DIR": str(tmp_path / "spool")})
+                                 "HASH_COLLECTION_SPOOL": str(tmp_path / "spool")})
     assert f"HASH_COLLECTION_TOKEN_FILE={token_file} is not one word" in result.stderr
     assert "t0ken-secret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", ["flush", "challenge", "audit", "witness", "monitor", "diff-hook"])
+def test_help_of_every_subcommand_prints_the_usage_and_does_nothing_else(tmp_path, command):
+    """Reviewed: `flush --help` flushed, and the log commands refused --help as an unexpected argument."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    (spool / "1-waiting.json").write_text(json.dumps(post_build_hook.new_submission(
+        "/nix/store/" + "a" * 32 + "-x.drv", [{"output_path": "/nix/store/" + "b" * 32 + "-x", "output_hash": "sha256:x"}])))
+    result = subprocess.run([sys.executable, str(CLIENT), command, "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HASH_COLLECTION_SERVER": "http://127.0.0.1:9", "HASH_COLLECTION_TOKEN": "t",
+                                 "HASH_COLLECTION_SPOOL": str(spool)})
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
+    assert result.stderr == "" and (spool / "1-waiting.json").exists()
 
 
 def test_empty_token_file_is_named_not_called_unset(tmp_path):
