@@ -889,7 +889,20 @@ def load_secret_key(env):
         return None, str(error)
     if not secret_key:
         return None, "neither HASH_COLLECTION_SECRET_KEY_FILE nor HASH_COLLECTION_SECRET_KEY is set"
+    try:
+        require_nacl()
+    except ConfigError as error:
+        return None, f"the key cannot sign: {error}"
     return secret_key_problem(env, secret_key)
+
+
+def require_nacl():
+    """ConfigError naming the package, unless PyNaCl (Ed25519 signatures) can be imported."""
+    try:
+        import nacl.signing  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{sys.executable} has no PyNaCl, which signs and checks Ed25519 signatures:"
+                          " pip install pynacl, or apt-get install python3-nacl") from None
 
 
 def secret_key_problem(env, secret_key):
@@ -2687,6 +2700,7 @@ def fetch_from_cache(args, env):
     if wants_help(args):
         print(report_command_help(env, "fetch-from-cache"), end="")
         return 0
+    require_nacl()
     report, jobs = parse_report_arguments(program_name(env, "fetch-from-cache"), args, DEFAULT_FETCH_JOBS)
     token = read_secret(env, "HASH_COLLECTION_TOKEN")
     if not token:
@@ -3210,6 +3224,7 @@ def check_included(server, checkpoint, index, output_path, nar_hash):
 
 def audit(args, env):
     """Verify the checkpoint, its consistency with the last one verified, and our entries in it."""
+    require_nacl()
     options = parse_log_arguments("audit", args, {"--merge-wait": float(DEFAULT_MERGE_WAIT),
                                                   "--recheck": DEFAULT_RECHECK})
     log_key = log_verifier(env)
@@ -3287,6 +3302,7 @@ def take_records(state):
 
 def witness(args, env):
     """Cosign the server's checkpoint once it is consistent with the last one this witness cosigned."""
+    require_nacl()
     if args[:1] == ["--generate-key"]:
         return generate_witness_key(args[1:], env)
     options = parse_log_arguments("witness", args, {})
@@ -3341,6 +3357,7 @@ def generate_witness_key(args, env):
 
 def monitor(args, env):
     """Download the whole log, verify it against the checkpoint, and recompute a report's verdicts from it."""
+    require_nacl()
     options = parse_log_arguments("monitor", args, {"--report": None, "--verified-only": False})
     log_key = log_verifier(env)
     server = Server(server_url(env), None, DEFAULT_TIMEOUT)

@@ -468,6 +468,25 @@ def test_help_of_every_subcommand_prints_the_usage_and_does_nothing_else(tmp_pat
     assert result.stderr == "" and (spool / "1-waiting.json").exists()
 
 
+@pytest.mark.parametrize("command", ["audit", "monitor", "witness", "fetch-from-cache"])
+def test_a_command_that_needs_pynacl_says_so_where_it_is_missing(tmp_path, command):
+    """A Python without PyNaCl (the `python3` on a PATH, say), played by a path entry whose `nacl` cannot be imported."""
+    (tmp_path / "nacl").mkdir()
+    (tmp_path / "nacl" / "__init__.py").write_text("raise ImportError('no PyNaCl here')\n")
+    result = subprocess.run([sys.executable, str(CLIENT), command, "some-report"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "has no PyNaCl" in result.stderr and "apt-get install python3-nacl" in result.stderr
+
+
+def test_the_hook_without_pynacl_names_why_its_key_cannot_sign(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nacl.signing", None)  # as if PyNaCl were not installed
+    key_file = tmp_path / "key"
+    key_file.write_text("k1:" + "A" * 86 + "==\n")
+    secret_key, problem = post_build_hook.load_secret_key({"HASH_COLLECTION_SECRET_KEY_FILE": str(key_file)})
+    assert secret_key is None and "the key cannot sign" in problem and "has no PyNaCl" in problem
+
+
 def test_empty_token_file_is_named_not_called_unset(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("\n")
