@@ -101,7 +101,14 @@ def database_from_env():
 
 
 def log_origin_from_env():
-    return os.environ.get("HASH_COLLECTION_LOG_ORIGIN") or socket.getfqdn()
+    return os.environ.get("HASH_COLLECTION_LOG_ORIGIN") or host_name()
+
+
+def host_name():
+    """This host's fully qualified name, else its own name: getfqdn() gives "localhost" where /etc/hosts maps the
+    host's name to 127.0.0.1 that way, and a log named localhost is any host's log."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn in ("", "localhost", "localhost.localdomain") else fqdn
 
 
 def signatures_required_by_env():

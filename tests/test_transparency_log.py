@@ -493,3 +493,13 @@ def test_a_cosignature_body_of_more_than_one_line_is_refused_and_the_served_note
     served = requests.get(server.url + "/log/checkpoint", timeout=5).text
     assert served == note + line
     assert [name for name, _raw in split_note(served)[1]][-1] == "witness.example"
+
+
+@pytest.mark.parametrize("fqdn", ["localhost", "localhost.localdomain", ""])
+def test_the_default_log_origin_is_the_hosts_own_name_where_its_fqdn_is_localhost(monkeypatch, fqdn):
+    monkeypatch.delenv("HASH_COLLECTION_LOG_ORIGIN", raising=False)
+    monkeypatch.setattr(web.socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(web.socket, "gethostname", lambda: "builder-7")
+    assert web.log_origin_from_env() == "builder-7"
+    monkeypatch.setattr(web.socket, "getfqdn", lambda: "hashes.example.org")
+    assert web.log_origin_from_env() == "hashes.example.org"
