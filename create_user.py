@@ -80,10 +80,14 @@ def update_builder(conn, args, token):
         builder_id = row[0] if row else conn.execute("INSERT INTO builders (name) VALUES (?)", (args.name,)).lastrowid
         if args.admin:
             conn.execute("UPDATE builders SET is_admin = 1 WHERE id = ?", (builder_id,))
+            lines.append(f"{args.name} is an admin: may replace or delete anyone's report")
         for key in args.public_key:
             lines.append(add_key(conn, builder_id, args.name, key.strip()))
-        conn.executemany("INSERT OR IGNORE INTO witness_keys (builder_id, verifier_key) VALUES (?, ?)",
-                         [(builder_id, key.strip()) for key in args.witness_key])
+        for key in args.witness_key:
+            added = conn.execute("INSERT OR IGNORE INTO witness_keys (builder_id, verifier_key) VALUES (?, ?)",
+                                 (builder_id, key.strip())).rowcount
+            lines.append(f"{'added witness key' if added else 'already has witness key'} {key.strip()}"
+                         f" {'to' if added else 'for'} {args.name}")
         if wants_token(args, is_new=row is None):
             conn.execute("INSERT INTO tokens (builder_id, token_sha256) VALUES (?, ?)", (builder_id, web.token_digest(token)))
             lines.append(f"builder {args.name}: new token {token}")
@@ -109,8 +113,11 @@ def list_builders(conn):
         " FROM builders ORDER BY name").fetchall()
     for row in rows:
         keys = [key for (key,) in conn.execute("SELECT public_key FROM public_keys WHERE builder_id = ?", (row["id"],))]
+        witness_keys = [key for (key,) in conn.execute("SELECT verifier_key FROM witness_keys WHERE builder_id = ?",
+                                                       (row["id"],))]
         admin = " admin" if row["is_admin"] else ""
-        print(f"{row['name']}{admin}: {row['tokens']} active token(s); keys: {', '.join(keys) or 'none'}")
+        witnessing = f"; witness keys: {', '.join(witness_keys)}" if witness_keys else ""
+        print(f"{row['name']}{admin}: {row['tokens']} active token(s); keys: {', '.join(keys) or 'none'}{witnessing}")
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 import web
+from post_build_hook import COSIGNATURE_KEY_TYPE, generate_note_key
 from attestation_samples import base32_form, drv_ident, first_generation, nar_hash_bytes, out_path
 from support import REPO, ServerProcess, bearer, create_user_command as create_user, free_port, wait_until
 
@@ -117,6 +118,20 @@ def create_user_output(db, *args):
     completed = run_create_user(*args, "--db", str(db))
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
+
+
+WITNESS_KEY = generate_note_key("witness.example.org", COSIGNATURE_KEY_TYPE)[1]
+
+
+def test_witness_keys_and_admin_rights_are_confirmed_and_listed(tmp_path):
+    """Reviewed: --witness-key and --admin on a builder that exists printed an empty line, and --list left
+    witness keys out."""
+    db = tmp_path / "hashes.db"
+    create_user(db, "carol")
+    assert create_user_output(db, "carol", "--witness-key", WITNESS_KEY) == f"added witness key {WITNESS_KEY} to carol\n"
+    assert create_user_output(db, "carol", "--witness-key", WITNESS_KEY) == f"already has witness key {WITNESS_KEY} for carol\n"
+    assert create_user_output(db, "carol", "--admin") == "carol is an admin: may replace or delete anyone's report\n"
+    assert f"carol admin: 1 active token(s); keys: none; witness keys: {WITNESS_KEY}" in create_user_output(db, "--list")
 
 
 def test_database_files_never_contain_a_token(tmp_path):
