@@ -4231,7 +4231,8 @@ def compressed_diff(document):
 
 
 def store_diff(conn, builder, output_path, hash_a, hash_b, document):
-    """'stored', or 'known' when this pair of this path already has a diff: the first upload is kept."""
+    """'stored', or 'known' when this pair of this path already has a diff: the first upload is kept, unless it
+    listed no differing path and this one lists some (an empty diff, sent first, would keep the evidence out)."""
     compressed = compressed_diff(document)
     limit = current_app.config["MAX_STORED_DIFF_BYTES"]
     if len(compressed) > limit:
@@ -4246,7 +4247,9 @@ def store_diff(conn, builder, output_path, hash_a, hash_b, document):
                        f"only a builder that built one of them may send their diff")
         inserted = conn.execute(
             "INSERT INTO diffs (output_path, hash_a, hash_b, uploader_id, differing, document, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (output_path, hash_a, hash_b) DO NOTHING",
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (output_path, hash_a, hash_b) DO UPDATE SET"
+            " uploader_id = excluded.uploader_id, differing = excluded.differing, document = excluded.document,"
+            " created_at = excluded.created_at WHERE diffs.differing = 0 AND excluded.differing > 0",
             (output_path, hash_a, hash_b, builder["id"], len(document["files"]["differing"]), compressed, now_iso()))
     return "stored" if inserted.rowcount else "known"
 

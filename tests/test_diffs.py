@@ -71,6 +71,17 @@ def test_the_same_diff_sent_again_changes_nothing(client, tokens, attested):
     assert len(client.get(f"/diffs/{basename_of(attested[0])}", headers=JSON).get_json()) == 1
 
 
+def test_a_diff_listing_differing_paths_replaces_one_that_listed_none(client, tokens, attested):
+    """Reviewed: an empty diff, sent first, kept the evidence out for good."""
+    empty = {**diff_body(), "files": {"differing": [], "totals": {}, "cut": []}, "diffoscope": ""}
+    assert put_diff(client, tokens("alice"), diff_url(*attested), empty).get_json()["status"] == "stored"
+    assert put_diff(client, tokens("bob"), diff_url(*attested), diff_body()).get_json()["status"] == "stored"
+    shown = client.get(diff_url(*attested), headers=JSON).get_json()
+    assert shown["uploader"] == "bob" and [entry["path"] for entry in shown["files"]["differing"]] == ["stamp"]
+    assert put_diff(client, tokens("alice"), diff_url(*attested), empty).get_json()["status"] == "known"
+    assert client.get(diff_url(*attested), headers=JSON).get_json()["uploader"] == "bob"
+
+
 def test_diff_is_stored_compressed(app, client, tokens, attested):
     text = "same line of diffoscope output\n" * 20_000
     assert put_diff(client, tokens("bob"), diff_url(*attested), diff_body(diffoscope=text)).status_code == 200
