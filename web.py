@@ -4529,11 +4529,12 @@ def current_checkpoint(conn):
         return latest["size"], latest["note"]
     with transaction(conn):
         size = log_size(conn)
+        signed = conn.execute("SELECT note FROM log_checkpoints WHERE size = ?", (size,)).fetchone()
+        if signed is not None:  # by a request that got here first; witnesses may have cosigned it since
+            return size, signed["note"]
         note = sign_note(checkpoint_text(current_app.config["LOG_ORIGIN"], size, LogTree(conn).range_hash(0, size)),
                          log_signer())
-        conn.execute("DELETE FROM log_cosignatures WHERE size = ?", (size,))
-        conn.execute("INSERT OR REPLACE INTO log_checkpoints (size, note, issued_at) VALUES (?, ?, ?)",
-                     (size, note, time.time()))
+        conn.execute("INSERT INTO log_checkpoints (size, note, issued_at) VALUES (?, ?, ?)", (size, note, time.time()))
     return size, note
 
 

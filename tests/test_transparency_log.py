@@ -503,3 +503,36 @@ def test_the_default_log_origin_is_the_hosts_own_name_where_its_fqdn_is_localhos
     assert web.log_origin_from_env() == "builder-7"
     monkeypatch.setattr(web.socket, "getfqdn", lambda: "hashes.example.org")
     assert web.log_origin_from_env() == "hashes.example.org"
+
+
+class StaleLatestCheckpoint:
+    """The request's connection, on which the first look at the latest checkpoint finds none: as for a request
+    that looked just before another one signed the log's current size."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        if sql.startswith("SELECT size, note, issued_at FROM log_checkpoints ORDER BY size DESC"):
+            return self.conn.execute("SELECT size, note, issued_at FROM log_checkpoints WHERE 0")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_checkpoint_signed_twice_at_once_keeps_the_cosignature_made_in_between(app, client, tokens, monkeypatch):
+    """Reviewed: a second request signing the same size deleted the cosignatures of the first one's checkpoint."""
+    from post_build_hook import COSIGNATURE_KEY_TYPE, cosign, generate_note_key, parse_signer_key
+    app.config["CHECKPOINT_INTERVAL"] = 0
+    signer, verifier = generate_note_key("witness.example", COSIGNATURE_KEY_TYPE)
+    witness = tokens("wit", "--witness-key", verifier)
+    client.post("/attestations", json=items(2), headers=bearer(tokens("alice")))
+    note = client.get("/log/checkpoint").text
+    line = cosign(split_note(note)[0], parse_signer_key(signer), int(time.time()))
+    assert client.post("/log/cosignature?size=2", data=line.encode(), headers=bearer(witness)).status_code == 200
+    real_get_db = web.get_db
+    monkeypatch.setattr(web, "get_db", lambda: StaleLatestCheckpoint(real_get_db()))
+    assert client.get("/log/checkpoint").text == note + line
+    monkeypatch.undo()
+    assert client.get("/log/checkpoint").text == note + line
