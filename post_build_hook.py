@@ -2508,7 +2508,13 @@ class Server:
                 raise ConfigError(f"{self.url} has no report named {report!r} ({server_reason(response)})")
             if response.status_code != 200:
                 raise ConfigError(f"cannot list the open paths of {report!r}: {server_reason(response)}")
-            page = response.json()
+            try:
+                page = response.json()
+            except ValueError as error:
+                raise ConfigError(f"the open paths of {report!r}: the server's answer is not JSON ({error})") from None
+            if not isinstance(page, dict) or not isinstance(page.get("paths"), list):
+                raise ConfigError(f"the open paths of {report!r}: the server's answer is not an object with a list"
+                                  " of paths; is HASH_COLLECTION_SERVER this collection's address?")
             yield from checked_pending(page["paths"])
             after = page.get("next")
             if not after:

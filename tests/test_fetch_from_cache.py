@@ -322,3 +322,29 @@ def test_a_run_that_finds_nothing_in_the_cache_exits_1(nix, server, cached_closu
         httpd.server_close()
     assert ran.returncode == 1
     assert summary_line(ran.stdout) == "6 paths: 0 imported, 6 not in cache, 0 bad signature, 0 failed"
+
+
+class NotACollection(http.server.SimpleHTTPRequestHandler):
+    """Answers every GET 200 with a JSON list, as some other service at HASH_COLLECTION_SERVER might."""
+
+    def do_GET(self):
+        body = b"[1, 2, 3]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_is_not_a_collection_is_named_without_a_traceback(tmp_path):
+    """Reviewed: an answer to /pending that was not an object ended the run in a TypeError."""
+    httpd, url = serve_in_thread(NotACollection, tmp_path)
+    try:
+        ran = run_script(SCRIPT, [REPORT], {"HASH_COLLECTION_SERVER": url, "HASH_COLLECTION_TOKEN": "t"})
+    finally:
+        httpd.shutdown()
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr, ran.stderr
+    assert "is not an object with a list of paths; is HASH_COLLECTION_SERVER this collection's address?" in ran.stderr
