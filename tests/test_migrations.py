@@ -354,7 +354,18 @@ def test_a_version_8_database_answers_every_question_as_version_8_did(version_8)
     server, recorded = version_8
     with sqlite3.connect(server.db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == web.SCHEMA_VERSION
-    assert [answer(server, asked) for asked in recorded["answers"]] == recorded["answers"]
+    assert [answer(server, asked) for asked in recorded["answers"]] == [
+        without_ca_line(asked) for asked in recorded["answers"]]
+
+
+def without_ca_line(answer):
+    """A recorded answer as it is now: a /signatures narinfo has no CA: line any more, on purpose (Nix trusts a
+    content-addressed path without a signature: test_trust.py)."""
+    if not answer["path"].endswith(".narinfo"):
+        return answer
+    lines = base64.b64decode(answer["body"]).decode().splitlines(keepends=True)
+    body = "".join(line for line in lines if not line.startswith("CA: "))
+    return {**answer, "body": base64.b64encode(body.encode()).decode()}
 
 
 def test_a_version_8_log_keeps_its_size_and_root(version_8):
