@@ -1612,22 +1612,25 @@ def watched_connection_classes():
 
     class WatchedHTTPConnection(HTTPConnection):
         def connect(self):
-            """Each address of the host in turn, as socket.create_connection would try them, once they are known
-            within the deadline: name resolution comes before any socket that the Watchdog could shut down."""
             show(self)
-            *others, last = addresses_within_deadline(self._dns_host, self.port)
-            for address in others:
-                self._dns_host = address
-                try:
-                    return self.connect_to_address()
-                except (NewConnectionError, ConnectTimeoutError):
-                    continue
-            self._dns_host = last
-            self.connect_to_address()
-
-        def connect_to_address(self):
             super().connect()
             show(self)
+
+        def _new_conn(self):
+            """The socket, to each address of the host in turn once they are known within the deadline: name
+            resolution comes before any socket that the Watchdog could shut down. urllib3 connects to _dns_host,
+            which is also the host it names in Host: and checks TLS certificates against, so it holds an address
+            only while the socket is made."""
+            host, failure = self._dns_host, None
+            for address in addresses_within_deadline(host, self.port):
+                self._dns_host = address
+                try:
+                    return super()._new_conn()
+                except (NewConnectionError, ConnectTimeoutError) as error:
+                    failure = error
+                finally:
+                    self._dns_host = host
+            raise failure
 
         def request(self, *args, **kwargs):
             show(self)

@@ -6,6 +6,7 @@ slow and hostile servers are tiny socket servers on loopback.
 import contextlib
 import grp
 import gzip
+import http.server
 import json
 import os
 import socket
@@ -514,6 +515,45 @@ def test_a_resolver_that_never_answers_holds_the_hook_no_longer_than_its_budget(
     assert ran.returncode == 0, ran.stderr
     assert time.monotonic() - started <= HOOK_TIMEOUT + 1, ran.stderr
     assert len(spooled_attestations(tmp_path / "spool")) == 1
+
+
+class HostRecorder(http.server.BaseHTTPRequestHandler):
+    hosts = []
+
+    def do_GET(self):
+        self.hosts.append(self.headers["Host"])
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_named_server_is_asked_by_its_name_over_http_and_https(tmp_path, monkeypatch):
+    """The client connects to an address it resolved itself (within the deadline), but a server behind a name is
+    still asked by that name: in Host:, and in TLS, whose certificate names it."""
+    import ssl
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost", "-days", "1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostRecorder)
+    secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostRecorder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    for httpd in (plain, secure):
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+    try:
+        for scheme, httpd in (("http", plain), ("https", secure)):
+            url = f"{scheme}://localhost:{httpd.server_address[1]}/"
+            assert post_build_hook.http_request("GET", url, 10, 1024).status_code == 200
+    finally:
+        plain.shutdown()
+        secure.shutdown()
+    assert HostRecorder.hosts == [f"localhost:{plain.server_address[1]}", f"localhost:{secure.server_address[1]}"]
 
 
 def test_nix_build_with_the_hook_against_a_dripping_server_is_held_at_most_timeout_plus_one(
