@@ -101,7 +101,8 @@ def database_from_env():
 
 
 def log_origin_from_env():
-    return os.environ.get("HASH_COLLECTION_LOG_ORIGIN") or host_name()
+    """The origin asked for, or None: then the log's is its key's name (log_origin)."""
+    return os.environ.get("HASH_COLLECTION_LOG_ORIGIN") or None
 
 
 def host_name():
@@ -4499,8 +4500,15 @@ def log_signer():
     """The log's signer key, read once per app; created on first use if the file does not exist."""
     if "log_signer" not in current_app.extensions:
         current_app.extensions["log_signer"] = load_or_create_log_key(current_app.config["LOG_KEY_FILE"],
-                                                                      current_app.config["LOG_ORIGIN"])
+                                                                      current_app.config["LOG_ORIGIN"] or host_name())
     return current_app.extensions["log_signer"]
+
+
+def log_origin():
+    """The origin asked for, else the log key's name: this host's name when the key was made. Not this host's name
+    now, which may have changed (or been read differently by an older version): witnesses and auditors take a
+    changed origin for another log."""
+    return current_app.config["LOG_ORIGIN"] or log_signer().name
 
 
 def load_or_create_log_key(path, origin):
@@ -4532,7 +4540,7 @@ def current_checkpoint(conn):
         signed = conn.execute("SELECT note FROM log_checkpoints WHERE size = ?", (size,)).fetchone()
         if signed is not None:  # by a request that got here first; witnesses may have cosigned it since
             return size, signed["note"]
-        note = sign_note(checkpoint_text(current_app.config["LOG_ORIGIN"], size, LogTree(conn).range_hash(0, size)),
+        note = sign_note(checkpoint_text(log_origin(), size, LogTree(conn).range_hash(0, size)),
                          log_signer())
         conn.execute("INSERT INTO log_checkpoints (size, note, issued_at) VALUES (?, ?, ?)", (size, note, time.time()))
     return size, note
@@ -5935,7 +5943,8 @@ def parse_arguments(argv):
                         help="the transparency log's signer key, created if missing"
                              " (default: $HASH_COLLECTION_LOG_KEY_FILE or DB.log-key)")
     parser.add_argument("--log-origin", default=log_origin_from_env(),
-                        help="the log's origin line (default: $HASH_COLLECTION_LOG_ORIGIN or this host's name)")
+                        help="the log's origin line (default: $HASH_COLLECTION_LOG_ORIGIN, else the name of the log's"
+                             " key, which is this host's name when the key is made)")
     parser.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_INTERVAL,
                         help="seconds between checkpoints while entries arrive, the maximum merge delay"
                              " (default: %(default)s)")

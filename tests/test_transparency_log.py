@@ -496,13 +496,22 @@ def test_a_cosignature_body_of_more_than_one_line_is_refused_and_the_served_note
 
 
 @pytest.mark.parametrize("fqdn", ["localhost", "localhost.localdomain", ""])
-def test_the_default_log_origin_is_the_hosts_own_name_where_its_fqdn_is_localhost(monkeypatch, fqdn):
-    monkeypatch.delenv("HASH_COLLECTION_LOG_ORIGIN", raising=False)
+def test_a_new_log_is_named_after_the_hosts_own_name_where_its_fqdn_is_localhost(monkeypatch, fqdn):
     monkeypatch.setattr(web.socket, "getfqdn", lambda: fqdn)
     monkeypatch.setattr(web.socket, "gethostname", lambda: "builder-7")
-    assert web.log_origin_from_env() == "builder-7"
+    assert web.host_name() == "builder-7"
     monkeypatch.setattr(web.socket, "getfqdn", lambda: "hashes.example.org")
-    assert web.log_origin_from_env() == "hashes.example.org"
+    assert web.host_name() == "hashes.example.org"
+
+
+def test_a_log_keeps_the_name_of_its_key_whatever_the_host_is_called_now(app, client, tokens, monkeypatch):
+    """Reviewed: naming a log after the host when getfqdn() said localhost renamed the logs older versions had
+    named localhost, and every witness and auditor took that for another log."""
+    assert app.config["LOG_ORIGIN"] is None  # no --log-origin: the key's name
+    web.load_or_create_log_key(app.config["LOG_KEY_FILE"], "localhost")  # as an older version made it
+    monkeypatch.setattr(web.socket, "gethostname", lambda: "builder-7")
+    client.post("/attestations", json=items(1), headers=bearer(tokens("alice")))
+    assert client.get("/log/checkpoint").text.split("\n")[0] == "localhost"
 
 
 class StaleLatestCheckpoint:
