@@ -1449,6 +1449,7 @@ def http_request(method, url, seconds, max_bytes, **kwargs):
     loop must not spend the budget.
     """
     import requests
+    import urllib3
     if seconds <= 0:
         raise HttpError(f"no time left for {url}")
     watchdog = Watchdog(seconds)
@@ -1458,7 +1459,8 @@ def http_request(method, url, seconds, max_bytes, **kwargs):
                                               timeout=(seconds, seconds), **kwargs)
             with response:
                 body = capped_body(response, max_bytes, watchdog)
-    except requests.RequestException as error:
+    # urllib3's own errors too: capped_body reads the body from urllib3, below requests, which translated them.
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
         if watchdog.expired:
             raise HttpError(f"no complete answer from {url} within {seconds:g} s") from None
         raise HttpError(f"cannot reach {url}: {failure_in_words(error)}") from None

@@ -393,6 +393,32 @@ def test_hook_is_done_within_its_timeout_plus_one_second_whatever_the_server_doe
     assert len(spooled_attestations(tmp_path / "spool")) == 1
 
 
+def cut_off_body(_server, connection, _method, _path):
+    connection.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n"
+                       + b"x" * 10)
+
+
+def slow_chunks(_server, connection, _method, _path):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    drip(connection, b"1\r\nx\r\n" * 1000)
+
+
+@pytest.mark.parametrize("answer", [cut_off_body, slow_chunks], ids=lambda answer: answer.__name__)
+@pytest.mark.parametrize("python", [sys.executable, DEBIAN_PYTHON], ids=["venv", "debian"])
+def test_an_answer_broken_off_or_cut_at_the_deadline_leaves_the_submission_spooled(
+        loopback, prebuilt, reachable_client, tmp_path, answer, python):
+    """Reviewed: the body is read from urllib3, whose errors requests no longer translated, and the hook lost the
+    build's submission to an "unexpected ProtocolError"."""
+    broken = loopback(answer)
+    drv_path, out_path = prebuilt
+    env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES}
+    env.update({name: str(value) for name, value in hook_settings(broken.url, tmp_path).items()},
+               DRV_PATH=drv_path, OUT_PATHS=out_path)
+    ran = subprocess.run([python, str(reachable_client)], env=env, capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0 and "unexpected" not in ran.stderr, ran.stderr
+    assert len(spooled_attestations(tmp_path / "spool")) == 1, ran.stderr
+
+
 def deeply_nested_error(_server, connection, _method, _path):
     reply(connection, "503 Service Unavailable", body=b"[" * 60_000)
 
