@@ -851,15 +851,16 @@ def read_secret(env, name):
 
 
 def one_word_secret(setting, secret):
-    """Tokens and keys are one word of visible ASCII. Anything else (two lines of a command's output, say) would
-    fail at every request, and the HTTP library's error would print the secret: refused here, not shown."""
+    """Tokens and keys are one word (a note key's name may be any text without spaces). Anything else (two lines of
+    a command's output, say) would fail at every request, and the HTTP library's error would print the secret:
+    refused here, not shown."""
     if secret and not SECRET_WORD_RE.fullmatch(secret):
         raise ConfigError(f"{setting} is not one word: a token or key has no spaces, line breaks or control"
                           " characters; did the command that wrote it print more than the token or key?")
     return secret
 
 
-SECRET_WORD_RE = re.compile(r"[!-~]+")
+SECRET_WORD_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 
 def read_secret_file(setting, path):

@@ -443,6 +443,15 @@ def test_token_that_is_not_one_word_is_refused_by_name_without_showing_it(tmp_pa
         assert "secret" not in str(refused.value).replace("HASH_COLLECTION", "")
 
 
+def test_a_witness_key_whose_name_is_not_ascii_is_one_word(tmp_path):
+    """Note key names may be any text without spaces: `witness --generate-key témoin.example` makes one."""
+    key = post_build_hook.generate_note_key("t\u00e9moin.example", post_build_hook.COSIGNATURE_KEY_TYPE)[0]
+    key_file = tmp_path / "witness.key"
+    key_file.write_text(key + "\n")
+    assert post_build_hook.read_secret({"HASH_COLLECTION_WITNESS_KEY_FILE": str(key_file)},
+                                       "HASH_COLLECTION_WITNESS_KEY") == key
+
+
 def test_hook_with_a_two_line_token_file_says_so_and_never_prints_the_token(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("alice\nt0ken-secret\n")
