@@ -9,8 +9,11 @@ ensure_venv() {
     exec 9>>.venv.lock
     flock 9
     if [ -z "$if_missing" ] || [ ! -e .venv/.complete ]; then
-        if [ ! -e .venv/.complete ]; then
+        # A venv that exists is never made again over itself: that would give it python3's settings, not its own.
+        if [ ! -x .venv/bin/python ]; then
             python3 -m venv .venv || { echo "could not create .venv: install python3-venv" >&2; exit 1; }
+        elif ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+            .venv/bin/python -m ensurepip >/dev/null || { echo "could not put pip into .venv" >&2; exit 1; }
         fi
         .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
         touch .venv/.complete

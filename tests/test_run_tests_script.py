@@ -43,3 +43,18 @@ def test_a_server_and_create_user_started_together_on_a_fresh_checkout_share_one
     assert serve.wait(timeout=120) == 0, serve.stdout.read()
     assert create_user.returncode == 0, create_user.stderr
     assert create_user.stdout.startswith("pip ")
+
+
+def test_a_venv_that_exists_is_completed_not_made_again_over_itself(tmp_path):
+    """Reviewed: a developer's venv from before the completion mark was made again with python3's settings (here,
+    it lost --system-site-packages) rather than its own."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "venv.sh", tmp_path / "scripts" / "venv.sh")
+    (tmp_path / "requirements.txt").write_text("")
+    subprocess.run(["python3", "-m", "venv", "--system-site-packages", ".venv"], cwd=tmp_path, check=True)
+    settings = (tmp_path / ".venv" / "pyvenv.cfg").read_text()
+    ran = subprocess.run(["bash", "-euc", ". scripts/venv.sh && ensure_venv requirements.txt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / ".venv" / "pyvenv.cfg").read_text() == settings
+    assert (tmp_path / ".venv" / ".complete").exists()
