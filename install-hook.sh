@@ -422,8 +422,8 @@ uninstall_hook() {
     echo "uninstalled the hooks from $prefix"
 }
 
-# Submissions are the spool's *.json files and rejected/'s; log/ keeps the log indexes the server gave this
-# builder's attestations, which `audit` checks; tmp/ and the ledger are the hook's working files.
+# Submissions are the spool's *.json files and rejected/'s; log/ keeps what audit, witness and monitor remember
+# of the log; tmp/ and the ledger are the hook's working files.
 remove_spool_unless_waiting() {
     local spool=$1 waiting
     [ -d "$spool" ] || return 0
@@ -431,10 +431,11 @@ remove_spool_unless_waiting() {
     if [ "$waiting" -gt 0 ]; then
         echo "kept $spool: it holds $waiting submission(s) not delivered yet or rejected by the server." \
             "To deliver them, install again and run '$prefix/post-build-hook flush'; or delete the directory."
-    elif [ -s "$spool/log/log-indexes" ]; then
+    elif [ -n "$(find "$spool/log" -type f -size +0 2>/dev/null | head -n 1)" ]; then
         find "$spool" -mindepth 1 -maxdepth 1 ! -name log -exec rm -r {} +
-        echo "kept $spool/log: the log indexes of this builder's attestations, which 'post_build_hook.py audit'" \
-            "checks with HASH_COLLECTION_SPOOL=$spool; delete it if you will not audit them again."
+        echo "kept $spool/log: what 'post_build_hook.py audit', 'witness' and 'monitor' remember of the log" \
+            "(this builder's log indexes, the checkpoints they last checked), with HASH_COLLECTION_SPOOL=$spool;" \
+            "delete it if you will not check the log from here again."
     else
         rm -r "$spool"
     fi

@@ -1896,9 +1896,12 @@ class Spool:
     def subdirectory(self, name):
         path = os.path.join(self.directory, name)
         if self.is_shared():
-            # Every build user's diff hook writes here: one's own 0700 directory would shut the others out.
+            # Every build user's diff hook writes here: one's own 0700 directory (versions before made them so)
+            # would shut the others out.
             with contextlib.suppress(FileExistsError):
                 os.mkdir(path)
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o2770:
                 os.chmod(path, 0o2770)
         else:
             os.makedirs(path, mode=0o700, exist_ok=True)

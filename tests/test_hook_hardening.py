@@ -715,6 +715,8 @@ def test_build_users_in_turn_spool_their_diffs_in_the_build_users_spool(reachabl
     spool.mkdir()
     os.chown(spool, 0, grp.getgrnam("nixbld").gr_gid)
     spool.chmod(0o2770)  # as install-hook.sh and the NixOS module make it
+    (spool / "tmp").mkdir(mode=0o700)  # as the first diff hook of versions before left it
+    os.chown(spool / "tmp", build_user_uid(), grp.getgrnam("nixbld").gr_gid)
     add = (f"import sys; sys.path.insert(0, {str(reachable_client.parent)!r}); import post_build_hook as hook;"
            f" spool = hook.Spool({str(spool)!r}); spool.check();"
            " spool.add(hook.new_submission('/nix/store/' + 'a' * 32 + '-x.drv', [{'n': 1}]))")

@@ -296,6 +296,16 @@ def test_uninstall_keeps_only_the_log_indexes_audit_needs_and_counts_no_submissi
     assert [path.name for path in spool.iterdir()] == ["log"]
 
 
+def test_uninstall_keeps_what_a_witness_remembers_of_the_log(layout, credentials):
+    installed(layout, credentials)
+    remembered = layout.state_dir / "spool" / "log" / "witness-checkpoint"
+    remembered.parent.mkdir(parents=True)
+    remembered.write_text("hashes.example.org\n5\nroot\n")
+    completed = install_hook(layout, "--uninstall", *layout.options())
+    assert completed.returncode == 0, completed.stderr
+    assert remembered.exists() and "witness" in completed.stdout
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_refuses_to_replace_a_post_build_hook_it_did_not_write(layout, credentials):
