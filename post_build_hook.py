@@ -1516,10 +1516,9 @@ def body_decoder(response):
 
     def decode(chunk, at_most):
         try:
-            decoded = decompressor.decompress(chunk, max(at_most, 1))
+            return decompressor.decompress(chunk, max(at_most, 1))
         except zlib.error as error:
             raise HttpError(f"the answer from {response.url} is not valid {encoding}: {error}") from None
-        return decoded
     return decode
 
 

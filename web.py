@@ -4558,11 +4558,11 @@ def store_cosignature(conn, builder, size, line):
     if checkpoint is None:
         abort(404, f"no checkpoint of size {size}")
     text, _signatures = split_note(checkpoint["note"])
-    line = line if line.endswith("\n") else line + "\n"
+    line = line.removesuffix("\n")
     try:
-        if "\n" in line[:-1]:  # split_note reads the signatures after the last blank line, and would ignore the rest
+        if "\n" in line:  # split_note reads the signatures after the last blank line, and would ignore the rest
             raise ValueError
-        ((name, raw),) = split_note(text + "\n" + line)[1]
+        ((name, raw),) = split_note(f"{text}\n{line}\n")[1]
     except ValueError:
         raise BadInput("body: expected one cosignature line '\u2014 <name> <base64>'") from None
     for key_id, verifier_key in conn.execute("SELECT id, verifier_key FROM witness_keys WHERE builder_id = ?",

@@ -141,12 +141,12 @@ def loopback():
 
 # ---------------------------------------------------------------- helpers
 
-def run_client(settings, *args, extra_env=None, timeout=60):
+def run_client(settings, *args, extra_env=None, timeout=60, client=(sys.executable, str(CLIENT))):
+    """The client (a command line that runs post_build_hook.py) with these settings and nothing of the caller's."""
     env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES}
     env.update({name: str(value) for name, value in settings.items()})
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, str(CLIENT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*client, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def digest(text):
@@ -411,10 +411,8 @@ def test_an_answer_broken_off_or_cut_at_the_deadline_leaves_the_submission_spool
     build's submission to an "unexpected ProtocolError"."""
     broken = loopback(answer)
     drv_path, out_path = prebuilt
-    env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES}
-    env.update({name: str(value) for name, value in hook_settings(broken.url, tmp_path).items()},
-               DRV_PATH=drv_path, OUT_PATHS=out_path)
-    ran = subprocess.run([python, str(reachable_client)], env=env, capture_output=True, text=True, timeout=30)
+    ran = run_client(hook_settings(broken.url, tmp_path), extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path},
+                     timeout=30, client=(python, str(reachable_client)))
     assert ran.returncode == 0 and "unexpected" not in ran.stderr, ran.stderr
     assert len(spooled_attestations(tmp_path / "spool")) == 1, ran.stderr
 
@@ -528,14 +526,12 @@ def test_a_resolver_that_never_answers_holds_the_hook_no_longer_than_its_budget(
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text("nameserver 127.0.0.2\n")
     drv_path, out_path = prebuilt
-    settings = hook_settings("http://hashes.example.org:8000", tmp_path)
-    env = {name: value for name, value in nix_env().items() if name not in HOOK_VARIABLES}
-    env.update({name: str(value) for name, value in settings.items()}, DRV_PATH=drv_path, OUT_PATHS=out_path)
+    in_namespace = ("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                    str(resolv_conf), sys.executable, str(CLIENT))
     started = time.monotonic()
     try:
-        ran = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-                              str(resolv_conf), sys.executable, str(CLIENT)], env=env, capture_output=True, text=True,
-                             timeout=60)
+        ran = run_client(hook_settings("http://hashes.example.org:8000", tmp_path),
+                         extra_env={"DRV_PATH": drv_path, "OUT_PATHS": out_path}, client=in_namespace)
     finally:
         silent.close()
     assert ran.returncode == 0, ran.stderr

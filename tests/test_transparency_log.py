@@ -418,12 +418,23 @@ def test_bad_checkpoint_signature_is_caught(start_server, tmp_path):
     assert "bad signature" in audited.stderr
 
 
-class UpgradeBetweenReads:
+class ConnectionProxy:
+    """A request's connection, whose execute a subclass changes to play a race; everything else is the connection's."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+class UpgradeBetweenReads(ConnectionProxy):
     """The request's connection, which runs `upgrade` in another thread (another connection) right after
     logged_entries has read log_entries and before it reads the attestations."""
 
     def __init__(self, conn, upgrade):
-        self.conn, self.upgrade = conn, upgrade
+        super().__init__(conn)
+        self.upgrade = upgrade
 
     def execute(self, sql, *args):
         cursor = self.conn.execute(sql, *args)
@@ -433,9 +444,6 @@ class UpgradeBetweenReads:
             thread.start()
             thread.join()
         return cursor
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
 
 
 def test_an_entry_read_while_its_attestation_is_upgraded_still_hashes_to_its_leaf(app, client, tokens, monkeypatch):
@@ -514,20 +522,14 @@ def test_a_log_keeps_the_name_of_its_key_whatever_the_host_is_called_now(app, cl
     assert client.get("/log/checkpoint").text.split("\n")[0] == "localhost"
 
 
-class StaleLatestCheckpoint:
+class StaleLatestCheckpoint(ConnectionProxy):
     """The request's connection, on which the first look at the latest checkpoint finds none: as for a request
     that looked just before another one signed the log's current size."""
-
-    def __init__(self, conn):
-        self.conn = conn
 
     def execute(self, sql, *args):
         if sql.startswith("SELECT size, note, issued_at FROM log_checkpoints ORDER BY size DESC"):
             return self.conn.execute("SELECT size, note, issued_at FROM log_checkpoints WHERE 0")
         return self.conn.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
 
 
 def test_a_checkpoint_signed_twice_at_once_keeps_the_cosignature_made_in_between(app, client, tokens, monkeypatch):
